@@ -1,0 +1,1 @@
+"""resnet-serve's gRPC server: repository loader, sessions, batcher, servicers."""

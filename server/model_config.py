@@ -1,0 +1,126 @@
+"""The schema of a model repository entry (``models/<name>/config.json``).
+
+The builder writes it, the server reads it. Kept free of torch and
+onnxruntime so both the builder and the torch-less runtime image import it.
+
+Repository layout::
+
+    models/<name>/config.json
+    models/<name>/labels.txt
+    models/<name>/<version>/model.onnx
+    models/<name>/<version>/verification.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.txt"
+MODEL_FILE = "model.onnx"
+VERIFICATION_FILE = "verification.json"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """The graph's image input.
+
+    float32 graphs take NCHW tensors already normalized; uint8 graphs take
+    NHWC RGB pixels and normalize inside the graph.
+    """
+
+    name: str = "images"
+    dtype: Literal["float32", "uint8"] = "float32"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    size: int = Field(224, gt=0, description="height and width the graph expects")
+    channels: Literal[3] = 3
+
+    @model_validator(mode="after")
+    def _layout_matches_dtype(self) -> InputSpec:
+        expected = "NHWC" if self.dtype == "uint8" else "NCHW"
+        if self.layout != expected:
+            raise ValueError(f"a {self.dtype} input must use layout {expected}, got {self.layout}")
+        return self
+
+    def shape(self, batch: int = -1) -> list[int]:
+        if self.layout == "NCHW":
+            return [batch, self.channels, self.size, self.size]
+        return [batch, self.size, self.size, self.channels]
+
+
+class OutputSpec(_Strict):
+    name: str = "logits"
+
+
+class Preprocessing(_Strict):
+    """torchvision's eval transform: Resize(resize) → CenterCrop(crop) → ToTensor → Normalize."""
+
+    resize: int = Field(256, gt=0, description="shorter side after resizing")
+    crop: int = Field(224, gt=0, description="center crop, square")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class Batching(_Strict):
+    """Dynamic batching per model version (Triton's dynamic_batching)."""
+
+    max_batch_size: int = Field(32, ge=1)
+    max_queue_delay_us: int = Field(0, ge=0, description="wait at most this long for a fuller batch")
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = Field(256, ge=1, description="images queued before RESOURCE_EXHAUSTED")
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> Batching:
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(
+                f"preferred_batch_sizes {bad} outside 1..max_batch_size ({self.max_batch_size})"
+            )
+        return self
+
+
+class Instances(_Strict):
+    count: int = Field(1, ge=1, description="ONNX Runtime sessions per model version")
+    intra_op_threads: int | None = Field(None, ge=1, description="None: decided by the server")
+
+
+class ModelConfig(_Strict):
+    name: str
+    arch: str
+    platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
+    num_classes: int = Field(gt=0)
+    labels: str = LABELS_FILE
+    input: InputSpec = InputSpec()
+    output: OutputSpec = OutputSpec()
+    preprocessing: Preprocessing = Preprocessing()
+    batching: Batching = Batching()
+    instances: Instances = Instances()
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelConfig:
+        return cls.model_validate_json((Path(model_dir) / CONFIG_FILE).read_text())
+
+    def dump(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / CONFIG_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+    def read_labels(self, model_dir: Path) -> list[str]:
+        path = Path(model_dir) / self.labels
+        labels = path.read_text().splitlines()
+        if len(labels) != self.num_classes:
+            raise ValueError(f"{path} has {len(labels)} labels, the model {self.num_classes} classes")
+        return labels
