@@ -5,6 +5,12 @@ Writes ``_pb2.py``, ``_pb2_grpc.py`` and ``.pyi`` files under
 stubs live inside the SDK's namespace and never collide with another
 package's top-level ``inference`` module. ``make protos`` runs it; a test runs
 it into a temporary directory and diffs the result against the committed files.
+
+The ``inference`` package (the Open Inference Protocol) registers its
+descriptors in a pool of its own instead of protobuf's default pool:
+tritonclient registers the same ``inference.*`` symbols in the default pool,
+and a process importing both would fail with "duplicate symbol". The wire
+format does not depend on the pool.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from grpc_tools import protoc
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "clients" / "python" / "resnet_serve_client" / "proto"
 _IMPORT = re.compile(r"^(from|import) ([\w.]+?)(?: import (\w+_pb2))?( as \w+)?$", re.M)
+PRIVATE_POOL_PACKAGES = ("inference",)
+_POOL_MODULE = '''"""This package's descriptor pool, apart from protobuf's default pool."""
+
+from google.protobuf import descriptor_pool
+
+POOL = descriptor_pool.DescriptorPool()
+'''
+_DEFAULT_POOL = "from google.protobuf import descriptor_pool as _descriptor_pool\n"
 
 
 def _relative_imports(path: Path, out: Path) -> None:
@@ -33,6 +47,15 @@ def _relative_imports(path: Path, out: Path) -> None:
         return f"from {'.' * (depth + 1)}{module} import {name}{alias}"
 
     path.write_text(_IMPORT.sub(fix, path.read_text()))
+
+
+def _private_pool(package_dir: Path) -> None:
+    """Make the ``_pb2`` modules of one package register in the package's own pool."""
+    (package_dir / "_pool.py").write_text(_POOL_MODULE)
+    for path in package_dir.glob("*_pb2.py"):
+        text = path.read_text()
+        text = text.replace(_DEFAULT_POOL, _DEFAULT_POOL + "from . import _pool\n", 1)
+        path.write_text(text.replace("_descriptor_pool.Default()", "_pool.POOL"))
 
 
 def generate(out: Path) -> list[Path]:
@@ -58,6 +81,9 @@ def generate(out: Path) -> list[Path]:
             init.write_text("")
     for path in written:
         _relative_imports(path, out)
+    for package in PRIVATE_POOL_PACKAGES:
+        if (out / package).is_dir():
+            _private_pool(out / package)
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
