@@ -13,8 +13,10 @@ from resnet_serve_client.proto.inference import grpc_service_pb2, model_config_p
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton_service
 
-PAIRS = [(grpc_service_pb2.DESCRIPTOR, triton_service.DESCRIPTOR),
-         (model_config_pb2.DESCRIPTOR, triton_config.DESCRIPTOR)]
+PAIRS = [
+    (grpc_service_pb2.DESCRIPTOR, triton_service.DESCRIPTOR),
+    (model_config_pb2.DESCRIPTOR, triton_config.DESCRIPTOR),
+]
 
 
 def _messages(file: FileDescriptor) -> dict[str, Descriptor]:

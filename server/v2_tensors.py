@@ -1,0 +1,203 @@
+"""Tensors of the Open Inference Protocol v2: datatypes, raw and typed contents, BYTES, top-k.
+
+Pure functions over numpy arrays and bytes, free of gRPC and of the generated
+messages, so the servicer stays thin and every rule here is unit-tested.
+
+- A tensor travels either as one ``raw_input_contents`` entry (little-endian,
+  row-major, no padding) or as the repeated field of its datatype in
+  ``contents`` (``fp32_contents`` for FP32, ``uint_contents`` for UINT8, ...).
+- A BYTES element travels as a 4-byte little-endian length and its bytes,
+  elements back to back: what tritonclient's ``serialize_byte_tensor`` sends.
+- The classification extension turns a row of scores into ``k`` BYTES elements
+  ``"<value>:<index>[:<label>]"``, best first, the value printed like C++'s
+  ``std::to_string`` (six decimals) as Triton does.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+BYTES = "BYTES"
+_LENGTH = struct.Struct("<I")
+
+
+class TensorError(ValueError):
+    """A tensor of a request is malformed; the message says what and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Datatype:
+    name: str
+    dtype: np.dtype
+    contents_field: str
+
+
+DATATYPES: dict[str, Datatype] = {
+    d.name: d
+    for d in (
+        Datatype("BOOL", np.dtype("?"), "bool_contents"),
+        Datatype("UINT8", np.dtype("<u1"), "uint_contents"),
+        Datatype("UINT16", np.dtype("<u2"), "uint_contents"),
+        Datatype("UINT32", np.dtype("<u4"), "uint_contents"),
+        Datatype("UINT64", np.dtype("<u8"), "uint64_contents"),
+        Datatype("INT8", np.dtype("<i1"), "int_contents"),
+        Datatype("INT16", np.dtype("<i2"), "int_contents"),
+        Datatype("INT32", np.dtype("<i4"), "int_contents"),
+        Datatype("INT64", np.dtype("<i8"), "int64_contents"),
+        Datatype("FP16", np.dtype("<f2"), ""),
+        Datatype("FP32", np.dtype("<f4"), "fp32_contents"),
+        Datatype("FP64", np.dtype("<f8"), "fp64_contents"),
+        Datatype(BYTES, np.dtype(object), "bytes_contents"),
+    )
+}
+NUMPY_TO_DATATYPE = {d.dtype: d.name for d in DATATYPES.values() if d.name != BYTES}
+
+
+class Contents(Protocol):
+    """The typed contents of a tensor (``InferTensorContents``)."""
+
+    def ListFields(self) -> list[tuple[Any, Any]]: ...
+
+
+def datatype(name: str) -> Datatype:
+    try:
+        return DATATYPES[name]
+    except KeyError:
+        raise TensorError(
+            f"unknown datatype '{name}'; the protocol's datatypes are {', '.join(DATATYPES)}"
+        ) from None
+
+
+def check_shape(tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
+    if any(d < 0 for d in shape):
+        raise TensorError(f"input '{tensor}' has shape {list(shape)}; dimensions must be >= 0")
+    return tuple(int(d) for d in shape)
+
+
+def serialize_bytes(elements: Iterable[bytes]) -> bytes:
+    """BYTES elements as one raw buffer: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def deserialize_bytes(tensor: str, raw: bytes) -> list[bytes]:
+    """Split a raw BYTES buffer into its elements; a length prefix must not run past the end."""
+    elements: list[bytes] = []
+    view = memoryview(raw)
+    offset = 0
+    while offset < len(view):
+        if offset + _LENGTH.size > len(view):
+            raise TensorError(
+                f"input '{tensor}': BYTES element {len(elements)} starts at byte {offset} but "
+                f"only {len(view) - offset} bytes remain for its 4-byte length prefix"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > len(view):
+            raise TensorError(
+                f"input '{tensor}': BYTES element {len(elements)} declares {length} bytes but "
+                f"only {len(view) - offset} remain"
+            )
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    return elements
+
+
+def decode_raw(tensor: str, type_name: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """One ``raw_input_contents`` entry as an array of ``shape`` (dtype object for BYTES)."""
+    dt = datatype(type_name)
+    dims = check_shape(tensor, shape)
+    count = math.prod(dims)
+    if dt.name == BYTES:
+        elements = deserialize_bytes(tensor, raw)
+        if len(elements) != count:
+            raise TensorError(
+                f"input '{tensor}' has shape {list(dims)} ({count} elements) but its raw "
+                f"contents hold {len(elements)} BYTES elements"
+            )
+        return _object_array(elements, dims)
+    expected = count * dt.dtype.itemsize
+    if len(raw) != expected:
+        raise TensorError(
+            f"input '{tensor}' ({dt.name}, shape {list(dims)}) needs {expected} bytes of raw "
+            f"contents, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dt.dtype).reshape(dims)
+
+
+def decode_contents(
+    tensor: str, type_name: str, shape: Sequence[int], contents: Contents
+) -> np.ndarray:
+    """A tensor sent in typed ``contents``: the one field of its datatype, ``shape`` elements."""
+    dt = datatype(type_name)
+    dims = check_shape(tensor, shape)
+    count = math.prod(dims)
+    present = {field.name: values for field, values in contents.ListFields()}
+    if not dt.contents_field:
+        raise TensorError(f"input '{tensor}': {dt.name} travels only in raw_input_contents")
+    wrong = sorted(set(present) - {dt.contents_field})
+    if wrong:
+        raise TensorError(
+            f"input '{tensor}' is {dt.name}, whose contents go in '{dt.contents_field}', "
+            f"but the request sets {', '.join(wrong)}"
+        )
+    values = list(present.get(dt.contents_field, ()))
+    if len(values) != count:
+        raise TensorError(
+            f"input '{tensor}' has shape {list(dims)} ({count} elements) but "
+            f"'{dt.contents_field}' holds {len(values)}"
+        )
+    if dt.name == BYTES:
+        return _object_array([bytes(v) for v in values], dims)
+    array = np.asarray(values)
+    if (
+        dt.dtype.kind in "iu"
+        and values
+        and (array.min() < np.iinfo(dt.dtype).min or array.max() > np.iinfo(dt.dtype).max)
+    ):
+        raise TensorError(f"input '{tensor}' has values outside the range of {dt.name}")
+    return array.astype(dt.dtype).reshape(dims)
+
+
+def encode_raw(array: np.ndarray) -> tuple[str, bytes]:
+    """An output array as (datatype, raw bytes); an object array is sent as BYTES."""
+    if array.dtype == object:
+        return BYTES, serialize_bytes(array.ravel().tolist())
+    little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    try:
+        name = NUMPY_TO_DATATYPE[np.dtype(little)]
+    except KeyError:
+        raise TypeError(f"no v2 datatype for numpy dtype {array.dtype}") from None
+    return name, np.ascontiguousarray(array, dtype=little).tobytes()
+
+
+def classification(scores: np.ndarray, k: int, labels: Sequence[str] | None = None) -> np.ndarray:
+    """Top ``k`` of each row of ``scores`` [N, C] as BYTES [N, min(k, C)], best first.
+
+    Each element is ``"<value>:<index>"`` plus ``":<label>"`` when labels are
+    given; ties keep the lower index first.
+    """
+    if k < 1:
+        raise TensorError(f"classification count must be >= 1, got {k}")
+    rows = np.asarray(scores).reshape(len(scores), -1)
+    top = min(k, rows.shape[1])
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :top]
+    out = np.empty((rows.shape[0], top), dtype=object)
+    for r, indices in enumerate(order):
+        for c, index in enumerate(indices):
+            text = f"{float(rows[r, index]):f}:{int(index)}"
+            if labels is not None:
+                text += f":{labels[index]}"
+            out[r, c] = text.encode()
+    return out
+
+
+def _object_array(elements: list[bytes], dims: tuple[int, ...]) -> np.ndarray:
+    array = np.empty(len(elements), dtype=object)
+    array[:] = elements
+    return array.reshape(dims)
