@@ -1,0 +1,311 @@
+"""Dynamic batching for one model version, the way Triton forms batches.
+
+A request of k images becomes items of at most ``max_batch_size`` images
+each, queued oldest first. Whenever a session instance is free the scheduler
+takes queued items, oldest first, while they fit in ``max_batch_size``; it
+sends at once when the batch reaches the maximum or a preferred size (the
+largest reachable one), otherwise it waits at most ``max_queue_delay_us``
+from the oldest item's arrival for more. With delay 0, batches grow by
+themselves while every instance is busy.
+
+- The queue is bounded in images: `submit` raises `QueueFull` at once.
+- Items whose caller cancelled or whose deadline passed are dropped before
+  compute (the latter fail with `DeadlineExceeded`).
+- A failing batch is retried item by item, so one bad request fails alone.
+- ``session.run`` runs in an executor thread; the event loop never blocks.
+- asyncio objects are made in `start()`, inside the running loop.
+
+Deadlines are absolute `time.monotonic()` values (the event loop's clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, InvalidInput, QueueFull
+from server.metrics import Metrics
+from server.model_config import Batching
+from server.sessions import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Item:
+    inputs: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    arrival: float
+    deadline: float | None
+    request_id: str
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.inputs)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        runners: Sequence[Runner],
+        batching: Batching,
+        metrics: Metrics,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.batching = batching
+        self._runners = list(runners)
+        self._labels = (model, version)
+        self._metrics = metrics
+        self._queue: deque[_Item] = deque()
+        self._queued = 0  # images
+        self._executor = ThreadPoolExecutor(
+            max_workers=len(self._runners), thread_name_prefix=f"infer-{model}-{version}"
+        )
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._free: asyncio.Queue[Runner] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Start scheduling; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._free = asyncio.Queue()
+        for runner in self._runners:
+            self._free.put_nowait(runner)
+        self._scheduler = self._loop.create_task(
+            self._schedule(), name=f"batcher-{self.model}-{self.version}"
+        )
+        self._scheduler.add_done_callback(self._log_crash)
+
+    async def close(self) -> None:
+        """Stop scheduling after in-flight batches finish; queued items are cancelled."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        for item in self._queue:
+            item.future.cancel()
+        self._queue.clear()
+        self._set_queued(0)
+        self._executor.shutdown(wait=True)
+
+    async def run_direct(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on every instance, bypassing the queue (warm-up)."""
+        loop = asyncio.get_running_loop()
+        outputs = [
+            await loop.run_in_executor(self._executor, runner.run, batch)
+            for runner in self._runners
+        ]
+        return outputs[0]
+
+    # the caller's side
+
+    async def submit(
+        self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
+    ) -> np.ndarray:
+        """Queue `inputs` (k images), wait for their outputs (k rows), in order."""
+        assert self._loop is not None and self._wakeup is not None, "start() first"
+        count = len(inputs)
+        limit = self.batching.max_queue_size
+        if count > limit:
+            raise InvalidInput(
+                f"{count} images in one request; model {self.model} queues at most {limit}"
+            )
+        if self._queued + count > limit:
+            self._drop_stale()
+        if self._queued + count > limit:
+            raise QueueFull(
+                f"model {self.model} version {self.version} has {self._queued} of {limit} "
+                f"images queued; retry later"
+            )
+        now = self._loop.time()
+        step = self.batching.max_batch_size
+        items = [
+            _Item(inputs[i : i + step], self._loop.create_future(), now, deadline, request_id)
+            for i in range(0, count, step)
+        ]
+        self._queue.extend(items)
+        self._set_queued(self._queued + count)
+        self._wakeup.set()
+        try:
+            outputs = await asyncio.gather(*(item.future for item in items))
+        finally:
+            for item in items:  # a failed or cancelled sibling leaves nothing to compute
+                if not item.future.done():
+                    item.future.cancel()
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    # the scheduler's side
+
+    async def _schedule(self) -> None:
+        assert self._free is not None
+        while True:
+            runner = await self._free.get()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._free.put_nowait(runner)
+                raise
+            task = asyncio.get_running_loop().create_task(self._execute(runner, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._log_crash)
+
+    async def _next_batch(self) -> list[_Item]:
+        assert self._loop is not None
+        delay = self.batching.max_queue_delay_us / 1e6
+        while True:
+            await self._wait_for_items()
+            if delay == 0:
+                return self._take(self._ready_count(final=True))
+            while self._queue:
+                if ready := self._ready_count(final=False):
+                    return self._take(ready)
+                remaining = self._queue[0].arrival + delay - self._loop.time()
+                if remaining <= 0 or not await self._wait_wakeup(remaining):
+                    self._drop_stale()
+                    if self._queue:
+                        return self._take(self._ready_count(final=True))
+                self._drop_stale()
+
+    async def _wait_for_items(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            self._drop_stale()
+            if self._queue:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _wait_wakeup(self, timeout: float) -> bool:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _ready_count(self, *, final: bool) -> int:
+        """How many queued items to send now: 0 means wait for more.
+
+        Items are counted oldest first while they fit. The batch is ready at
+        the maximum, or at the largest preferred size a prefix reaches; when
+        `final` (no delay, or the delay expired) whatever fits goes.
+        """
+        preferred = set(self.batching.preferred_batch_sizes)
+        total, fitting, at_preferred = 0, 0, 0
+        for item in self._queue:
+            if total + item.size > self.batching.max_batch_size:
+                break
+            total += item.size
+            fitting += 1
+            if total in preferred:
+                at_preferred = fitting
+        if total == self.batching.max_batch_size or final:
+            return fitting
+        return at_preferred
+
+    def _take(self, count: int) -> list[_Item]:
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._set_queued(self._queued - sum(item.size for item in batch))
+        return batch
+
+    def _drop_stale(self) -> None:
+        """Forget cancelled items and fail expired ones, before any compute."""
+        assert self._loop is not None
+        now = self._loop.time()
+        kept: deque[_Item] = deque()
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - item.arrival:.3f} s in the queue of "
+                        f"model {self.model} version {self.version}; nothing was computed"
+                    )
+                )
+                continue
+            kept.append(item)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._set_queued(sum(item.size for item in kept))
+
+    async def _execute(self, runner: Runner, batch: list[_Item]) -> None:
+        assert self._loop is not None and self._free is not None
+        try:
+            now = self._loop.time()
+            for item in batch:
+                self._metrics.queue_duration.labels(*self._labels).observe(now - item.arrival)
+            try:
+                await self._run_and_deliver(runner, batch)
+            except Exception:
+                if len(batch) == 1:
+                    raise
+                log.warning(
+                    "batch of %d requests failed on model %s version %s; retrying one by one",
+                    len(batch), self.model, self.version, exc_info=True,
+                )  # fmt: skip
+                for item in batch:
+                    try:
+                        await self._run_and_deliver(runner, [item])
+                    except Exception as exc:
+                        _fail(item, exc)
+        except Exception as exc:
+            for item in batch:
+                _fail(item, exc)
+        finally:
+            self._free.put_nowait(runner)
+
+    async def _run_and_deliver(self, runner: Runner, batch: list[_Item]) -> None:
+        assert self._loop is not None
+        live = [item for item in batch if not item.future.done()]
+        if not live:
+            return
+        inputs = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
+        size = len(inputs)
+        self._metrics.batch_size.labels(*self._labels).observe(size)
+        started = self._loop.time()
+        outputs = await self._loop.run_in_executor(self._executor, runner.run, inputs)
+        self._metrics.inference_duration.labels(*self._labels).observe(
+            self._loop.time() - started
+        )
+        if len(outputs) != size:
+            raise RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
+        offset = 0
+        for item in live:
+            if not item.future.done():
+                item.future.set_result(outputs[offset : offset + item.size])
+            offset += item.size
+
+    def _set_queued(self, images: int) -> None:
+        self._queued = images
+        self._metrics.queue_depth.labels(*self._labels).set(images)
+
+    def _log_crash(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "batcher task of model %s version %s crashed",
+                self.model, self.version, exc_info=task.exception(),
+            )  # fmt: skip
+
+
+def _fail(item: _Item, exc: Exception) -> None:
+    if not item.future.done():
+        log.error("inference failed for request %s", item.request_id, exc_info=exc)
+        item.future.set_exception(exc)

@@ -1,0 +1,143 @@
+"""The server's one configuration object.
+
+Every field comes, in order of precedence, from a `resnet-serve serve` flag,
+from an environment variable ``RESNET_SERVE_<FIELD>`` (``RESNET_SERVE_PORT``,
+``RESNET_SERVE_MAX_IMAGE_BYTES`` …) or from the default below. The object is
+built once in `server.serve` and handed to the constructors that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RESNET_SERVE_"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (cgroup/affinity aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # where and what
+    repo: Path = Field(Path("models"), description="model repository directory")
+    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (all services)")
+    metrics_host: str = Field("0.0.0.0", description="address the /metrics HTTP server binds")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port")
+
+    # execution provider
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when a session really comes up on it, else CPU"
+    )
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="cuDNN convolution algorithm search; EXHAUSTIVE re-searches per batch shape",
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kNextPowerOfTwo", description="how the CUDA memory arena grows"
+    )
+    cuda_mem_limit: int | None = Field(
+        None, gt=0, description="CUDA arena limit in bytes per session; unset: no limit"
+    )
+    io_binding: bool = Field(
+        True, description="bind inputs/outputs with ONNX Runtime I/O binding on CUDA"
+    )
+
+    # CPU threads
+    instances: int | None = Field(
+        None, ge=1, description="sessions per model version; unset: each model's config.json"
+    )
+    intra_op_threads: int | None = Field(
+        None,
+        ge=1,
+        description="ONNX Runtime threads per session; unset: config.json, else cores / instances",
+    )
+    allow_spinning: bool = Field(
+        False,
+        description="let idle ONNX Runtime threads spin; off leaves cores to the decode workers",
+    )
+    decode_workers: int | None = Field(
+        None, ge=1, description="image decode threads; unset: one per core"
+    )
+
+    # limits
+    max_image_bytes: int = Field(20 << 20, gt=0, description="encoded bytes per image")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="decoded pixels per image (width x height), from the header"
+    )
+    max_images_per_request: int = Field(64, gt=0, description="images in one request")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size, both directions")
+
+    # lifecycle and observability
+    grace_period: float = Field(
+        30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    reflection: bool = Field(True, description="gRPC server reflection (grpcurl discovery)")
+
+    def threads_per_session(self, instances: int, configured: int | None) -> int:
+        """Intra-op threads for one session: flag/env, then config.json, then cores / instances."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        if configured is not None:
+            return configured
+        return max(1, available_cores() // instances)
+
+    def decode_threads(self) -> int:
+        return self.decode_workers or available_cores()
+
+
+def env_var(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _flag_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
+    """The scalar type argparse converts to, and the allowed choices for Literals."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--metrics-port``); an unset flag leaves env/default in charge."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env {env_var(name)}, default {field.default}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        kind, choices = _flag_type(field.annotation)
+        parser.add_argument(
+            flag, dest=name, type=kind, choices=choices, default=None, help=help_text
+        )
+
+
+def from_arguments(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line override env vars, which override defaults."""
+    given = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**given)

@@ -1,0 +1,59 @@
+"""Domain errors of the server and the one map from them to gRPC status codes.
+
+Servicers and the model layer raise these; `server.interceptors` turns them
+into statuses (and the per-request metrics use the same map for their `code`
+label). Messages are written for the caller: what was wrong and what is
+allowed. Any other exception becomes INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServeError(Exception):
+    """Base of every error whose message is safe to show a caller."""
+
+
+class InvalidInput(ServeError):
+    """The request itself is wrong: bad image, shape, dtype, top_k, too many images."""
+
+
+class ModelNotFound(ServeError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReady(ServeError):
+    """The model exists but no version of it can serve now (loading or failed)."""
+
+
+class QueueFull(ServeError):
+    """The model's queue holds its maximum; retry later or elsewhere."""
+
+
+class DeadlineExceeded(ServeError):
+    """The caller's deadline passed before the request was computed."""
+
+
+class Draining(ServeError):
+    """The server is shutting down and takes no new calls."""
+
+
+_CODES: dict[type[ServeError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+}
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception; unknown errors say nothing about internals."""
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return _CODES[cls], str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -1,0 +1,128 @@
+"""Prometheus metrics: the families, their labels, and the /metrics HTTP server.
+
+All families live on one `CollectorRegistry` owned by a `Metrics` object, so
+several servers can run in one process (tests) without clashing. Labels:
+``model`` and ``version`` everywhere, ``code`` (gRPC status name) on
+``resnet_serve_requests_total``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from wsgiref.simple_server import WSGIServer
+
+import onnxruntime as ort
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from server.errors import to_status
+
+# 1 ms … 10 s, roughly three buckets per decade.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+_MV = ("model", "version")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.request_duration = Histogram(
+            "resnet_serve_request_duration_seconds",
+            "Time from receiving a classification request to its response.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_duration = Histogram(
+            "resnet_serve_queue_duration_seconds",
+            "Time a batch item waited in its model's queue.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.preprocess_duration = Histogram(
+            "resnet_serve_preprocess_duration_seconds",
+            "Time to decode and transform one request's images.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "resnet_serve_inference_duration_seconds",
+            "Time of one session run over a batch.",
+            _MV, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "resnet_serve_batch_size",
+            "Images per session run.",
+            _MV, buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "resnet_serve_requests",
+            "Classification requests by outcome (gRPC status code name).",
+            (*_MV, "code"), registry=r,
+        )  # fmt: skip
+        self.images = Counter(
+            "resnet_serve_images", "Images classified.", _MV, registry=r
+        )
+        self.queue_depth = Gauge(
+            "resnet_serve_queue_depth", "Images waiting in the model's queue.", _MV, registry=r
+        )
+        self.inflight = Gauge(
+            "resnet_serve_inflight_requests",
+            "Requests received and not yet answered.",
+            _MV, registry=r,
+        )  # fmt: skip
+        self.load_seconds = Gauge(
+            "resnet_serve_model_load_seconds",
+            "Time to load and warm up a model version.",
+            _MV, registry=r,
+        )  # fmt: skip
+        self.build = Info(
+            "resnet_serve_build", "Versions of the server and its runtime.", registry=r
+        )
+        self.build.info(
+            {
+                "version": version("resnet-serve"),
+                "onnxruntime": ort.__version__,
+                "python": platform.python_version(),
+            }
+        )
+
+    @contextmanager
+    def track_request(self, model: str, version: str, images: int) -> Iterator[None]:
+        """Count one request of a known model version: in flight, duration, outcome, images."""
+        labels = (model, version)
+        self.inflight.labels(*labels).inc()
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except BaseException as exc:
+            code = to_status(exc)[0].name if isinstance(exc, Exception) else "CANCELLED"
+            raise
+        finally:
+            self.inflight.labels(*labels).dec()
+            self.request_duration.labels(*labels).observe(time.perf_counter() - started)
+            self.requests.labels(*labels, code).inc()
+            if code == "OK":
+                self.images.labels(*labels).inc(images)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop."""
+        http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return http

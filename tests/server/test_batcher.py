@@ -1,0 +1,145 @@
+"""The batcher in-process, with a fake session runner that records its batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.batcher import Batcher
+from server.errors import DeadlineExceeded, QueueFull
+from server.metrics import Metrics
+from server.model_config import Batching
+
+
+class FakeRunner:
+    """Rows are the inputs' first value; a batch holding -1 fails; `gate` holds runs."""
+
+    provider = "CPUExecutionProvider"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.batches.append(len(batch))
+        if (batch == -1).any():
+            raise RuntimeError("bad input in batch")
+        return batch[:, :1].copy()
+
+
+def _images(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+async def _started(runner: FakeRunner, **batching: int) -> Batcher:
+    batcher = Batcher("m", "1", [runner], Batching(**batching), Metrics())
+    batcher.start()
+    return batcher
+
+
+async def _blocked(runner: FakeRunner, batcher: Batcher) -> asyncio.Task[np.ndarray]:
+    """Occupy the one instance with a request until `runner.gate` is set."""
+    runner.gate.clear()
+    task = asyncio.create_task(batcher.submit(_images(0)))
+    while not runner.batches and batcher._queued:  # wait until it is taken
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    return task
+
+
+async def test_concurrent_requests_share_batches_in_order() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=8)
+    first = await _blocked(runner, batcher)
+    calls = [asyncio.create_task(batcher.submit(_images(i, i + 0.5))) for i in range(1, 5)]
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    results = await asyncio.gather(first, *calls)
+    for i, out in enumerate(results[1:], start=1):
+        assert out[:, 0].tolist() == [i, i + 0.5]
+    assert runner.batches == [1, 8]
+    await batcher.close()
+
+
+async def test_large_request_is_split_and_reassembled() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=4)
+    values = np.arange(10, dtype=np.float32)
+    out = await batcher.submit(values.reshape(-1, 1))
+    assert out[:, 0].tolist() == values.tolist()
+    assert sorted(runner.batches) == [2, 4, 4]
+    await batcher.close()
+
+
+async def test_full_queue_refuses_at_once() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=2, max_queue_size=3)
+    first = await _blocked(runner, batcher)
+    queued = asyncio.create_task(batcher.submit(_images(1, 2, 3)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFull, match="3 of 3 images queued"):
+        await batcher.submit(_images(4))
+    runner.gate.set()
+    await asyncio.gather(first, queued)
+    await batcher.close()
+
+
+async def test_expired_and_cancelled_requests_are_not_computed() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=8)
+    first = await _blocked(runner, batcher)
+    expired = asyncio.create_task(batcher.submit(_images(7), deadline=time.monotonic() + 0.01))
+    cancelled = asyncio.create_task(batcher.submit(_images(8)))
+    alive = asyncio.create_task(batcher.submit(_images(9)))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    runner.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert (await alive)[:, 0].tolist() == [9]
+    await first
+    assert runner.batches == [1, 1]
+    await batcher.close()
+
+
+async def test_one_bad_request_fails_alone() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=8)
+    first = await _blocked(runner, batcher)
+    good = asyncio.create_task(batcher.submit(_images(1)))
+    bad = asyncio.create_task(batcher.submit(_images(-1)))
+    also_good = asyncio.create_task(batcher.submit(_images(2)))
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    await first
+    assert (await good)[:, 0].tolist() == [1]
+    assert (await also_good)[:, 0].tolist() == [2]
+    with pytest.raises(RuntimeError, match="bad input"):
+        await bad
+    await batcher.close()
+
+
+async def test_preferred_size_sends_without_waiting_for_the_delay() -> None:
+    runner = FakeRunner()
+    batcher = await _started(
+        runner, max_batch_size=8, max_queue_delay_us=60_000_000, preferred_batch_sizes=(2,)
+    )
+    out = await asyncio.wait_for(batcher.submit(_images(1, 2)), 30)
+    assert out[:, 0].tolist() == [1, 2]
+    await batcher.close()
+
+
+async def test_delay_expiry_sends_a_partial_batch() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=8, max_queue_delay_us=20_000)
+    out = await asyncio.wait_for(batcher.submit(_images(3)), 30)
+    assert out[:, 0].tolist() == [3]
+    await batcher.close()
