@@ -79,6 +79,16 @@ class Metrics:
         self.images = Counter(
             "resnet_serve_images", "Images classified.", _MV, registry=r
         )
+        self.request_seconds = Counter(
+            "resnet_serve_request_seconds",
+            "Summed request durations by outcome (ok, failed); the v2 ModelStatistics reads it.",
+            (*_MV, "outcome"), registry=r,
+        )  # fmt: skip
+        self.last_success = Gauge(
+            "resnet_serve_last_success_timestamp_seconds",
+            "When a request of the model version last succeeded (Unix time).",
+            _MV, registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth", "Images waiting in the model's queue.", _MV, registry=r
         )
@@ -116,11 +126,14 @@ class Metrics:
             code = to_status(exc)[0].name if isinstance(exc, Exception) else "CANCELLED"
             raise
         finally:
+            elapsed = time.perf_counter() - started
             self.inflight.labels(*labels).dec()
-            self.request_duration.labels(*labels).observe(time.perf_counter() - started)
+            self.request_duration.labels(*labels).observe(elapsed)
+            self.request_seconds.labels(*labels, "ok" if code == "OK" else "failed").inc(elapsed)
             self.requests.labels(*labels, code).inc()
             if code == "OK":
                 self.images.labels(*labels).inc(images)
+                self.last_success.labels(*labels).set_to_current_time()
 
     def serve(self, host: str, port: int) -> WSGIServer:
         """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop."""
