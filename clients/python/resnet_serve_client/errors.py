@@ -1,0 +1,106 @@
+"""Typed exceptions for failed calls; each keeps the gRPC status code and the server's message."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ResnetServeError(Exception):
+    """A call to resnet-serve failed.
+
+    ``code`` is the gRPC status code and ``message`` the server's own words
+    (or gRPC's, when the failure happened before the server answered).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidArgument(ResnetServeError):
+    """The request was malformed: bad top_k, empty batch, wrong tensor shape, ..."""
+
+
+class InvalidImage(InvalidArgument):
+    """An image could not be decoded or has a shape the model cannot take."""
+
+
+class ModelNotFound(ResnetServeError):
+    """No such model, or no such version, in the server's repository."""
+
+
+class Overloaded(ResnetServeError):
+    """The server's queue is full (RESOURCE_EXHAUSTED); back off and try again."""
+
+
+class DeadlineExceeded(ResnetServeError):
+    """The call's deadline passed before an answer came back."""
+
+
+class Unavailable(ResnetServeError):
+    """The server cannot be reached, is starting up, or is draining."""
+
+
+class Unauthenticated(ResnetServeError):
+    """The server wants credentials that were missing or wrong."""
+
+
+class PermissionDenied(ResnetServeError):
+    """The credentials are valid but do not allow this call."""
+
+
+class Cancelled(ResnetServeError):
+    """The call was cancelled before it finished."""
+
+
+class Unimplemented(ResnetServeError):
+    """The server does not offer this method (an older or different server)."""
+
+
+class InternalError(ResnetServeError):
+    """The server failed in a way it does not explain (INTERNAL, UNKNOWN, DATA_LOSS)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ResnetServeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+}
+
+# Words the server uses when INVALID_ARGUMENT is about the image itself.
+_IMAGE_WORDS = ("image", "decode", "tensor", "shape")
+
+
+def from_status(code: grpc.StatusCode, message: str) -> ResnetServeError:
+    """The typed exception for a status code and message."""
+    cls = _BY_CODE.get(code, ResnetServeError)
+    if cls is InvalidArgument and any(word in message.lower() for word in _IMAGE_WORDS):
+        cls = InvalidImage
+    return cls(code, message)
+
+
+def from_rpc_error(error: grpc.RpcError) -> ResnetServeError:
+    """Wrap a ``grpc.RpcError`` (sync or aio) into its typed exception."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else None
+    return from_status(code or grpc.StatusCode.UNKNOWN, details or str(error))
+
+
+def code_from_number(number: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` for its numeric value (as carried in stream errors)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,1 @@
+"""Connection options: TLS, retries, keepalive and the channel they configure."""
