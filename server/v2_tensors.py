@@ -1,7 +1,8 @@
 """Tensors of the Open Inference Protocol v2: datatypes, raw and typed contents, BYTES, top-k.
 
-Pure functions over numpy arrays and bytes, free of gRPC and of the generated
-messages, so the servicer stays thin and every rule here is unit-tested.
+Pure functions over numpy arrays and bytes, free of the generated messages,
+so the servicer stays thin and every rule here is unit-tested. Errors are
+`InvalidInput` (INVALID_ARGUMENT), like every other malformed request.
 
 - A tensor travels either as one ``raw_input_contents`` entry (little-endian,
   row-major, no padding) or as the repeated field of its datatype in
@@ -23,11 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from server.errors import InvalidInput
+
 BYTES = "BYTES"
 _LENGTH = struct.Struct("<I")
 
 
-class TensorError(ValueError):
+class TensorError(InvalidInput):
     """A tensor of a request is malformed; the message says what and what is allowed."""
 
 

@@ -1,0 +1,99 @@
+"""Server and model descriptions in v2 terms: ServerMetadata, ModelMetadata, ModelConfig.
+
+The model configuration is what Triton would report for the same ONNX model
+with a ``config.pbtxt``: shapes without the batch dimension (``max_batch_size``
+> 0), the input's layout in ``format`` (image clients read it to choose CHW or
+HWC), the labels file on the output, dynamic batching and instance groups.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
+from resnet_serve_client.proto.inference import model_config_pb2 as mc
+
+from server.model_config import MODEL_FILE, ModelConfig
+from server.models import Model, ModelVersion, State
+from server.v2_request import input_datatype
+from server.v2_tensors import BYTES
+
+SERVER_NAME = "resnet-serve"
+# Protocol extensions, as Triton names them, that this server implements.
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+BACKEND = "onnxruntime"
+_CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8, BYTES: mc.TYPE_STRING}
+_FORMATS = {"NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(
+        name=SERVER_NAME, version=version("resnet-serve"), extensions=EXTENSIONS
+    )
+
+
+def ready_versions(model: Model) -> list[str]:
+    return sorted((v.version for v in model.versions.values() if v.state is State.READY), key=int)
+
+
+def model_metadata(model: Model, served: ModelVersion) -> pb.ModelMetadataResponse:
+    config = served.config
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=ready_versions(model),
+        platform=config.platform,
+        inputs=[
+            tensor(
+                name=config.input.name, datatype=input_datatype(config), shape=config.input.shape()
+            )
+        ],
+        outputs=[tensor(name=config.output.name, datatype="FP32", shape=[-1, config.num_classes])],
+    )
+
+
+def model_config(served: ModelVersion, instances: int, cuda_device: int) -> pb.ModelConfigResponse:
+    """``instances``: sessions per version; ``cuda_device``: the GPU they use when on CUDA."""
+    config: ModelConfig = served.config
+    batching = config.batching
+    on_gpu = served.provider.startswith("CUDA")
+    group = mc.ModelInstanceGroup
+    return pb.ModelConfigResponse(
+        config=mc.ModelConfig(
+            name=served.name,
+            platform=config.platform,
+            backend=BACKEND,
+            max_batch_size=batching.max_batch_size,
+            input=[
+                mc.ModelInput(
+                    name=config.input.name,
+                    data_type=_CONFIG_TYPES[input_datatype(config)],
+                    format=_FORMATS[config.input.layout],
+                    dims=config.input.shape()[1:],
+                )
+            ],
+            output=[
+                mc.ModelOutput(
+                    name=config.output.name,
+                    data_type=mc.TYPE_FP32,
+                    dims=[config.num_classes],
+                    label_filename=config.labels,
+                )
+            ],
+            instance_group=[
+                group(
+                    name=served.name,
+                    count=instances,
+                    kind=group.KIND_GPU if on_gpu else group.KIND_CPU,
+                    gpus=[cuda_device] if on_gpu else [],
+                )
+            ],
+            default_model_filename=MODEL_FILE,
+            dynamic_batching=mc.ModelDynamicBatching(
+                preferred_batch_size=batching.preferred_batch_sizes,
+                max_queue_delay_microseconds=batching.max_queue_delay_us,
+                # Triton counts requests here; this server counts images.
+                default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batching.max_queue_size),
+            ),
+        )
+    )

@@ -1,0 +1,174 @@
+"""A v2 ``ModelInferRequest`` read against one model, and its ``ModelInferResponse`` written.
+
+Every model here has one input and one output (`server.model_config`):
+
+- input ``images`` (the graph's input name) in one of two forms:
+  the graph's own tensor, FP32 ``[N, 3, S, S]`` (NCHW) or UINT8 ``[N, S, S, 3]``
+  (NHWC) for ``--input uint8`` graphs; or BYTES ``[N]`` (or ``[N, 1]``), each
+  element an encoded image (JPEG, PNG, ...) that the server decodes and
+  preprocesses exactly like ``Classify``;
+- output ``logits``, FP32 ``[N, classes]``, or with the classification
+  extension (output parameter ``classification: k``) BYTES ``[N, k]`` of
+  ``"<value>:<index>:<label>"``, the value being the logit.
+
+All tensors of a response travel in ``raw_output_contents``, as Triton sends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server import v2_tensors
+from server.model_config import ModelConfig
+from server.v2_tensors import BYTES, TensorError
+
+GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+CLASSIFICATION = "classification"
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+@dataclass(frozen=True)
+class Images:
+    """The images of one request: a graph-ready tensor or encoded files, never both."""
+
+    tensor: np.ndarray | None = None
+    encoded: tuple[bytes, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.tensor) if self.tensor is not None else len(self.encoded)
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    classes: int | None = None  # the classification extension's k
+
+
+def input_datatype(config: ModelConfig) -> str:
+    return GRAPH_DATATYPES[config.input.dtype]
+
+
+def describe_input(config: ModelConfig) -> str:
+    return (
+        f"'{config.input.name}' as {input_datatype(config)} {config.input.shape()} "
+        f"({config.input.layout}) or BYTES [-1] of encoded images"
+    )
+
+
+def parse_images(request: Any, config: ModelConfig) -> Images:
+    """The request's one input, decoded; the model checks a tensor's shape (as for Classify)."""
+    if len(request.inputs) != 1:
+        got = ", ".join(f"'{i.name}'" for i in request.inputs) or "none"
+        raise TensorError(
+            f"model '{config.name}' takes exactly one input, {describe_input(config)}; got {got}"
+        )
+    tensor = request.inputs[0]
+    if tensor.name != config.input.name:
+        raise TensorError(
+            f"unknown input '{tensor.name}'; model '{config.name}' takes {describe_input(config)}"
+        )
+    _no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
+    array = _decode(request, tensor)
+    if tensor.datatype == BYTES:
+        return Images(encoded=_encoded_images(tensor.name, array))
+    expected = input_datatype(config)
+    if tensor.datatype != expected:
+        raise TensorError(
+            f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
+            f"{describe_input(config)}"
+        )
+    return Images(tensor=array)
+
+
+def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
+    """The requested outputs; none requested means the model's output as a tensor."""
+    if not request.outputs:
+        return [Output(config.output.name)]
+    outputs: list[Output] = []
+    for requested in request.outputs:
+        if requested.name != config.output.name:
+            raise TensorError(
+                f"unknown output '{requested.name}'; model '{config.name}' has one output "
+                f"'{config.output.name}'"
+            )
+        if any(o.name == requested.name for o in outputs):
+            raise TensorError(f"output '{requested.name}' is requested more than once")
+        _no_shared_memory(f"output '{requested.name}'", requested.parameters)
+        outputs.append(Output(requested.name, _classes(requested)))
+    return outputs
+
+
+def fill_response(
+    response: Any, outputs: list[Output], logits: np.ndarray, labels: list[str]
+) -> None:
+    """Add each requested output of ``logits`` [N, classes] to ``response``."""
+    for output in outputs:
+        if output.classes is None:
+            array = np.ascontiguousarray(logits, dtype=np.float32)
+        else:
+            array = v2_tensors.classification(logits, output.classes, labels)
+        datatype, raw = v2_tensors.encode_raw(array)
+        response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
+        response.raw_output_contents.append(raw)
+
+
+def _decode(request: Any, tensor: Any) -> np.ndarray:
+    has_contents = tensor.HasField("contents")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise TensorError(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries for "
+                f"{len(request.inputs)} input(s); it needs one per input, in order"
+            )
+        if has_contents:
+            raise TensorError(
+                f"input '{tensor.name}' sets contents while the request uses raw_input_contents; "
+                f"use one or the other"
+            )
+        return v2_tensors.decode_raw(
+            tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0]
+        )
+    if not has_contents:
+        raise TensorError(
+            f"input '{tensor.name}' carries no data; send it in raw_input_contents or contents"
+        )
+    return v2_tensors.decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
+
+
+def _encoded_images(name: str, array: np.ndarray) -> tuple[bytes, ...]:
+    if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] != 1) or array.size == 0:
+        raise TensorError(
+            f"input '{name}' (BYTES) has shape {list(array.shape)}; encoded images go in "
+            f"shape [N] or [N, 1] with N >= 1"
+        )
+    return tuple(array.ravel().tolist())
+
+
+def _classes(requested: Any) -> int | None:
+    if CLASSIFICATION not in requested.parameters:
+        return None
+    parameter = requested.parameters[CLASSIFICATION]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise TensorError(
+            f"output '{requested.name}': parameter '{CLASSIFICATION}' must be an integer, "
+            f"got {kind or 'nothing'}"
+        )
+    count = getattr(parameter, kind)
+    if count < 1:
+        raise TensorError(
+            f"output '{requested.name}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
+        )
+    return int(count)
+
+
+def _no_shared_memory(what: str, parameters: Any) -> None:
+    used = [p for p in _SHARED_MEMORY if p in parameters]
+    if used:
+        raise TensorError(
+            f"{what} uses {', '.join(used)}; this server does not support the shared-memory "
+            f"extension, send tensors in the request"
+        )
