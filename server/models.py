@@ -4,6 +4,7 @@ Internal API (used by every servicer)::
 
     registry = ModelRegistry(settings, metrics)
     await registry.load_all(on_ready)          # verify, open sessions, warm up
+    registry.model("resnet18")                 # the Model, all versions, any state
     model = registry.get("resnet18")           # latest READY version, or
     model = registry.get("resnet18", "1")      # that version; raises ModelNotFound /
                                                # ModelNotReady (errors.py)
@@ -102,6 +103,16 @@ class Model:
     config: ModelConfig
     versions: dict[str, ModelVersion] = field(default_factory=dict)
 
+    def version(self, version: str) -> ModelVersion:
+        """That version, whatever its state."""
+        found = self.versions.get(version)
+        if found is None:
+            known = ", ".join(self.versions) or "none"
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version!r}; versions: {known}"
+            )
+        return found
+
     def latest_ready(self) -> ModelVersion | None:
         ready = [v for v in self.versions.values() if v.state is State.READY]
         return max(ready, key=lambda v: int(v.version), default=None)
@@ -116,21 +127,23 @@ class ModelRegistry:
     def models(self) -> list[Model]:
         return sorted(self._models.values(), key=lambda m: m.name)
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """A READY version: `version`, or the latest READY one when empty."""
+    def model(self, name: str) -> Model:
+        """A model of the repository, whatever the states of its versions."""
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {name!r}; models: {known}")
+        return model
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """A READY version: `version`, or the latest READY one when empty."""
+        model = self.model(name)
         if not version:
             latest = model.latest_ready()
             if latest is None:
                 raise ModelNotReady(f"model {name!r} has no READY version")
             return latest
-        found = model.versions.get(version)
-        if found is None:
-            known = ", ".join(model.versions) or "none"
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {known}")
+        found = model.version(version)
         if found.state is not State.READY:
             why = f": {found.reason}" if found.reason else ""
             raise ModelNotReady(f"model {name!r} version {version} is {found.state.value}{why}")
@@ -222,24 +235,25 @@ def warmup_sizes(mv: ModelVersion) -> tuple[int, ...]:
 
 
 def _check_verification(version_dir: Path) -> None:
-    path = version_dir / VERIFICATION_FILE
+    """Raise LoadError unless verification.json passed and matches model.onnx."""
+    report_path = version_dir / VERIFICATION_FILE
     model_path = version_dir / MODEL_FILE
     if not model_path.is_file():
-        raise LoadError(f"{model_path} is missing")
-    if not path.is_file():
-        raise LoadError(f"{path} is missing; build or verify the model first")
+        raise LoadError(f"{MODEL_FILE} is missing")
+    if not report_path.is_file():
+        raise LoadError(f"{VERIFICATION_FILE} is missing; build or verify the model first")
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(report_path.read_text())
     except json.JSONDecodeError as exc:
-        raise LoadError(f"{path} is not valid JSON ({exc})") from exc
+        raise LoadError(f"{VERIFICATION_FILE} is not valid JSON ({exc})") from exc
     if not isinstance(report, dict) or report.get("passed") is not True:
-        raise LoadError(f"{path} does not say passed: true")
+        raise LoadError(f"{VERIFICATION_FILE} does not say passed: true")
     digest = hashlib.sha256()
     with model_path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     if report.get("sha256") != digest.hexdigest():
-        raise LoadError(f"{model_path} does not match the sha256 in {path}")
+        raise LoadError(f"{MODEL_FILE} does not match the sha256 in {VERIFICATION_FILE}")
 
 
 def _one_line(exc: BaseException) -> str:

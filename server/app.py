@@ -1,0 +1,125 @@
+"""The serving process: one gRPC port with every service, /metrics, lifecycle.
+
+Start-up: bind, answer health NOT_SERVING, load and warm every model, then
+SERVING per model name (and overall "" once loading is done and a model is
+ready). SIGTERM/SIGINT: health NOT_SERVING for all, new calls UNAVAILABLE,
+queued and in-flight calls finish within the grace period, exit 0.
+
+Services are added by the registrars in `SERVICES`, each
+``register(server, ctx) -> full service name`` (for reflection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from server import classifier
+from server.config import Settings
+from server.context import ServingContext
+from server.interceptors import ErrorInterceptor
+from server.metrics import Metrics
+from server.models import Model, ModelRegistry
+from server.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+Registrar = Callable[[grpc.aio.Server, ServingContext], str]
+
+SERVICES: tuple[Registrar, ...] = (classifier.add_to_server,)
+
+OVERALL = ""
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def host_port(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.draining = False
+
+    async def run(self) -> int:
+        settings = self.settings
+        metrics = Metrics()
+        http = metrics.serve(settings.metrics_host, settings.metrics_port)
+        registry = ModelRegistry(settings, metrics)
+        registry.scan()
+        preprocessor = Preprocessor(settings)
+        health = health_aio.HealthServicer()
+        ctx = ServingContext(settings, registry, preprocessor, metrics, health)
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(lambda: self.draining)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        names = [register(server, ctx) for register in SERVICES]
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        names.append(HEALTH_SERVICE)
+        if settings.reflection:
+            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        address = host_port(settings.host, settings.port)
+        server.add_insecure_port(address)
+        for name in (OVERALL, *(m.name for m in registry.models())):
+            await health.set(name, NOT_SERVING)
+        await server.start()
+        log.info(
+            "listening on %s (%s), metrics on http://%s/metrics",
+            address, ", ".join(names), host_port(settings.metrics_host, settings.metrics_port),
+        )  # fmt: skip
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig, stop)
+        loading = asyncio.ensure_future(self._load(registry, health))
+        await stop.wait()
+
+        self.draining = True
+        await health.enter_graceful_shutdown()
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+        await server.stop(settings.grace_period)
+        log.info("gRPC server stopped; closing models")
+        await registry.close()
+        preprocessor.close()
+        http.shutdown()
+        log.info("exiting")
+        return 0
+
+    def _on_signal(self, sig: signal.Signals, stop: asyncio.Event) -> None:
+        if stop.is_set():
+            log.info("%s received again; still draining", sig.name)
+            return
+        log.info(
+            "%s received: draining, grace period %.0f s", sig.name, self.settings.grace_period
+        )
+        stop.set()
+
+    async def _load(self, registry: ModelRegistry, health: health_aio.HealthServicer) -> None:
+        async def ready(model: Model) -> None:
+            await health.set(model.name, SERVING)
+
+        await registry.load_all(ready)
+        ready_models = [m.name for m in registry.models() if m.latest_ready() is not None]
+        if ready_models:
+            await health.set(OVERALL, SERVING)
+            log.info("SERVING: %s", ", ".join(ready_models))
+        else:
+            log.error("no model could be loaded from %s; health stays NOT_SERVING",
+                      self.settings.repo)  # fmt: skip

@@ -1,0 +1,37 @@
+"""`resnet-serve serve`: flags from `server.config.Settings`, then `server.app.App`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pydantic import ValidationError
+
+from server import config, logs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description=(
+            "Serve every verified model of a repository over gRPC (resnet_serve.v1.Classifier, "
+            "health, reflection) with Prometheus metrics. Each flag also reads "
+            f"{config.ENV_PREFIX}<FLAG> from the environment; flags win."
+        ),
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = config.from_arguments(args)
+    except ValidationError as exc:
+        print(f"resnet-serve serve: invalid settings\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_format, settings.log_level)
+    from server.app import App  # onnxruntime loads only once settings are valid
+
+    return asyncio.run(App(settings).run())
