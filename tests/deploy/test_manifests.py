@@ -1,0 +1,381 @@
+"""deploy/: yamllint everywhere, Kubernetes schemas offline, and the numbers that must agree.
+
+Kubernetes manifests are validated by kubernetes-validate against the schemas
+it bundles (strict: unknown fields fail). InferenceService (KServe) and
+ServiceMonitor (Prometheus Operator) are CRDs with no bundled schema: their
+structure is checked here, and the pod parts they embed are validated as a
+core/v1 Pod. Envoy, Prometheus, compose and the Grafana dashboard are parsed
+and checked for the properties the deployment relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy import dockerfile
+from tests.deploy.dockerfile import ROOT
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose"
+# The oldest Kubernetes the manifests promise to work on (native preStop sleep: 1.30+,
+# enabled by default from 1.30), and the newest whose schemas kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+K8S_FILES = sorted(K8S.rglob("*.yaml"))
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _all_k8s() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p in K8S_FILES for d in _docs(p)]
+
+
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for _, d in _all_k8s() if d["kind"] == kind]
+    if name is not None:
+        found = [d for d in found if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _server_container() -> dict[str, Any]:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "server")
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _image_env() -> dict[str, str]:
+    return dockerfile.load().stage("runtime").env()
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- lint and schemas --------------------------------------------------------------------
+
+
+def test_there_is_something_to_check() -> None:
+    assert len(YAML_FILES) >= 10 and len(K8S_FILES) >= 6
+
+
+def test_yamllint() -> None:
+    exe = shutil.which("yamllint", path=str(Path(sys.executable).parent)) or "yamllint"
+    result = subprocess.run(
+        [exe, "--strict", "-f", "parsable", "-c", str(DEPLOY / ".yamllint.yaml"),
+         *map(str, YAML_FILES)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: str(p.relative_to(K8S)))
+def test_kubernetes_schema(path: Path, version: str) -> None:
+    for doc in _docs(path):
+        api, kind = doc["apiVersion"], doc["kind"]
+        if kind == "Kustomization":
+            continue  # kustomize's own file, checked in test_kustomization_lists_every_manifest
+        if kind in ("InferenceService", "ServiceMonitor"):
+            continue  # CRDs: no bundled schema; checked structurally below
+        assert "." not in api.split("/")[0] or api.split("/")[0].endswith("k8s.io"), (
+            f"{path.name}: {kind} {api} is a CRD: add a structural check for it"
+        )
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_validation_is_not_a_no_op() -> None:
+    doc = _one("Deployment")
+    broken = json.loads(json.dumps(doc))
+    broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 60  # misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    images = {i["name"] for i in kustomization["images"]}
+    assert _server_container()["image"].split(":")[0] in images
+
+
+# --- the Deployment ----------------------------------------------------------------------
+
+
+def test_deployment_probes_are_native_grpc_health_checks() -> None:
+    container = _server_container()
+    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    assert str(grpc_port) == _image_env()["RESNET_SERVE_PORT"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, probe
+
+
+def test_termination_outlasts_prestop_and_drain() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    container = _server_container()
+    grace = float(_env(container).get("RESNET_SERVE_GRACE_PERIOD") or
+                  _image_env()["RESNET_SERVE_GRACE_PERIOD"])  # fmt: skip
+    pre_stop = container["lifecycle"]["preStop"]
+    delay = pre_stop["sleep"]["seconds"] if "sleep" in pre_stop else 0
+    assert delay >= 5, "a preStop delay lets endpoint removal reach the load balancers first"
+    assert pod["terminationGracePeriodSeconds"] > delay + grace
+    # liveness must not kill a pod that is draining (health answers NOT_SERVING meanwhile)
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > grace
+
+
+def test_deployment_resources_and_security() -> None:
+    container = _server_container()
+    resources = container["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory", "nvidia.com/gpu"} <= set(resources[kind]), kind
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    image_uid = int(dockerfile.load().stage("runtime").last("USER").value.split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == image_uid
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_services_select_the_pods_and_name_real_ports() -> None:
+    deployment = _one("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], labels)
+    port_names = {p["name"] for p in _server_container()["ports"]}
+    services = [d for _, d in _all_k8s() if d["kind"] == "Service"]
+    assert {s["spec"].get("clusterIP", "") for s in services} >= {"None"}, "a headless Service"
+    assert any(s["spec"].get("type") == "ClusterIP" for s in services), "a ClusterIP Service"
+    for service in services:
+        assert _matches(service["spec"]["selector"], labels)
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+        grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc["appProtocol"] == "kubernetes.io/h2c"
+
+
+def test_hpa_and_pdb_target_the_deployment() -> None:
+    deployment = _one("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    hpa = _one("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"],
+    }  # fmt: skip
+    assert hpa["spec"]["minReplicas"] >= 2
+    pdb = _one("PodDisruptionBudget")
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable")
+
+
+def test_prometheus_scrape_annotations_point_at_metrics() -> None:
+    annotations = _one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    metrics_port = next(p for p in _server_container()["ports"] if p["name"] == "metrics")
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics_port["containerPort"])
+    assert str(metrics_port["containerPort"]) == _image_env()["RESNET_SERVE_METRICS_PORT"]
+
+
+# --- CRDs, checked structurally ----------------------------------------------------------
+
+
+def test_servicemonitor() -> None:
+    monitor = _one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selected = [
+        d for _, d in _all_k8s()
+        if d["kind"] == "Service"
+        and _matches(monitor["spec"]["selector"]["matchLabels"], d["metadata"]["labels"])
+    ]  # fmt: skip
+    assert len(selected) == 1, "the ServiceMonitor selects exactly one Service (no double scrape)"
+    ports = {p["name"] for p in selected[0]["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+
+
+def test_kserve_inferenceservice() -> None:
+    isvc = _one("InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = isvc["spec"]["predictor"]
+    known = {
+        "containers", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout",
+        "containerConcurrency", "canaryTrafficPercent", "serviceAccountName", "nodeSelector",
+        "tolerations", "affinity", "volumes", "securityContext", "annotations", "labels",
+    }  # fmt: skip
+    assert set(predictor) <= known, f"unknown predictor fields {set(predictor) - known}"
+    assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    (port,) = container["ports"]
+    assert port["name"] == "h2c", "KServe routes HTTP/2 (gRPC) to a port named h2c"
+    assert str(port["containerPort"]) == _image_env()["RESNET_SERVE_PORT"]
+    assert container["readinessProbe"]["grpc"]["port"] == port["containerPort"]
+    # the embedded pod parts against the core/v1 schema
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": isvc["metadata"]["name"]},
+        "spec": {"containers": predictor["containers"]},
+    }  # fmt: skip
+    kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+
+
+# --- compose, Envoy, Prometheus ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / "compose.yaml").read_text())
+
+
+def test_compose_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"server", "envoy", "prometheus", "grafana"} <= set(services)
+    server = services["server"]
+    assert server["deploy"]["replicas"] == 3
+    target = re.sub(r"\$\{\w+:-([\w-]+)\}", r"\1", server["build"]["target"])
+    assert target in [s.name for s in dockerfile.load().stages]
+    assert (COMPOSE / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+    grace = float(server["environment"]["RESNET_SERVE_GRACE_PERIOD"])
+    assert float(server["stop_grace_period"].rstrip("s")) > grace
+    for name, service in services.items():
+        if "image" in service and "build" not in service:
+            assert re.search(r":v?\d+\.\d+\.\d+$", service["image"]), f"{name}: pin the tag"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE / source).exists(), f"{name}: {source} missing"
+
+
+@pytest.fixture(scope="module")
+def envoy() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE / "envoy.yaml").read_text())
+
+
+def test_envoy_upstream_is_http2_round_robin_with_grpc_health_checks(
+    envoy: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    (cluster,) = envoy["static_resources"]["clusters"]
+    assert cluster["lb_policy"] == "ROUND_ROBIN"
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    assert cluster["type"] == "STRICT_DNS", "one upstream host per replica found in DNS"
+    checks = cluster["health_checks"]
+    assert checks and all("grpc_health_check" in c for c in checks)
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address["address"] in compose["services"]
+    assert str(address["port_value"]) == _image_env()["RESNET_SERVE_PORT"]
+
+
+def test_envoy_retries_unavailable_on_another_host(envoy: dict[str, Any]) -> None:
+    (listener,) = envoy["static_resources"]["listeners"]
+    (hcm,) = listener["filter_chains"][0]["filters"]
+    config = hcm["typed_config"]
+    assert config["@type"].endswith("HttpConnectionManager")
+    routes = [r for vh in config["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    clusters = {c["name"] for c in envoy["static_resources"]["clusters"]}
+    for route in routes:
+        assert route["route"]["cluster"] in clusters
+        policy = route["route"]["retry_policy"]
+        conditions = policy["retry_on"].split(",")
+        assert "unavailable" in conditions and "connect-failure" in conditions
+        assert policy["num_retries"] >= 2
+        predicates = [p["name"] for p in policy.get("retry_host_predicate", [])]
+        assert "envoy.retry_host_predicates.previous_hosts" in predicates
+    assert config["http_filters"][-1]["name"] == "envoy.filters.http.router"
+
+
+def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    assert float(config["global"]["scrape_interval"].rstrip("s")) > 0
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "resnet-serve")
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["server"] and sd["type"] == "A"
+    assert str(sd["port"]) == _image_env()["RESNET_SERVE_METRICS_PORT"]
+    assert "server" in compose["services"]
+    names = [j["job_name"] for j in config["scrape_configs"]]
+    assert len(names) == len(set(names))
+
+
+# --- the Grafana dashboard ---------------------------------------------------------------
+
+
+def _exported_series() -> set[str]:
+    """Every series name the server can expose, from its metrics module's registry."""
+    metrics_module = pytest.importorskip("server.metrics")
+    registry = metrics_module.Metrics().registry
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "info": ("_info",),
+        "gauge": ("",),
+    }
+    names = set()
+    for family in registry.collect():
+        if family.name.startswith("resnet_serve_"):
+            names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads((COMPOSE / "grafana/dashboards/resnet-serve.json").read_text())
+
+
+def _exprs(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def test_dashboard_queries_only_metrics_the_server_exports(dashboard: dict[str, Any]) -> None:
+    exported = _exported_series()
+    assert "resnet_serve_requests_total" in exported
+    used = {m for e in _exprs(dashboard) for m in re.findall(r"resnet_serve_\w+", e)}
+    assert used, "the dashboard queries resnet_serve_* series"
+    assert used <= exported, f"not exported by the server: {sorted(used - exported)}"
+
+
+def test_dashboard_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
+    exprs = " ".join(_exprs(dashboard))
+    assert "rate(resnet_serve_requests_total" in exprs  # throughput
+    for quantile in ("0.5", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le, model) (rate(" \
+               "resnet_serve_request_duration_seconds_bucket" in exprs  # fmt: skip
+    assert "resnet_serve_queue_depth" in exprs
+    assert "resnet_serve_batch_size" in exprs
+    assert "sum by (code)" in exprs and 'code!="OK"' in exprs  # errors by code
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_provisioning_matches_compose(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    provider = yaml.safe_load(
+        (COMPOSE / "grafana/provisioning/dashboards/dashboards.yaml").read_text()
+    )["providers"][0]
+    assert provider["options"]["path"] in mounts.values()
+    datasource = yaml.safe_load(
+        (COMPOSE / "grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
