@@ -111,7 +111,7 @@ STOPSIGNAL SIGTERM
 # Shell form on purpose, so the probe follows RESNET_SERVE_PORT; a probe gets no signals.
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD resnet-serve-client health --server "localhost:${RESNET_SERVE_PORT}" --timeout 3
+    CMD resnet-serve-client health --server "127.0.0.1:${RESNET_SERVE_PORT}" --timeout 3
 ENTRYPOINT ["resnet-serve", "serve"]
 
 
@@ -163,5 +163,5 @@ STOPSIGNAL SIGTERM
 # Shell form on purpose, so the probe follows RESNET_SERVE_PORT; a probe gets no signals.
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD resnet-serve-client health --server "localhost:${RESNET_SERVE_PORT}" --timeout 3
+    CMD resnet-serve-client health --server "127.0.0.1:${RESNET_SERVE_PORT}" --timeout 3
 ENTRYPOINT ["resnet-serve", "serve"]

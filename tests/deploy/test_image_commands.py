@@ -1,0 +1,107 @@
+"""The image's own commands, run outside Docker.
+
+The builder stage's model-building RUN step runs as written (through /bin/sh,
+Docker's default shell, with the build args as environment variables, as
+BuildKit passes them), with a small architecture given through the ARCHS build
+arg. Then each runtime stage's ENTRYPOINT runs as written against that
+repository, configured by the stage's own RESNET_SERVE_* variables with only
+the paths and ports replaced; the stage's HEALTHCHECK command must report it
+healthy, a Classify must succeed, and SIGTERM must end it with exit code 0.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import dockerfile, procs
+from tests.deploy.dockerfile import ROOT
+
+ARCH = "resnet18"  # the smallest ImageNet net: exercises the default 224 px preprocessing
+
+
+def _healthcheck_command(stage: dockerfile.Stage) -> str:
+    health = stage.last("HEALTHCHECK")
+    assert health is not None
+    _options, _, command = health.value.partition(" CMD ")
+    assert command, f"HEALTHCHECK without CMD: {health.value}"
+    return command.strip()
+
+
+@pytest.fixture(scope="module")
+def built_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    df = dockerfile.load()
+    builder = df.stage("builder")
+    (run,) = [r for r in builder.all("RUN") if "resnet-serve build" in r.value]
+    flags, command = run.flags_and_rest()
+    # The stage mounts the build context (for a checkpoint); here the context is the checkout.
+    for mount in flags.get("mount", []):
+        opts = dict(kv.partition("=")[::2] for kv in mount.split(","))
+        if opts.get("type") == "bind" and opts.get("source") == ".":
+            command = command.replace(opts["target"], str(ROOT))
+    repo = tmp_path_factory.mktemp("image") / "models"
+    build_args = {k: v for k, v in df.global_args.items() if v is not None}
+    build_args |= {k: v for k, v in builder.args().items() if v is not None}
+    assert "ARCHS" in build_args and "MODEL_REPO" in build_args
+    build_args |= {"ARCHS": ARCH, "MODEL_REPO": str(repo)}
+    env = procs.clean_env(**builder.env(), **build_args)
+    result = subprocess.run(
+        ["/bin/sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, f"builder step failed:\n{result.stdout}\n{result.stderr}"
+    models = sorted(repo.glob("*/*/model.onnx"))
+    assert models, f"no model written under {repo}:\n{result.stdout}"
+    return repo
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("stage_name", ["runtime-cpu", "runtime"])
+def test_entrypoint_serves_what_the_builder_built(
+    built_repo: Path, stage_name: str, tmp_path: Path
+) -> None:
+    from resnet_serve_client import Client, HealthStatus
+
+    df = dockerfile.load()
+    stage = df.stage(stage_name)
+    argv = stage.entrypoint() + stage.cmd()
+    grpc_port, metrics_port = procs.free_port(), procs.free_port()
+    image_env = {k: df.resolve(v, stage) for k, v in stage.env().items()
+                 if k.startswith("RESNET_SERVE_")}  # fmt: skip
+    env = procs.clean_env(**image_env)
+    env |= {
+        "RESNET_SERVE_REPO": str(built_repo),
+        "RESNET_SERVE_PORT": str(grpc_port),
+        "RESNET_SERVE_METRICS_PORT": str(metrics_port),
+        # loopback only, here
+        "RESNET_SERVE_HOST": "127.0.0.1",
+        "RESNET_SERVE_METRICS_HOST": "127.0.0.1",
+    }
+    healthcheck = _healthcheck_command(stage)
+    assert re.search(r"\$\{?RESNET_SERVE_PORT", healthcheck), "the probe follows the port"
+
+    def healthy() -> bool:
+        probe = subprocess.run(["/bin/sh", "-c", healthcheck], env=env, capture_output=True,
+                               timeout=60)  # fmt: skip
+        return probe.returncode == 0
+
+    log = (tmp_path / "server.log").open("w+")
+    server = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        procs.wait_until(healthy, server, f"{stage_name}: HEALTHCHECK passing")
+        with Client(f"127.0.0.1:{grpc_port}", timeout=60) as client:
+            assert client.health() is HealthStatus.SERVING
+            (model,) = [m.name for m in client.list_models()]
+            (result,) = client.classify(procs.jpeg(), model=model, top_k=5)
+        assert len(result.classes) == 5 and result.model == model
+        assert all(c.label for c in result.classes)
+        assert procs.requests_total(metrics_port, "OK") == 1
+    finally:
+        code = procs.stop(server)
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert code == 0, f"{stage_name}: exit code {code} after SIGTERM\n{output[-4000:]}"
