@@ -22,7 +22,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from server import classifier
+from server import classifier, v2_servicer
 from server.config import Settings
 from server.context import ServingContext
 from server.interceptors import ErrorInterceptor
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server, ServingContext], str]
 
-SERVICES: tuple[Registrar, ...] = (classifier.add_to_server,)
+SERVICES: tuple[Registrar, ...] = (classifier.add_to_server, v2_servicer.add_to_server)
 
 OVERALL = ""
 SERVING = health_pb2.HealthCheckResponse.SERVING

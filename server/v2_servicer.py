@@ -1,0 +1,242 @@
+"""``inference.GRPCInferenceService``: the Open Inference Protocol v2 on the server's port.
+
+Thin: requests are read by `server.v2_request`, described by
+`server.v2_describe`, counted by `server.v2_stats`. Inference goes through the
+same path as ``Classify``: `Preprocessor` for encoded images, the model
+version's batcher (shared batches), `Metrics.track_request`, and the domain
+errors of `server.errors`, which the server's interceptor maps to status
+codes. ModelStreamInfer runs a stream's requests concurrently (so they batch
+together) and answers in request order; a failed request is answered with
+``error_message`` and the stream goes on. Triton RPCs this server does not
+implement answer UNIMPLEMENTED and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+import grpc
+import numpy as np
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
+from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+from server import v2_describe, v2_request, v2_stats
+from server.classifier import deadline_of
+from server.context import ServingContext
+from server.errors import InvalidInput, ServeError, to_status
+from server.logs import REQUEST_ID
+from server.models import Model, ModelVersion, State
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+# Requests of one stream being worked on at once; the stream is read no further ahead.
+STREAM_WINDOW = 64
+
+_UNSUPPORTED = {
+    "RepositoryIndex": "the model-repository extension",
+    "RepositoryModelLoad": "the model-repository extension",
+    "RepositoryModelUnload": "the model-repository extension",
+    "SystemSharedMemoryStatus": "the system-shared-memory extension",
+    "SystemSharedMemoryRegister": "the system-shared-memory extension",
+    "SystemSharedMemoryUnregister": "the system-shared-memory extension",
+    "CudaSharedMemoryStatus": "the CUDA-shared-memory extension",
+    "CudaSharedMemoryRegister": "the CUDA-shared-memory extension",
+    "CudaSharedMemoryUnregister": "the CUDA-shared-memory extension",
+    "TraceSetting": "the trace extension",
+    "LogSettings": "the logging extension",
+}
+
+
+def _unsupported(rpc: str, extension: str) -> Callable[..., Awaitable[None]]:
+    async def handler(self: V2Servicer, request: object, context: Context) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{rpc} ({extension}) is not supported by this server; its extensions are "
+            f"{', '.join(v2_describe.EXTENSIONS)} (see ServerMetadata)",
+        )
+
+    handler.__name__ = rpc
+    return handler
+
+
+def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(ctx), server)
+    return SERVICE_NAME
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, ctx: ServingContext) -> None:
+        self._ctx = ctx
+        self._registry = ctx.registry
+
+    # health and metadata
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        """Ready when overall health is SERVING: models loaded, not draining."""
+        overall = await self._ctx.health.Check(HealthCheckRequest(service=""), context)
+        return pb.ServerReadyResponse(ready=overall.status == HealthCheckResponse.SERVING)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._registry.get(request.name, request.version)
+        except ServeError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return v2_describe.server_metadata()
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        served = self._registry.get(request.name, request.version)
+        return v2_describe.model_metadata(self._registry.model(served.name), served)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        served = self._registry.get(request.name, request.version)
+        settings = self._ctx.settings
+        instances = settings.instances or served.config.instances.count
+        return v2_describe.model_config(served, instances, settings.cuda_device_id)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                versions = [self._registry.get(request.name, request.version)]
+            else:
+                versions = self._ready_versions([self._registry.model(request.name)])
+        else:
+            versions = self._ready_versions(self._registry.models())
+        return v2_stats.model_statistics(self._ctx.metrics, versions)
+
+    # inference
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        deadline = deadline_of(context)
+        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue(
+            STREAM_WINDOW
+        )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(asyncio.ensure_future(self._stream_one(request, deadline)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                if (task := pending.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+        except Exception as exc:
+            code, message = to_status(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception(
+                    "stream request %r of model %r failed", request.id, request.model_name
+                )
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                ),
+            )
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        """Like Classify: counted once the model version is known, images prepared, batched."""
+        request_id = request.id or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
+        served = self._registry.get(request.model_name, request.model_version)
+        metrics = self._ctx.metrics
+        with metrics.track_request(served.name, served.version, _declared_images(request)):
+            images = v2_request.parse_images(request, served.config)
+            outputs = v2_request.parse_outputs(request, served.config)
+            limit = self._ctx.settings.max_images_per_request
+            if len(images) > limit:
+                raise InvalidInput(f"request has {len(images)} images; at most {limit} are allowed")
+            batch = images.tensor
+            if batch is None:
+                started = time.perf_counter()
+                batch = np.stack(
+                    await asyncio.gather(
+                        *(self._encoded(i, data, served) for i, data in enumerate(images.encoded))
+                    )
+                )
+                metrics.preprocess_duration.labels(served.name, served.version).observe(
+                    time.perf_counter() - started
+                )
+            logits = await served.infer(batch, deadline=deadline, request_id=request_id)
+        response = pb.ModelInferResponse(
+            model_name=served.name, model_version=served.version, id=request.id
+        )
+        v2_request.fill_response(response, outputs, logits, served.labels)
+        return response
+
+    async def _encoded(self, index: int, data: bytes, served: ModelVersion) -> np.ndarray:
+        try:
+            return await self._ctx.preprocessor.encoded(data, served.config)
+        except InvalidInput as exc:
+            raise InvalidInput(f"image {index}: {exc}") from None
+
+    @staticmethod
+    def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
+        return [
+            v
+            for m in models
+            for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+            if v.state is State.READY
+        ]
+
+
+for _rpc, _extension in _UNSUPPORTED.items():
+    setattr(V2Servicer, _rpc, _unsupported(_rpc, _extension))
+
+
+def _declared_images(request: pb.ModelInferRequest) -> int:
+    """The batch size the request declares (what the images counter adds on success)."""
+    shapes = [list(tensor.shape) for tensor in request.inputs]
+    return shapes[0][0] if len(shapes) == 1 and shapes[0] else 0
