@@ -22,7 +22,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from server import classifier, v2_servicer
+from server import classifier, reflection_pool, v2_servicer
 from server.config import Settings
 from server.context import ServingContext
 from server.interceptors import ErrorInterceptor
@@ -72,7 +72,9 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         names.append(HEALTH_SERVICE)
         if settings.reflection:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+            reflected = [*names, reflection.SERVICE_NAME]
+            pool = reflection_pool.for_services(reflected)
+            reflection.enable_server_reflection(reflected, server, pool=pool)
         address = host_port(settings.host, settings.port)
         server.add_insecure_port(address)
         for name in (OVERALL, *(m.name for m in registry.models())):
