@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 MODEL  ?= resnet50
 
-.PHONY: venv run test lint protos bench clean
+.PHONY: venv run test lint protos bench clean deps-system
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ run: $(STAMP) $(REPO)/$(MODEL)/1/model.onnx
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint deps-system
 	$(BIN)/pytest
+
+# System packages the tests run: nginx for the load-balancer test (tests/deploy).
+# Installed from Debian/Ubuntu when absent and we are root; a no-op when present.
+deps-system:
+	@command -v nginx >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light; } || \
+		echo "note: nginx is missing (as root: apt-get install nginx-light); the nginx test will skip" >&2
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
