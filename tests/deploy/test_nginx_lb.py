@@ -1,0 +1,207 @@
+"""Three servers behind a real nginx (`grpc_pass`), on loopback.
+
+- Calls through nginx are spread over every replica: each replica's
+  resnet_serve_requests_total grows.
+- One replica gets SIGTERM in the middle of steady load from the SDK (default
+  retry policy): no call fails, the drained replica exits 0, and the OK
+  counters of the three replicas add up to exactly the calls made.
+
+A small CIFAR ResNet keeps three servers light on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import nginx, procs
+from tests.fixtures.servers import RunningServer, start_server
+
+SERVER_FLAGS = (
+    "--instances", "1", "--intra-op-threads", "1", "--decode-workers", "1",
+    "--grace-period", "20",
+)  # fmt: skip
+CONCURRENCY = 4
+SPREAD_CALLS = 30  # calls before the drain; each replica should see some
+BEFORE_SIGTERM = 40  # calls of steady load completed before SIGTERM
+AFTER_EXIT = 40  # calls completed after the drained replica has exited
+LOAD_LIMIT = 600  # no more calls than this, whatever happens
+DRAIN_MARKER = "gRPC server stopped"  # the server's log line once no call can complete any more
+
+pytestmark = pytest.mark.skipif(
+    nginx.find() is None and not os.environ.get("CI"),
+    reason="nginx is not installed (`make deps-system` installs it as root)",
+)
+
+
+@pytest.fixture(scope="module")
+def small_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A repository holding only the builder fixture's smallest model (the CIFAR net)."""
+
+    def size(config: Path) -> int:
+        return json.loads(config.read_text()).get("input", {}).get("size", 1 << 30)
+
+    config = min(model_repo.glob("*/config.json"), key=size)
+    repo = tmp_path_factory.mktemp("lb") / "models"
+    shutil.copytree(config.parent, repo / config.parent.name)
+    return repo, config.parent.name
+
+
+@pytest.fixture(scope="module")
+def replicas(small_repo: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[list[RunningServer]]:  # fmt: skip
+    repo, _ = small_repo
+    logs = tmp_path_factory.mktemp("lb-logs")
+    started: list[RunningServer] = []
+    try:
+        for _ in range(3):
+            started.append(start_server(repo, logs, *SERVER_FLAGS))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(replicas: list[RunningServer], tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[nginx.Nginx]:  # fmt: skip
+    assert nginx.find() is not None, "CI must have nginx: `make deps-system` installs it"
+    server = nginx.start(tmp_path_factory.mktemp("nginx"), [r.address for r in replicas])
+    yield server
+    server.stop()
+
+
+def _metrics_port(server: RunningServer) -> int:
+    return int(server.metrics_url.rsplit(":", 1)[1].split("/")[0])
+
+
+def _ok_total(server: RunningServer) -> float:
+    return procs.requests_total(_metrics_port(server), "OK")
+
+
+@dataclass
+class Load:
+    """Steady closed-loop load: CONCURRENCY threads calling Classify until told to stop."""
+
+    target: str
+    model: str
+    image: bytes = field(default_factory=procs.jpeg)
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sent: int = 0
+
+    def run(self) -> list[threading.Thread]:
+        from resnet_serve_client import Client
+
+        client = Client(self.target, model=self.model, timeout=60)
+
+        def worker() -> None:
+            while not self.stop.is_set():
+                with self.lock:
+                    if self.sent >= LOAD_LIMIT:
+                        return
+                    self.sent += 1
+                try:
+                    (result,) = client.classify(self.image, top_k=3)
+                    assert result.model == self.model
+                except Exception as exc:
+                    with self.lock:
+                        self.failures.append(f"{type(exc).__name__}: {exc}")
+                else:
+                    with self.lock:
+                        self.ok += 1
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(CONCURRENCY)]
+        for thread in threads:
+            thread.start()
+        self._client = client
+        return threads
+
+    def wait_for(self, ok: int, what: str) -> None:
+        procs.wait_until(lambda: self.ok >= ok or bool(self.failures) or self.sent >= LOAD_LIMIT,
+                         None, what, limit=240)  # fmt: skip
+
+    def finish(self, threads: list[threading.Thread]) -> None:
+        self.stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        self._client.close()
+
+
+def _final_ok_total(server: RunningServer) -> float | None:
+    """The drained server's OK count, read once its gRPC server has stopped (so it is final)
+    and before the process exits. None if the process exited before it could be read."""
+    while server.process.poll() is None:
+        if DRAIN_MARKER in server.log():
+            try:
+                return _ok_total(server)
+            except (urllib.error.URLError, ConnectionError):
+                return None
+        time.sleep(0.002)
+    return None
+
+
+def test_calls_through_nginx_reach_every_replica(
+    replicas: list[RunningServer], proxy: nginx.Nginx, small_repo: tuple[Path, str]
+) -> None:
+    from resnet_serve_client import Client
+
+    _, model = small_repo
+    before = [_ok_total(r) for r in replicas]
+    with Client(proxy.address, model=model, timeout=60) as client:
+        image = procs.jpeg()
+        for _ in range(SPREAD_CALLS):
+            (result,) = client.classify(image, top_k=3)
+            assert result.model == model
+    grown = [_ok_total(r) - b for r, b in zip(replicas, before, strict=True)]
+    assert all(g > 0 for g in grown), f"calls per replica: {grown}\n{proxy.error_log()}"
+    assert sum(grown) == SPREAD_CALLS
+
+
+def test_sigterm_under_load_fails_no_call(
+    replicas: list[RunningServer], proxy: nginx.Nginx, small_repo: tuple[Path, str]
+) -> None:
+    _, model = small_repo
+    drained, *survivors = replicas
+    before = [_ok_total(r) for r in replicas]
+
+    load = Load(proxy.address, model)
+    threads = load.run()
+    try:
+        load.wait_for(BEFORE_SIGTERM, "steady load before SIGTERM")
+        assert not load.failures, load.failures[:5]
+        assert drained.process.poll() is None
+        drained.process.send_signal(signal.SIGTERM)
+        drained_final = _final_ok_total(drained)
+        exit_code = drained.stop(timeout=120)
+        at_exit = load.ok
+        load.wait_for(at_exit + AFTER_EXIT, "steady load after the drained replica exited")
+    finally:
+        load.finish(threads)
+
+    assert not load.failures, f"{len(load.failures)} failed calls: {load.failures[:5]}\n" \
+                              f"{proxy.error_log()[-3000:]}"  # fmt: skip
+    assert exit_code == 0, drained.log()[-3000:]
+    assert load.ok == load.sent, "every call made got its answer"
+    assert load.ok >= BEFORE_SIGTERM + AFTER_EXIT
+
+    assert drained_final is not None, (
+        "the drained replica exited before its final counters could be read:\n"
+        + drained.log()[-2000:]
+    )
+    after = [drained_final, *(_ok_total(r) for r in survivors)]
+    grown = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(grown) == load.sent, f"OK calls per replica {grown}, calls made {load.sent}"
+    assert all(g > 0 for g in grown[1:]), f"calls per replica: {grown}"
