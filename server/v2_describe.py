@@ -15,6 +15,7 @@ from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
 from server.model_config import MODEL_FILE, ModelConfig
 from server.models import Model, ModelVersion, State
+from server.sessions import CUDA
 from server.v2_request import input_datatype
 from server.v2_tensors import BYTES
 
@@ -56,7 +57,7 @@ def model_config(served: ModelVersion, instances: int, cuda_device: int) -> pb.M
     """``instances``: sessions per version; ``cuda_device``: the GPU they use when on CUDA."""
     config: ModelConfig = served.config
     batching = config.batching
-    on_gpu = served.provider.startswith("CUDA")
+    on_gpu = served.provider == CUDA
     group = mc.ModelInstanceGroup
     return pb.ModelConfigResponse(
         config=mc.ModelConfig(

@@ -1,0 +1,88 @@
+"""ModelMetadata, ModelConfig and ModelStatistics built from a model version and the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from resnet_serve_client.proto.inference import model_config_pb2 as mc
+
+from server import v2_describe, v2_stats
+from server.errors import InvalidInput
+from server.metrics import Metrics
+from server.model_config import Batching, InputSpec, ModelConfig
+from server.models import Model, ModelVersion, State
+from server.sessions import CPU, CUDA
+
+CONFIG = ModelConfig(
+    name="net",
+    arch="resnet18",
+    num_classes=5,
+    input=InputSpec(dtype="uint8", layout="NHWC", size=8),
+    batching=Batching(max_batch_size=4, max_queue_delay_us=500, preferred_batch_sizes=(2, 4)),
+)
+
+
+def version(number: str, state: State = State.READY, provider: str = CPU) -> ModelVersion:
+    return ModelVersion(
+        "net", number, CONFIG, list("abcde"), Path(number), state, provider=provider
+    )
+
+
+def test_metadata_lists_ready_versions_and_batched_shapes() -> None:
+    model = Model("net", CONFIG, {v: version(v) for v in ("2", "10")})
+    model.versions["3"] = version("3", State.UNAVAILABLE)
+    metadata = v2_describe.model_metadata(model, model.versions["10"])
+    assert list(metadata.versions) == ["2", "10"]
+    assert (metadata.inputs[0].datatype, list(metadata.inputs[0].shape)) == ("UINT8", [-1, 8, 8, 3])
+    assert list(metadata.outputs[0].shape) == [-1, 5]
+
+
+@pytest.mark.parametrize(
+    ("provider", "kind", "gpus"), [(CPU, "KIND_CPU", []), (CUDA, "KIND_GPU", [1])]
+)
+def test_config(provider: str, kind: str, gpus: list[int]) -> None:
+    config = v2_describe.model_config(version("1", provider=provider), 2, 1).config
+    assert (config.max_batch_size, config.platform, config.backend) == (
+        4,
+        "onnxruntime_onnx",
+        "onnxruntime",
+    )
+    assert config.input[0].format == mc.ModelInput.FORMAT_NHWC and list(config.input[0].dims) == [
+        8,
+        8,
+        3,
+    ]
+    assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    [group] = config.instance_group
+    assert (group.count, mc.ModelInstanceGroup.Kind.Name(group.kind), list(group.gpus)) == (
+        2,
+        kind,
+        gpus,
+    )
+
+
+def test_statistics_from_the_metrics() -> None:
+    metrics = Metrics()
+    served = version("1")
+    with metrics.track_request("net", "1", 3):
+        metrics.queue_duration.labels("net", "1").observe(0.5)
+        metrics.inference_duration.labels("net", "1").observe(0.25)
+        metrics.batch_size.labels("net", "1").observe(3)
+    with pytest.raises(InvalidInput), metrics.track_request("net", "1", 1):
+        raise InvalidInput("bad")
+    [stats] = v2_stats.model_statistics(metrics, [served]).model_stats
+    assert (stats.inference_count, stats.execution_count) == (3, 1)
+    inference = stats.inference_stats
+    assert (inference.success.count, inference.fail.count) == (1, 1)
+    assert (inference.queue.count, inference.queue.ns) == (1, 500_000_000)
+    assert (inference.compute_infer.count, inference.compute_infer.ns) == (1, 250_000_000)
+    assert inference.success.ns > 0 and stats.last_inference > 0
+    [other] = v2_stats.model_statistics(Metrics(), [served]).model_stats
+    assert (other.inference_count, other.inference_stats.success.count, other.last_inference) == (
+        0,
+        0,
+        0,
+    )
