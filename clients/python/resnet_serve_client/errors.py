@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -23,7 +25,8 @@ class InvalidArgument(ResnetServeError):
 
 
 class InvalidImage(InvalidArgument):
-    """An image could not be decoded or has a shape the model cannot take."""
+    """One image of the request could not be decoded or has a shape the model cannot take;
+    the message starts with ``image <index>:``."""
 
 
 class ModelNotFound(ResnetServeError):
@@ -79,14 +82,14 @@ _BY_CODE: dict[grpc.StatusCode, type[ResnetServeError]] = {
     grpc.StatusCode.DATA_LOSS: InternalError,
 }
 
-# Words the server uses when INVALID_ARGUMENT is about the image itself.
-_IMAGE_WORDS = ("image", "decode", "tensor", "shape")
+# The server names the image at fault: "image 3: image data is truncated or corrupt; ...".
+_ABOUT_AN_IMAGE = re.compile(r"^image \d+: ")
 
 
 def from_status(code: grpc.StatusCode, message: str) -> ResnetServeError:
     """The typed exception for a status code and message."""
     cls = _BY_CODE.get(code, ResnetServeError)
-    if cls is InvalidArgument and any(word in message.lower() for word in _IMAGE_WORDS):
+    if cls is InvalidArgument and _ABOUT_AN_IMAGE.match(message):
         cls = InvalidImage
     return cls(code, message)
 
