@@ -1,0 +1,1 @@
+"""The ResNet family in PyTorch, exported to verified ONNX in a model repository."""

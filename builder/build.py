@@ -1,0 +1,265 @@
+"""The builder's Python API: ``build`` a verified version into a repository, ``verify`` one.
+
+from builder.build import BuildRequest, build
+result = build(BuildRequest("resnet50", repo=Path("models")))
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from builder.architectures import ArchSpec, Layout
+from builder.export import DEFAULT_OPSET, export_onnx
+from builder.labels import labels_for
+from builder.preprocessing import PixelInput, preprocessing_for
+from builder.recipe import Recipe
+from builder.registry import REGISTRY
+from builder.repository import (
+    RepositoryError,
+    check_config_compatible,
+    next_version,
+    publish_version,
+    sha256_file,
+    staging_dir,
+)
+from builder.verify import (
+    Check,
+    Reference,
+    Report,
+    Thresholds,
+    check_macs,
+    check_onnx,
+    check_parameters,
+    check_runtime,
+    check_shapes,
+    random_inputs,
+)
+from builder.weights import weights_source
+from server.model_config import MODEL_FILE, VERIFICATION_FILE, InputSpec, ModelConfig
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class VerificationFailed(RuntimeError):
+    """A check failed; nothing was written to the repository."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        super().__init__(f"verification failed: {report.failure_summary()}")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    arch: str
+    repo: Path = Path("models")
+    name: str | None = None  # default: the architecture's name
+    version: int | None = None  # default: 1 for a new model, else one past the highest
+    weights: Path | None = None  # torchvision-format checkpoint; default: seeded random weights
+    num_classes: int | None = None  # default: the architecture's (1000 or 10)
+    input_dtype: Literal["float32", "uint8"] = "float32"
+    opset: int = DEFAULT_OPSET
+    seed: int = 0
+    layout: Layout = Layout.TORCHVISION
+    zero_init_last: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version_dir: Path
+    report: Report
+
+
+def model_config(name: str, arch: ArchSpec, num_classes: int, input_dtype: str) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        arch=arch.name,
+        num_classes=num_classes,
+        input=InputSpec(
+            dtype=input_dtype,
+            layout="NHWC" if input_dtype == "uint8" else "NCHW",
+            size=arch.input_size,
+        ),
+        preprocessing=preprocessing_for(arch),
+    )
+
+
+def graph_module(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """What gets exported: the net, behind the in-graph preprocessing for uint8 inputs."""
+    if config.input.dtype == "uint8":
+        return PixelInput(model, config.preprocessing).eval()
+    return model
+
+
+def torch_reference(module: nn.Module) -> Reference:
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def run_checks(
+    path: Path,
+    config: ModelConfig,
+    recipe: Recipe,
+    module: nn.Module | None,
+    thresholds: Thresholds,
+) -> list[Check]:
+    """All checks on an exported file; without the PyTorch module, those the ONNX file allows."""
+    arch = REGISTRY.get(recipe.arch)
+    steps = ["onnx_checker", "shape_inference", "onnxruntime", "multiply_adds"]
+    if module is not None:
+        steps.append("parameter_count")
+    checks = []
+    proto = onnx.load(str(path))
+    for step in tqdm(steps, desc="verifying", unit="check", leave=False, disable=None):
+        if step == "onnx_checker":
+            checks.append(check_onnx(path))
+        elif step == "shape_inference":
+            checks.append(check_shapes(proto, config.input, config.num_classes))
+        elif step == "onnxruntime":
+            reference = None if module is None else torch_reference(module)
+            checks.append(
+                check_runtime(
+                    path, config.input, config.num_classes, reference, thresholds, recipe.seed
+                )
+            )
+        elif step == "multiply_adds":
+            checks.append(
+                check_macs(
+                    proto, arch, recipe.layout, config.num_classes, thresholds.macs_rel_tolerance
+                )
+            )
+        else:
+            assert module is not None
+            counted = sum(p.numel() for p in module.parameters())
+            checks.append(check_parameters(counted, arch, config.num_classes))
+    return checks
+
+
+def verification_record(
+    report: Report, model_path: Path, recipe: Recipe, opset: int, thresholds: Thresholds
+) -> dict[str, Any]:
+    """The content of verification.json. The server trusts a version only if ``passed`` is
+    true and ``sha256`` is the hash of model.onnx."""
+    return {
+        "passed": report.passed,
+        "sha256": sha256_file(model_path),
+        "model_file": MODEL_FILE,
+        "scope": report.scope,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "recipe": recipe.to_json() | {"opset": opset},
+        "thresholds": {
+            "max_abs_error": thresholds.max_abs_error,
+            "max_rel_error": thresholds.max_rel_error,
+            "macs_rel_tolerance": thresholds.macs_rel_tolerance,
+            "batch_sizes": list(thresholds.batch_sizes),
+        },
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        "checks": [check.to_json() for check in report.checks],
+    }
+
+
+def build(request: BuildRequest) -> BuildResult:
+    """Export, verify and publish one version. Raises :class:`VerificationFailed` (leaving
+    nothing behind) when a check fails."""
+    arch = REGISTRY.get(request.arch)
+    name = request.name or arch.name
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '-', '.'")
+    if request.num_classes is not None and request.num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {request.num_classes}")
+    model_dir = Path(request.repo) / name
+    version = next_version(model_dir) if request.version is None else request.version
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    if (model_dir / str(version)).exists():
+        raise RepositoryError(f"{model_dir / str(version)} exists; versions are never overwritten")
+    num_classes = request.num_classes or arch.default_num_classes
+    config = model_config(name, arch, num_classes, request.input_dtype)
+    check_config_compatible(model_dir, config)
+
+    recipe = Recipe(
+        arch=arch.name,
+        num_classes=num_classes,
+        layout=request.layout,
+        seed=request.seed,
+        zero_init_last=request.zero_init_last,
+        weights=None if request.weights is None else weights_source(request.weights),
+    )
+    module = graph_module(recipe.model(), config)
+    sample = torch.from_numpy(random_inputs(config.input, 1, np.random.default_rng(recipe.seed)))
+    with staging_dir(model_dir) as staged:
+        path = staged / MODEL_FILE
+        export_onnx(module, sample, path, request.opset)
+        report = Report(run_checks(path, config, recipe, module, request.thresholds))
+        record = verification_record(report, path, recipe, request.opset, request.thresholds)
+        (staged / VERIFICATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if not report.passed:
+            raise VerificationFailed(report)
+        target = publish_version(staged, model_dir, version, config, labels_for(arch, num_classes))
+    return BuildResult(target, report)
+
+
+def _rebuild_problem(recipe: Recipe) -> str | None:
+    """Why the PyTorch model cannot be rebuilt as it was exported, or None if it can."""
+    if recipe.weights is None:
+        return None
+    path = recipe.weights.path
+    if not path.is_file():
+        return f"weights {path} not found"
+    if sha256_file(path) != recipe.weights.sha256:
+        return f"weights {path} changed since the build (sha256 differs)"
+    return None
+
+
+def verify(version_dir: Path, thresholds: Thresholds | None = None) -> Report:
+    """Re-run the checks on a published version, against a rebuilt PyTorch model if possible."""
+    version_dir = Path(version_dir)
+    record_path, model_path = version_dir / VERIFICATION_FILE, version_dir / MODEL_FILE
+    for required in (record_path, model_path):
+        if not required.is_file():
+            raise RepositoryError(f"{version_dir} is not a model version: no {required.name}")
+    record = json.loads(record_path.read_text())
+    config = ModelConfig.load(version_dir.parent)
+    recipe = Recipe.from_json(record["recipe"])
+    if thresholds is None:
+        recorded = record.get("thresholds", {})
+        thresholds = replace(
+            Thresholds(),
+            **{k: v for k, v in recorded.items() if k != "batch_sizes"},
+            batch_sizes=tuple(recorded.get("batch_sizes", Thresholds().batch_sizes)),
+        )
+    actual = sha256_file(model_path)
+    recorded_hash = record.get("sha256")
+    sha_check = Check(
+        "sha256",
+        actual == recorded_hash,
+        {"actual": actual},
+        {"recorded": recorded_hash},
+        "model.onnx matches its record" if actual == recorded_hash else "model.onnx was modified",
+    )
+    problem = _rebuild_problem(recipe)
+    module = None if problem else graph_module(recipe.model(), config)
+    report = Report([sha_check, *run_checks(model_path, config, recipe, module, thresholds)])
+    report.scope = "full" if problem is None else f"onnx-only: {problem}"
+    return report

@@ -1,0 +1,173 @@
+"""``resnet-serve build | verify | models``.
+
+Nothing here imports torch at module level: the runtime image has no torch, and
+``resnet-serve models`` must work there. ``build`` and ``verify`` import it when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from builder.architectures import Layout
+from builder.registry import REGISTRY, UnknownArchitectureError
+from builder.repository import RepositoryError, list_models
+
+_DEFAULT_REPO = Path("models")
+
+
+def _architecture(name: str) -> str:
+    try:
+        return REGISTRY.get(name).name
+    except UnknownArchitectureError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build = subparsers.add_parser(
+        "build",
+        help="export an architecture to a verified ONNX model version",
+        description="Export ARCH (seeded random weights, or --weights) to ONNX, verify it, and "
+        "publish it as <repo>/<name>/<version>/ with config.json and labels.txt.",
+    )
+    build.add_argument("arch", type=_architecture, help=f"one of: {', '.join(REGISTRY.names())}")
+    build.add_argument(
+        "--weights", type=Path, help="torchvision-format checkpoint (.pth, .safetensors)"
+    )
+    build.add_argument(
+        "--repo", type=Path, default=_DEFAULT_REPO, help="model repository (default: models)"
+    )
+    build.add_argument("--name", help="model name in the repository (default: ARCH)")
+    build.add_argument(
+        "--version", type=_positive, help="default: 1 for a new model, else highest + 1"
+    )
+    build.add_argument("--opset", type=_positive, help="ONNX opset (default: 18)")
+    build.add_argument(
+        "--input",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="float32: normalized NCHW; uint8: raw RGB pixels NHWC, normalized in the graph",
+    )
+    build.add_argument(
+        "--num-classes", type=_positive, help="size of the head (default: 1000, CIFAR 10)"
+    )
+    build.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights (default: 0)"
+    )
+    build.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.TORCHVISION.value,
+        help="bottleneck stride on the 3x3 (torchvision) or on the first 1x1 (original paper)",
+    )
+    build.add_argument(
+        "--zero-init-last", action="store_true", help="zero each block's last BatchNorm weight"
+    )
+    build.set_defaults(func=_build)
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="re-run the checks on a model version",
+        description="Re-run the export checks on PATH (<repo>/<name>/<version>). The PyTorch model "
+        "is rebuilt from the recorded seed or weights; if it cannot be, only what the ONNX file "
+        "allows is checked, and the output says so.",
+    )
+    verify.add_argument("path", type=Path, help="a version directory, e.g. models/resnet50/1")
+    verify.set_defaults(func=_verify)
+
+    models = subparsers.add_parser("models", help="list a repository's models and versions")
+    models.add_argument("--repo", type=Path, default=_DEFAULT_REPO, help="default: models")
+    models.set_defaults(func=_models)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from builder.build import BuildRequest, VerificationFailed, build
+    from builder.export import DEFAULT_OPSET
+    from builder.weights import WeightsError
+
+    request = BuildRequest(
+        arch=args.arch,
+        repo=args.repo,
+        name=args.name,
+        version=args.version,
+        weights=args.weights,
+        num_classes=args.num_classes,
+        input_dtype=args.input,
+        opset=args.opset or DEFAULT_OPSET,
+        seed=args.seed,
+        layout=Layout(args.layout),
+        zero_init_last=args.zero_init_last,
+    )
+    try:
+        result = build(request)
+    except VerificationFailed as exc:
+        print(exc.report.table())
+        print(f"error: {exc}; nothing was written to {args.repo}", file=sys.stderr)
+        return 1
+    except (WeightsError, RepositoryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.report.table())
+    print(f"built {result.version_dir}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from builder.build import verify
+
+    try:
+        report = verify(args.path)
+    except (RepositoryError, FileNotFoundError, UnknownArchitectureError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if report.scope != "full":
+        print(f"note: {report.scope}; the PyTorch comparison and parameter count were skipped")
+    if not report.passed:
+        print(f"error: verification failed: {report.failure_summary()}", file=sys.stderr)
+        return 1
+    print(f"verified {args.path}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    try:
+        entries = list_models(args.repo)
+    except RepositoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not entries:
+        print(f"{args.repo}: no models")
+        return 0
+    rows = [("model", "arch", "input", "classes", "version", "status")]
+    for entry in entries:
+        for status in entry.versions or []:
+            label = status.status + (f" ({status.detail})" if status.detail else "")
+            rows.append(
+                (
+                    entry.name,
+                    entry.arch,
+                    entry.input,
+                    str(entry.num_classes),
+                    str(status.version),
+                    label,
+                )
+            )
+        if not entry.versions:
+            rows.append(
+                (entry.name, entry.arch, entry.input, str(entry.num_classes), "-", "no versions")
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+    return 0

@@ -1,0 +1,182 @@
+"""The model repository on disk: versions, atomic writes, listing. Torch-free.
+
+::
+
+    <repo>/<name>/config.json
+    <repo>/<name>/labels.txt
+    <repo>/<name>/<version>/model.onnx
+    <repo>/<name>/<version>/verification.json
+
+A version is assembled in ``<repo>/<name>/.tmp-*`` (same file system) and renamed into
+place, so a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.model_config import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    ModelConfig,
+)
+
+TMP_PREFIX = ".tmp-"
+# Fields the builder decides; batching and instances stay as an operator set them.
+_BUILD_FIELDS = ("arch", "num_classes", "labels", "input", "output", "preprocessing")
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The model's version numbers, ascending (directories named by a positive integer)."""
+    if not model_dir.is_dir():
+        return []
+    found = (p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(v) for v in found if int(v) > 0)
+
+
+def next_version(model_dir: Path) -> int:
+    """1 for a new model, one past the highest otherwise."""
+    return max(versions(model_dir), default=0) + 1
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_config_compatible(model_dir: Path, config: ModelConfig) -> None:
+    """Refuse to add a version whose input, head or preprocessing contradicts config.json."""
+    if not (model_dir / CONFIG_FILE).is_file():
+        return
+    existing = ModelConfig.load(model_dir)
+    new, old = (
+        config.model_dump(include=set(_BUILD_FIELDS)),
+        existing.model_dump(include=set(_BUILD_FIELDS)),
+    )
+    conflicts = [
+        f"{k}: existing {old[k]!r}, new {new[k]!r}" for k in _BUILD_FIELDS if old[k] != new[k]
+    ]
+    if conflicts:
+        raise RepositoryError(
+            f"{model_dir / CONFIG_FILE} describes a different model; use another --name or "
+            "remove the model first:\n  " + "\n  ".join(conflicts)
+        )
+
+
+@contextlib.contextmanager
+def staging_dir(model_dir: Path) -> Iterator[Path]:
+    """A fresh temporary directory inside ``model_dir``; removed, with ``model_dir`` if it was
+    created here and stayed empty, unless the caller renamed it into place."""
+    created = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and model_dir.exists() and not any(model_dir.iterdir()):
+            model_dir.rmdir()
+
+
+def publish_version(
+    staged: Path, model_dir: Path, version: int, config: ModelConfig, labels: list[str]
+) -> Path:
+    """Write config.json and labels.txt if new, then rename the staged version into place."""
+    check_config_compatible(model_dir, config)
+    if not (model_dir / CONFIG_FILE).is_file():
+        _write_atomically(
+            model_dir / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
+        )
+    labels_path = model_dir / config.labels
+    if not labels_path.is_file():
+        _write_atomically(labels_path, "\n".join(labels) + "\n")
+    target = model_dir / str(version)
+    try:
+        os.rename(staged, target)
+    except OSError as exc:
+        raise RepositoryError(f"cannot publish version {version} at {target}: {exc}") from None
+    return target
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    version: int
+    status: str  # "verified", "FAILED", "unverified", "modified", "missing model"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    arch: str
+    input: str
+    num_classes: int
+    versions: list[VersionStatus]
+
+
+def version_status(version_dir: Path) -> VersionStatus:
+    """What the server will think of a version: its verification record and file hash."""
+    version = int(version_dir.name)
+    model, record_path = version_dir / MODEL_FILE, version_dir / VERIFICATION_FILE
+    if not model.is_file():
+        return VersionStatus(version, "missing model", f"no {MODEL_FILE}")
+    if not record_path.is_file():
+        return VersionStatus(version, "unverified", f"no {VERIFICATION_FILE}")
+    try:
+        record = json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        return VersionStatus(version, "unverified", f"unreadable {VERIFICATION_FILE}: {exc}")
+    if record.get("sha256") != sha256_file(model):
+        return VersionStatus(version, "modified", f"{MODEL_FILE} does not match its sha256")
+    if record.get("passed") is not True:
+        failed = [c["name"] for c in record.get("checks", []) if not c.get("passed")]
+        return VersionStatus(version, "FAILED", ", ".join(failed))
+    return VersionStatus(version, "verified", record.get("scope", ""))
+
+
+def list_models(repo: Path) -> list[ModelEntry]:
+    """Every model directory with a config.json, and the status of each of its versions."""
+    entries = []
+    if not repo.is_dir():
+        raise RepositoryError(f"model repository {repo} does not exist")
+    for model_dir in sorted(p for p in repo.iterdir() if (p / CONFIG_FILE).is_file()):
+        config = ModelConfig.load(model_dir)
+        statuses = [version_status(model_dir / str(v)) for v in versions(model_dir)]
+        entries.append(
+            ModelEntry(
+                name=model_dir.name,
+                arch=config.arch,
+                input=f"{config.input.dtype} {config.input.layout} {config.input.size}",
+                num_classes=config.num_classes,
+                versions=statuses,
+            )
+        )
+    return entries

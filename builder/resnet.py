@@ -1,0 +1,132 @@
+"""One constructor for every row of the family table, and seeded initialization in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from builder.architectures import ArchSpec, Layout
+from builder.blocks import BasicBlock, Bottleneck, ZeroPadShortcut, conv1x1
+from builder.registry import REGISTRY
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What, beside the architecture, decides the PyTorch model (recorded to rebuild it)."""
+
+    num_classes: int | None = None  # None: the row's default (1000 or 10)
+    layout: Layout = Layout.TORCHVISION
+    zero_init_last: bool = False
+    seed: int = 0
+
+
+class ResNet(nn.Module):
+    """A ResNet built from one :class:`ArchSpec` row; stages are ``layer1``…``layerN``."""
+
+    def __init__(
+        self, spec: ArchSpec, num_classes: int, layout: Layout = Layout.TORCHVISION
+    ) -> None:
+        super().__init__()
+        if spec.block == "basic" and (spec.groups != 1 or spec.width_per_group != 64):
+            raise ValueError(f"{spec.name}: basic blocks support only groups=1, width_per_group=64")
+        self.spec = spec
+        self.layout = layout
+        self.inplanes = spec.widths[0]
+        if spec.stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = (
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            if spec.stem == "imagenet"
+            else nn.Identity()
+        )
+        for index, (planes, blocks) in enumerate(zip(spec.widths, spec.layers, strict=True)):
+            stride = 1 if index == 0 else 2
+            self.add_module(f"layer{index + 1}", self._make_stage(planes, blocks, stride))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(spec.num_features, num_classes)
+
+    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        spec = self.spec
+        out_planes = planes * spec.expansion
+        downsample: nn.Module | None = None
+        if stride != 1 or self.inplanes != out_planes:
+            if spec.shortcut == "projection":
+                downsample = nn.Sequential(
+                    conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
+                )
+            else:
+                downsample = ZeroPadShortcut(stride, out_planes - self.inplanes)
+        layers = [self._block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out_planes
+        layers += [self._block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _block(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> nn.Module:
+        if self.spec.block == "basic":
+            return BasicBlock(inplanes, planes, stride, downsample)
+        return Bottleneck(
+            inplanes,
+            planes,
+            stride,
+            downsample,
+            groups=self.spec.groups,
+            base_width=self.spec.width_per_group,
+            stride_in_1x1=self.layout is Layout.ORIGINAL,
+        )
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.spec.layers))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def initialize(model: ResNet, seed: int, zero_init_last: bool = False) -> None:
+    """Kaiming normal (fan_out) convolutions, BN weight 1 / bias 0, torch's default Linear init.
+
+    Every random draw comes from one generator seeded with ``seed``, in module order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(
+                    module.weight, mode="fan_out", nonlinearity="relu", generator=generator
+                )
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        if zero_init_last:
+            for module in model.modules():
+                if isinstance(module, BasicBlock | Bottleneck):
+                    module.zero_init_last()
+
+
+def create_model(name: str, options: ModelOptions = ModelOptions()) -> ResNet:
+    """The seeded, initialized model for a registered architecture, in eval mode."""
+    spec = REGISTRY.get(name)
+    num_classes = spec.default_num_classes if options.num_classes is None else options.num_classes
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    # Parameters are allocated on the meta device and materialized once, by initialize().
+    with torch.device("meta"):
+        model = ResNet(spec, num_classes, options.layout)
+    model.to_empty(device="cpu")
+    initialize(model, options.seed, options.zero_init_last)
+    return model.eval()

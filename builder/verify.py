@@ -1,0 +1,234 @@
+"""The checks every build runs, with their figures and thresholds.
+
+- ``onnx_checker``: ``onnx.checker`` full check (which includes strict shape inference);
+- ``shape_inference``: the inferred input and output shapes match the config's input spec
+  and head, with a symbolic batch axis;
+- ``onnxruntime_vs_pytorch``: ONNX Runtime (CPUExecutionProvider) against the PyTorch model
+  on fresh seeded random inputs at several batch sizes;
+- ``parameter_count``: the PyTorch model's parameters against the reference table;
+- ``multiply_adds``: multiply-adds counted from the graph against the papers' figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import shape_inference
+
+from builder.architectures import ArchSpec, Layout
+from builder.flops import count_macs
+from server.model_config import InputSpec
+
+Reference = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass limits. ``max_rel_error`` is the largest error over the largest reference logit."""
+
+    max_abs_error: float = 1e-3
+    max_rel_error: float = 1e-4
+    macs_rel_tolerance: float = 0.03  # the papers round to 0.1 G; layouts differ by ~2 %
+    batch_sizes: tuple[int, ...] = (1, 4, 7)
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+    scope: str = "full"
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.passed]
+
+    def failure_summary(self) -> str:
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.failures())
+
+    def table(self) -> str:
+        rows = [("check", "result", "detail")] + [
+            (c.name, "pass" if c.passed else "FAIL", c.detail) for c in self.checks
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        return "\n".join(lines)
+
+
+def check_onnx(path: Path) -> Check:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return Check("onnx_checker", False, detail=f"invalid model: {exc}")
+    return Check("onnx_checker", True, detail="full check passed")
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def check_shapes(model: onnx.ModelProto, spec: InputSpec, num_classes: int) -> Check:
+    inferred = shape_inference.infer_shapes(model, strict_mode=True)
+    graph = inferred.graph
+    inputs = {v.name: _dims(v) for v in graph.input}
+    outputs = {v.name: _dims(v) for v in graph.output}
+    expected_in = spec.shape(batch=0)[1:]
+    got_in = inputs.get(spec.name)
+    got_out = outputs.get("logits")
+    figures = {"inputs": inputs, "outputs": outputs}
+    thresholds = {"input": ["batch", *expected_in], "output": ["batch", num_classes]}
+    problems = []
+    if got_in is None or got_in[1:] != expected_in or isinstance(got_in[0], int):
+        problems.append(f"input {spec.name} is {got_in}, expected [batch, {expected_in}]")
+    if got_out is None or got_out[1:] != [num_classes] or isinstance(got_out[0], int):
+        problems.append(f"output logits is {got_out}, expected [batch, {num_classes}]")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.input[0].type.tensor_type.elem_type)
+    if dtype != np.dtype(spec.dtype):
+        problems.append(f"input dtype is {dtype}, expected {spec.dtype}")
+    if problems:
+        return Check("shape_inference", False, figures, thresholds, "; ".join(problems))
+    return Check(
+        "shape_inference", True, figures, thresholds, f"{got_in} -> {got_out}".replace("'", "")
+    )
+
+
+def random_inputs(spec: InputSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
+    shape = spec.shape(batch)
+    if spec.dtype == "uint8":
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return rng.standard_normal(size=shape, dtype=np.float32)
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def check_runtime(
+    path: Path,
+    spec: InputSpec,
+    num_classes: int,
+    reference: Reference | None,
+    thresholds: Thresholds,
+    seed: int,
+) -> Check:
+    """ORT vs PyTorch per batch size; with no reference, only finite outputs of the right shape."""
+    session = cpu_session(path)
+    rng = np.random.default_rng(seed)
+    per_batch: dict[str, dict[str, float]] = {}
+    problems: list[str] = []
+    for batch in thresholds.batch_sizes:
+        images = random_inputs(spec, batch, rng)
+        (logits,) = session.run(["logits"], {spec.name: images})
+        if logits.shape != (batch, num_classes):
+            problems.append(f"batch {batch}: output shape {logits.shape}")
+            continue
+        if not np.isfinite(logits).all():
+            problems.append(f"batch {batch}: non-finite outputs")
+            continue
+        if reference is None:
+            per_batch[str(batch)] = {"max_abs_logit": float(np.abs(logits).max())}
+            continue
+        expected = reference(images)
+        abs_error = float(np.abs(logits - expected).max())
+        scale = float(np.abs(expected).max())
+        rel_error = abs_error / scale if scale else abs_error
+        per_batch[str(batch)] = {
+            "max_abs_error": abs_error,
+            "max_rel_error": rel_error,
+            "max_abs_logit": scale,
+        }
+        if abs_error > thresholds.max_abs_error:
+            problems.append(
+                f"batch {batch}: max_abs_error {abs_error:.3g} > {thresholds.max_abs_error:g}"
+            )
+        if rel_error > thresholds.max_rel_error:
+            problems.append(
+                f"batch {batch}: max_rel_error {rel_error:.3g} > {thresholds.max_rel_error:g}"
+            )
+    limits: dict[str, Any] = {"batch_sizes": list(thresholds.batch_sizes), "input_seed": seed}
+    if reference is not None:
+        limits |= {
+            "max_abs_error": thresholds.max_abs_error,
+            "max_rel_error": thresholds.max_rel_error,
+        }
+    name = "onnxruntime_vs_pytorch" if reference is not None else "onnxruntime_runs"
+    if problems:
+        return Check(name, False, {"batches": per_batch}, limits, "; ".join(problems))
+    if reference is None:
+        detail = f"batches {list(thresholds.batch_sizes)}: finite, shape [batch, {num_classes}]"
+    else:
+        worst_abs = max(v["max_abs_error"] for v in per_batch.values())
+        worst_rel = max(v["max_rel_error"] for v in per_batch.values())
+        detail = (
+            f"batches {list(thresholds.batch_sizes)}: max abs {worst_abs:.2g} "
+            f"(<= {thresholds.max_abs_error:g}), "
+            f"rel {worst_rel:.2g} (<= {thresholds.max_rel_error:g})"
+        )
+    return Check(name, True, {"batches": per_batch}, limits, detail)
+
+
+def check_parameters(counted: int, arch: ArchSpec, num_classes: int) -> Check:
+    reference = arch.params_for(num_classes)
+    tolerance = arch.reference_params_tolerance
+    difference = counted - reference
+    figures = {"counted": counted, "reference": reference, "difference": difference}
+    limits = {"max_abs_difference": tolerance}
+    passed = abs(difference) <= tolerance
+    if passed:
+        relation = "==" if tolerance == 0 else f"within ±{tolerance:,} of"
+        detail = f"{counted:,} {relation} {reference:,}"
+    else:
+        detail = f"{counted:,} differs from the reference {reference:,} by {difference:+,}"
+    return Check("parameter_count", passed, figures, limits, detail)
+
+
+def check_macs(
+    model: onnx.ModelProto, arch: ArchSpec, layout: Layout, num_classes: int, tolerance: float
+) -> Check:
+    count = count_macs(model)
+    reference = arch.macs_for(layout, num_classes)
+    figures: dict[str, Any] = {"counted": count.total, "by_op": count.by_op, "reference": reference}
+    limits = {"max_rel_difference": tolerance}
+    if reference is None:
+        return Check(
+            "multiply_adds",
+            True,
+            figures,
+            limits,
+            f"{count.total / 1e9:.3f} G counted; no published figure for the {layout} layout",
+        )
+    difference = (count.total - reference) / reference
+    figures["rel_difference"] = difference
+    passed = abs(difference) <= tolerance
+    detail = (
+        f"{_giga(count.total)} vs {_giga(reference)} ({difference:+.1%}, "
+        f"{'within' if passed else 'outside'} ±{tolerance:.0%})"
+    )
+    return Check("multiply_adds", passed, figures, limits, detail)
+
+
+def _giga(value: float) -> str:
+    return f"{value / 1e9:.3f} G" if value >= 1e8 else f"{value / 1e6:.1f} M"

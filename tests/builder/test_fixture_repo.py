@@ -1,0 +1,26 @@
+"""The shared ``model_repo`` fixture holds what its docstring promises, verified."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from builder.repository import sha256_file
+from server.model_config import MODEL_FILE, VERIFICATION_FILE, ModelConfig
+
+
+def test_model_repo_contents(model_repo: Path) -> None:
+    expected = {
+        "resnet18": ("resnet18", "float32", 224, 1000),
+        "resnet18_u8": ("resnet18", "uint8", 224, 1000),
+        "cifar": ("resnet20", "float32", 32, 10),
+    }
+    assert sorted(p.name for p in model_repo.iterdir()) == sorted(expected)
+    for name, (arch, dtype, size, classes) in expected.items():
+        config = ModelConfig.load(model_repo / name)
+        assert (config.name, config.arch, config.input.dtype) == (name, arch, dtype)
+        assert (config.input.size, config.num_classes) == (size, classes)
+        assert len(config.read_labels(model_repo / name)) == classes
+        record = json.loads((model_repo / name / "1" / VERIFICATION_FILE).read_text())
+        assert record["passed"] is True
+        assert record["sha256"] == sha256_file(model_repo / name / "1" / MODEL_FILE)
