@@ -1,0 +1,146 @@
+"""The server runs: the client SDK's load generator against each variant and concurrency.
+
+Requests are built once by the SDK's `payloads` module and sent by its
+closed-loop `run_level` (the same code as ``resnet-serve-client bench``), over
+one channel without retries, so an overloaded server shows as errors. Each
+level is warmed up, then measured; the server's batch-size histogram is read
+from /metrics right before and after the measured window, and CPU time is
+taken for the load generator (this process), the server process and the
+whole machine (what is left is other processes: a disturbed run shows there).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from resnet_serve_client import report
+from resnet_serve_client.bench import Level, LevelResult, Stop, run_level
+from resnet_serve_client.options.channel import ChannelOptions, aio_channel
+from resnet_serve_client.payloads import classify_requests, make_inputs, v2_requests
+from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from bench import histograms
+from bench.repository import Served
+from bench.serving import Server
+
+CALL_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    api: Literal["classify", "v2"]
+    input: Literal["uint8", "jpeg"]
+    batching: bool
+    description: str
+
+
+VARIANTS = (
+    Variant(
+        "uint8",
+        "classify",
+        "uint8",
+        True,
+        "Classify, uint8 HWC tensor at the resize side (256×256: the SDK's client-side "
+        "resize), server crops",
+    ),
+    Variant(
+        "jpeg",
+        "classify",
+        "jpeg",
+        True,
+        "Classify, ~1 MP JPEG bytes: the server decodes, resizes and crops",
+    ),
+    Variant(
+        "v2", "v2", "uint8", True, "v2 ModelInfer, UINT8 [1, 224, 224, 3]: the graph's own tensor"
+    ),
+    Variant(
+        "nobatch", "classify", "uint8", False, "as uint8, dynamic batching off (max_batch_size 1)"
+    ),
+)
+VARIANT_KEYS = tuple(v.key for v in VARIANTS)
+
+
+def requests_for(variant: Variant, served: Served, photos: list[Path]) -> list[Any]:
+    """One request per distinct image, one image per request, top-1."""
+    name = served.name if variant.batching else served.nobatch
+    config = served.config
+    if variant.input == "jpeg":
+        inputs = make_inputs("files", 0, photos)
+    elif variant.api == "classify":
+        inputs = make_inputs("uint8", config.preprocessing.resize, [])
+    else:
+        inputs = make_inputs("uint8", config.input.size, [])
+    if variant.api == "classify":
+        return classify_requests(inputs, model=name, batch=1, top_k=1)
+    return v2_requests(
+        inputs,
+        model=name,
+        input_name=config.input.name,
+        output_name=config.output.name,
+        batch=1,
+        top_k=1,
+    )
+
+
+def _busy_seconds() -> float:
+    """CPU time the whole machine spent busy (every core, every process)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+async def run_variant(
+    server: Server,
+    served: Served,
+    variant: Variant,
+    concurrency: int,
+    requests: list[Any],
+    *,
+    warmup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Warm up, then measure one level; the row of the results JSON."""
+    model = served.name if variant.batching else served.nobatch
+    options = ChannelOptions(retry=None)
+    async with aio_channel(server.address, options) as channel:
+        method: Callable[..., Any]
+        if variant.api == "classify":
+            method = pb_grpc.ClassifierStub(channel).Classify
+        else:
+            method = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+        async def call(number: int) -> object:
+            return await method(requests[number % len(requests)], timeout=CALL_TIMEOUT)
+
+        level = Level(concurrency)
+        await run_level(call, level, Stop(seconds=warmup), warmup=0, images_per_request=1)
+        # scrapes outside the CPU window, so their cost is not counted
+        batch_before = histograms.read(server.metrics(), histograms.BATCH_SIZE, model)
+        server_cpu, machine_cpu = server.cpu_seconds(), _busy_seconds()
+        result: LevelResult = await run_level(
+            call, level, Stop(seconds=seconds), warmup=0, images_per_request=1
+        )
+        server_cpu = server.cpu_seconds() - server_cpu
+        machine_cpu = _busy_seconds() - machine_cpu
+        batch = histograms.read(server.metrics(), histograms.BATCH_SIZE, model) - batch_before
+    return {
+        "model": served.name,
+        "variant": variant.key,
+        "api": variant.api,
+        "input": variant.input,
+        "batching": variant.batching,
+        **report.row(result),
+        "server_cpu_pct": round(100 * server_cpu / result.seconds, 1),
+        "other_cpu_pct": round(
+            100 * (machine_cpu - server_cpu - result.cpu_seconds) / result.seconds, 1
+        ),
+        "batch_mean": round(batch.mean, 2),
+        "batch_sizes": dict(batch.per_bucket()),
+        "measured_at": time.time(),
+    }

@@ -1,0 +1,52 @@
+"""What one benchmark run measures, and the server knobs it runs with."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from bench.load import VARIANT_KEYS
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Server tuning knobs the figures depend on; None leaves the server's own default.
+
+    intra_op_threads: ONNX Runtime threads per session (server default: cores / instances).
+    instances: sessions per model version, each with its own batch in flight.
+    decode_workers: threads decoding and resizing images (server default: one per core).
+    allow_spinning: ONNX Runtime's idle threads busy-wait for work instead of sleeping.
+    max_batch_size, max_queue_delay_us: dynamic batching, written into each config.json.
+    """
+
+    intra_op_threads: int | None = None
+    instances: int | None = None
+    decode_workers: int | None = None
+    allow_spinning: bool | None = None
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+
+    def server_flags(self) -> list[str]:
+        flags = []
+        for name in ("intra_op_threads", "instances", "decode_workers"):
+            value = getattr(self, name)
+            if value is not None:
+                flags += ["--" + name.replace("_", "-"), str(value)]
+        if self.allow_spinning is not None:
+            flags.append("--allow-spinning" if self.allow_spinning else "--no-allow-spinning")
+        return flags
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: tuple[str, ...] = ("resnet50", "resnet18")
+    variants: tuple[str, ...] = VARIANT_KEYS
+    concurrencies: tuple[int, ...] = (1, 4, 16, 64)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    warmup: float = 3.0
+    seconds: float = 10.0
+    raw_seconds: float = 4.0
+    knobs: Knobs = field(default_factory=Knobs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,94 @@
+"""The model repository the benchmark serves, derived from a built one.
+
+The source repository (built by ``resnet-serve build``, or a test's) is never
+changed. The served one holds, for each benchmarked model, a copy of its
+``config.json`` with the plan's batching settings, and beside it
+``<name>-nobatch``: the same graph with ``max_batch_size`` 1, i.e. dynamic
+batching off. Model files are symlinked, not copied.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.model_config import MODEL_FILE, VERIFICATION_FILE, Batching, ModelConfig
+
+NO_BATCH_SUFFIX = "-nobatch"
+
+
+@dataclass(frozen=True)
+class Served:
+    """One benchmarked model as served: its two names, config and graph."""
+
+    name: str
+    config: ModelConfig
+    model_file: Path
+
+    @property
+    def nobatch(self) -> str:
+        return self.name + NO_BATCH_SUFFIX
+
+
+def latest_version(model_dir: Path) -> Path:
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise FileNotFoundError(f"{model_dir} has no version directory; build the model first")
+    return max(versions, key=lambda p: int(p.name))
+
+
+def build_missing(repo: Path, archs: list[str]) -> None:
+    """``resnet-serve build ARCH --repo REPO --input uint8`` for each model not built yet."""
+    command = Path(sys.executable).with_name("resnet-serve")
+    for arch in archs:
+        if (repo / arch).is_dir() and any(p.name.isdigit() for p in (repo / arch).iterdir()):
+            continue
+        print(f"building {arch} (uint8 input) into {repo}", file=sys.stderr, flush=True)
+        subprocess.run(
+            [str(command), "build", arch, "--repo", str(repo), "--input", "uint8"], check=True
+        )
+
+
+def prepare(
+    source: Path, target: Path, names: list[str], *, max_batch_size: int, max_queue_delay_us: int
+) -> list[Served]:
+    """Write the served repository `target` for models `names` of `source` (see module doc)."""
+    if target.exists():
+        shutil.rmtree(target)
+    served = []
+    for name in names:
+        model_dir = source / name
+        config = ModelConfig.load(model_dir)
+        version = latest_version(model_dir)
+        on = config.batching.model_copy(
+            update={
+                "max_batch_size": max_batch_size,
+                "max_queue_delay_us": max_queue_delay_us,
+                "preferred_batch_sizes": (),
+            }
+        )
+        off = on.model_copy(update={"max_batch_size": 1, "max_queue_delay_us": 0})
+        for served_name, batching in ((name, on), (name + NO_BATCH_SUFFIX, off)):
+            _link_model(model_dir, version, target / served_name, config, served_name, batching)
+        served.append(
+            Served(name, config.model_copy(update={"batching": on}), version / MODEL_FILE)
+        )
+    return served
+
+
+def _link_model(
+    model_dir: Path,
+    version: Path,
+    out: Path,
+    config: ModelConfig,
+    name: str,
+    batching: Batching,
+) -> None:
+    (out / version.name).mkdir(parents=True)
+    config.model_copy(update={"name": name, "batching": batching}).dump(out)
+    shutil.copy(model_dir / config.labels, out / config.labels)
+    for file in (MODEL_FILE, VERIFICATION_FILE):
+        (out / version.name / file).symlink_to((version / file).resolve())

@@ -1,0 +1,135 @@
+"""One benchmark run: prepare, measure raw ONNX Runtime and the server, save the JSON.
+
+Raw ONNX Runtime runs while the server sits idle (its threads sleep), then
+the server levels run interleaved — for each concurrency every variant in
+turn — so the pairs the targets compare are measured about a minute apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from bench import load, raw
+from bench.plan import Plan
+from bench.repository import Served, prepare
+from bench.serving import Server, running
+
+VARIANTS = {v.key: v for v in load.VARIANTS}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": _cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "commit": _git_commit(),
+    }
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, platform.processor())
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> dict[str, Any]:
+    """Run `plan` against the models of `source_repo`; the results as a JSON-able dict."""
+    started = time.time()
+    load_before = os.getloadavg()
+    served = prepare(
+        source_repo,
+        work / "repo",
+        list(plan.models),
+        max_batch_size=plan.knobs.max_batch_size,
+        max_queue_delay_us=plan.knobs.max_queue_delay_us,
+    )
+    results: dict[str, Any] = {"raw": {}, "server": []}
+    flags = plan.knobs.server_flags()
+    _say(f"starting the server over {work / 'repo'} {' '.join(flags)}")
+    with running(work / "repo", work / "server.log", flags) as server:
+        server_log = server.settings_lines()
+        for model in served:
+            _say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
+            results["raw"][model.name] = [
+                r.as_dict()
+                for r in raw.sweep(
+                    model.model_file,
+                    model.config.input,
+                    list(plan.batch_sizes),
+                    seconds=plan.raw_seconds,
+                )
+            ]
+            results["server"] += asyncio.run(_server_levels(server, model, plan, photos))
+    results["meta"] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "machine": machine(),
+        "server_flags": flags,
+        "server_log": server_log,
+        "photos": [p.name for p in photos],
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    results["plan"] = plan.as_dict()
+    return results
+
+
+async def _server_levels(
+    server: Server, model: Served, plan: Plan, photos: list[Path]
+) -> list[dict[str, Any]]:
+    variants = [VARIANTS[key] for key in plan.variants]
+    requests = {v.key: load.requests_for(v, model, photos) for v in variants}
+    rows = []
+    for concurrency in plan.concurrencies:
+        for variant in variants:
+            row = await load.run_variant(
+                server,
+                model,
+                variant,
+                concurrency,
+                requests[variant.key],
+                warmup=plan.warmup,
+                seconds=plan.seconds,
+            )
+            _say(
+                f"{model.name:>10} {variant.key:>8} c={concurrency:<3} "
+                f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
+                f"p99 {row['p99_ms']:7.1f} ms  batch {row['batch_mean']:5.2f}  "
+                f"cpu client {row['client_cpu_pct']:.0f}% server {row['server_cpu_pct']:.0f}% "
+                f"other {row['other_cpu_pct']:.0f}%"
+                + (f"  errors {row['errors']}" if row["errors"] else "")
+            )
+            rows.append(row)
+    return rows
+
+
+def save(results: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / time.strftime("%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return path
