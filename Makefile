@@ -36,6 +36,11 @@ deps-system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light; } || \
 		echo "note: nginx is missing (as root: apt-get install nginx-light); the nginx test will skip" >&2
 
+# Raw ONNX Runtime against the server, side by side in one run (models built into
+# bench/results/tmp/ on first use): JSON in bench/results/, report in docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench run
+
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
