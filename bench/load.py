@@ -75,8 +75,9 @@ def requests_for(variant: Variant, served: Served, photos: list[Path]) -> list[A
         inputs = make_inputs("files", 0, photos)
     elif variant.api == "classify":
         inputs = make_inputs("uint8", config.preprocessing.resize, [])
-    else:
-        inputs = make_inputs("uint8", config.input.size, [])
+    else:  # the graph's own tensor
+        kind = "uint8" if config.input.dtype == "uint8" else "float"
+        inputs = make_inputs(kind, config.input.size, [])
     if variant.api == "classify":
         return classify_requests(inputs, model=name, batch=1, top_k=1)
     return v2_requests(

@@ -1,0 +1,101 @@
+"""The benchmark, tiny: it runs end to end and writes its JSON, report and plots.
+
+Nothing here is timed or compared: the figures belong to ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import histograms, report
+from bench.__main__ import main
+from bench.load import VARIANT_KEYS
+from bench.repository import NO_BATCH_SUFFIX, prepare
+from server.model_config import ModelConfig
+
+MODEL = "cifar"  # resnet20 from the model_repo fixture: the fastest graph there
+CONCURRENCY = (1, 2)
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pixels = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"p{i}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture
+def bench_run(model_repo: Path, photo_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    code = main([
+        "run", "--repo", str(model_repo), "--no-build", "--models", MODEL,
+        "--concurrency", ",".join(map(str, CONCURRENCY)), "--batch-sizes", "1,2",
+        "--warmup", "0.1", "--seconds", "0.3", "--raw-seconds", "0.05",
+        "--photos", str(photo_dir), "--work", str(out / "work"), "--results", str(out / "results"),
+        "--doc", str(out / "docs" / "benchmarks.md"), "--plots", str(out / "docs" / "benchmarks"),
+    ])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_run_measures_every_variant_and_writes_the_report(bench_run: Path) -> None:
+    (path,) = (bench_run / "results").glob("*.json")
+    results = json.loads(path.read_text())
+    assert [r["batch"] for r in results["raw"][MODEL]] == [1, 2]
+    measured = {(r["variant"], r["concurrency"]) for r in results["server"]}
+    assert measured == {(v, c) for v in VARIANT_KEYS for c in CONCURRENCY}
+    for row in results["server"]:
+        assert row["ok"] > 0 and not row["errors"], row
+        assert sum(row["batch_sizes"].values()) >= 1
+        if row["variant"] == "nobatch":
+            assert row["batch_mean"] == 1.0
+    doc = (bench_run / "docs" / "benchmarks.md").read_text()
+    assert report.BEGIN in doc and "### Targets" in doc and path.name in doc
+    for png in ("latency.png", "batch-sizes.png"):
+        assert (bench_run / "docs" / "benchmarks" / png).stat().st_size > 0
+
+
+def test_report_keeps_the_prose_around_the_generated_block(bench_run: Path) -> None:
+    (path,) = (bench_run / "results").glob("*.json")
+    doc = bench_run / "docs" / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nprose before\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    assert main(["report", str(path), "--doc", str(doc), "--plots", str(doc.parent / "p")]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nprose before\n") and text.endswith("\n\nafter\n")
+    assert "\nold\n" not in text and "### Raw ONNX Runtime" in text
+
+
+def test_served_repository_adds_a_batching_off_twin(model_repo: Path, tmp_path: Path) -> None:
+    (served,) = prepare(model_repo, tmp_path / "repo", [MODEL], max_batch_size=8,
+                        max_queue_delay_us=500)  # fmt: skip
+    on = ModelConfig.load(tmp_path / "repo" / MODEL)
+    off = ModelConfig.load(tmp_path / "repo" / (MODEL + NO_BATCH_SUFFIX))
+    assert (on.batching.max_batch_size, on.batching.max_queue_delay_us) == (8, 500)
+    assert (off.batching.max_batch_size, off.name) == (1, served.nobatch)
+    assert ModelConfig.load(model_repo / MODEL) != on  # the source is left as it was
+
+
+def test_histogram_difference_per_bucket() -> None:
+    text = "\n".join(
+        f'resnet_serve_batch_size_bucket{{model="m",version="1",le="{le}"}} {n}'
+        for le, n in (("1.0", 3), ("2.0", 5), ("4.0", 9), ("+Inf", 9))
+    )
+    text = (
+        "# TYPE resnet_serve_batch_size histogram\n" + text
+        + '\nresnet_serve_batch_size_sum{model="m",version="1"} 24.0'
+        + '\nresnet_serve_batch_size_count{model="m",version="1"} 9.0\n'
+    )  # fmt: skip
+    after = histograms.read(text, histograms.BATCH_SIZE, "m")
+    before = histograms.Histogram({1.0: 1, 2.0: 1, 4.0: 1, float("inf"): 1}, 1.0, 1.0)
+    delta = after - before
+    assert delta.per_bucket() == [("1", 2), ("2", 2), ("3–4", 4), (">4", 0)]
+    assert delta.mean == 23 / 8
