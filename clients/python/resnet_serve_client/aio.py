@@ -92,8 +92,7 @@ class AsyncClient:
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> AsyncIterator[Classification | Exception]:
-        """See ``Client.classify_many``; here ``stream=True`` is the default, being
-        the faster of the two with grpc.aio."""
+        """See ``Client.classify_many``."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
         requests = requests_of(

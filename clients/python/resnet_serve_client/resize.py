@@ -61,7 +61,12 @@ class Resize:
     def encoded(self, data: bytes) -> pb.Image:
         """Shrink an encoded image; a JPEG already small enough is sent untouched."""
         image_module = pillow()
-        image = image_module.open(io.BytesIO(data))
+        try:
+            image = image_module.open(io.BytesIO(data))
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(
+                "image bytes are not an image Pillow can decode, so they cannot be resized here"
+            ) from error
         if self.mode == "jpeg" and data.startswith(_JPEG_MAGIC) and min(image.size) <= self.size:
             return pb.Image(encoded=data)
         if image.format == "JPEG":
