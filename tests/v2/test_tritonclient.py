@@ -15,6 +15,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
@@ -404,3 +408,16 @@ def test_statistics_count_both_apis(
     assert stats.last_inference > 0
     every = client.get_inference_statistics().model_stats
     assert {s.name for s in every} == {"resnet18", "resnet18_u8", "cifar"}
+
+
+def test_reflection_describes_the_v2_service(model_server: RunningServer) -> None:
+    with grpc.insecure_channel(model_server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in database.get_services()
+        pool = DescriptorPool(database)
+        service = pool.FindServiceByName("inference.GRPCInferenceService")
+        assert service.methods_by_name["ModelInfer"].input_type.full_name == (
+            "inference.ModelInferRequest"
+        )
+        raw = pool.FindMessageTypeByName("inference.ModelInferRequest").fields_by_name
+        assert raw["raw_input_contents"].number == 7
