@@ -7,6 +7,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
 
-    log_format grpc '$upstream_addr $status upstream=$upstream_status '
-                    'grpc=$upstream_http_grpc_status$upstream_trailer_grpc_status';
+    # one line per call: which replicas were tried, and the gRPC status of the last one
+    log_format grpc '$request_uri|$status|$upstream_addr|$upstream_status|'
+                    '$upstream_http_grpc_status$upstream_trailer_grpc_status';
     access_log {dir}/access.log grpc;
 
     upstream resnet_serve {{
@@ -83,6 +85,16 @@ class Nginx:
     def access_log(self) -> list[str]:
         path = self.directory / "access.log"
         return path.read_text().splitlines() if path.exists() else []
+
+    def answered(self, skip: int = 0) -> Counter[str]:
+        """gRPC calls answered OK, by the replica that answered them (the last one tried),
+        from the access log, leaving out its first `skip` lines."""
+        answered: Counter[str] = Counter()
+        for line in self.access_log()[skip:]:
+            _uri, _status, tried, _statuses, grpc_status = line.split("|")
+            if grpc_status.replace("-", "") == "0":  # nginx logs an unset variable as "-"
+                answered[tried.split(",")[-1].strip()] += 1
+        return answered
 
     def error_log(self) -> str:
         path = self.directory / "error.log"

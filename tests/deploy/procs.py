@@ -37,7 +37,7 @@ def clean_env(**overrides: str) -> dict[str, str]:
 
 
 def wait_until(check: Callable[[], bool], proc: subprocess.Popen | None, what: str,
-               limit: float = STARTUP_LIMIT) -> None:  # fmt: skip
+               limit: float = STARTUP_LIMIT, every: float = 0.5) -> None:  # fmt: skip
     """Poll `check` until true; fail early if `proc` exits, or after `limit` seconds."""
     deadline = time.monotonic() + limit
     while not check():
@@ -45,7 +45,7 @@ def wait_until(check: Callable[[], bool], proc: subprocess.Popen | None, what: s
             raise AssertionError(f"{what}: process exited with {proc.returncode} first")
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {limit:.0f} s")
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, limit: float = 120.0) -> int:
