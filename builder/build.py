@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from google.protobuf.message import DecodeError
 from torch import nn
 from tqdm import tqdm
 
@@ -124,8 +125,11 @@ def run_checks(
     steps = ["onnx_checker", "shape_inference", "onnxruntime", "multiply_adds"]
     if module is not None:
         steps.append("parameter_count")
+    try:
+        proto = onnx.load(str(path))
+    except DecodeError as exc:
+        return [Check("onnx_checker", False, detail=f"{path.name} is not an ONNX model: {exc}")]
     checks = []
-    proto = onnx.load(str(path))
     for step in tqdm(steps, desc="verifying", unit="check", leave=False, disable=None):
         if step == "onnx_checker":
             checks.append(check_onnx(path))

@@ -30,10 +30,15 @@ Reference = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass limits. ``max_rel_error`` is the largest error over the largest reference logit."""
+    """Pass limits. ``max_rel_error`` is the largest error over the largest reference logit.
 
-    max_abs_error: float = 1e-3
-    max_rel_error: float = 1e-4
+    float32 rounding differs between PyTorch and ONNX Runtime (BatchNorm is folded into the
+    convolutions, kernels sum in other orders) and grows with depth: measured with seeded
+    weights, resnet18 2e-6, resnet50 5e-5, resnet101 1.4e-4 relative.
+    """
+
+    max_abs_error: float = 5e-3
+    max_rel_error: float = 1e-3
     macs_rel_tolerance: float = 0.03  # the papers round to 0.1 G; layouts differ by ~2 %
     batch_sizes: tuple[int, ...] = (1, 4, 7)
 
