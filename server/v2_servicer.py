@@ -88,17 +88,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
         """Ready when overall health is SERVING: models loaded, not draining."""
-        overall = await self._ctx.health.Check(HealthCheckRequest(service=""), context)
-        return pb.ServerReadyResponse(ready=overall.status == HealthCheckResponse.SERVING)
+        return pb.ServerReadyResponse(ready=await self._serving("", context))
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
+        """Ready when the version is READY and the model's health is SERVING (not draining)."""
         try:
-            self._registry.get(request.name, request.version)
+            served = self._registry.get(request.name, request.version)
         except ServeError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=await self._serving(served.name, context))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
@@ -221,6 +221,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._ctx.preprocessor.encoded(data, served.config)
         except InvalidInput as exc:
             raise InvalidInput(f"image {index}: {exc}") from None
+
+    async def _serving(self, service: str, context: Context) -> bool:
+        """Whether grpc.health.v1 says SERVING for ``service`` ("" or a model name)."""
+        status = await self._ctx.health.Check(HealthCheckRequest(service=service), context)
+        return status.status == HealthCheckResponse.SERVING
 
     @staticmethod
     def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
