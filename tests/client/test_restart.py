@@ -1,0 +1,111 @@
+"""Retries seen working: a real server is stopped and started again on the same port while
+clients are in the middle of their work, and every image still gets its answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import resnet_serve_client as rsc
+
+from tests.fixtures.servers import SERVE, START_TIMEOUT, RunningServer, free_port
+
+# Calls wait for the server to come back; retries cover the calls refused while it drains.
+RIDE_OUT = rsc.ChannelOptions(
+    wait_for_ready=True, retry=rsc.Retry(initial_backoff=0.05, max_backoff=0.5)
+)
+
+
+class Restartable:
+    """`resnet-serve serve` on a fixed port, so it can be stopped and started again there."""
+
+    def __init__(self, repo: Path, log_dir: Path) -> None:
+        self.repo, self.log_dir = repo, log_dir
+        self.port, self.metrics_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.starts = 0
+        self.server = self.start()
+
+    def start(self) -> RunningServer:
+        self.starts += 1
+        log_path = self.log_dir / f"server-{self.starts}.log"
+        command = [
+            *SERVE, "--repo", str(self.repo), "--host", "127.0.0.1", "--port", str(self.port),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+            "--grace-period", "2",
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = RunningServer(self.address, "", process, log_path)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(grpc.RpcError):
+                if server.health() == 1:  # SERVING
+                    return server
+            time.sleep(0.2)
+        process.kill()
+        pytest.fail(f"server did not come up:\n{server.log()}")
+
+    def restart(self) -> None:
+        assert self.server.stop() == 0, self.server.log()
+        self.server = self.start()
+
+
+@pytest.fixture
+def restartable(model_repo: Path, tmp_path: Path) -> Iterator[Restartable]:
+    server = Restartable(model_repo, tmp_path)
+    yield server
+    assert server.server.stop() == 0, server.server.log()
+
+
+def _images(photos: Path) -> list[Path]:
+    return sorted(photos.glob("*.jpg")) * 6
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_classify_many_rides_out_a_restart(
+    restartable: Restartable, photos: Path, stream: bool
+) -> None:
+    images = _images(photos)
+    results: list[rsc.Classification | Exception] = []
+    with rsc.Client(restartable.address, model="cifar", options=RIDE_OUT, timeout=120) as client:
+        for result in client.classify_many(images, concurrency=4, stream=stream,
+                                           return_exceptions=True):
+            results.append(result)
+            if len(results) == 10:
+                restartable.restart()
+    assert restartable.starts == 2
+    assert [type(r) for r in results] == [rsc.Classification] * len(images)
+
+
+async def test_async_calls_ride_out_a_restart(restartable: Restartable, photos: Path) -> None:
+    images = _images(photos)
+    results: list[rsc.Classification | Exception] = []
+    async with rsc.AsyncClient(restartable.address, model="cifar", options=RIDE_OUT,
+                               timeout=120) as client:
+        async for result in client.classify_many(images, concurrency=4, stream=False,
+                                                 return_exceptions=True):
+            results.append(result)
+            if len(results) == 10:
+                # Stopped for sure, then started while the remaining calls wait for it.
+                assert await asyncio.to_thread(restartable.server.stop) == 0
+                starting = asyncio.create_task(asyncio.to_thread(restartable.start))
+        restartable.server = await starting
+    assert restartable.starts == 2
+    assert [type(r) for r in results] == [rsc.Classification] * len(images)
+
+
+def test_without_waiting_a_stopped_server_is_unavailable(restartable: Restartable) -> None:
+    with rsc.Client(restartable.address, model="cifar") as client:
+        assert client.health() is rsc.HealthStatus.SERVING
+        assert restartable.server.stop() == 0
+        with pytest.raises(rsc.Unavailable):
+            client.classify(b"\xff\xd8\xff")
+        restartable.server = restartable.start()
+        assert client.health() is rsc.HealthStatus.SERVING
