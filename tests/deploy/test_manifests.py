@@ -10,11 +10,13 @@ and checked for the properties the deployment relies on.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +301,44 @@ def test_envoy_retries_unavailable_on_another_host(envoy: dict[str, Any]) -> Non
         predicates = [p["name"] for p in policy.get("retry_host_predicate", [])]
         assert "envoy.retry_host_predicates.previous_hosts" in predicates
     assert config["http_filters"][-1]["name"] == "envoy.filters.http.router"
+
+
+def _envoy_bootstrap(config: dict[str, Any]) -> Any:
+    """Parse into Envoy's own API classes (generated from its protos): an unknown or
+    misspelt field anywhere, typed_config contents included, raises."""
+    bootstrap = pytest.importorskip("envoy_data_plane.envoy.config.bootstrap.v3")
+    text = json.dumps(config)
+    for type_url in set(re.findall(r"type\.googleapis\.com/([\w.]+)", text)):
+        importlib.import_module("envoy_data_plane." + type_url.rsplit(".", 1)[0])
+    return bootstrap.Bootstrap.from_dict(config)
+
+
+def test_envoy_config_matches_the_envoy_api(
+    envoy: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    # request_body_buffer_limit (bodies beyond the connection buffer stay retryable): 1.36+
+    image = compose["services"]["envoy"]["image"]
+    tag = re.fullmatch(r"envoyproxy/envoy:v(\d+)\.(\d+)\.\d+", image)
+    assert tag and (int(tag[1]), int(tag[2])) >= (1, 36)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        parsed = _envoy_bootstrap(envoy)
+    # Envoy's own deprecations read "<Message>.<field> is deprecated"
+    deprecated = [str(w.message) for w in caught
+                  if re.fullmatch(r"\w+\.\w+ is deprecated", str(w.message))]  # fmt: skip
+    assert not deprecated, f"deprecated Envoy fields: {deprecated}"
+    (cluster,) = parsed.static_resources.clusters
+    assert cluster.health_checks[0].grpc_health_check is not None
+    (listener,) = parsed.static_resources.listeners
+    assert listener.address.socket_address.port_value == 8001
+
+
+def test_envoy_api_check_is_not_a_no_op(envoy: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(envoy))
+    hcm = broken["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["route_config"]["virtual_hosts"][0]["retry_polcy"] = {}
+    with pytest.raises(KeyError, match="retry_polcy"):
+        _envoy_bootstrap(broken)
 
 
 def test_prometheus_scrapes_every_replica(compose: dict[str, Any]) -> None:

@@ -1,0 +1,47 @@
+"""docs/deploy.md: the order it promises, and the nginx configuration it shows."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import nginx
+from tests.deploy.dockerfile import ROOT
+
+DOC = ROOT / "docs" / "deploy.md"
+
+
+def test_build_run_scale_observe_in_that_order() -> None:
+    headings = re.findall(r"^## \d+\. (\w+)", DOC.read_text(), flags=re.MULTILINE)
+    assert headings == ["Build", "Run", "Scale", "Observe"]
+
+
+def _nginx_snippet() -> str:
+    (snippet,) = re.findall(r"```nginx\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+    return snippet
+
+
+def test_nginx_snippet_has_the_tested_directives() -> None:
+    snippet = _nginx_snippet()
+    for directive in ("grpc_pass", "grpc_next_upstream", "grpc_next_upstream_tries", "keepalive"):
+        shown = re.search(rf"^\s*{directive}\s+([^;]*);", snippet, flags=re.MULTILINE)
+        tested = re.search(rf"^\s*{directive}\s+([^;]*);", nginx.CONFIG, flags=re.MULTILINE)
+        assert shown and tested, directive
+        assert shown[1] == tested[1], f"{directive}: docs {shown[1]!r}, test {tested[1]!r}"
+
+
+@pytest.mark.skipif(nginx.find() is None, reason="nginx is not installed")
+def test_nginx_snippet_is_valid_nginx(tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{\naccess_log off;\n{_nginx_snippet()}\n}}\n"
+    )
+    result = subprocess.run(
+        [nginx.find(), "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
