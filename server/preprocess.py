@@ -78,9 +78,10 @@ def open_image(data: bytes, limits: Limits) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidInput(_unidentified(data)) from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"image has too many pixels ({exc}); at most "
-                           f"{limits.max_image_pixels} are allowed") from None  # fmt: skip
+    except Image.DecompressionBombError:  # Pillow's own ceiling, above ours (Preprocessor)
+        raise InvalidInput(
+            f"image has too many pixels; at most {limits.max_image_pixels} are allowed"
+        ) from None
     except _DECODE_ERRORS:
         raise InvalidInput(f"image header is corrupt; send a valid {_ALLOWED} image") from None
     width, height = image.size
@@ -167,6 +168,9 @@ class Preprocessor:
 
     def __init__(self, settings: Settings) -> None:
         self.limits = Limits.from_settings(settings)
+        ceiling = Image.MAX_IMAGE_PIXELS
+        if ceiling is not None and self.limits.max_image_pixels > ceiling:
+            Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # keep Pillow's above ours
         self._pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
 
     async def encoded(self, data: bytes, config: ModelConfig) -> np.ndarray:
