@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -259,6 +260,17 @@ def test_async_infer(client: grpcclient.InferenceServerClient) -> None:
     for result, _ in answers:
         assert result is not None
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
+
+
+async def test_asyncio_client(model_server: RunningServer) -> None:
+    async with grpcclient_aio.InferenceServerClient(model_server.address) as client:
+        assert await client.is_model_ready("cifar")
+        batch = normalized(2, size=32, seed=6)
+        tensor = grpcclient_aio.InferInput("images", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        result = await client.infer("cifar", [tensor], request_id="aio")
+        assert result.as_numpy("logits").shape == (2, 10)
+        assert result.get_response().id == "aio"
 
 
 def test_streaming_answers_every_request_and_goes_on_after_an_error(
