@@ -17,13 +17,12 @@ from server.model_config import MODEL_FILE, ModelConfig
 from server.models import Model, ModelVersion, State
 from server.sessions import CUDA
 from server.v2_request import input_datatype
-from server.v2_tensors import BYTES
 
 SERVER_NAME = "resnet-serve"
 # Protocol extensions, as Triton names them, that this server implements.
 EXTENSIONS = ("classification", "model_configuration", "statistics")
 BACKEND = "onnxruntime"
-_CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8, BYTES: mc.TYPE_STRING}
+_CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8}
 _FORMATS = {"NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
 
 
