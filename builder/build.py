@@ -244,6 +244,8 @@ def verify(version_dir: Path, thresholds: Thresholds | None = None) -> Report:
         if not required.is_file():
             raise RepositoryError(f"{version_dir} is not a model version: no {required.name}")
     record = json.loads(record_path.read_text())
+    if "recipe" not in record:
+        raise RepositoryError(f"{record_path} does not record how the model was built")
     config = ModelConfig.load(version_dir.parent)
     recipe = Recipe.from_json(record["recipe"])
     if thresholds is None:
@@ -264,6 +266,7 @@ def verify(version_dir: Path, thresholds: Thresholds | None = None) -> Report:
     )
     problem = _rebuild_problem(recipe)
     module = None if problem else graph_module(recipe.model(), config)
-    report = Report([sha_check, *run_checks(model_path, config, recipe, module, thresholds)])
-    report.scope = "full" if problem is None else f"onnx-only: {problem}"
-    return report
+    return Report(
+        [sha_check, *run_checks(model_path, config, recipe, module, thresholds)],
+        scope="full" if problem is None else f"onnx-only: {problem}",
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 from builder.architectures import Layout
 from builder.registry import REGISTRY, UnknownArchitectureError
 from builder.repository import RepositoryError, list_models
+from builder.tables import format_table
 
 _DEFAULT_REPO = Path("models")
 
@@ -149,25 +150,11 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     rows = [("model", "arch", "input", "classes", "version", "status")]
     for entry in entries:
-        for status in entry.versions or []:
-            label = status.status + (f" ({status.detail})" if status.detail else "")
-            rows.append(
-                (
-                    entry.name,
-                    entry.arch,
-                    entry.input,
-                    str(entry.num_classes),
-                    str(status.version),
-                    label,
-                )
-            )
+        model = (entry.name, entry.arch, entry.input, str(entry.num_classes))
+        for status in entry.versions:
+            detail = f" ({status.detail})" if status.detail else ""
+            rows.append((*model, str(status.version), status.status + detail))
         if not entry.versions:
-            rows.append(
-                (entry.name, entry.arch, entry.input, str(entry.num_classes), "-", "no versions")
-            )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print(
-            "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
-        )
+            rows.append((*model, "-", "no versions"))
+    print(format_table(rows))
     return 0

@@ -15,7 +15,6 @@ import io
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
@@ -25,8 +24,8 @@ BATCH_AXIS = "batch"
 DEFAULT_OPSET = 18
 
 
-def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> onnx.ModelProto:
-    """Export ``model`` (in eval mode) to ``path`` as one self-contained file; return the graph."""
+def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
+    """Export ``model`` (in eval mode) to ``path`` as one self-contained file."""
     model.eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -45,7 +44,4 @@ def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, opset: int) 
             opset_version=opset,
             do_constant_folding=True,
         )
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.producer_name = "resnet-serve"
-    Path(path).write_bytes(proto.SerializeToString())
-    return proto
+    Path(path).write_bytes(buffer.getvalue())

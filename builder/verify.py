@@ -23,6 +23,7 @@ from onnx import shape_inference
 
 from builder.architectures import ArchSpec, Layout
 from builder.flops import count_macs
+from builder.tables import format_table
 from server.model_config import InputSpec
 
 Reference = Callable[[np.ndarray], np.ndarray]
@@ -71,13 +72,9 @@ class Report:
         return "; ".join(f"{c.name}: {c.detail}" for c in self.failures())
 
     def table(self) -> str:
-        rows = [("check", "result", "detail")] + [
-            (c.name, "pass" if c.passed else "FAIL", c.detail) for c in self.checks
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(2)]
-        lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        rows = [("check", "result", "detail")]
+        rows += [(c.name, "pass" if c.passed else "FAIL", c.detail) for c in self.checks]
+        return format_table(rows)
 
 
 def check_onnx(path: Path) -> Check:

@@ -51,7 +51,7 @@ def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["model", "arch", "input", "classes", "version", "status"]
-    rows = {line.split()[0]: line for line in lines[1:]}
+    rows = {line.split()[0]: line for line in lines[2:]}
     assert sorted(rows) == ["cifar", "resnet18", "resnet18_u8"]
     assert "uint8 NHWC 224" in rows["resnet18_u8"]
     assert all("verified" in row for row in rows.values())
@@ -70,7 +70,7 @@ def test_models_shows_failed_and_modified_versions(
     record["checks"][0]["passed"] = False
     record_path.write_text(json.dumps(record))
     assert main(["models", "--repo", str(model_repo_copy)]) == 0
-    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "modified" in rows["resnet18"]
     assert "FAILED (onnx_checker)" in rows["cifar"]
     assert "verified" in rows["resnet18_u8"]
