@@ -59,26 +59,6 @@ async def test_async_call_raises_typed_error(
     assert (caught.value.code, caught.value.message) == (code, message)
 
 
-def test_errors_in_a_stream_are_typed_and_keep_their_place(fake: FakeServer) -> None:
-    images = [b"a", b"bb", b"ccc"]
-    with rsc.Client(fake.target, model=MODEL) as client:
-        good = list(client.classify_many(images, stream=True))
-        mixed = list(client.classify_many(images, model="nope", stream=True,
-                                          return_exceptions=True))
-    assert [r.top.index for r in good] == [1, 2, 3]
-    assert all(isinstance(r, rsc.ModelNotFound) for r in mixed)
-
-
-def test_local_failures_keep_their_place_or_raise(fake: FakeServer, tmp_path) -> None:
-    missing = tmp_path / "missing.jpg"
-    with rsc.Client(fake.target, model=MODEL) as client:
-        results = list(client.classify_many([b"a", missing, b"ccc"], return_exceptions=True))
-        assert isinstance(results[1], FileNotFoundError)
-        assert [r.top.index for r in (results[0], results[2])] == [1, 3]
-        with pytest.raises(FileNotFoundError):
-            list(client.classify_many([b"a", missing]))
-
-
 def test_deadline_of_an_unreachable_server_waiting_for_ready() -> None:
     options = rsc.ChannelOptions(wait_for_ready=True)
     with (

@@ -64,6 +64,22 @@ def test_classify_many_keeps_input_order(client: rsc.Client, photos: Path, strea
     assert [r.classes for r in results] == [expected[f] for f in files]
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_classify_many_errors_keep_their_place(
+    client: rsc.Client, photos: Path, tmp_path: Path, stream: bool
+) -> None:
+    good = photos / "rocket.jpg"
+    images = [good, b"not an image", tmp_path / "missing.jpg", good]
+    results = list(client.classify_many(images, stream=stream, return_exceptions=True))
+    assert [type(r) for r in results] == [rsc.Classification, rsc.InvalidImage,
+                                          FileNotFoundError, rsc.Classification]
+    assert results[1].code.name == "INVALID_ARGUMENT"
+    with pytest.raises(rsc.InvalidImage):
+        list(client.classify_many(images, stream=stream))
+    with pytest.raises(rsc.ModelNotFound):
+        list(client.classify_many([good], model="nope", stream=stream))
+
+
 def test_client_side_resize_gives_the_servers_own_result(
     model_server: RunningServer, photos: Path
 ) -> None:
