@@ -41,7 +41,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 STREAM_WINDOW = 64
 
 _UNSUPPORTED = {
-    "RepositoryIndex": "the model-repository extension",
     "RepositoryModelLoad": "the model-repository extension",
     "RepositoryModelUnload": "the model-repository extension",
     "SystemSharedMemoryStatus": "the system-shared-memory extension",
@@ -130,6 +129,20 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             versions = self._ready_versions(self._registry.models())
         return v2_stats.model_statistics(self._ctx.metrics, versions)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        """Every version of every model and its state; loading and unloading are not offered."""
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                entry(name=m.name, version=v.version, state=v.state.value, reason=v.reason)
+                for m in self._registry.models()
+                for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+                if v.state is State.READY or not request.ready
+            ]
+        )
 
     # inference
 

@@ -365,9 +365,17 @@ def test_bytes_length_prefix_past_the_end(
     assert "declares 3 bytes but only 2 remain" in info.value.details()
 
 
+def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
+    index = client.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [
+        ("cifar", "1", "READY"),
+        ("resnet18", "1", "READY"),
+        ("resnet18_u8", "1", "READY"),
+    ]
+
+
 def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> None:
     for call in (
-        client.get_model_repository_index,
         client.get_system_shared_memory_status,
         client.get_cuda_shared_memory_status,
         lambda: client.load_model("resnet18"),
