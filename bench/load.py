@@ -141,6 +141,7 @@ async def run_variant(
         "other_cpu_pct": round(
             100 * (machine_cpu - server_cpu - result.cpu_seconds) / result.seconds, 1
         ),
+        "server_cpu_ms_per_image": round(1000 * server_cpu / max(1, result.ok), 2),
         "batch_mean": round(batch.mean, 2),
         "batch_sizes": dict(batch.per_bucket()),
         "measured_at": time.time(),

@@ -9,6 +9,7 @@ least a window of seconds and a minimum number of runs; latency is per batch.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class RawResult:
     p90_ms: float
     p99_ms: float
     mean_ms: float
+    cpu_ms_per_image: float  # this process's CPU time (all threads) per image
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,12 +71,14 @@ def _measure(
     for _ in range(WARMUP_RUNS):
         session.run(None, feed)
     latencies = []
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(latencies) < MIN_RUNS:
         began = time.perf_counter()
         session.run(None, feed)
         latencies.append(time.perf_counter() - began)
     elapsed = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu
     ms = np.asarray(latencies) * 1000
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return RawResult(
@@ -86,4 +90,10 @@ def _measure(
         p90_ms=round(float(p90), 2),
         p99_ms=round(float(p99), 2),
         mean_ms=round(float(ms.mean()), 2),
+        cpu_ms_per_image=round(1000 * cpu / (batch * len(latencies)), 2),
     )
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
