@@ -127,3 +127,11 @@ def test_bench_counts_errors_by_code_and_plots(
     out = capsys.readouterr().out
     assert "errors at concurrency 1: INVALID_ARGUMENT 5" in out
     assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_connection_flags_go_before_or_after_the_command() -> None:
+    from resnet_serve_client.cli import parser
+
+    assert parser().parse_args(["--server", "a:1", "health"]).server == "a:1"
+    assert parser().parse_args(["health", "--server", "b:2"]).server == "b:2"
+    assert parser().parse_args(["--timeout", "3", "models"]).timeout == 3.0

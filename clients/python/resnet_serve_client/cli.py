@@ -45,29 +45,47 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def parser() -> argparse.ArgumentParser:
-    connection = argparse.ArgumentParser(add_help=False)
-    group = connection.add_argument_group("connection")
-    group.add_argument("--server", default=os.environ.get("RESNET_SERVE_SERVER", "localhost:8001"),
+def _connection(suppress_defaults: bool) -> argparse.ArgumentParser:
+    """The connection flags, accepted before or after the command. After it they carry no
+    defaults (SUPPRESS), so they never overwrite a value given before it."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress_defaults else value
+
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument("--server",
+                       default=default(os.environ.get("RESNET_SERVE_SERVER", "localhost:8001")),
                        help="host:port, dns:///host:port (round-robin over its addresses) or any "
-                       "gRPC target (env RESNET_SERVE_SERVER; default %(default)s)")
-    group.add_argument("--tls", action="store_true", help="connect with TLS")
-    group.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the server; "
-                       "implies --tls (default: the system's trust store)")
-    group.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS")
-    group.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
-    group.add_argument("--server-name", help="name to verify the server's certificate against")
-    group.add_argument("--token", default=os.environ.get("RESNET_SERVE_TOKEN"),
+                       "gRPC target (env RESNET_SERVE_SERVER; default localhost:8001)")
+    group.add_argument("--tls", action="store_true", default=default(False),
+                       help="connect with TLS")
+    group.add_argument("--ca", type=Path, default=default(None),
+                       help="CA certificate (PEM) to verify the server; implies --tls "
+                       "(default: the system's trust store)")
+    group.add_argument("--cert", type=Path, default=default(None),
+                       help="client certificate (PEM) for mutual TLS")
+    group.add_argument("--key", type=Path, default=default(None),
+                       help="client private key (PEM) for mutual TLS")
+    group.add_argument("--server-name", default=default(None),
+                       help="name to verify the server's certificate against")
+    group.add_argument("--token", default=default(os.environ.get("RESNET_SERVE_TOKEN")),
                        help="bearer token (env RESNET_SERVE_TOKEN)")
-    group.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                       help="deadline of each call in seconds (default %(default)s)")
-    group.add_argument("--wait-for-ready", action="store_true",
+    group.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT),
+                       help=f"deadline of each call in seconds (default {DEFAULT_TIMEOUT:g})")
+    group.add_argument("--wait-for-ready", action="store_true", default=default(False),
                        help="wait (up to the deadline) for an unreachable server instead of "
                        "failing at once")
+    return parent
 
+
+def parser() -> argparse.ArgumentParser:
     main_parser = argparse.ArgumentParser(
-        prog="resnet-serve-client", description=__doc__, parents=[connection]
+        prog="resnet-serve-client", parents=[_connection(suppress_defaults=False)],
+        description="Classify images with a resnet-serve server, check its health, list its "
+        "models, and generate load.",
     )
+    connection = _connection(suppress_defaults=True)
     commands = main_parser.add_subparsers(required=True, metavar="COMMAND")
 
     classify = commands.add_parser(
@@ -115,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=224, help="synthetic image side (default 224)")
     bench.add_argument("--files", type=Path, nargs="+", default=[], help="for --input files")
     bench.add_argument("--batch-size", type=int, default=1, help="images per request")
-    bench.add_argument("--top-k", type=int, default=1)
+    bench.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
     output = bench.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="JSON on stdout")
     output.add_argument("--csv", action="store_true", help="CSV on stdout")
