@@ -73,6 +73,10 @@ RUN --mount=type=bind,source=.,target=/context \
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 
+LABEL org.opencontainers.image.title="resnet-serve (CPU)" \
+      org.opencontainers.image.description="ResNet classification over gRPC: ONNX Runtime, dynamic batching, Prometheus metrics" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
 ARG ORT_VERSION
 ARG MODEL_REPO
 
@@ -117,6 +121,10 @@ ENTRYPOINT ["resnet-serve", "serve"]
 
 # ---------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
+
+LABEL org.opencontainers.image.title="resnet-serve (CUDA)" \
+      org.opencontainers.image.description="ResNet classification over gRPC: ONNX Runtime, dynamic batching, Prometheus metrics" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 ARG ORT_VERSION
 ARG MODEL_REPO
