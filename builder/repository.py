@@ -92,9 +92,12 @@ def check_config_compatible(model_dir: Path, config: ModelConfig) -> None:
 
 @contextlib.contextmanager
 def staging_dir(model_dir: Path) -> Iterator[Path]:
-    """A fresh temporary directory inside ``model_dir``; removed, with ``model_dir`` if it was
-    created here and stayed empty, unless the caller renamed it into place."""
-    created = not model_dir.exists()
+    """A fresh temporary directory inside ``model_dir``.
+
+    Unless the caller renamed it into place, it is removed on exit, together with the
+    directories created for it (``model_dir``, even the repository) that stayed empty.
+    """
+    created = [d for d in (model_dir, *model_dir.parents) if not d.exists()]
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir))
     try:
@@ -102,8 +105,9 @@ def staging_dir(model_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if created and model_dir.exists() and not any(model_dir.iterdir()):
-            model_dir.rmdir()
+        for directory in created:  # deepest first
+            if directory.exists() and not any(directory.iterdir()):
+                directory.rmdir()
 
 
 def publish_version(

@@ -140,16 +140,18 @@ def test_a_conflicting_config_is_refused(model_repo_copy: Path) -> None:
     ]
 
 
-def test_a_failed_check_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("repo_exists", [True, False])
+def test_a_failed_check_leaves_nothing_behind(tmp_path: Path, repo_exists: bool) -> None:
     strict = Thresholds(max_abs_error=0.0, max_rel_error=0.0, batch_sizes=(2,))
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    repo = tmp_path / "repo" if repo_exists else tmp_path / "new" / "repo"
+    if repo_exists:
+        repo.mkdir()
     with pytest.raises(VerificationFailed) as info:
         build(BuildRequest("resnet20", repo=repo, thresholds=strict))
     message = str(info.value)
     assert "onnxruntime_vs_pytorch" in message and "max_abs_error" in message and "> 0" in message
     assert [c.name for c in info.value.report.failures()] == ["onnxruntime_vs_pytorch"]
-    assert list(repo.iterdir()) == []
+    assert list(tmp_path.rglob("*")) == ([repo] if repo_exists else [])
 
 
 def test_a_failed_check_keeps_existing_versions_intact(
