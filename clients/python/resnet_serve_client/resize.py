@@ -57,6 +57,7 @@ class Resize:
             raise ValueError(f"resize size must be >= 1; got {self.size}")
         if not 1 <= self.quality <= 95:
             raise ValueError(f"JPEG quality must be 1..95; got {self.quality}")
+        pillow()  # fail here, not at the first image, when Pillow is missing
 
     def encoded(self, data: bytes) -> pb.Image:
         """Shrink an encoded image; a JPEG already small enough is sent untouched."""
