@@ -1,0 +1,325 @@
+"""resnet_serve.v1.Classifier end to end, on one real server shared by the module."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from PIL import Image
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from tests.fixtures.servers import RunningServer
+
+PHOTOS = Path("/work/shared/data/photos")
+CHELSEA = (PHOTOS / "chelsea.jpg").read_bytes()  # 451x300: decoded at full size
+CODE = grpc.StatusCode
+
+FAMILIES = [
+    "resnet_serve_request_duration_seconds",
+    "resnet_serve_queue_duration_seconds",
+    "resnet_serve_preprocess_duration_seconds",
+    "resnet_serve_inference_duration_seconds",
+    "resnet_serve_batch_size",
+    "resnet_serve_requests_total",
+    "resnet_serve_images_total",
+    "resnet_serve_queue_depth",
+    "resnet_serve_inflight_requests",
+    "resnet_serve_model_load_seconds",
+    "resnet_serve_build_info",
+]
+
+
+@pytest.fixture(scope="module")
+def channel(model_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(model_server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def stub(channel: grpc.Channel) -> pb_grpc.ClassifierStub:
+    return pb_grpc.ClassifierStub(channel)
+
+
+def encoded(data: bytes) -> pb.Image:
+    return pb.Image(encoded=data)
+
+
+def uint8_tensor(pixels: np.ndarray) -> pb.Image:
+    return pb.Image(
+        tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=pixels.shape, data=pixels.tobytes())
+    )
+
+
+def float_tensor(chw: np.ndarray) -> pb.Image:
+    data = chw.astype("<f4").tobytes()
+    return pb.Image(tensor=pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=chw.shape, data=data))
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text scrape (0 when absent)."""
+    wanted = ",".join(sorted(f'{k}="{v}"' for k, v in labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and ",".join(sorted(match[1].split(","))) == wanted:
+            return float(match[2])
+    return 0.0
+
+
+def computed_images(server: RunningServer, model: str = "resnet18") -> float:
+    return sample(server.metrics(), "resnet_serve_batch_size_sum", model=model, version="1")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def _tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def test_classify_a_photo(stub: pb_grpc.ClassifierStub) -> None:
+    response = stub.Classify(
+        pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)] * 2, request_id="r-1"),
+        timeout=60,
+    )
+    assert (response.model, response.version, response.request_id) == ("resnet18", "1", "r-1")
+    assert len(response.results) == 2
+    for result in response.results:
+        assert len(result.classes) == 5
+        scores = [c.score for c in result.classes]
+        assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+        assert all(c.label for c in result.classes)
+    assert response.results[0] == response.results[1]
+
+
+def test_top_k_and_a_small_model(stub: pb_grpc.ClassifierStub) -> None:
+    response = stub.Classify(
+        pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)], top_k=10), timeout=60
+    )
+    classes = response.results[0].classes
+    assert len(classes) == 10
+    assert sorted(c.index for c in classes) == list(range(10))
+    assert sum(c.score for c in classes) == pytest.approx(1.0, abs=1e-5)
+    assert response.request_id  # made up by the server when not given
+
+
+def test_jpeg_and_uint8_tensor_give_the_same_top5(stub: pb_grpc.ClassifierStub) -> None:
+    with Image.open(io.BytesIO(CHELSEA)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    tops = {}
+    for model in ("resnet18", "resnet18_u8"):
+        for kind, image in (("jpeg", encoded(CHELSEA)), ("tensor", uint8_tensor(pixels))):
+            response = stub.Classify(pb.ClassifyRequest(model=model, images=[image]), timeout=60)
+            tops[model, kind] = [c.index for c in response.results[0].classes]
+    assert tops["resnet18", "jpeg"] == tops["resnet18", "tensor"]
+    assert tops["resnet18_u8", "jpeg"] == tops["resnet18_u8", "tensor"]
+    assert tops["resnet18", "jpeg"] == tops["resnet18_u8", "jpeg"]  # same weights
+
+
+def test_list_and_get_models(stub: pb_grpc.ClassifierStub) -> None:
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    assert set(models) == {"resnet18", "resnet18_u8", "cifar"}
+    u8 = models["resnet18_u8"]
+    assert (u8.input.dtype, u8.input.layout, list(u8.input.shape)) == (
+        "uint8", "NHWC", [-1, 224, 224, 3],
+    )  # fmt: skip
+    assert [(v.version, v.state) for v in u8.versions] == [("1", pb.VersionInfo.READY)]
+    info = stub.GetModel(pb.GetModelRequest(name="cifar"), timeout=10)
+    assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet20", 10, 32)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetModel(pb.GetModelRequest(name="cifar", version="7"), timeout=10)
+    assert error.value.code() is CODE.NOT_FOUND
+
+
+def test_health_per_model_and_reflection(
+    model_server: RunningServer, channel: grpc.Channel
+) -> None:
+    assert model_server.health("") == health_pb2.HealthCheckResponse.SERVING
+    assert model_server.health("resnet18_u8") == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as error:
+        model_server.health("nope")
+    assert error.value.code() is CODE.NOT_FOUND
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {"resnet_serve.v1.Classifier", "grpc.health.v1.Health"} <= set(services)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(b"")]), CODE.INVALID_ARGUMENT,
+         "image 0: image is empty"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA), encoded(b"no image")]),
+         CODE.INVALID_ARGUMENT, "image 1: image bytes are not a decodable image; allowed formats"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA[:2000])]),
+         CODE.INVALID_ARGUMENT, "truncated or corrupt"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(_tiff())]), CODE.INVALID_ARGUMENT,
+         "unsupported image format TIFF; allowed: JPEG, PNG, WebP, BMP or GIF"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(_png_claiming(9000, 9000))]),
+         CODE.INVALID_ARGUMENT, "9000x9000 = 81000000 pixels; at most 40000000 are allowed"),
+        (pb.ClassifyRequest(model="resnet18", images=[pb.Image()]), CODE.INVALID_ARGUMENT,
+         "has no data; set encoded"),
+        (pb.ClassifyRequest(model="resnet18", images=[uint8_tensor(np.zeros((8, 8), np.uint8))]),
+         CODE.INVALID_ARGUMENT, r"uint8 tensor shape is \[8, 8\]; expected \[height, width, 3\]"),
+        (pb.ClassifyRequest(model="resnet18", images=[float_tensor(np.zeros((3, 32, 32)))]),
+         CODE.INVALID_ARGUMENT, r"shape is \[3, 32, 32\]; model resnet18 takes \[3, 224, 224\]"),
+        (pb.ClassifyRequest(model="resnet18", images=[pb.Image(tensor=pb.Tensor(
+            dtype=pb.Tensor.UINT8, shape=[10, 10, 3], data=b"\0" * 299))]),
+         CODE.INVALID_ARGUMENT, r"299 bytes; shape \[10, 10, 3\] of uint8 needs 300"),
+        (pb.ClassifyRequest(model="resnet18", images=[pb.Image(tensor=pb.Tensor(
+            shape=[10, 10, 3], data=b"\0" * 300))]),
+         CODE.INVALID_ARGUMENT, "dtype is unset; use UINT8"),
+        (pb.ClassifyRequest(model="resnet18_u8", images=[float_tensor(np.zeros((3, 224, 224)))]),
+         CODE.INVALID_ARGUMENT, "model resnet18_u8 takes uint8 pixels"),
+        (pb.ClassifyRequest(model="resnet18",
+                            images=[float_tensor(np.full((3, 224, 224), np.nan))]),
+         CODE.INVALID_ARGUMENT, "NaN or Inf"),
+        (pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)], top_k=11),
+         CODE.INVALID_ARGUMENT, "top_k is 11; allowed: 1 to 10"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)], top_k=0),
+         CODE.INVALID_ARGUMENT, "top_k is 0; allowed: 1 to 1000"),
+        (pb.ClassifyRequest(model="resnet50", images=[encoded(CHELSEA)]), CODE.NOT_FOUND,
+         "unknown model 'resnet50'; models: cifar, resnet18, resnet18_u8"),
+        (pb.ClassifyRequest(model="resnet18", version="2", images=[encoded(CHELSEA)]),
+         CODE.NOT_FOUND, "model 'resnet18' has no version '2'; versions: 1"),
+        (pb.ClassifyRequest(model="", images=[encoded(CHELSEA)]), CODE.INVALID_ARGUMENT,
+         "model is empty"),
+        (pb.ClassifyRequest(model="resnet18"), CODE.INVALID_ARGUMENT,
+         "request has no images; send 1 to 64"),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(b"x")] * 65),
+         CODE.INVALID_ARGUMENT, "request has 65 images; at most 64 are allowed"),
+    ],
+    ids=["empty-image", "undecodable", "truncated", "unsupported-format", "too-many-pixels",
+         "no-data", "tensor-shape-uint8", "tensor-shape-float", "tensor-byte-length",
+         "tensor-dtype-unset", "tensor-dtype-for-uint8-model", "nan", "top-k-high", "top-k-zero",
+         "unknown-model", "unknown-version", "no-model-name", "empty-request", "too-many-images"],
+)  # fmt: skip
+def test_bad_input(
+    model_server: RunningServer,
+    stub: pb_grpc.ClassifierStub,
+    request_: pb.ClassifyRequest,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(request_, timeout=60)
+    assert error.value.code() is code
+    assert re.search(message, error.value.details()), error.value.details()
+    assert model_server.health() == health_pb2.HealthCheckResponse.SERVING
+    ok = stub.Classify(pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)]), timeout=60)
+    assert len(ok.results) == 1
+
+
+def test_stream_answers_in_order_with_errors_in_band(stub: pb_grpc.ClassifierStub) -> None:
+    requests = [
+        pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)], request_id="s-0"),
+        pb.ClassifyRequest(model="cifar", images=[encoded(b"bad")], request_id="s-1"),
+        pb.ClassifyRequest(model="nope", images=[encoded(CHELSEA)], request_id="s-2"),
+        *(pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)], request_id=f"s-{i}")
+          for i in range(3, 8)),
+    ]  # fmt: skip
+    responses = list(stub.ClassifyStream(iter(requests), timeout=60))
+    assert [r.sequence for r in responses] == list(range(8))
+    assert responses[1].error.code == CODE.INVALID_ARGUMENT.value[0]
+    assert "image 0" in responses[1].error.message
+    assert responses[2].error.code == CODE.NOT_FOUND.value[0]
+    assert [r.response.request_id for r in responses if r.HasField("response")] == [
+        "s-0", *(f"s-{i}" for i in range(3, 8)),
+    ]  # fmt: skip
+
+
+def _chw(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((3, 224, 224), dtype=np.float32)
+
+
+async def test_concurrent_requests_are_batched(model_server: RunningServer) -> None:
+    before = model_server.metrics()
+    async with grpc.aio.insecure_channel(model_server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        requests = [
+            pb.ClassifyRequest(model="resnet18", images=[float_tensor(_chw(i))]) for i in range(16)
+        ]
+        calls = [stub.Classify(request, timeout=120) for request in requests]
+        responses = await asyncio.gather(*calls)
+    assert all(len(r.results) == 1 for r in responses)
+    after = model_server.metrics()
+    labels = {"model": "resnet18", "version": "1"}
+    images = sample(after, "resnet_serve_batch_size_sum", **labels) - sample(
+        before, "resnet_serve_batch_size_sum", **labels
+    )
+    batches = sample(after, "resnet_serve_batch_size_count", **labels) - sample(
+        before, "resnet_serve_batch_size_count", **labels
+    )
+    assert images == 16
+    assert batches < 16, "16 concurrent requests should share session runs"
+    singles = sample(after, "resnet_serve_batch_size_bucket", le="1.0", **labels) - sample(
+        before, "resnet_serve_batch_size_bucket", le="1.0", **labels
+    )
+    assert singles < batches, "the batch-size histogram shows batches larger than 1"
+
+
+async def test_expired_and_cancelled_requests_are_not_computed(
+    model_server: RunningServer,
+) -> None:
+    before = computed_images(model_server)
+    big = [float_tensor(_chw(i)) for i in range(64)]  # two full batches keep the model busy
+    async with grpc.aio.insecure_channel(
+        model_server.address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        busy = stub.Classify(pb.ClassifyRequest(model="resnet18", images=big), timeout=300)
+        await _until_queued(model_server, 32)  # one batch running, one full batch waiting
+        one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(_chw(99))])
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Classify(one, timeout=0.3)
+        assert error.value.code() is CODE.DEADLINE_EXCEEDED
+        cancelled = stub.Classify(one, timeout=300)
+        await asyncio.sleep(0.3)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert len((await busy).results) == 64
+    assert computed_images(model_server) - before == 64
+
+
+async def _until_queued(server: RunningServer, images: int) -> None:
+    for _ in range(600):
+        text = await asyncio.to_thread(server.metrics)
+        if sample(text, "resnet_serve_queue_depth", model="resnet18", version="1") >= images:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"resnet18 never had {images} images queued")
+
+
+def test_metrics_has_every_family(model_server: RunningServer) -> None:
+    text = model_server.metrics()
+    for family in FAMILIES:
+        kind = "counter" if family.endswith("_total") else "(histogram|gauge)"
+        assert re.search(rf"^# TYPE {family} {kind}$", text, re.M), family
+    assert sample(text, "resnet_serve_requests_total", model="resnet18", version="1",
+                  code="OK") >= 1  # fmt: skip
+    assert sample(text, "resnet_serve_requests_total", model="resnet18", version="1",
+                  code="INVALID_ARGUMENT") >= 1  # fmt: skip
+    for bound in ("0.001", "10.0"):
+        assert re.search(rf'^resnet_serve_request_duration_seconds_bucket{{.*le="{bound}"', text,
+                         re.M)  # fmt: skip
