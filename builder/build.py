@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,37 +123,25 @@ def run_checks(
 ) -> list[Check]:
     """All checks on an exported file; without the PyTorch module, those the ONNX file allows."""
     arch = REGISTRY.get(recipe.arch)
-    steps = ["onnx_checker", "shape_inference", "onnxruntime", "multiply_adds"]
-    if module is not None:
-        steps.append("parameter_count")
     try:
         proto = onnx.load(str(path))
     except DecodeError as exc:
         return [Check("onnx_checker", False, detail=f"{path.name} is not an ONNX model: {exc}")]
-    checks = []
-    for step in tqdm(steps, desc="verifying", unit="check", leave=False, disable=None):
-        if step == "onnx_checker":
-            checks.append(check_onnx(path))
-        elif step == "shape_inference":
-            checks.append(check_shapes(proto, config.input, config.num_classes))
-        elif step == "onnxruntime":
-            reference = None if module is None else torch_reference(module)
-            checks.append(
-                check_runtime(
-                    path, config.input, config.num_classes, reference, thresholds, recipe.seed
-                )
-            )
-        elif step == "multiply_adds":
-            checks.append(
-                check_macs(
-                    proto, arch, recipe.layout, config.num_classes, thresholds.macs_rel_tolerance
-                )
-            )
-        else:
-            assert module is not None
-            counted = sum(p.numel() for p in module.parameters())
-            checks.append(check_parameters(counted, arch, config.num_classes))
-    return checks
+    reference = None if module is None else torch_reference(module)
+    steps: list[Callable[[], Check]] = [
+        lambda: check_onnx(path),
+        lambda: check_shapes(proto, config),
+        lambda: check_runtime(path, config, reference, thresholds, recipe.seed),
+        lambda: check_macs(
+            proto, arch, recipe.layout, config.num_classes, thresholds.macs_rel_tolerance
+        ),
+    ]
+    if module is not None:
+        counted = sum(p.numel() for p in module.parameters())
+        steps.append(lambda: check_parameters(counted, arch, config.num_classes))
+    return [
+        step() for step in tqdm(steps, desc="verifying", unit="check", leave=False, disable=None)
+    ]
 
 
 def verification_record(
@@ -165,6 +154,7 @@ def verification_record(
         "sha256": sha256_file(model_path),
         "model_file": MODEL_FILE,
         "scope": report.scope,
+        "seed": recipe.seed,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "recipe": recipe.to_json() | {"opset": opset},
         "thresholds": {

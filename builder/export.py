@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
+from server.model_config import InputSpec, OutputSpec
+
+INPUT_NAME = InputSpec().name  # "images": the names config.json promises
+OUTPUT_NAME = OutputSpec().name  # "logits"
 BATCH_AXIS = "batch"
 DEFAULT_OPSET = 18
 

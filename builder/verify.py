@@ -24,7 +24,7 @@ from onnx import shape_inference
 from builder.architectures import ArchSpec, Layout
 from builder.flops import count_macs
 from builder.tables import format_table
-from server.model_config import InputSpec
+from server.model_config import InputSpec, ModelConfig
 
 Reference = Callable[[np.ndarray], np.ndarray]
 
@@ -92,29 +92,37 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     ]
 
 
-def check_shapes(model: onnx.ModelProto, spec: InputSpec, num_classes: int) -> Check:
-    inferred = shape_inference.infer_shapes(model, strict_mode=True)
-    graph = inferred.graph
+def check_shapes(model: onnx.ModelProto, config: ModelConfig) -> Check:
+    try:
+        graph = shape_inference.infer_shapes(model, strict_mode=True).graph
+    except shape_inference.InferenceError as exc:
+        return Check("shape_inference", False, detail=f"shape inference failed: {exc}")
+    spec, output = config.input, config.output.name
     inputs = {v.name: _dims(v) for v in graph.input}
     outputs = {v.name: _dims(v) for v in graph.output}
-    expected_in = spec.shape(batch=0)[1:]
-    got_in = inputs.get(spec.name)
-    got_out = outputs.get("logits")
+    expected_in: list[int | str] = ["batch", *spec.shape(batch=0)[1:]]
+    expected_out: list[int | str] = ["batch", config.num_classes]
     figures = {"inputs": inputs, "outputs": outputs}
-    thresholds = {"input": ["batch", *expected_in], "output": ["batch", num_classes]}
+    thresholds = {"input": expected_in, "output": expected_out}
     problems = []
-    if got_in is None or got_in[1:] != expected_in or isinstance(got_in[0], int):
-        problems.append(f"input {spec.name} is {got_in}, expected [batch, {expected_in}]")
-    if got_out is None or got_out[1:] != [num_classes] or isinstance(got_out[0], int):
-        problems.append(f"output logits is {got_out}, expected [batch, {num_classes}]")
+    for kind, name, got, expected in (
+        ("input", spec.name, inputs.get(spec.name), expected_in),
+        ("output", output, outputs.get(output), expected_out),
+    ):
+        if got is None or got[1:] != expected[1:] or isinstance(got[0], int):
+            shown = "missing" if got is None else _format_dims(got)
+            problems.append(f"{kind} {name} is {shown}, expected {_format_dims(expected)}")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.input[0].type.tensor_type.elem_type)
     if dtype != np.dtype(spec.dtype):
         problems.append(f"input dtype is {dtype}, expected {spec.dtype}")
     if problems:
         return Check("shape_inference", False, figures, thresholds, "; ".join(problems))
-    return Check(
-        "shape_inference", True, figures, thresholds, f"{got_in} -> {got_out}".replace("'", "")
-    )
+    detail = f"{_format_dims(inputs[spec.name])} -> {_format_dims(outputs[output])}"
+    return Check("shape_inference", True, figures, thresholds, detail)
+
+
+def _format_dims(dims: list[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
 def random_inputs(spec: InputSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,20 +138,20 @@ def cpu_session(path: Path) -> ort.InferenceSession:
 
 def check_runtime(
     path: Path,
-    spec: InputSpec,
-    num_classes: int,
+    config: ModelConfig,
     reference: Reference | None,
     thresholds: Thresholds,
     seed: int,
 ) -> Check:
     """ORT vs PyTorch per batch size; with no reference, only finite outputs of the right shape."""
+    spec, num_classes = config.input, config.num_classes
     session = cpu_session(path)
     rng = np.random.default_rng(seed)
     per_batch: dict[str, dict[str, float]] = {}
     problems: list[str] = []
     for batch in thresholds.batch_sizes:
         images = random_inputs(spec, batch, rng)
-        (logits,) = session.run(["logits"], {spec.name: images})
+        (logits,) = session.run([config.output.name], {spec.name: images})
         if logits.shape != (batch, num_classes):
             problems.append(f"batch {batch}: output shape {logits.shape}")
             continue
