@@ -1,0 +1,157 @@
+"""Servers with their own repositories: refused versions, a full queue, message limits, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from server.model_config import VERIFICATION_FILE, ModelConfig
+from tests.fixtures.servers import RunningServer
+from tests.server.test_classify import CHELSEA, encoded, float_tensor, sample
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def add_model(repo: Path, source: Path, name: str, **batching: Any) -> Path:
+    """`source` (a model directory) as `name` in `repo`, with batching fields overridden."""
+    target = repo / name
+    shutil.copytree(source, target, copy_function=os.link)
+    config = ModelConfig.load(source)
+    update = {"name": name, "batching": config.batching.model_copy(update=batching)}
+    (target / "config.json").unlink()  # a hard link to the source's file
+    config.model_copy(update=update).dump(target)
+    return target
+
+
+def rewrite_verification(version_dir: Path, **fields: Any) -> None:
+    path = version_dir / VERIFICATION_FILE
+    report = json.loads(path.read_text())
+    path.unlink()
+    path.write_text(json.dumps({**report, **fields}))
+
+
+def _chw(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((3, 224, 224), dtype=np.float32)
+
+
+async def _poll(server: RunningServer, name: str, at_least: float, **labels: str) -> None:
+    for _ in range(1200):
+        text = await asyncio.to_thread(server.metrics)
+        if sample(text, name, **labels) >= at_least:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}{labels} never reached {at_least}")
+
+
+def test_refused_versions_and_a_full_queue(
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, model_repo / "resnet18", "small_queue", max_batch_size=2, max_queue_size=4)
+    rewrite_verification(add_model(repo, model_repo / "cifar", "tampered") / "1", sha256="0" * 64)
+    rewrite_verification(add_model(repo, model_repo / "cifar", "failed") / "1", passed=False)
+    (add_model(repo, model_repo / "cifar", "unverified") / "1" / VERIFICATION_FILE).unlink()
+    server = server_factory(repo, "--max-message-bytes", "4000000")
+
+    log = server.log()
+    for name, reason in [
+        ("tampered", "model.onnx does not match the sha256 in verification.json"),
+        ("failed", "verification.json does not say passed: true"),
+        ("unverified", "verification.json is missing"),
+    ]:
+        assert f"model {name} version 1 refused: {reason}" in log
+        assert server.health(name) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.health() == SERVING
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+        tampered = models["tampered"].versions[0]
+        assert tampered.state == pb.VersionInfo.UNAVAILABLE and "sha256" in tampered.reason
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(pb.ClassifyRequest(model="failed", images=[encoded(CHELSEA)]), timeout=10)
+        assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "no READY version" in error.value.details()
+
+        too_big = pb.ClassifyRequest(model="small_queue", images=[float_tensor(_chw(0))] * 7)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(too_big, timeout=30)
+        assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    async def flood() -> list[Any]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            requests = [
+                pb.ClassifyRequest(model="small_queue", images=[float_tensor(_chw(i))] * 2)
+                for i in range(12)
+            ]
+            calls = [stub.Classify(request, timeout=120) for request in requests]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(flood())
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert refused, "12 requests of 2 images into a queue of 4 must overflow it"
+    assert all(o.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+    assert "of 4 images queued; retry later" in refused[0].details()
+    assert any(isinstance(o, pb.ClassifyResponse) for o in outcomes)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        ok = stub.Classify(pb.ClassifyRequest(model="small_queue", images=[encoded(CHELSEA)]),
+                           timeout=60)  # fmt: skip
+        assert ok.version == "1"
+
+
+async def test_drain_answers_everything_in_flight_then_exits_0(
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, model_repo / "resnet18", "resnet18", max_batch_size=4)
+    server = server_factory(repo, "--log-format", "json")
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        requests = [
+            pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)] * 4, request_id=f"d{i}")
+            for i in range(6)
+        ]
+        calls = [stub.Classify(request, timeout=300) for request in requests]
+        labels = {"model": "resnet18", "version": "1"}
+        await _poll(server, "resnet_serve_inflight_requests", 6, **labels)
+
+        server.process.send_signal(signal.SIGTERM)
+        for _ in range(600):
+            try:
+                status = await asyncio.to_thread(server.health)
+            except grpc.RpcError:
+                break
+            if status != SERVING:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("health still SERVING after SIGTERM")
+
+        late = pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)])
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Classify(late, timeout=30)
+        assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        responses = await asyncio.gather(*calls)
+    assert [r.request_id for r in responses] == [f"d{i}" for i in range(6)]
+    assert all(len(r.results) == 4 for r in responses)
+    assert await asyncio.to_thread(server.process.wait, 60) == 0
+    events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in events]
+    assert any(m.startswith("SIGTERM received: draining") for m in messages)
+    assert messages[-1] == "exiting"
