@@ -89,10 +89,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(func=_models)
 
 
+def _missing_extra(exc: ImportError) -> int:
+    print(
+        f"error: this command needs the builder's dependencies ({exc.name} is not installed): "
+        "pip install 'resnet-serve[builder]'",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _build(args: argparse.Namespace) -> int:
-    from builder.build import BuildRequest, VerificationFailed, build
-    from builder.export import DEFAULT_OPSET
-    from builder.weights import WeightsError
+    try:
+        from builder.build import BuildRequest, VerificationFailed, build
+        from builder.export import DEFAULT_OPSET
+        from builder.weights import WeightsError
+    except ImportError as exc:
+        return _missing_extra(exc)
 
     request = BuildRequest(
         arch=args.arch,
@@ -122,7 +134,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from builder.build import verify
+    try:
+        from builder.build import verify
+    except ImportError as exc:
+        return _missing_extra(exc)
 
     try:
         report = verify(args.path)

@@ -43,6 +43,17 @@ def test_cli_module_does_not_import_torch() -> None:
     assert result.stdout.strip() == "ok"
 
 
+def test_build_without_torch_says_what_to_install(tmp_path: Path) -> None:
+    result = run_without_torch(
+        "from builder.__main__ import main\n"
+        f"sys.exit(main(['build', 'resnet20', '--repo', {str(tmp_path)!r}]))"
+    )
+    assert result.returncode == 2
+    assert "torch is not installed" in result.stderr
+    assert "pip install 'resnet-serve[builder]'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     result = run_without_torch(
         "from builder.__main__ import main\n"
