@@ -1,0 +1,109 @@
+"""The error map on an in-process grpc.aio server: domain errors, unknown errors, draining."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from server.errors import InvalidInput, QueueFull
+from server.interceptors import ErrorInterceptor
+
+SERVICE = "test.Echo"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def _unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    if request == b"invalid":
+        raise InvalidInput("top_k is 0; allowed: 1 to 1000")
+    if request == b"full":
+        raise QueueFull("queue is full")
+    if request == b"bug":
+        raise RuntimeError("secret /opt/models/x.onnx exploded")
+    return request
+
+
+async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield b"first"
+    raise KeyError("secret")
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.draining = False
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
+    harness = Harness()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(lambda: harness.draining)])
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary, _identity, _identity),
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, harness
+    await server.stop(0)
+
+
+def _call(channel: grpc.aio.Channel, method: str) -> Any:
+    kind = channel.unary_stream if method == "Stream" else channel.unary_unary
+    return kind(f"/{SERVICE}/{method}", request_serializer=_identity,
+                response_deserializer=_identity)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "details"),
+    [
+        (b"invalid", grpc.StatusCode.INVALID_ARGUMENT, "top_k is 0; allowed: 1 to 1000"),
+        (b"full", grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full"),
+        (b"bug", grpc.StatusCode.INTERNAL, "internal error; the server logged the details"),
+    ],
+)
+async def test_errors_become_statuses(
+    served: tuple[grpc.aio.Channel, Harness],
+    request_: bytes,
+    code: grpc.StatusCode,
+    details: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    channel, _ = served
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _call(channel, "Unary")(request_, timeout=10)
+    assert (error.value.code(), error.value.details()) == (code, details)
+    if code is grpc.StatusCode.INTERNAL:
+        assert "secret" in caplog.text  # logged for operators, never sent
+
+
+async def test_stream_errors_are_mapped_after_partial_output(
+    served: tuple[grpc.aio.Channel, Harness],
+) -> None:
+    channel, _ = served
+    call = _call(channel, "Stream")(b"x", timeout=10)
+    assert await call.read() == b"first"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call.read()
+    assert error.value.code() is grpc.StatusCode.INTERNAL
+    assert "secret" not in error.value.details()
+
+
+async def test_new_calls_are_refused_while_draining(
+    served: tuple[grpc.aio.Channel, Harness],
+) -> None:
+    channel, harness = served
+    assert await _call(channel, "Unary")(b"ok", timeout=10) == b"ok"
+    harness.draining = True
+    for method in ("Unary", "Stream"):
+        call = _call(channel, method)(b"ok", timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await (call.read() if method == "Stream" else call)
+        assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in error.value.details()
