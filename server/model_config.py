@@ -78,7 +78,9 @@ class Batching(_Strict):
     """Dynamic batching per model version (Triton's dynamic_batching)."""
 
     max_batch_size: int = Field(32, ge=1)
-    max_queue_delay_us: int = Field(0, ge=0, description="wait at most this long for a fuller batch")
+    max_queue_delay_us: int = Field(
+        0, ge=0, description="wait at most this long for a fuller batch"
+    )
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = Field(256, ge=1, description="images queued before RESOURCE_EXHAUSTED")
 
@@ -122,5 +124,7 @@ class ModelConfig(_Strict):
         path = Path(model_dir) / self.labels
         labels = path.read_text().splitlines()
         if len(labels) != self.num_classes:
-            raise ValueError(f"{path} has {len(labels)} labels, the model {self.num_classes} classes")
+            raise ValueError(
+                f"{path} has {len(labels)} labels, the model {self.num_classes} classes"
+            )
         return labels
