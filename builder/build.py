@@ -207,7 +207,9 @@ def build(request: BuildRequest) -> BuildResult:
         export_onnx(module, sample, path, request.opset)
         report = Report(run_checks(path, config, recipe, module, request.thresholds))
         record = verification_record(report, path, recipe, request.opset, request.thresholds)
-        (staged / VERIFICATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (staged / VERIFICATION_FILE).write_text(
+            json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if not report.passed:
             raise VerificationFailed(report)
         target = publish_version(staged, model_dir, version, config, labels_for(arch, num_classes))

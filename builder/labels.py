@@ -22,7 +22,9 @@ CIFAR10_CLASSES = (
 
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k names in class-index order, shipped as package data."""
-    text = resources.files("builder").joinpath("data/imagenet_classes.txt").read_text()
+    text = (
+        resources.files("builder").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    )
     return text.splitlines()
 
 
