@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=photos.DEFAULT_SOURCE,
         help="JPEG photos, re-encoded at ~1 MP for the jpeg variant",
     )
+    go.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server with py-spy in each measured window (slows it a little)",
+    )
     go.add_argument("--work", type=Path, default=WORK, help="scratch directory")
     go.add_argument(
         "--results",
@@ -143,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         raw_seconds=args.raw_seconds,
         knobs=knobs,
+        profile=args.profile,
     )
     unknown = set(plan.variants) - set(VARIANT_KEYS)
     if unknown:

@@ -26,6 +26,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from bench import histograms
+from bench.profile import Sampling
 from bench.repository import Served
 from bench.serving import Server
 
@@ -91,9 +92,10 @@ def requests_for(variant: Variant, served: Served, photos: list[Path]) -> list[A
 
 
 def _busy_seconds() -> float:
-    """CPU time the whole machine spent busy (every core, every process)."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    """CPU time the whole machine spent busy or stolen by the hypervisor (every core)."""
+    times = psutil.cpu_times()._asdict()
+    # guest time is already inside user time; idle and iowait are not busy
+    return sum(v for k, v in times.items() if k not in ("idle", "iowait", "guest", "guest_nice"))
 
 
 async def run_variant(
@@ -105,8 +107,13 @@ async def run_variant(
     *,
     warmup: float,
     seconds: float,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then measure one level; the row of the results JSON."""
+    """Warm up, then measure one level; the row of the results JSON.
+
+    With `profile_dir`, py-spy samples the server during the measured window
+    (`bench.profile`) and the row gets its summary under ``profile``.
+    """
     model = served.name if variant.batching else served.nobatch
     options = ChannelOptions(retry=None)
     async with aio_channel(server.address, options) as channel:
@@ -123,6 +130,10 @@ async def run_variant(
         await run_level(call, level, Stop(seconds=warmup), warmup=0, images_per_request=1)
         # scrapes outside the CPU window, so their cost is not counted
         batch_before = histograms.read(server.metrics(), histograms.BATCH_SIZE, model)
+        sampling = None
+        if profile_dir is not None:
+            name = f"{model}-{variant.key}-c{concurrency}"
+            sampling = Sampling.start(server.process.pid, seconds, profile_dir, name)
         server_cpu, machine_cpu = server.cpu_seconds(), _busy_seconds()
         result: LevelResult = await run_level(
             call, level, Stop(seconds=seconds), warmup=0, images_per_request=1
@@ -130,6 +141,7 @@ async def run_variant(
         server_cpu = server.cpu_seconds() - server_cpu
         machine_cpu = _busy_seconds() - machine_cpu
         batch = histograms.read(server.metrics(), histograms.BATCH_SIZE, model) - batch_before
+    profile = {} if sampling is None else {"profile": sampling.finish(result.seconds)}
     return {
         "model": served.name,
         "variant": variant.key,
@@ -145,4 +157,5 @@ async def run_variant(
         "batch_mean": round(batch.mean, 2),
         "batch_sizes": dict(batch.per_bucket()),
         "measured_at": time.time(),
+        **profile,
     }

@@ -44,9 +44,10 @@ class Plan:
     concurrencies: tuple[int, ...] = (1, 4, 16, 64)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     warmup: float = 3.0
-    seconds: float = 10.0
+    seconds: float = 12.0
     raw_seconds: float = 4.0
     knobs: Knobs = field(default_factory=Knobs)
+    profile: bool = False  # py-spy on the server during each measured window
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

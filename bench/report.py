@@ -183,8 +183,37 @@ def markdown(results: dict[str, Any], images: dict[str, str], source: str) -> st
                 f"| {r['server_cpu_ms_per_image']:.1f} | {errors} |"
             )
         lines.append("")
+    lines += _profiles(results)
     lines += [f"![{title}]({image})" for title, image in images.items()]
     return "\n".join(lines)
+
+
+def _profiles(results: dict[str, Any]) -> list[str]:
+    rows = [r for r in results["server"] if "profile" in r]
+    if not rows:
+        return []
+    lines = [
+        "### Profiles (py-spy, server process, measured window)",
+        "",
+        "Shares of one core (100 % = a core busy all the window) of the server's Python "
+        "threads while running, of the GIL held, and of the innermost Python functions; "
+        "ONNX Runtime's worker threads are native and not shown (their time is in the "
+        "server CPU column above).",
+        "",
+        "| model | conc | variant | GIL | threads | innermost functions |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for r in rows:
+        p = r["profile"]
+        threads = ", ".join(f"{t} {x:.0f} %" for t, x in p["threads_pct"].items() if x >= 0.5)
+        top = ", ".join(
+            f"`{f.split(' (')[0]}` {x:.0f} %" for f, x in p["top_functions_pct"].items() if x >= 0.5
+        )
+        lines.append(
+            f"| {r['model']} | {r['concurrency']} | {r['variant']} | {p['gil_pct']:.0f} % "
+            f"| {threads} | {top} |"
+        )
+    return [*lines, ""]
 
 
 def render(results: dict[str, Any], results_path: Path, doc: Path, plots_dir: Path) -> None:

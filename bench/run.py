@@ -84,7 +84,11 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
                     seconds=plan.raw_seconds,
                 )
             ]
-            results["server"] += asyncio.run(_server_levels(server, model, plan, photos))
+            results["server"] += asyncio.run(
+                _server_levels(
+                    server, model, plan, photos, work / "profiles" if plan.profile else None
+                )
+            )
     results["meta"] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
@@ -100,7 +104,7 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
 
 
 async def _server_levels(
-    server: Server, model: Served, plan: Plan, photos: list[Path]
+    server: Server, model: Served, plan: Plan, photos: list[Path], profiles: Path | None
 ) -> list[dict[str, Any]]:
     variants = [VARIANTS[key] for key in plan.variants]
     requests = {v.key: load.requests_for(v, model, photos) for v in variants}
@@ -115,6 +119,7 @@ async def _server_levels(
                 requests[variant.key],
                 warmup=plan.warmup,
                 seconds=plan.seconds,
+                profile_dir=profiles,
             )
             _say(
                 f"{model.name:>10} {variant.key:>8} c={concurrency:<3} "

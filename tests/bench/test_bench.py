@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import histograms, report
+from bench import histograms, profile, report
 from bench.__main__ import main
 from bench.load import VARIANT_KEYS
 from bench.repository import NO_BATCH_SUFFIX, prepare
@@ -99,3 +99,17 @@ def test_histogram_difference_per_bucket() -> None:
     delta = after - before
     assert delta.per_bucket() == [("1", 2), ("2", 2), ("3–4", 4), (">4", 0)]
     assert delta.mean == 23 / 8
+
+
+def test_profile_summary_shares_of_a_core() -> None:
+    running = "\n".join([
+        "thread (101): infer-m-1_0;Thread.run (threading.py:982);Session.run (ort.py:395) 150",
+        "thread (102): decode_0;_worker (thread.py:83);ImageFile.load (ImageFile.py:290) 30",
+        "thread (103): decode_1;_worker (thread.py:83);ImageFile.load (ImageFile.py:291) 20",
+        "thread (104): MainThread;run (asyncio.py:1);EpollSelector.select (selectors.py:9) 10",
+    ])  # fmt: skip
+    gil = "thread (104): MainThread;run (asyncio.py:1);Handle._run (events.py:80) 40"
+    summary = profile.summarize(running, gil, seconds=2.0)
+    assert summary["threads_pct"] == {"infer-m-1": 75.0, "decode": 25.0, "MainThread": 5.0}
+    assert summary["gil_pct"] == 20.0
+    assert summary["top_functions_pct"]["ImageFile.load (ImageFile.py)"] == 25.0
