@@ -143,3 +143,20 @@ async def test_delay_expiry_sends_a_partial_batch() -> None:
     out = await asyncio.wait_for(batcher.submit(_images(3)), 30)
     assert out[:, 0].tolist() == [3]
     await batcher.close()
+
+
+async def test_instances_run_batches_side_by_side() -> None:
+    runners = [FakeRunner(), FakeRunner()]
+    for runner in runners:
+        runner.gate.clear()
+    batcher = Batcher("m", "1", runners, Batching(max_batch_size=1), Metrics())
+    batcher.start()
+    calls = [asyncio.create_task(batcher.submit(_images(i))) for i in (1, 2, 3)]
+    while batcher._queued > 1:  # two taken at once, one waits for a free instance
+        await asyncio.sleep(0.01)
+    for runner in runners:
+        runner.gate.set()
+    results = await asyncio.gather(*calls)
+    assert [r[0, 0] for r in results] == [1, 2, 3]
+    assert sorted(len(r.batches) for r in runners) == [1, 2], "both instances took work"
+    await batcher.close()
