@@ -41,6 +41,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
 def host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -55,9 +59,16 @@ class App:
     async def run(self) -> int:
         settings = self.settings
         metrics = Metrics()
-        http = metrics.serve(settings.metrics_host, settings.metrics_port)
         registry = ModelRegistry(settings, metrics)
-        registry.scan()
+        try:
+            registry.scan()
+        except OSError as exc:
+            raise StartupError(f"cannot read the model repository: {exc}") from exc
+        metrics_address = host_port(settings.metrics_host, settings.metrics_port)
+        try:
+            http = metrics.serve(settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"cannot bind the metrics port {metrics_address}: {exc}") from exc
         preprocessor = Preprocessor(settings)
         health = health_aio.HealthServicer()
         ctx = ServingContext(settings, registry, preprocessor, metrics, health)
@@ -76,13 +87,17 @@ class App:
             pool = reflection_pool.for_services(reflected)
             reflection.enable_server_reflection(reflected, server, pool=pool)
         address = host_port(settings.host, settings.port)
-        server.add_insecure_port(address)
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as exc:
+            http.shutdown()
+            raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
         for name in (OVERALL, *(m.name for m in registry.models())):
             await health.set(name, NOT_SERVING)
         await server.start()
         log.info(
             "listening on %s (%s), metrics on http://%s/metrics",
-            address, ", ".join(names), host_port(settings.metrics_host, settings.metrics_port),
+            address, ", ".join(names), metrics_address,
         )  # fmt: skip
 
         stop = asyncio.Event()

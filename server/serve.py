@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from pydantic import ValidationError
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"resnet-serve serve: invalid settings\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from server.app import App  # onnxruntime loads only once settings are valid
+    from server.app import App, StartupError  # onnxruntime loads only once settings are valid
 
-    return asyncio.run(App(settings).run())
+    try:
+        return asyncio.run(App(settings).run())
+    except StartupError as exc:
+        logging.getLogger("server.app").error("%s", exc)
+        return 1
