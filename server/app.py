@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import disable_created_metrics
 
 from server import classifier, reflection_pool, v2_servicer
 from server.config import Settings
@@ -58,6 +59,7 @@ class App:
 
     async def run(self) -> int:
         settings = self.settings
+        disable_created_metrics()  # no *_created series beside every counter and histogram
         metrics = Metrics()
         registry = ModelRegistry(settings, metrics)
         try:
