@@ -76,6 +76,33 @@ def test_no_retry_policy_means_one_attempt(fake: FakeServer) -> None:
     assert fake.script.calls == 1
 
 
+def test_waiting_for_ready_retries_unavailable_past_grpcs_attempts(fake: FakeServer) -> None:
+    fake.script.failures.extend([UNAVAILABLE] * 12)
+    options = rsc.ChannelOptions(retry=FAST, wait_for_ready=True)
+    with rsc.Client(fake.target, model=MODEL, options=options) as client:
+        assert client.classify(b"abc")[0].top.index == 3
+    assert fake.script.calls == 13
+
+
+async def test_async_waiting_for_ready_too(fake: FakeServer) -> None:
+    fake.script.failures.extend([UNAVAILABLE] * 12)
+    options = rsc.ChannelOptions(retry=FAST, wait_for_ready=True)
+    async with rsc.AsyncClient(fake.target, model=MODEL, options=options) as client:
+        assert [r.top.index async for r in client.classify_many([b"ab"], stream=False)] == [2]
+    assert fake.script.calls == 13
+
+
+def test_waiting_for_ready_ends_at_the_deadline(fake: FakeServer) -> None:
+    fake.script.failures.extend([UNAVAILABLE] * 10_000)
+    options = rsc.ChannelOptions(retry=FAST, wait_for_ready=True)
+    with (
+        rsc.Client(fake.target, model=MODEL, options=options, timeout=0.3) as client,
+        pytest.raises((rsc.Unavailable, rsc.DeadlineExceeded)),
+    ):
+        client.classify(b"x")
+    assert fake.script.failures
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_broken_stream_is_reopened_and_unanswered_requests_resent(
     fake: FakeServer, concurrency: int

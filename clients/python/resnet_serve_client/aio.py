@@ -12,18 +12,18 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .client import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT
-from .errors import ResnetServeError, from_rpc_error
+from .errors import ResnetServeError, Unavailable, from_rpc_error
 from .images import ImageLike
 from .messages import (
     DEFAULT_TOP_K,
     Failed,
     classify_request,
     health_status,
-    is_retryable,
     requests_of,
     stream_result,
 )
 from .options.channel import ChannelOptions, aio_channel
+from .patience import Patience
 from .proto.resnet_serve.v1 import classifier_pb2 as pb
 from .proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from .resize import Resize
@@ -133,10 +133,16 @@ class AsyncClient:
         }
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return await method(request, **self._call(timeout))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        patience = Patience.for_call(self.options, self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                call = self._call(timeout) | {"timeout": patience.remaining()}
+                return await method(request, **call)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+                if (delay := patience.delay(failure)) is None:
+                    raise failure from None
+                await asyncio.sleep(delay)
 
     async def _unary_many(
         self, requests: Iterable[pb.ClassifyRequest | Failed], concurrency: int,
@@ -177,7 +183,7 @@ class AsyncClient:
         source = iter(requests)
         call_kwargs = self._call(timeout) | {"timeout": timeout}
         stream = _Stream.open(self._stub, call_kwargs, [])
-        failures = 0
+        patience = self._stream_patience(timeout)
         try:
             while True:
                 while len(window) < concurrency and (request := next(source, None)) is not None:
@@ -193,23 +199,29 @@ class AsyncClient:
                 try:
                     response = await stream.receive()
                 except ResnetServeError as error:
-                    failures += 1
-                    retry = self.options.retry
-                    if retry and is_retryable(error) and failures < retry.max_attempts:
-                        await asyncio.sleep(retry.backoff(failures))
+                    if (delay := patience.delay(error)) is not None:
+                        await asyncio.sleep(delay)
                     else:
                         window.popleft()
-                        failures = 0
+                        patience = self._stream_patience(timeout)
                         yield error
                     stream.close()
                     unanswered = [r for r in window if not isinstance(r, Failed)]
                     stream = _Stream.open(self._stub, call_kwargs, unanswered)
                     continue
-                failures = 0
+                if patience.attempts:
+                    patience = self._stream_patience(timeout)
                 window.popleft()
                 yield stream_result(response)
         finally:
             stream.close()
+
+
+    def _stream_patience(self, timeout: float | None) -> Patience:
+        return Patience.for_stream(self.options, self.timeout if timeout is None else timeout)
+
+
+_CORE_INTERNAL = "Internal error from Core"
 
 
 class _Stream:
@@ -240,7 +252,14 @@ class _Stream:
         try:
             response = await self._call.read()
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            failure = from_rpc_error(error)
+            if failure.code is grpc.StatusCode.INTERNAL and failure.message == _CORE_INTERNAL:
+                # grpc.aio replaces the status of a stream the server ended while a write
+                # was under way with this one (grpc/grpc#36066): the stream broke, the
+                # server's reason is lost. Treated as the break it is, so it is reopened.
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                  "the stream broke (its status was lost in grpc.aio)") from None
+            raise failure from None
         if response is grpc.aio.EOF:
             raise ResnetServeError(
                 grpc.StatusCode.INTERNAL, "the server ended the stream before answering"

@@ -23,12 +23,14 @@ from .messages import (
     stream_result,
 )
 from .options.channel import ChannelOptions, sync_channel
+from .patience import Patience
 from .proto.resnet_serve.v1 import classifier_pb2 as pb
 from .proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from .resize import Resize
 from .results import Classification, HealthStatus, ModelInfo, classifications, model_info
 
 DEFAULT_TIMEOUT = 30.0
+_Sent = tuple[pb.ClassifyRequest, grpc.Future]
 DEFAULT_CONCURRENCY = 8
 
 
@@ -89,10 +91,7 @@ class Client:
             images, model=model or self.model, version=version, top_k=top_k,
             resize=self.resize, request_id=request_id,
         )
-        try:
-            return classifications(self._stub.Classify(request, **self._call(timeout)))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        return classifications(self._unary(self._stub.Classify, request, timeout))
 
     def classify_many(
         self,
@@ -142,20 +141,14 @@ class Client:
         return health_status(response)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        try:
-            response = self._stub.ListModels(pb.ListModelsRequest(), **self._call(timeout))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return [model_info(model) for model in response.models]
 
     def get_model(
         self, name: str, version: str = "", *, timeout: float | None = None
     ) -> ModelInfo:
         request = pb.GetModelRequest(name=name, version=version)
-        try:
-            return model_info(self._stub.GetModel(request, **self._call(timeout)))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        return model_info(self._unary(self._stub.GetModel, request, timeout))
 
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {
@@ -164,26 +157,46 @@ class Client:
             "wait_for_ready": self.options.wait_for_ready,
         }
 
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        patience = Patience.for_call(self.options, self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                call = self._call(timeout) | {"timeout": patience.remaining()}
+                return method(request, **call)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+                if (delay := patience.delay(failure)) is None:
+                    raise failure from None
+                time.sleep(delay)
+
     def _unary_many(
         self, requests: Iterable[pb.ClassifyRequest | Failed], concurrency: int,
         timeout: float | None,
     ) -> Iterator[Classification | Exception]:
-        window: deque[grpc.Future | Failed] = deque()
+        window: deque[_Sent | Failed] = deque()
 
-        def settle(item: grpc.Future | Failed) -> Classification | Exception:
+        def settle(item: _Sent | Failed) -> Classification | Exception:
             if isinstance(item, Failed):
                 return item.error
+            request, future = item
             try:
-                return classifications(item.result())[0]
+                return classifications(future.result())[0]
             except grpc.RpcError as error:
-                return from_rpc_error(error)
+                failure = from_rpc_error(error)
+            if not (self.options.wait_for_ready and is_retryable(failure)):
+                return failure
+            try:  # go on waiting for the server, up to the deadline
+                return classifications(self._unary(self._stub.Classify, request, timeout))[0]
+            except ResnetServeError as error:
+                return error
 
         try:
             for request in requests:
                 if isinstance(request, Failed):
                     window.append(request)
                 else:
-                    window.append(self._stub.Classify.future(request, **self._call(timeout)))
+                    future = self._stub.Classify.future(request, **self._call(timeout))
+                    window.append((request, future))
                 if len(window) >= concurrency:
                     yield settle(window.popleft())
             while window:
@@ -191,7 +204,7 @@ class Client:
         finally:
             for item in window:
                 if not isinstance(item, Failed):
-                    item.cancel()
+                    item[1].cancel()
 
     def _stream_many(
         self, requests: Iterable[pb.ClassifyRequest | Failed], concurrency: int,
@@ -201,7 +214,7 @@ class Client:
         window: deque[pb.ClassifyRequest | Failed] = deque()
         source = iter(requests)
         stream = _Stream(self._stub, self._call(timeout) | {"timeout": timeout})
-        failures = 0
+        patience = self._stream_patience(timeout)
         try:
             while True:
                 while len(window) < concurrency and (request := next(source, None)) is not None:
@@ -217,21 +230,24 @@ class Client:
                 try:
                     response = stream.receive()
                 except ResnetServeError as error:
-                    failures += 1
-                    retry = self.options.retry
-                    if retry and is_retryable(error) and failures < retry.max_attempts:
-                        time.sleep(retry.backoff(failures))
+                    if (delay := patience.delay(error)) is not None:
+                        time.sleep(delay)
                     else:
                         window.popleft()
-                        failures = 0
+                        patience = self._stream_patience(timeout)
                         yield error
                     stream = stream.reopen([r for r in window if not isinstance(r, Failed)])
                     continue
-                failures = 0
+                if patience.attempts:
+                    patience = self._stream_patience(timeout)
                 window.popleft()
                 yield stream_result(response)
         finally:
             stream.close()
+
+
+    def _stream_patience(self, timeout: float | None) -> Patience:
+        return Patience.for_stream(self.options, self.timeout if timeout is None else timeout)
 
 
 class _Stream:

@@ -32,11 +32,13 @@ class ChannelOptions:
     for none. keepalive: HTTP/2 keepalive pings, ``None`` for gRPC's default
     (off). load_balancing: gRPC policy across the target's resolved
     addresses; with ``dns:///host:port`` and ``round_robin`` every address
-    gets calls. wait_for_ready: calls wait (up to their deadline) for the
-    server to become reachable instead of failing at once with UNAVAILABLE;
-    turn it on to ride out restarts. reconnect_backoff: first and largest
-    delay (seconds) between reconnection attempts. metadata: extra headers
-    for every call. channel_args: raw gRPC channel arguments, applied last.
+    gets calls. wait_for_ready: calls wait, up to their deadline, for a
+    server that is unreachable, draining or still loading its models (they
+    go on retrying UNAVAILABLE past gRPC's 5 attempts, see ``patience``)
+    instead of failing with UNAVAILABLE; turn it on to ride out restarts.
+    reconnect_backoff: first and largest delay (seconds) between
+    reconnection attempts. metadata: extra headers for every call.
+    channel_args: raw gRPC channel arguments, applied last.
     """
 
     tls: TLS | None = None
