@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import struct
-import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,9 +19,16 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from tests.fixtures.servers import RunningServer
+from tests.server.messages import (
+    CHELSEA,
+    encoded,
+    float_tensor,
+    png_claiming,
+    random_chw,
+    sample,
+    uint8_tensor,
+)
 
-PHOTOS = Path("/work/shared/data/photos")
-CHELSEA = (PHOTOS / "chelsea.jpg").read_bytes()  # 451x300: decoded at full size
 CODE = grpc.StatusCode
 
 FAMILIES = [
@@ -53,43 +57,8 @@ def stub(channel: grpc.Channel) -> pb_grpc.ClassifierStub:
     return pb_grpc.ClassifierStub(channel)
 
 
-def encoded(data: bytes) -> pb.Image:
-    return pb.Image(encoded=data)
-
-
-def uint8_tensor(pixels: np.ndarray) -> pb.Image:
-    return pb.Image(
-        tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=pixels.shape, data=pixels.tobytes())
-    )
-
-
-def float_tensor(chw: np.ndarray) -> pb.Image:
-    data = chw.astype("<f4").tobytes()
-    return pb.Image(tensor=pb.Tensor(dtype=pb.Tensor.FLOAT32, shape=chw.shape, data=data))
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text scrape (0 when absent)."""
-    wanted = ",".join(sorted(f'{k}="{v}"' for k, v in labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
-        if match and ",".join(sorted(match[1].split(","))) == wanted:
-            return float(match[2])
-    return 0.0
-
-
 def computed_images(server: RunningServer, model: str = "resnet18") -> float:
     return sample(server.metrics(), "resnet_serve_batch_size_sum", model=model, version="1")
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))  # fmt: skip
 
 
 def _tiff() -> bytes:
@@ -175,7 +144,7 @@ def test_health_per_model_and_reflection(
          CODE.INVALID_ARGUMENT, "truncated or corrupt"),
         (pb.ClassifyRequest(model="resnet18", images=[encoded(_tiff())]), CODE.INVALID_ARGUMENT,
          "unsupported image format TIFF; allowed: JPEG, PNG, WebP, BMP or GIF"),
-        (pb.ClassifyRequest(model="resnet18", images=[encoded(_png_claiming(9000, 9000))]),
+        (pb.ClassifyRequest(model="resnet18", images=[encoded(png_claiming(9000, 9000))]),
          CODE.INVALID_ARGUMENT, "9000x9000 = 81000000 pixels; at most 40000000 are allowed"),
         (pb.ClassifyRequest(model="resnet18", images=[pb.Image()]), CODE.INVALID_ARGUMENT,
          "has no data; set encoded"),
@@ -248,16 +217,13 @@ def test_stream_answers_in_order_with_errors_in_band(stub: pb_grpc.ClassifierStu
     ]  # fmt: skip
 
 
-def _chw(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((3, 224, 224), dtype=np.float32)
-
-
 async def test_concurrent_requests_are_batched(model_server: RunningServer) -> None:
     before = model_server.metrics()
     async with grpc.aio.insecure_channel(model_server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         requests = [
-            pb.ClassifyRequest(model="resnet18", images=[float_tensor(_chw(i))]) for i in range(16)
+            pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(i))])
+            for i in range(16)
         ]
         calls = [stub.Classify(request, timeout=120) for request in requests]
         responses = await asyncio.gather(*calls)
@@ -282,14 +248,14 @@ async def test_expired_and_cancelled_requests_are_not_computed(
     model_server: RunningServer,
 ) -> None:
     before = computed_images(model_server)
-    big = [float_tensor(_chw(i)) for i in range(64)]  # two full batches keep the model busy
+    big = [float_tensor(random_chw(i)) for i in range(64)]  # two full batches keep the model busy
     async with grpc.aio.insecure_channel(
         model_server.address, options=[("grpc.max_send_message_length", 64 << 20)]
     ) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         busy = stub.Classify(pb.ClassifyRequest(model="resnet18", images=big), timeout=300)
         await _until_queued(model_server, 32)  # one batch running, one full batch waiting
-        one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(_chw(99))])
+        one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(99))])
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Classify(one, timeout=0.3)
         assert error.value.code() is CODE.DEADLINE_EXCEEDED

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
@@ -20,7 +19,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 
 from server.model_config import VERIFICATION_FILE, ModelConfig
 from tests.fixtures.servers import RunningServer
-from tests.server.test_classify import CHELSEA, encoded, float_tensor, sample
+from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -41,10 +40,6 @@ def rewrite_verification(version_dir: Path, **fields: Any) -> None:
     report = json.loads(path.read_text())
     path.unlink()
     path.write_text(json.dumps({**report, **fields}))
-
-
-def _chw(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((3, 224, 224), dtype=np.float32)
 
 
 async def _poll(server: RunningServer, name: str, at_least: float, **labels: str) -> None:
@@ -86,7 +81,7 @@ def test_refused_versions_and_a_full_queue(
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "no READY version" in error.value.details()
 
-        too_big = pb.ClassifyRequest(model="small_queue", images=[float_tensor(_chw(0))] * 7)
+        too_big = pb.ClassifyRequest(model="small_queue", images=[float_tensor(random_chw(0))] * 7)
         with pytest.raises(grpc.RpcError) as error:
             stub.Classify(too_big, timeout=30)
         assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -95,7 +90,7 @@ def test_refused_versions_and_a_full_queue(
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             requests = [
-                pb.ClassifyRequest(model="small_queue", images=[float_tensor(_chw(i))] * 2)
+                pb.ClassifyRequest(model="small_queue", images=[float_tensor(random_chw(i))] * 2)
                 for i in range(12)
             ]
             calls = [stub.Classify(request, timeout=120) for request in requests]

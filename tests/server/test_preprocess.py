@@ -13,8 +13,6 @@ low-pass filter).
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,8 @@ from PIL import Image
 from server.errors import InvalidInput
 from server.model_config import ModelConfig
 from server.preprocess import Limits, decode, prepare_encoded, prepare_pixels, to_rgb
+from tests.server.messages import PHOTOS, png_claiming
 
-PHOTOS = Path("/work/shared/data/photos")
 IMAGENET = ModelConfig(name="imagenet", arch="resnet18", num_classes=1000)
 LIMITS = Limits(max_image_bytes=20 << 20, max_image_pixels=40_000_000)
 STD = np.asarray(IMAGENET.preprocessing.std).reshape(3, 1, 1)
@@ -171,25 +169,13 @@ def test_exif_orientation_is_applied(photo: Image.Image) -> None:
     assert difference < 3
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height: decoding it would need the memory."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = zlib.compress(b"\x00" * 1024)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", pixels)
-            + _chunk(b"IEND", b""))  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         (b"", "image is empty"),
         (b"\x00" * 100, "not a decodable image"),
-        (_png_claiming(8000, 8000), "8000x8000 = 64000000 pixels; at most 40000000"),
-        (_png_claiming(100_000, 100_000), "too many pixels; at most 40000000"),
+        (png_claiming(8000, 8000), "8000x8000 = 64000000 pixels; at most 40000000"),
+        (png_claiming(100_000, 100_000), "too many pixels; at most 40000000"),
         (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "allowed"),
     ],
     ids=["empty", "garbage", "bomb", "huge-bomb", "broken-jpeg"],
