@@ -118,7 +118,7 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         requests = [
-            pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)] * 4, request_id=f"d{i}")
+            pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)] * 8, request_id=f"d{i}")
             for i in range(6)
         ]
         calls = [stub.Classify(request, timeout=300) for request in requests]
@@ -144,7 +144,7 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
 
         responses = await asyncio.gather(*calls)
     assert [r.request_id for r in responses] == [f"d{i}" for i in range(6)]
-    assert all(len(r.results) == 4 for r in responses)
+    assert all(len(r.results) == 8 for r in responses)
     assert await asyncio.to_thread(server.process.wait, 60) == 0
     events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     messages = [e["message"] for e in events]
