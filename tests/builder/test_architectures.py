@@ -228,3 +228,15 @@ def test_zero_pad_shortcut_subsamples_and_pads() -> None:
     assert out.shape == (2, 8, 2, 2)
     assert torch.equal(out[:, 2:6], x[:, :, ::2, ::2])
     assert not out[:, :2].any() and not out[:, 6:].any()
+
+
+def test_reference_figures_follow_the_head_and_layout() -> None:
+    resnet50 = REGISTRY.get("resnet50")
+    with torch.device("meta"):
+        ten_classes = ResNet(resnet50, 10)
+    counted = sum(p.numel() for p in ten_classes.parameters())
+    assert resnet50.params_for(10) == counted == 23_528_522
+    assert resnet50.macs_for(Layout.TORCHVISION, 10) == pytest.approx(4.09e9 - 2048 * 990)
+    assert resnet50.macs_for(Layout.ORIGINAL, 1000) == pytest.approx(3.8e9)
+    assert REGISTRY.get("resnet18").macs_for(Layout.ORIGINAL, 1000) == pytest.approx(1.8e9)
+    assert REGISTRY.get("resnext50_32x4d").macs_for(Layout.ORIGINAL, 1000) is None

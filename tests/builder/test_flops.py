@@ -7,7 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from builder.architectures import Layout
 from builder.flops import count_macs
+from builder.registry import REGISTRY
+from builder.verify import check_macs
 
 
 def tiny_graph() -> onnx.ModelProto:
@@ -52,3 +55,17 @@ def test_unknown_spatial_size_is_refused() -> None:
     dims[2].dim_param, dims[3].dim_param = "height", "width"
     with pytest.raises(ValueError, match="unknown dimensions"):
         count_macs(model)
+
+
+def test_a_layout_without_a_published_figure_is_reported_not_failed() -> None:
+    check = check_macs(tiny_graph(), REGISTRY.get("resnext50_32x4d"), Layout.ORIGINAL, 1000, 0.03)
+    assert check.passed
+    assert check.figures["reference"] is None
+    assert "no published figure for the original layout" in check.detail
+
+
+def test_a_count_far_from_the_paper_fails_with_the_figures() -> None:
+    check = check_macs(tiny_graph(), REGISTRY.get("resnet18"), Layout.TORCHVISION, 1000, 0.03)
+    assert not check.passed
+    assert check.figures["counted"] == 9215
+    assert "vs 1.800 G (-100.0%, outside ±3%)" in check.detail
