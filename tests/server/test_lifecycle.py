@@ -14,6 +14,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -51,7 +54,7 @@ async def _poll(server: RunningServer, name: str, at_least: float, **labels: str
     raise AssertionError(f"{name}{labels} never reached {at_least}")
 
 
-def test_refused_versions_and_a_full_queue(
+def test_refused_versions_full_queue_no_reflection_and_sigint(
     model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
 ) -> None:
     repo = tmp_path / "repo"
@@ -59,7 +62,7 @@ def test_refused_versions_and_a_full_queue(
     rewrite_verification(add_model(repo, model_repo / "cifar", "tampered") / "1", sha256="0" * 64)
     rewrite_verification(add_model(repo, model_repo / "cifar", "failed") / "1", passed=False)
     (add_model(repo, model_repo / "cifar", "unverified") / "1" / VERIFICATION_FILE).unlink()
-    server = server_factory(repo, "--max-message-bytes", "4000000")
+    server = server_factory(repo, "--max-message-bytes", "4000000", "--no-reflection")
 
     log = server.log()
     for name, reason in [
@@ -107,6 +110,10 @@ def test_refused_versions_and_a_full_queue(
         ok = stub.Classify(pb.ClassifyRequest(model="small_queue", images=[encoded(CHELSEA)]),
                            timeout=60)  # fmt: skip
         assert ok.version == "1"
+        with pytest.raises(grpc.RpcError) as error:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert error.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert server.stop(signal.SIGINT) == 0
 
 
 async def test_drain_answers_everything_in_flight_then_exits_0(
