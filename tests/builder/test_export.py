@@ -108,8 +108,8 @@ def test_export_is_deterministic(tmp_path: Path, build_model: BuildModel, model_
     assert sha256_file(again / MODEL_FILE) == sha256_file(model_repo / "cifar" / "1" / MODEL_FILE)
 
 
-def test_other_heads_get_numbered_labels(tmp_path: Path, build_model: BuildModel) -> None:
-    version_dir = build_model("resnet20", tmp_path, num_classes=5, seed=4)
+def test_other_heads_seeds_and_opsets(tmp_path: Path, build_model: BuildModel) -> None:
+    version_dir = build_model("resnet20", tmp_path, num_classes=5, seed=4, opset=17)
     config = ModelConfig.load(version_dir.parent)
     assert config.num_classes == 5
     assert config.read_labels(version_dir.parent) == [f"class_{i}" for i in range(5)]
@@ -117,7 +117,10 @@ def test_other_heads_get_numbered_labels(tmp_path: Path, build_model: BuildModel
         None, {"images": np.zeros((2, 3, 32, 32), np.float32)}
     )
     assert logits.shape == (2, 5)
-    assert record_of(version_dir)["recipe"]["seed"] == 4
+    recipe = record_of(version_dir)["recipe"]
+    assert (recipe["seed"], recipe["opset"], recipe["num_classes"]) == (4, 17, 5)
+    opsets = {o.domain: o.version for o in onnx.load(str(version_dir / MODEL_FILE)).opset_import}
+    assert opsets[""] == 17
 
 
 def test_versions_count_up_and_are_never_overwritten(
