@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -83,6 +84,7 @@ class BuildRequest:
 class BuildResult:
     version_dir: Path
     report: Report
+    seconds: dict[str, float]  # wall time of the stages: model, export, checks
 
 
 def model_config(name: str, arch: ArchSpec, num_classes: int, input_dtype: str) -> ModelConfig:
@@ -200,20 +202,27 @@ def build(request: BuildRequest) -> BuildResult:
         zero_init_last=request.zero_init_last,
         weights=None if request.weights is None else weights_source(request.weights),
     )
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     module = graph_module(recipe.model(), config)
     sample = torch.from_numpy(random_inputs(config.input, 1, np.random.default_rng(recipe.seed)))
+    seconds["model"] = time.perf_counter() - started
     with staging_dir(model_dir) as staged:
         path = staged / MODEL_FILE
+        started = time.perf_counter()
         export_onnx(module, sample, path, request.opset)
+        seconds["export"] = time.perf_counter() - started
         report = Report(run_checks(path, config, recipe, module, request.thresholds))
+        seconds["checks"] = time.perf_counter() - started - seconds["export"]
         record = verification_record(report, path, recipe, request.opset, request.thresholds)
+        record["seconds"] = {stage: round(value, 2) for stage, value in seconds.items()}
         (staged / VERIFICATION_FILE).write_text(
             json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         if not report.passed:
             raise VerificationFailed(report)
         target = publish_version(staged, model_dir, version, config, labels_for(arch, num_classes))
-    return BuildResult(target, report)
+    return BuildResult(target, report, seconds)
 
 
 def _rebuild_problem(recipe: Recipe) -> str | None:

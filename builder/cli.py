@@ -129,7 +129,8 @@ def _build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.report.table())
-    print(f"built {result.version_dir}")
+    stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in result.seconds.items())
+    print(f"built {result.version_dir} ({stages})")
     return 0
 
 

@@ -95,7 +95,7 @@ def test_build_prints_the_checks_and_counts_versions(
     for name in ("onnx_checker", "shape_inference", "onnxruntime_vs_pytorch", "parameter_count"):
         assert name in out
     assert "multiply_adds           pass    40.6 M vs 41.0 M" in out
-    assert f"built {tmp_path / 'tiny' / '1'}" in out
+    assert f"built {tmp_path / 'tiny' / '1'} (model " in out
     assert (
         main(["build", "resnet20", "--repo", str(tmp_path), "--name", "tiny", "--seed", "2"]) == 0
     )

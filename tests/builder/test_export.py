@@ -56,6 +56,7 @@ def test_verification_record(model_repo: Path) -> None:
     assert record["passed"] is True
     assert record["sha256"] == sha256_file(version_dir / MODEL_FILE)
     assert record["scope"] == "full" and record["seed"] == 0
+    assert set(record["seconds"]) == {"model", "export", "checks"}
     recipe = record["recipe"]
     assert recipe["arch"] == "resnet18" and recipe["seed"] == 0 and recipe["weights"] is None
     assert recipe["num_classes"] == 1000 and recipe["layout"] == "torchvision"
