@@ -40,8 +40,6 @@ class ZeroPadShortcut(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions (ResNet-18/34 and the CIFAR nets)."""
 
-    expansion = 1
-
     def __init__(
         self,
         inplanes: int,

@@ -45,9 +45,6 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._specs)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._specs
-
     def __iter__(self) -> Iterator[ArchSpec]:
         return iter(self._specs.values())
 
