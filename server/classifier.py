@@ -122,7 +122,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             raise InvalidInput("model is empty; ListModels shows the models")
         model = self._ctx.registry.get(request.model, request.version)
         count = len(request.images)
-        with self._ctx.metrics.track_request(model.name, model.version, count):
+        with self._ctx.metrics.track_request(model.name, model.version, count, deadline):
             k = self._check(request, model)
             started = time.perf_counter()
             inputs = await asyncio.gather(

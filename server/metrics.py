@@ -37,6 +37,8 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 _MV = ("model", "version")
+# gRPC's deadline timer and time.monotonic() may disagree by a few milliseconds.
+_DEADLINE_SLACK = 0.01
 
 
 class Metrics:
@@ -114,8 +116,14 @@ class Metrics:
         )
 
     @contextmanager
-    def track_request(self, model: str, version: str, images: int) -> Iterator[None]:
-        """Count one request of a known model version: in flight, duration, outcome, images."""
+    def track_request(
+        self, model: str, version: str, images: int, deadline: float | None = None
+    ) -> Iterator[None]:
+        """Count one request of a known model version: in flight, duration, outcome, images.
+
+        A request cancelled after its `deadline` (a `time.monotonic()` value) counts as
+        DEADLINE_EXCEEDED, any other cancellation as CANCELLED.
+        """
         labels = (model, version)
         self.inflight.labels(*labels).inc()
         started = time.perf_counter()
@@ -123,7 +131,12 @@ class Metrics:
         try:
             yield
         except BaseException as exc:
-            code = to_status(exc)[0].name if isinstance(exc, Exception) else "CANCELLED"
+            if isinstance(exc, Exception):
+                code = to_status(exc)[0].name
+            elif deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK:
+                code = "DEADLINE_EXCEEDED"
+            else:
+                code = "CANCELLED"
             raise
         finally:
             elapsed = time.perf_counter() - started

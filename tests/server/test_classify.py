@@ -265,7 +265,11 @@ async def test_expired_and_cancelled_requests_are_not_computed(
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         assert len((await busy).results) == 64
+    after = model_server.metrics()
     assert computed_images(model_server) - before == 64
+    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+        assert sample(after, "resnet_serve_requests_total", model="resnet18", version="1",
+                      code=code) >= 1  # fmt: skip
 
 
 async def _until_queued(server: RunningServer, images: int) -> None:
