@@ -92,7 +92,12 @@ class Settings(BaseSettings):
     reflection: bool = Field(True, description="gRPC server reflection (grpcurl discovery)")
 
     def threads_per_session(self, instances: int, configured: int | None) -> int:
-        """Intra-op threads for one session: flag/env, then config.json, then cores / instances."""
+        """Intra-op threads for one session: flag/env, then config.json, then cores / instances.
+
+        cores / instances keeps a model's sessions from competing for cores with each
+        other; the decode workers share those cores, which is why ONNX Runtime's
+        threads do not spin by default (`allow_spinning`): idle, they yield.
+        """
         if self.intra_op_threads is not None:
             return self.intra_op_threads
         if configured is not None:

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a model repository over gRPC",
         description=(
             "Serve every verified model of a repository over gRPC (resnet_serve.v1.Classifier, "
-            "health, reflection) with Prometheus metrics. Each flag also reads "
+            "the Open Inference Protocol v2, health, reflection) with Prometheus metrics. "
+            "Each flag also reads "
             f"{config.ENV_PREFIX}<FLAG> from the environment; flags win."
         ),
     )
