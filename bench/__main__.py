@@ -1,4 +1,10 @@
-"""``python -m bench run`` (what ``make bench`` does) and ``python -m bench report RESULTS``."""
+"""The benchmark's command line.
+
+- ``python -m bench run`` (what ``make bench`` does): raw ONNX Runtime and the
+  server in one run; JSON in bench/results/, the report in docs/benchmarks.md.
+- ``python -m bench sweep``: the server under each knob set of `bench.plan.SWEEP`.
+- ``python -m bench report RESULTS``: redraw the report from a saved run or sweep.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import photos, report, run
 from bench.load import VARIANT_KEYS
-from bench.plan import Knobs, Plan
+from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WORK = HERE / "results" / "tmp"  # git-ignored: built models, photos, server log
+WORK = HERE / "results" / "tmp"  # git-ignored: built models, photos, server log, profiles
+SWEEP_PLAN = Plan(
+    models=("resnet50",),
+    variants=("uint8", "jpeg"),
+    concurrencies=(1, 16),
+    batch_sizes=(1, 16, 32),
+    warmup=2.0,
+    seconds=8.0,
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -26,78 +41,14 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    plan, knobs = Plan(), Knobs()
 
     go = sub.add_parser("run", help="measure raw ONNX Runtime and the server, save, report")
-    go.add_argument(
-        "--models", type=_names, default=plan.models, help="architectures (default %(default)s)"
-    )
-    go.add_argument(
-        "--repo",
-        type=Path,
-        default=WORK / "models",
-        help="built model repository; models missing here are built "
-        "(resnet-serve build ARCH --input uint8) (default %(default)s)",
-    )
-    go.add_argument("--no-build", action="store_true", help="fail instead of building")
-    go.add_argument(
-        "--variants",
-        type=_names,
-        default=plan.variants,
-        help=f"server variants, of {','.join(VARIANT_KEYS)} (default: all)",
-    )
-    go.add_argument(
-        "--concurrency",
-        type=_ints,
-        default=plan.concurrencies,
-        help="requests in flight, a comma list (default %(default)s)",
-    )
-    go.add_argument(
-        "--batch-sizes",
-        type=_ints,
-        default=plan.batch_sizes,
-        help="raw ORT batch sizes (default %(default)s)",
-    )
-    go.add_argument(
-        "--warmup",
-        type=float,
-        default=plan.warmup,
-        help="unrecorded seconds before each server level (default %(default)s)",
-    )
-    go.add_argument(
-        "--seconds",
-        type=float,
-        default=plan.seconds,
-        help="measured seconds per server level (default %(default)s)",
-    )
-    go.add_argument(
-        "--raw-seconds",
-        type=float,
-        default=plan.raw_seconds,
-        help="measured seconds per raw batch size (default %(default)s)",
-    )
-    go.add_argument(
-        "--photos",
-        type=Path,
-        default=photos.DEFAULT_SOURCE,
-        help="JPEG photos, re-encoded at ~1 MP for the jpeg variant",
-    )
-    go.add_argument(
-        "--profile",
-        action="store_true",
-        help="sample the server with py-spy in each measured window (slows it a little)",
-    )
-    go.add_argument("--work", type=Path, default=WORK, help="scratch directory")
-    go.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "results",
-        help="where the JSON goes (default %(default)s)",
-    )
-    _output_arguments(go)
-    tuning = go.add_argument_group("server knobs (unset: the server's own default)")
+    _plan_arguments(go, Plan())
+    knobs, tuning = Knobs(), go.add_argument_group("server knobs (unset: the server's default)")
     tuning.add_argument("--intra-op-threads", type=int, default=knobs.intra_op_threads)
     tuning.add_argument("--instances", type=int, default=knobs.instances)
     tuning.add_argument("--decode-workers", type=int, default=knobs.decode_workers)
@@ -106,13 +57,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tuning.add_argument("--max-batch-size", type=int, default=knobs.max_batch_size)
     tuning.add_argument("--max-queue-delay-us", type=int, default=knobs.max_queue_delay_us)
+    go.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server with py-spy in each measured window (slows it a little)",
+    )
     go.set_defaults(func=_run)
 
-    again = sub.add_parser("report", help="render docs/benchmarks.md from a results JSON")
+    sweep = sub.add_parser("sweep", help="the server under each knob set: " + "; ".join(SWEEP))
+    _plan_arguments(sweep, SWEEP_PLAN)
+    sweep.set_defaults(func=_sweep)
+
+    again = sub.add_parser("report", help="redraw docs/benchmarks.md from a results JSON")
     again.add_argument("results_json", type=Path)
     _output_arguments(again)
     again.set_defaults(func=_report)
     return parser
+
+
+def _plan_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
+    add = parser.add_argument
+    add("--models", type=_names, default=plan.models, help="architectures (default %(default)s)")
+    add(
+        "--repo",
+        type=Path,
+        default=WORK / "models",
+        help="built model repository; models missing here are built with "
+        "`resnet-serve build ARCH --input uint8` (default %(default)s)",
+    )
+    add("--no-build", action="store_true", help="fail instead of building a missing model")
+    add(
+        "--variants",
+        type=_names,
+        default=plan.variants,
+        help=f"server variants, of {','.join(VARIANT_KEYS)} (default %(default)s)",
+    )
+    add(
+        "--concurrency",
+        type=_ints,
+        default=plan.concurrencies,
+        help="requests in flight, a comma list (default %(default)s)",
+    )
+    add(
+        "--batch-sizes",
+        type=_ints,
+        default=plan.batch_sizes,
+        help="raw ORT batch sizes (default %(default)s)",
+    )
+    add(
+        "--warmup",
+        type=float,
+        default=plan.warmup,
+        help="unrecorded seconds before each server level (default %(default)s)",
+    )
+    add(
+        "--seconds",
+        type=float,
+        default=plan.seconds,
+        help="measured seconds per server level (default %(default)s)",
+    )
+    add(
+        "--raw-seconds",
+        type=float,
+        default=plan.raw_seconds,
+        help="measured seconds per raw batch size (default %(default)s)",
+    )
+    add(
+        "--photos",
+        type=Path,
+        default=photos.DEFAULT_SOURCE,
+        help="JPEG photos, re-encoded at ~1 MP for the jpeg variant (default %(default)s)",
+    )
+    add("--work", type=Path, default=WORK, help="scratch directory (default %(default)s)")
+    add("--results", type=Path, default=HERE / "results",
+        help="where the JSON goes (default %(default)s)")  # fmt: skip
+    _output_arguments(parser)
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,12 +141,32 @@ def _output_arguments(parser: argparse.ArgumentParser) -> None:
         default=ROOT / "docs" / "benchmarks.md",
         help="the report to update (default %(default)s)",
     )
-    parser.add_argument(
-        "--plots",
-        type=Path,
-        default=ROOT / "docs" / "benchmarks",
-        help="where the PNGs go (default %(default)s)",
+    parser.add_argument("--plots", type=Path, default=ROOT / "docs" / "benchmarks",
+                        help="where the PNGs go (default %(default)s)")  # fmt: skip
+
+
+def _plan(args: argparse.Namespace, knobs: Knobs, profile: bool = False) -> Plan:
+    unknown = set(args.variants) - set(VARIANT_KEYS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANT_KEYS)}")
+    return Plan(
+        models=args.models,
+        variants=args.variants,
+        concurrencies=args.concurrency,
+        batch_sizes=args.batch_sizes,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        raw_seconds=args.raw_seconds,
+        knobs=knobs,
+        profile=profile,
     )
+
+
+def _prepare(args: argparse.Namespace, plan: Plan) -> list[Path]:
+    """Build missing models; the ~1 MP JPEGs."""
+    if not args.no_build:
+        build_missing(args.repo, list(plan.models))
+    return photos.one_megapixel(args.photos, args.work / "photos")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -139,35 +178,29 @@ def _run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
     )
-    plan = Plan(
-        models=args.models,
-        variants=args.variants,
-        concurrencies=args.concurrency,
-        batch_sizes=args.batch_sizes,
-        warmup=args.warmup,
-        seconds=args.seconds,
-        raw_seconds=args.raw_seconds,
-        knobs=knobs,
-        profile=args.profile,
-    )
-    unknown = set(plan.variants) - set(VARIANT_KEYS)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANT_KEYS)}")
-    if not args.no_build:
-        build_missing(args.repo, list(plan.models))
-    jpegs = photos.one_megapixel(args.photos, args.work / "photos")
-    results = run.execute(plan, args.repo, jpegs, args.work)
+    plan = _plan(args, knobs, args.profile)
+    results = run.execute(plan, args.repo, _prepare(args, plan), args.work)
+    return _finish(results, args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    plan = _plan(args, Knobs())
+    results = run.execute_sweep(plan, SWEEP, args.repo, _prepare(args, plan), args.work)
+    return _finish(results, args)
+
+
+def _finish(results: dict[str, Any], args: argparse.Namespace) -> int:
     path = run.save(results, args.results)
     print(f"wrote {path}", file=sys.stderr)
     report.render(results, path, args.doc, args.plots)
-    print(f"wrote {args.doc} and its plots in {args.plots}", file=sys.stderr)
+    print(f"wrote {args.doc}", file=sys.stderr)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     results = json.loads(args.results_json.read_text())
     report.render(results, args.results_json, args.doc, args.plots)
-    print(f"wrote {args.doc} and its plots in {args.plots}", file=sys.stderr)
+    print(f"wrote {args.doc}", file=sys.stderr)
     return 0
 
 

@@ -51,3 +51,13 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SWEEP = {
+    "server defaults": Knobs(),
+    "ORT threads spinning": Knobs(allow_spinning=True),
+    "2 instances × 1 thread": Knobs(instances=2, intra_op_threads=1),
+    "1 decode worker": Knobs(decode_workers=1),
+    "max queue delay 5 ms": Knobs(max_queue_delay_us=5000),
+}
+"""The knob sets ``python -m bench sweep`` compares, each on a fresh server."""

@@ -8,19 +8,22 @@ turn — so the pairs the targets compare are measured about a minute apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from bench import load, raw
-from bench.plan import Plan
+from bench.plan import Knobs, Plan
 from bench.repository import Served, prepare
 from bench.serving import Server, running
 
@@ -59,8 +62,44 @@ def _git_commit() -> str:
 
 def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> dict[str, Any]:
     """Run `plan` against the models of `source_repo`; the results as a JSON-able dict."""
-    started = time.time()
-    load_before = os.getloadavg()
+    started, load_before = time.time(), os.getloadavg()
+    results: dict[str, Any] = {"raw": {}, "server": []}
+    profiles = work / "profiles" if plan.profile else None
+    with _serving(plan, source_repo, work) as (server, served):
+        server_log = server.settings_lines()
+        for model in served:
+            results["raw"][model.name] = _raw(model, plan)
+            results["server"] += asyncio.run(_server_levels(server, model, plan, photos, profiles))
+    results["meta"] = _meta(started, load_before, plan, server_log, photos)
+    results["plan"] = plan.as_dict()
+    return results
+
+
+def execute_sweep(
+    plan: Plan, knob_sets: dict[str, Knobs], source_repo: Path, photos: list[Path], work: Path
+) -> dict[str, Any]:
+    """The server levels of `plan` under each set of knobs, one server after the other."""
+    started, load_before = time.time(), os.getloadavg()
+    results: dict[str, Any] = {"raw": {}, "sweep": []}
+    for label, knobs in knob_sets.items():
+        tuned = replace(plan, knobs=knobs)
+        with _serving(tuned, source_repo, work) as (server, served):
+            rows = []
+            for model in served:
+                if model.name not in results["raw"]:
+                    results["raw"][model.name] = _raw(model, plan)
+                rows += asyncio.run(_server_levels(server, model, tuned, photos, None))
+            results["sweep"].append(
+                {"label": label, "knobs": asdict(knobs), "flags": knobs.server_flags(),
+                 "server_log": server.settings_lines(), "rows": rows}
+            )  # fmt: skip
+    results["meta"] = _meta(started, load_before, plan, [], photos)
+    results["plan"] = plan.as_dict()
+    return results
+
+
+@contextlib.contextmanager
+def _serving(plan: Plan, source_repo: Path, work: Path) -> Iterator[tuple[Server, list[Served]]]:
     served = prepare(
         source_repo,
         work / "repo",
@@ -68,39 +107,37 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
         max_batch_size=plan.knobs.max_batch_size,
         max_queue_delay_us=plan.knobs.max_queue_delay_us,
     )
-    results: dict[str, Any] = {"raw": {}, "server": []}
     flags = plan.knobs.server_flags()
     _say(f"starting the server over {work / 'repo'} {' '.join(flags)}")
     with running(work / "repo", work / "server.log", flags) as server:
-        server_log = server.settings_lines()
-        for model in served:
-            _say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
-            results["raw"][model.name] = [
-                r.as_dict()
-                for r in raw.sweep(
-                    model.model_file,
-                    model.config.input,
-                    list(plan.batch_sizes),
-                    seconds=plan.raw_seconds,
-                )
-            ]
-            results["server"] += asyncio.run(
-                _server_levels(
-                    server, model, plan, photos, work / "profiles" if plan.profile else None
-                )
-            )
-    results["meta"] = {
+        yield server, served
+
+
+def _raw(model: Served, plan: Plan) -> list[dict[str, Any]]:
+    _say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
+    results = raw.sweep(
+        model.model_file, model.config.input, list(plan.batch_sizes), seconds=plan.raw_seconds
+    )
+    return [r.as_dict() for r in results]
+
+
+def _meta(
+    started: float,
+    load_before: tuple[float, float, float],
+    plan: Plan,
+    server_log: list[str],
+    photos: list[Path],
+) -> dict[str, Any]:
+    return {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
         "load_average_before": [round(x, 2) for x in load_before],
         "machine": machine(),
-        "server_flags": flags,
+        "server_flags": plan.knobs.server_flags(),
         "server_log": server_log,
         "photos": [p.name for p in photos],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    results["plan"] = plan.as_dict()
-    return results
 
 
 async def _server_levels(

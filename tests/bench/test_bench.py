@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import bench.__main__ as bench_main
 from bench import histograms, profile, report
 from bench.__main__ import main
 from bench.load import VARIANT_KEYS
+from bench.plan import Knobs
 from bench.repository import NO_BATCH_SUFFIX, prepare
 from server.model_config import ModelConfig
 
@@ -113,3 +115,25 @@ def test_profile_summary_shares_of_a_core() -> None:
     assert summary["threads_pct"] == {"infer-m-1": 75.0, "decode": 25.0, "MainThread": 5.0}
     assert summary["gil_pct"] == 20.0
     assert summary["top_functions_pct"]["ImageFile.load (ImageFile.py)"] == 25.0
+
+
+def test_sweep_compares_knob_sets_on_fresh_servers(
+    model_repo: Path, photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    knob_sets = {"defaults": Knobs(), "one decode worker": Knobs(decode_workers=1)}
+    monkeypatch.setattr(bench_main, "SWEEP", knob_sets)
+    doc = tmp_path / "benchmarks.md"
+    code = main([
+        "sweep", "--repo", str(model_repo), "--no-build", "--models", MODEL,
+        "--variants", "uint8", "--concurrency", "2", "--batch-sizes", "1",
+        "--warmup", "0.1", "--seconds", "0.3", "--raw-seconds", "0.05",
+        "--photos", str(photo_dir), "--work", str(tmp_path / "work"),
+        "--results", str(tmp_path / "results"), "--doc", str(doc),
+    ])  # fmt: skip
+    assert code == 0
+    (path,) = (tmp_path / "results").glob("*.json")
+    sweep = json.loads(path.read_text())["sweep"]
+    assert [s["label"] for s in sweep] == list(knob_sets)
+    assert sweep[1]["flags"] == ["--decode-workers", "1"]
+    assert all(row["ok"] > 0 for s in sweep for row in s["rows"])
+    assert report.SWEEP_BEGIN in doc.read_text() and "one decode worker" in doc.read_text()
