@@ -229,9 +229,13 @@ class ModelRegistry:
 
 
 def warmup_sizes(mv: ModelVersion) -> tuple[int, ...]:
-    """The batch sizes the batcher aims for: 1, each preferred size, the maximum."""
+    """Batch sizes run before READY: 1, 2, 4, … below the maximum, each preferred size, the
+    maximum — what a batcher aiming at preferred sizes sends, and a spread of the sizes that
+    dynamic batching forms in between (warming all of 1…max would multiply start-up time).
+    """
     batching = mv.config.batching
-    return tuple(sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size}))
+    powers = {1 << i for i in range(batching.max_batch_size.bit_length())}
+    return tuple(sorted({*powers, *batching.preferred_batch_sizes, batching.max_batch_size}))
 
 
 def _check_verification(version_dir: Path) -> None:
