@@ -293,3 +293,13 @@ def test_metrics_has_every_family(model_server: RunningServer) -> None:
     for bound in ("0.001", "10.0"):
         assert re.search(rf'^resnet_serve_request_duration_seconds_bucket{{.*le="{bound}"', text,
                          re.M)  # fmt: skip
+
+
+def test_request_id_is_carried_into_the_log(
+    model_server: RunningServer, stub: pb_grpc.ClassifierStub
+) -> None:
+    bad = pb.ClassifyRequest(model="cifar", images=[encoded(b"?")], request_id="trace-7f3a")
+    with pytest.raises(grpc.RpcError):
+        stub.Classify(bad, timeout=60)
+    lines = [line for line in model_server.log().splitlines() if "[trace-7f3a]" in line]
+    assert len(lines) == 1 and "INVALID_ARGUMENT: image 0:" in lines[0]
