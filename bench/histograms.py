@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 BATCH_SIZE = "resnet_serve_batch_size"
+STAGES = {
+    "request": "resnet_serve_request_duration_seconds",
+    "preprocess": "resnet_serve_preprocess_duration_seconds",
+    "queue": "resnet_serve_queue_duration_seconds",
+    "inference": "resnet_serve_inference_duration_seconds",
+}
+"""Where a request's time goes inside the server (inference: per session run)."""
 
 
 @dataclass
@@ -63,3 +70,8 @@ def read(text: str, name: str, model: str) -> Histogram:
             elif sample.name == name + "_count":
                 found.count += sample.value
     return found
+
+
+def read_all(text: str, model: str) -> dict[str, Histogram]:
+    """The batch-size histogram and each stage's duration histogram of `model`."""
+    return {name: read(text, name, model) for name in (BATCH_SIZE, *STAGES.values())}

@@ -129,7 +129,7 @@ async def run_variant(
         level = Level(concurrency)
         await run_level(call, level, Stop(seconds=warmup), warmup=0, images_per_request=1)
         # scrapes outside the CPU window, so their cost is not counted
-        batch_before = histograms.read(server.metrics(), histograms.BATCH_SIZE, model)
+        before = histograms.read_all(server.metrics(), model)
         sampling = None
         if profile_dir is not None:
             name = f"{model}-{variant.key}-c{concurrency}"
@@ -140,7 +140,12 @@ async def run_variant(
         )
         server_cpu = server.cpu_seconds() - server_cpu
         machine_cpu = _busy_seconds() - machine_cpu
-        batch = histograms.read(server.metrics(), histograms.BATCH_SIZE, model) - batch_before
+        after = histograms.read_all(server.metrics(), model)
+    batch = after[histograms.BATCH_SIZE] - before[histograms.BATCH_SIZE]
+    stages = {
+        stage: round(1000 * (after[name] - before[name]).mean, 2)
+        for stage, name in histograms.STAGES.items()
+    }
     profile = {} if sampling is None else {"profile": sampling.finish(result.seconds)}
     return {
         "model": served.name,
@@ -156,6 +161,7 @@ async def run_variant(
         "server_cpu_ms_per_image": round(1000 * server_cpu / max(1, result.ok), 2),
         "batch_mean": round(batch.mean, 2),
         "batch_sizes": dict(batch.per_bucket()),
+        "server_mean_ms": stages,
         "measured_at": time.time(),
         **profile,
     }
