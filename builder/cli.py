@@ -166,7 +166,14 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     rows = [("model", "arch", "input", "classes", "version", "status")]
     for entry in entries:
-        model = (entry.name, entry.arch, entry.input, str(entry.num_classes))
+        if entry.config is None:
+            rows.append(
+                (entry.name, "-", "-", "-", "-", f"invalid config.json: {entry.config_error}")
+            )
+            continue
+        spec = entry.config.input
+        shape = f"{spec.dtype} {spec.layout} {spec.size}"
+        model = (entry.name, entry.config.arch, shape, str(entry.config.num_classes))
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
             rows.append((*model, str(status.version), status.status + detail))

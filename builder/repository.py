@@ -140,10 +140,9 @@ class VersionStatus:
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    arch: str
-    input: str
-    num_classes: int
     versions: list[VersionStatus]
+    config: ModelConfig | None  # None when config.json does not parse
+    config_error: str = ""
 
 
 def version_status(version_dir: Path) -> VersionStatus:
@@ -172,15 +171,12 @@ def list_models(repo: Path) -> list[ModelEntry]:
     if not repo.is_dir():
         raise RepositoryError(f"model repository {repo} does not exist")
     for model_dir in sorted(p for p in repo.iterdir() if (p / CONFIG_FILE).is_file()):
-        config = ModelConfig.load(model_dir)
         statuses = [version_status(model_dir / str(v)) for v in versions(model_dir)]
-        entries.append(
-            ModelEntry(
-                name=model_dir.name,
-                arch=config.arch,
-                input=f"{config.input.dtype} {config.input.layout} {config.input.size}",
-                num_classes=config.num_classes,
-                versions=statuses,
-            )
-        )
+        try:
+            config = ModelConfig.load(model_dir)
+        except ValueError as exc:  # pydantic's ValidationError, or JSON that does not parse
+            first_line = str(exc).splitlines()[0]
+            entries.append(ModelEntry(model_dir.name, statuses, None, first_line))
+            continue
+        entries.append(ModelEntry(model_dir.name, statuses, config))
     return entries

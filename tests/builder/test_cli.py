@@ -80,11 +80,15 @@ def test_models_shows_failed_and_modified_versions(
     record["passed"] = False
     record["checks"][0]["passed"] = False
     record_path.write_text(json.dumps(record))
+    broken = model_repo_copy / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"name": "broken"}')
     assert main(["models", "--repo", str(model_repo_copy)]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
     assert "modified" in rows["resnet18"]
     assert "FAILED (onnx_checker)" in rows["cifar"]
     assert "verified" in rows["resnet18_u8"]
+    assert "invalid config.json: 2 validation errors for ModelConfig" in rows["broken"]
 
 
 def test_build_prints_the_checks_and_counts_versions(
