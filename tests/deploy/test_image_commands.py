@@ -3,7 +3,8 @@
 The builder stage's model-building RUN step runs as written (through /bin/sh,
 Docker's default shell, with the build args as environment variables, as
 BuildKit passes them), with a small architecture given through the ARCHS build
-arg. Then each runtime stage's ENTRYPOINT runs as written against that
+arg (and once more with a checkpoint given through WEIGHTS, from a stand-in
+build context). Then each runtime stage's ENTRYPOINT runs as written against that
 repository, configured by the stage's own RESNET_SERVE_* variables with only
 the paths and ports replaced; the stage's HEALTHCHECK command must report it
 healthy, a Classify must succeed, and SIGTERM must end it with exit code 0.
@@ -11,6 +12,8 @@ healthy, a Classify must succeed, and SIGTERM must end it with exit code 0.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -31,31 +34,55 @@ def _healthcheck_command(stage: dockerfile.Stage) -> str:
     return command.strip()
 
 
-@pytest.fixture(scope="module")
-def built_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_builder_step(repo: Path, context: Path, **build_args: str) -> str:
+    """Run the builder stage's model-building RUN as written; `context` stands in for the
+    build context it mounts. Returns its output."""
     df = dockerfile.load()
     builder = df.stage("builder")
     (run,) = [r for r in builder.all("RUN") if "resnet-serve build" in r.value]
     flags, command = run.flags_and_rest()
-    # The stage mounts the build context (for a checkpoint); here the context is the checkout.
     for mount in flags.get("mount", []):
         opts = dict(kv.partition("=")[::2] for kv in mount.split(","))
         if opts.get("type") == "bind" and opts.get("source") == ".":
-            command = command.replace(opts["target"], str(ROOT))
-    repo = tmp_path_factory.mktemp("image") / "models"
-    build_args = {k: v for k, v in df.global_args.items() if v is not None}
-    build_args |= {k: v for k, v in builder.args().items() if v is not None}
-    assert "ARCHS" in build_args and "MODEL_REPO" in build_args
-    build_args |= {"ARCHS": ARCH, "MODEL_REPO": str(repo)}
-    env = procs.clean_env(**builder.env(), **build_args)
+            command = command.replace(opts["target"], str(context))
+    args = {k: v for k, v in df.global_args.items() if v is not None}
+    args |= {k: v for k, v in builder.args().items() if v is not None}
+    assert {"ARCHS", "MODEL_REPO", "WEIGHTS"} <= set(args) | set(builder.args())
+    args |= {"MODEL_REPO": str(repo), **build_args}
+    env = procs.clean_env(**builder.env(), **args)
     result = subprocess.run(
         ["/bin/sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, f"builder step failed:\n{result.stdout}\n{result.stderr}"
-    models = sorted(repo.glob("*/*/model.onnx"))
-    assert models, f"no model written under {repo}:\n{result.stdout}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def built_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("image") / "models"
+    output = run_builder_step(repo, ROOT, ARCHS=ARCH)
+    assert sorted(repo.glob(f"{ARCH}/*/model.onnx")), f"no model under {repo}:\n{output}"
     return repo
+
+
+def test_builder_step_takes_a_checkpoint_from_the_context(tmp_path: Path) -> None:
+    """WEIGHTS, a path inside the build context, reaches `resnet-serve build --weights`."""
+    import torch
+
+    from builder.resnet import ModelOptions, create_model
+
+    context = tmp_path / "context"
+    checkpoint = context / "checkpoints" / "resnet20.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(create_model("resnet20", ModelOptions(seed=7)).state_dict(), checkpoint)
+    repo = tmp_path / "models"
+    run_builder_step(repo, context, ARCHS="resnet20", WEIGHTS="checkpoints/resnet20.pth")
+    (record,) = [json.loads(p.read_text()) for p in repo.glob("resnet20/*/verification.json")]
+    weights = record["recipe"]["weights"]
+    assert weights is not None, "the build ignored WEIGHTS"
+    assert Path(weights["path"]) == checkpoint.resolve()
+    assert weights["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 @pytest.mark.timeout(1800)
