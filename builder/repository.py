@@ -113,15 +113,19 @@ def staging_dir(model_dir: Path) -> Iterator[Path]:
 def publish_version(
     staged: Path, model_dir: Path, version: int, config: ModelConfig, labels: list[str]
 ) -> Path:
-    """Write config.json and labels.txt if new, then rename the staged version into place."""
+    """Write labels.txt and config.json if new, then rename the staged version into place.
+
+    In that order, so a reader that finds config.json finds the labels it names, and one
+    that finds the version finds both.
+    """
     check_config_compatible(model_dir, config)
+    labels_path = model_dir / config.labels
+    if not labels_path.is_file():
+        _write_atomically(labels_path, "\n".join(labels) + "\n")
     if not (model_dir / CONFIG_FILE).is_file():
         _write_atomically(
             model_dir / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
         )
-    labels_path = model_dir / config.labels
-    if not labels_path.is_file():
-        _write_atomically(labels_path, "\n".join(labels) + "\n")
     target = model_dir / str(version)
     try:
         os.rename(staged, target)
