@@ -36,34 +36,31 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-def _per_image(shape: list[int | None], name: str) -> int:
-    """Elements of one item of the batch; every axis but the first must be known."""
-    rest = shape[1:]
-    if any(d is None for d in rest):
-        raise ValueError(f"shape inference left {name} with unknown dimensions: {shape}")
-    return math.prod(rest)  # type: ignore[arg-type]
+def _known(dims: list[int | None], name: str) -> list[int]:
+    if any(d is None for d in dims):
+        raise ValueError(f"shape inference left {name} with unknown dimensions: {dims}")
+    return [int(d) for d in dims if d is not None]
 
 
 def count_macs(model: onnx.ModelProto) -> MacCount:
+    """Raises ValueError when a counted node's shapes are not all known."""
     inferred = shape_inference.infer_shapes(model)
     shapes = _shapes(inferred)
     by_op: Counter[str] = Counter()
     for node in inferred.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        out = node.output[0]
-        if out not in shapes:
-            raise ValueError(f"shape inference gave no shape for {node.op_type} output {out}")
-        outputs = _per_image(shapes[out], out)
-        weight = shapes[node.input[1]]
+        out, weight_name = node.output[0], node.input[1]
+        if out not in shapes or weight_name not in shapes:
+            raise ValueError(f"shape inference gave no shapes for {node.op_type} {node.name}")
+        outputs = math.prod(_known(shapes[out][1:], out))  # per image: the batch axis left out
+        weight = _known(shapes[weight_name], weight_name)
         if node.op_type == "Conv":
-            per_output = math.prod(weight[1:])  # type: ignore[arg-type]
+            per_output = math.prod(weight[1:])  # (C_in / groups) × k_h × k_w
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             per_output = weight[1] if trans_b else weight[0]
         else:
             per_output = weight[-2]
-        if per_output is None:
-            raise ValueError(f"unknown reduction size for {node.op_type} {node.name}")
-        by_op[node.op_type] += outputs * int(per_output)
+        by_op[node.op_type] += outputs * per_output
     return MacCount(total=sum(by_op.values()), by_op=dict(by_op))

@@ -55,6 +55,9 @@ def test_unknown_spatial_size_is_refused() -> None:
     dims[2].dim_param, dims[3].dim_param = "height", "width"
     with pytest.raises(ValueError, match="unknown dimensions"):
         count_macs(model)
+    check = check_macs(model, REGISTRY.get("resnet18"), Layout.TORCHVISION, 1000, 0.03)
+    assert not check.passed
+    assert check.detail.startswith("cannot count: shape inference left c with unknown dimensions")
 
 
 def test_a_layout_without_a_published_figure_is_reported_not_failed() -> None:
