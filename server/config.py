@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "RESNET_SERVE_"
@@ -90,6 +90,32 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     reflection: bool = Field(True, description="gRPC server reflection (grpcurl discovery)")
+
+    # security of the gRPC port (docs/security.md)
+    tls_cert: Path | None = Field(
+        None, description="server certificate chain (PEM); with tls_key the gRPC port speaks TLS"
+    )
+    tls_key: Path | None = Field(None, description="private key (PEM) of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="CA certificates (PEM) that client certificates must chain to: mutual TLS",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="a bearer token every call but health checks must carry; prefer the env "
+        "var to the flag, which the process list shows",
+    )
+    auth_token_file: Path | None = Field(
+        None, description="file of accepted bearer tokens, one per line (# starts a comment)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
     def threads_per_session(self, instances: int, configured: int | None) -> int:
         """Intra-op threads for one session: flag/env, then config.json, then cores / instances.

@@ -39,6 +39,10 @@ class Draining(ServeError):
     """The server is shutting down and takes no new calls."""
 
 
+class Unauthenticated(ServeError):
+    """The call carries no bearer token, or one the server does not accept."""
+
+
 _CODES: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -46,6 +50,7 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
