@@ -2,8 +2,11 @@
 
 Start-up: bind, answer health NOT_SERVING, load and warm every model, then
 SERVING per model name (and overall "" once loading is done and a model is
-ready). SIGTERM/SIGINT: health NOT_SERVING for all, new calls UNAVAILABLE,
-queued and in-flight calls finish within the grace period, exit 0.
+ready). SIGTERM/SIGINT: health NOT_SERVING for all, new calls UNAVAILABLE
+(answered by the interceptor while the port stays open, so balancers and
+clients see a status they retry elsewhere, not a cancelled call), open
+streams stop reading and end with UNAVAILABLE, queued and in-flight calls
+finish; then the port closes. All within the grace period; exit 0.
 
 Services are added by the registrars in `SERVICES`, each
 ``register(server, ctx) -> full service name`` (for reflection).
@@ -26,7 +29,7 @@ from prometheus_client import disable_created_metrics
 from server import classifier, reflection_pool, v2_servicer
 from server.config import Settings
 from server.context import ServingContext
-from server.interceptors import ErrorInterceptor
+from server.interceptors import Calls, ErrorInterceptor
 from server.metrics import Metrics
 from server.models import Model, ModelRegistry
 from server.preprocess import Preprocessor
@@ -55,7 +58,6 @@ def host_port(host: str, port: int) -> str:
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.draining = False
 
     async def run(self) -> int:
         settings = self.settings
@@ -74,9 +76,12 @@ class App:
         preprocessor = Preprocessor(settings)
         health = health_aio.HealthServicer()
         ctx = ServingContext(settings, registry, preprocessor, metrics, health)
+        calls = Calls()
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(lambda: self.draining)],
+            interceptors=[ErrorInterceptor(ctx.draining, calls)],
             options=[
+                # A second server on a taken port fails to start instead of sharing it.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
@@ -109,11 +114,17 @@ class App:
         loading = asyncio.ensure_future(self._load(registry, health))
         await stop.wait()
 
-        self.draining = True
+        grace_ends = loop.time() + settings.grace_period
+        ctx.draining.set()
         await health.enter_graceful_shutdown()
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
-        await server.stop(settings.grace_period)
+        try:
+            await asyncio.wait_for(calls.idle(), settings.grace_period)
+            log.info("every accepted call answered; closing the port")
+        except TimeoutError:
+            log.warning("grace period over with %d calls unanswered; cancelling them", calls.active)
+        await server.stop(max(0.0, grace_ends - loop.time()))
         log.info("gRPC server stopped; closing models")
         await registry.close()
         preprocessor.close()

@@ -23,6 +23,7 @@ from server.errors import InvalidInput, to_status
 from server.logs import REQUEST_ID
 from server.models import Model, ModelVersion, State
 from server.postprocess import top_k
+from server.streams import answer_in_order
 
 log = logging.getLogger(__name__)
 
@@ -62,36 +63,22 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         deadline = deadline_of(context)
-        window: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
 
-        async def read() -> None:
+        async def answer(request: pb.ClassifyRequest, sequence: int) -> pb.ClassifyStreamResponse:
             try:
-                async for request in request_iterator:
-                    await window.put(asyncio.ensure_future(self._classify(request, deadline)))
-            finally:
-                await window.put(None)
+                response = await self._classify(request, deadline)
+            except Exception as exc:
+                code, message = to_status(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("ClassifyStream request %d failed", sequence, exc_info=exc)
+                error = pb.Error(code=code.value[0], message=message)
+                return pb.ClassifyStreamResponse(sequence=sequence, error=error)
+            return pb.ClassifyStreamResponse(sequence=sequence, response=response)
 
-        reader = asyncio.ensure_future(read())
-        sequence = 0
-        try:
-            while (task := await window.get()) is not None:
-                try:
-                    yield pb.ClassifyStreamResponse(sequence=sequence, response=await task)
-                except Exception as exc:
-                    code, message = to_status(exc)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.error("ClassifyStream request %d failed", sequence, exc_info=exc)
-                    error = pb.Error(code=code.value[0], message=message)
-                    yield pb.ClassifyStreamResponse(sequence=sequence, error=error)
-                sequence += 1
-            await reader  # a broken request stream ends the call with its error
-        finally:
-            reader.cancel()
-            while not window.empty():
-                if (task := window.get_nowait()) is not None:
-                    task.cancel()
+        async for response in answer_in_order(
+            request_iterator, answer, self._ctx.draining, STREAM_WINDOW
+        ):
+            yield response
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

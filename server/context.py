@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from grpc_health.v1.health import aio as health_aio
 
@@ -19,3 +20,5 @@ class ServingContext:
     preprocessor: Preprocessor
     metrics: Metrics
     health: health_aio.HealthServicer
+    # Set once when the server starts draining; create the context inside the running loop.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)

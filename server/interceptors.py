@@ -2,11 +2,13 @@
 
 Domain errors (`server.errors`) keep their message; anything else is logged
 with its traceback and the caller gets INTERNAL with a generic message. While
-the server drains, new calls (other than health checks) get UNAVAILABLE.
+the server drains, new calls (other than health checks) get UNAVAILABLE, and
+`Calls` counts the ones still being answered so shutdown can wait for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +22,13 @@ from server.errors import Draining, to_status
 log = logging.getLogger(__name__)
 
 _HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
+# Answered while draining too: balancers and v2 clients poll them to see the drain.
+_ALWAYS_ANSWERED = (
+    _HEALTH_PREFIX,
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -71,11 +80,54 @@ _FACTORIES = {
 }
 
 
+class Calls:
+    """Calls being answered (health checks and refusals excluded)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+    def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._enter()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._exit()
+
+        return counted
+
+    def streaming(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self._enter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                self._exit()
+
+        return counted
+
+    def _enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: errors to statuses, and refusal while draining."""
 
-    def __init__(self, draining: Callable[[], bool]) -> None:
+    def __init__(self, draining: asyncio.Event, calls: Calls) -> None:
         self._draining = draining
+        self._calls = calls
 
     async def intercept_service(
         self,
@@ -93,12 +145,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             (True, False): handler.stream_unary,
             (True, True): handler.stream_stream,
         }[(streaming_in, streaming_out)]
-        if self._draining() and not method.startswith(_HEALTH_PREFIX):
-            wrapped = _guard_unary(_refuse, method)
+        if method.startswith(_ALWAYS_ANSWERED):
+            counted = behavior
+        elif self._draining.is_set():
+            counted = _refuse
         elif inspect.isasyncgenfunction(behavior):
-            wrapped = _guard_streaming(behavior, method)
+            counted = self._calls.streaming(behavior)
         else:
-            wrapped = _guard_unary(behavior, method)
+            counted = self._calls.unary(behavior)
+        if inspect.isasyncgenfunction(counted):
+            wrapped = _guard_streaming(counted, method)
+        else:
+            wrapped = _guard_unary(counted, method)
         return _FACTORIES[(streaming_in, streaming_out)](
             wrapped,
             request_deserializer=handler.request_deserializer,

@@ -31,6 +31,7 @@ from server.context import ServingContext
 from server.errors import InvalidInput, ServeError, to_status
 from server.logs import REQUEST_ID
 from server.models import Model, ModelVersion, State
+from server.streams import answer_in_order
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext
@@ -155,27 +156,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
-        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_one(request, deadline)))
-            finally:
-                await pending.put(None)
+        async def answer(request: pb.ModelInferRequest, _: int) -> pb.ModelStreamInferResponse:
+            return await self._stream_one(request, deadline)
 
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                if (task := pending.get_nowait()) is not None:
-                    task.cancel()
+        async for response in answer_in_order(
+            request_iterator, answer, self._ctx.draining, STREAM_WINDOW
+        ):
+            yield response
 
     async def _stream_one(
         self, request: pb.ModelInferRequest, deadline: float | None

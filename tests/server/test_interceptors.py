@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,7 +10,7 @@ import grpc
 import pytest
 
 from server.errors import InvalidInput, QueueFull
-from server.interceptors import ErrorInterceptor
+from server.interceptors import Calls, ErrorInterceptor
 
 SERVICE = "test.Echo"
 
@@ -25,6 +26,8 @@ async def _unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise QueueFull("queue is full")
     if request == b"bug":
         raise RuntimeError("secret /opt/models/x.onnx exploded")
+    if request == b"slow":
+        await asyncio.sleep(0.5)
     return request
 
 
@@ -35,13 +38,14 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIte
 
 class Harness:
     def __init__(self) -> None:
-        self.draining = False
+        self.draining = asyncio.Event()
+        self.calls = Calls()
 
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
     harness = Harness()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(lambda: harness.draining)])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(harness.draining, harness.calls)])
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),
@@ -100,10 +104,29 @@ async def test_new_calls_are_refused_while_draining(
 ) -> None:
     channel, harness = served
     assert await _call(channel, "Unary")(b"ok", timeout=10) == b"ok"
-    harness.draining = True
+    harness.draining.set()
     for method in ("Unary", "Stream"):
         call = _call(channel, method)(b"ok", timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await (call.read() if method == "Stream" else call)
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in error.value.details()
+
+
+async def test_calls_count_what_is_being_answered_and_not_refusals(
+    served: tuple[grpc.aio.Channel, Harness],
+) -> None:
+    channel, harness = served
+    assert await _call(channel, "Unary")(b"ok", timeout=10) == b"ok"
+    assert harness.calls.active == 0
+    slow = asyncio.ensure_future(_call(channel, "Unary")(b"slow", timeout=10))
+    while harness.calls.active == 0:
+        await asyncio.sleep(0.01)
+    idle = asyncio.ensure_future(harness.calls.idle())
+    harness.draining.set()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _call(channel, "Unary")(b"ok", timeout=10)
+    assert harness.calls.active == 1 and not idle.done()
+    assert await slow == b"slow"
+    await asyncio.wait_for(idle, 10)
+    assert harness.calls.active == 0

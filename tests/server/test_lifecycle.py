@@ -128,6 +128,9 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
             pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)] * 8, request_id=f"d{i}")
             for i in range(6)
         ]
+        stream = stub.ClassifyStream(timeout=300)
+        await stream.write(pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)]))
+        assert (await stream.read()).response.version == "1"  # then left open, idle
         calls = [stub.Classify(request, timeout=300) for request in requests]
         labels = {"model": "resnet18", "version": "1"}
         await _poll(server, "resnet_serve_inflight_requests", 6, **labels)
@@ -148,6 +151,11 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Classify(late, timeout=30)
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in error.value.details()
+        # the idle stream is ended for the client to reopen elsewhere, not held to the grace period
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stream.read()
+        assert error.value.code() is grpc.StatusCode.UNAVAILABLE
 
         responses = await asyncio.gather(*calls)
     assert [r.request_id for r in responses] == [f"d{i}" for i in range(6)]
@@ -156,4 +164,5 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
     events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     messages = [e["message"] for e in events]
     assert any(m.startswith("SIGTERM received: draining") for m in messages)
+    assert "every accepted call answered; closing the port" in messages
     assert messages[-1] == "exiting"
