@@ -26,7 +26,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
-from server import classifier, reflection_pool, v2_servicer
+from server import classifier, reflection_pool, tls, v2_servicer
+from server.auth import AuthInterceptor, load_tokens
 from server.config import Settings
 from server.context import ServingContext
 from server.interceptors import Calls, ErrorInterceptor
@@ -68,6 +69,11 @@ class App:
             registry.scan()
         except OSError as exc:
             raise StartupError(f"cannot read the model repository: {exc}") from exc
+        try:
+            tokens = load_tokens(settings)
+            credentials = tls.server_credentials(settings)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
         metrics_address = host_port(settings.metrics_host, settings.metrics_port)
         try:
             http = metrics.serve(settings.metrics_host, settings.metrics_port)
@@ -78,7 +84,10 @@ class App:
         ctx = ServingContext(settings, registry, preprocessor, metrics, health)
         calls = Calls()
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(ctx.draining, calls)],
+            interceptors=[
+                ErrorInterceptor(ctx.draining, calls),
+                *([AuthInterceptor(tokens)] if tokens else []),
+            ],
             options=[
                 # A second server on a taken port fails to start instead of sharing it.
                 ("grpc.so_reuseport", 0),
@@ -95,7 +104,10 @@ class App:
             reflection.enable_server_reflection(reflected, server, pool=pool)
         address = host_port(settings.host, settings.port)
         try:
-            server.add_insecure_port(address)
+            if credentials is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             http.shutdown()
             raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
@@ -105,6 +117,10 @@ class App:
         log.info(
             "listening on %s (%s), metrics on http://%s/metrics",
             address, ", ".join(names), metrics_address,
+        )  # fmt: skip
+        log.info(
+            "gRPC port: %s, %s", tls.describe(settings),
+            f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
         )  # fmt: skip
 
         stop = asyncio.Event()

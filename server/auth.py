@@ -1,0 +1,123 @@
+"""Bearer-token authentication of the gRPC port, in one interceptor.
+
+On when `Settings.auth_token` (env ``RESNET_SERVE_AUTH_TOKEN``) or
+`Settings.auth_token_file` names at least one token. Every call must then
+carry ``authorization: Bearer <token>`` with an accepted token; a missing or
+wrong one is refused with `server.errors.Unauthenticated` (UNAUTHENTICATED,
+through the server's one error map). Probes stay open so load balancers and
+Kubernetes work without a token: grpc.health.v1 and the v2 protocol's
+ServerLive, ServerReady and ModelReady.
+
+Tokens are compared in constant time: the SHA-256 of the presented token is
+compared with ``hmac.compare_digest`` against the digest of every accepted
+token, all of them, so neither the content nor which token matched shows in
+the timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+
+from server.config import Settings
+from server.errors import Unauthenticated, to_status
+
+OPEN_METHODS = (
+    f"/{HEALTH_SERVICE}/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
+_SCHEME = "bearer "
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class TokenError(ValueError):
+    """The token settings cannot be used; the message says why, in one line."""
+
+
+def load_tokens(settings: Settings) -> tuple[str, ...]:
+    """The accepted tokens: `auth_token` and each line of `auth_token_file` (none: auth off)."""
+    tokens: list[str] = []
+    if settings.auth_token is not None:
+        token = settings.auth_token.get_secret_value().strip()
+        if not token:
+            raise TokenError("auth_token is empty; give a token or leave it unset")
+        tokens.append(token)
+    if settings.auth_token_file is not None:
+        path = settings.auth_token_file
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"cannot read auth_token_file {path}: {exc}") from None
+        found = [s for line in lines if (s := line.strip()) and not s.startswith("#")]
+        if not found:
+            raise TokenError(f"auth_token_file {path} holds no token")
+        tokens += found
+    return tuple(tokens)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through when it carries an accepted bearer token or is a probe."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        if not tokens:
+            raise ValueError("AuthInterceptor needs at least one token")
+        self._digests = tuple(_digest(t) for t in tokens)
+
+    def accepts(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """None when the metadata carries an accepted token, else why not."""
+        values = [v for k, v in metadata or () if k == "authorization"]
+        if len(values) != 1:
+            return "missing bearer token; send the metadata 'authorization: Bearer <token>'"
+        value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
+        if value[: len(_SCHEME)].lower() != _SCHEME:
+            return "authorization metadata is not 'Bearer <token>'"
+        presented = _digest(value[len(_SCHEME) :].strip())
+        matched = False
+        for accepted in self._digests:
+            matched |= hmac.compare_digest(presented, accepted)
+        return None if matched else "bearer token is not accepted"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
+            return handler
+        refusal = self.accepts(handler_call_details.invocation_metadata)
+        if refusal is None:
+            return handler
+        return _refusing(handler, refusal)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that answers UNAUTHENTICATED (aio takes a coroutine for all
+    shapes); the status comes from the one error map, wherever this interceptor stands."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        code, details = to_status(Unauthenticated(message))
+        await context.abort(code, details)
+
+    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
