@@ -125,6 +125,24 @@ def test_service_config_and_channel_arguments() -> None:
     assert no_retry["grpc.enable_retries"] == 0
 
 
+def test_channel_args_replace_the_defaults_of_the_same_name() -> None:
+    mine = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
+    options = rsc.ChannelOptions(channel_args=(("grpc.service_config", mine),))
+    args = options.channel_arguments()
+    assert [value for name, value in args if name == "grpc.service_config"] == [mine]
+
+
+def test_retry_also_on_extra_codes() -> None:
+    retry = rsc.Retry(also_on=(grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE))
+    assert retry.codes == (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    )
+    codes = retry.policy()["retryableStatusCodes"]
+    assert codes == ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED"]
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [

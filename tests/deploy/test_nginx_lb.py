@@ -2,8 +2,8 @@
 
 - Calls through nginx are spread over every replica: each replica's
   resnet_serve_requests_total grows.
-- One replica gets SIGTERM in the middle of steady load from the SDK (its retry
-  policy, plus CANCELLED: see `retrying_options`): no call fails, the drained
+- One replica gets SIGTERM in the middle of steady load from the SDK (its
+  default retry policy): no call fails, the drained
   replica exits 0, and the calls answered by the three replicas add up to
   exactly the calls made.
 
@@ -21,7 +21,6 @@ import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -89,28 +88,6 @@ def _ok_total(server: RunningServer) -> float:
     return procs.requests_total(_metrics_port(server), "OK")
 
 
-def retrying_options() -> Any:
-    """The SDK's connection options and retry policy, with CANCELLED retried as well.
-
-    A replica that shuts down cancels the calls it had received but not yet
-    started (gRPC's server shutdown kills its pending calls with CANCELLED), and
-    nginx passes that status on; unlike a refused connection, nginx cannot retry
-    a gRPC status. Classify is a pure function, so retrying it is safe (Envoy's
-    `retry_on: cancelled` does the same in deploy/compose). Left out, a call now
-    and then fails at the moment of the drain under load.
-    """
-    from resnet_serve_client import ChannelOptions
-
-    class RetryCancelled(ChannelOptions):
-        def service_config(self) -> dict[str, Any]:
-            config = super().service_config()
-            for method in config["methodConfig"]:
-                method["retryPolicy"]["retryableStatusCodes"].append("CANCELLED")
-            return config
-
-    return RetryCancelled()
-
-
 @dataclass
 class Load:
     """Steady closed-loop load: CONCURRENCY threads calling Classify until told to stop."""
@@ -127,7 +104,7 @@ class Load:
     def run(self) -> list[threading.Thread]:
         from resnet_serve_client import Client
 
-        client = Client(self.target, model=self.model, timeout=60, options=retrying_options())
+        client = Client(self.target, model=self.model, timeout=60)
 
         def worker() -> None:
             while not self.stop.is_set():

@@ -75,7 +75,8 @@ class ChannelOptions:
             args += self.keepalive.channel_args()
         if self.tls is not None and self.tls.server_name:
             args.append(("grpc.ssl_target_name_override", self.tls.server_name))
-        return args + list(self.channel_args)
+        overridden = {name for name, _ in self.channel_args}
+        return [arg for arg in args if arg[0] not in overridden] + list(self.channel_args)
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """Headers for every call; the token rides here only on plaintext channels."""

@@ -21,8 +21,10 @@ class Retry:
     (gRPC's limit is 5). UNAVAILABLE (server down, restarting or draining) is
     always retried; RESOURCE_EXHAUSTED (queue full) only if ``on_overload``,
     and within the same bounded number of attempts, so a saturated server sees
-    a few spaced-out retries, never a storm. A server may send
-    ``grpc-retry-pushback-ms`` to delay or stop them.
+    a few spaced-out retries, never a storm. ``also_on`` adds codes (for
+    example CANCELLED behind a proxy that passes on a replica's shutdown;
+    Classify is idempotent). A server may send ``grpc-retry-pushback-ms`` to
+    delay or stop them.
     """
 
     max_attempts: int = 5
@@ -30,6 +32,7 @@ class Retry:
     max_backoff: float = 5.0
     multiplier: float = 2.0
     on_overload: bool = True
+    also_on: tuple[grpc.StatusCode, ...] = ()
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
@@ -47,7 +50,7 @@ class Retry:
         codes = [grpc.StatusCode.UNAVAILABLE]
         if self.on_overload:
             codes.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
-        return tuple(codes)
+        return tuple(dict.fromkeys([*codes, *self.also_on]))
 
     def backoff(self, attempt: int) -> float:
         """gRPC's delay before retry number ``attempt`` (1-based), for retries done by hand:
