@@ -129,6 +129,9 @@ def _bad_prefix() -> bytes:
 
 
 CLASSIFY_CASES = [
+    Case("second-image-undecodable", "classify",
+         lambda: classify(MODEL, images.one_pixel(), b"no image"), INVALID,
+         "image 1: image bytes are not a decodable image"),
     Case("image-without-data", "classify", lambda: classify(MODEL, pb.Image()), INVALID,
          "image 0: has no data; set encoded (image bytes) or tensor"),
     Case("uint8-tensor-rank", "classify", lambda: classify(MODEL, uint8_image([8, 8])), INVALID,
@@ -176,6 +179,9 @@ CLASSIFY_CASES = [
 ]  # fmt: skip
 
 V2_CASES = [
+    Case("second-image-undecodable", "v2",
+         lambda: infer_images(MODEL, images.one_pixel(), b"no image"), INVALID,
+         "image 1: image bytes are not a decodable image"),
     Case("fp32-shape", "v2", lambda: infer_floats(MODEL, np.zeros((1, 3, 224, 224))), INVALID,
          f"model {MODEL} takes input of shape [-1, 3, 32, 32] (NCHW, batch >= 1), "
          "got [1, 3, 224, 224]"),

@@ -22,13 +22,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+from tritonclient.utils import InferenceServerException
 
 from server.model_config import ModelConfig
 from server.preprocess import Limits, prepare_encoded
 from tests.fixtures.servers import RunningServer
+from tests.shared_data import PHOTOS
 
-PHOTOS = Path("/work/shared/data/photos")
 JPEGS = [PHOTOS / "chelsea.jpg", PHOTOS / "coffee.jpg"]
 
 
@@ -319,50 +319,7 @@ def test_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) ->
     assert error.status() == "StatusCode.NOT_FOUND"
 
 
-@pytest.mark.parametrize(
-    ("make_input", "message"),
-    [
-        (
-            lambda: tensor_input(normalized(1, size=64), "FP32"),
-            "takes input of shape [-1, 3, 224, 224]",
-        ),
-        (
-            lambda: tensor_input(np.zeros((1, 3, 224, 224), np.int32), "INT32"),
-            "input 'images' is INT32",
-        ),
-        (lambda: tensor_input(np.array([b"not an image"], np.object_), "BYTES"), "image 0: "),
-    ],
-    ids=["shape", "datatype", "undecodable-jpeg"],
-)
-def test_bad_inputs_are_invalid_argument(
-    client: grpcclient.InferenceServerClient,
-    make_input: Callable[[], grpcclient.InferInput],
-    message: str,
-) -> None:
-    error = _status(lambda: client.infer("resnet18", [make_input()]))
-    assert error.status() == "StatusCode.INVALID_ARGUMENT"
-    assert message in error.message()
-
-
-def test_unknown_output_is_invalid_argument(client: grpcclient.InferenceServerClient) -> None:
-    outputs = [grpcclient.InferRequestedOutput("probabilities")]
-    error = _status(lambda: client.infer("resnet18", [jpeg_input(JPEGS[:1])], outputs=outputs))
-    assert error.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "unknown output 'probabilities'" in error.message()
-
-
-def test_bytes_length_prefix_past_the_end(
-    v2_stub: service_pb2_grpc.GRPCInferenceServiceStub,
-) -> None:
-    request = service_pb2.ModelInferRequest(model_name="resnet18")
-    request.inputs.add(name="images", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(
-        serialize_byte_tensor(np.array([b"abc"], np.object_)).item()[:-1]
-    )
-    with pytest.raises(grpc.RpcError) as info:
-        v2_stub.ModelInfer(request, timeout=60)
-    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "declares 3 bytes but only 2 remain" in info.value.details()
+# Bad inputs of ModelInfer, and the server's health after each: tests/reliability/catalogue.py.
 
 
 def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
