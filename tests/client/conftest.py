@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.client.fake import FakeServer
-
-PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos"
+from tests.shared_data import PHOTOS
 
 
 @pytest.fixture
@@ -21,6 +20,4 @@ def fake() -> Iterator[FakeServer]:
 
 @pytest.fixture(scope="session")
 def photos() -> Path:
-    if not PHOTOS.is_dir():
-        pytest.skip(f"shared photos not found at {PHOTOS}")
     return PHOTOS

@@ -12,6 +12,7 @@ import resnet_serve_client as rsc
 from PIL import Image
 
 from tests.fixtures.servers import RunningServer
+from tests.shared_data import IMAGENET_CLASSES
 
 MODELS = {"resnet18", "resnet18_u8", "cifar"}
 
@@ -33,12 +34,10 @@ def test_classify_takes_paths_bytes_pil_and_arrays(client: rsc.Client, photos: P
     assert by_path.classes == by_bytes.classes
     assert [c.index for c in by_pil.classes] == [c.index for c in by_path.classes]
     assert (by_path.model, by_path.version) == ("resnet18", "1")
-    labels = (Path(__file__).resolve().parents[3] / "shared/data/imagenet_classes.txt")
-    names = labels.read_text().splitlines() if labels.exists() else None
+    names = IMAGENET_CLASSES.read_text().splitlines()
     for score in by_path.classes:
         assert 0 < score.score <= 1
-        if names:
-            assert score.label == names[score.index]
+        assert score.label == names[score.index]
     assert [c.score for c in by_path.classes] == sorted((c.score for c in by_path.classes),
                                                         reverse=True)
     hwc = np.asarray(pil)

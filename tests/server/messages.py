@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 
-PHOTOS = Path("/work/shared/data/photos")
+from tests.shared_data import PHOTOS
+
 CHELSEA = (PHOTOS / "chelsea.jpg").read_bytes()  # 451x300: decoded at full size
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.servers import RunningServer
+from tests.shared_data import PHOTOS
 
 SCRIPT = Path(__file__).with_name("image_client.py")
-PHOTOS = Path("/work/shared/data/photos")
 LINE = re.compile(r"^    (-?\d+\.\d{6}) \((\d+)\) = (.+)$")
 
 

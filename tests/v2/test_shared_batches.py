@@ -18,8 +18,9 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier
 
 from server.model_config import Batching, ModelConfig
 from tests.fixtures.servers import RunningServer
+from tests.shared_data import PHOTOS
 
-JPEG = Path("/work/shared/data/photos/chelsea.jpg")
+JPEG = PHOTOS / "chelsea.jpg"
 
 
 def _sample(metrics: str, name: str) -> float:
