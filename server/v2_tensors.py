@@ -28,6 +28,7 @@ from server.errors import InvalidInput
 
 BYTES = "BYTES"
 _LENGTH = struct.Struct("<I")
+MAX_ELEMENTS = 1 << 40  # far above any message the server accepts
 
 
 class TensorError(InvalidInput):
@@ -80,6 +81,12 @@ def datatype(name: str) -> Datatype:
 def check_shape(tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
     if any(d < 0 for d in shape):
         raise TensorError(f"input '{tensor}' has shape {list(shape)}; dimensions must be >= 0")
+    # numpy refuses such a shape even when a zero dimension leaves it empty
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise TensorError(
+            f"input '{tensor}' has shape {list(shape)}; its non-zero dimensions may multiply "
+            f"to at most {MAX_ELEMENTS}"
+        )
     return tuple(int(d) for d in shape)
 
 
