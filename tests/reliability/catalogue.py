@@ -197,6 +197,9 @@ V2_CASES = [
     Case("negative-dimension", "v2",
          lambda: infer(MODEL, datatype="FP32", shape=[-1, 3, 32, 32], raw=b""), INVALID,
          "has shape [-1, 3, 32, 32]; dimensions must be >= 0"),
+    Case("zero-dimension-beside-huge-ones", "v2",  # found by test_properties.py
+         lambda: infer(MODEL, datatype="BOOL", shape=[0, 2030, 67401218, 67410251], raw=b""),
+         INVALID, "its non-zero dimensions may multiply to at most 1099511627776"),
     Case("fp32-nan", "v2", lambda: infer_floats(MODEL, _filled(np.nan)[None]), INVALID,
          "input holds NaN or Inf values; only finite values are allowed"),
     Case("fp32-inf", "v2", lambda: infer_floats(MODEL, -_filled(np.inf)[None]), INVALID,
