@@ -1,4 +1,5 @@
-"""One constructor for every row of the family table, and seeded initialization in one place."""
+"""One constructor for every residual row of the family table (DenseNets: `builder.densenet`),
+stochastic depth, and seeded initialization in one place."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import torch
 from torch import nn
 
 from builder.architectures import ArchSpec, Layout
-from builder.blocks import BasicBlock, Bottleneck, ZeroPadShortcut, conv1x1
+from builder.blocks import (
+    RESIDUAL_BLOCKS,
+    BasicBlock,
+    Bottleneck,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ZeroPadShortcut,
+    conv1x1,
+)
+from builder.densenet import DenseNet
 from builder.registry import REGISTRY
 
 
@@ -21,25 +31,48 @@ class ModelOptions:
     layout: Layout = Layout.TORCHVISION
     zero_init_last: bool = False
     seed: int = 0
+    stochastic_depth: float | None = None  # p_L, the last block's survival probability
+
+
+def drop_probabilities(blocks: int, survival_last: float | None) -> list[float]:
+    """Stochastic depth's linear decay: block l of L survives with p_l = 1 − (l/L)(1 − p_L)."""
+    if survival_last is None:
+        return [0.0] * blocks
+    if not 0.0 < survival_last <= 1.0:
+        raise ValueError(f"stochastic depth p_L must be in (0, 1], got {survival_last}")
+    return [(index / blocks) * (1.0 - survival_last) for index in range(1, blocks + 1)]
 
 
 class ResNet(nn.Module):
-    """A ResNet built from one :class:`ArchSpec` row; stages are ``layer1``…``layerN``."""
+    """A ResNet built from one :class:`ArchSpec` row; stages are ``layer1``…``layerN``.
+
+    Pre-activation rows have no BN-ReLU in the stem (each block starts with one) and a final
+    ``bn`` + ReLU before pooling.
+    """
 
     def __init__(
-        self, spec: ArchSpec, num_classes: int, layout: Layout = Layout.TORCHVISION
+        self,
+        spec: ArchSpec,
+        num_classes: int,
+        layout: Layout = Layout.TORCHVISION,
+        stochastic_depth: float | None = None,
     ) -> None:
         super().__init__()
+        if not spec.residual:
+            raise ValueError(f"{spec.name} is not a residual net")
         if spec.block == "basic" and (spec.groups != 1 or spec.width_per_group != 64):
             raise ValueError(f"{spec.name}: basic blocks support only groups=1, width_per_group=64")
+        if spec.preact and spec.shortcut != "projection":
+            raise ValueError(f"{spec.name}: pre-activation nets use projection shortcuts")
         self.spec = spec
         self.layout = layout
         self.inplanes = spec.widths[0]
+        self._drops = iter(drop_probabilities(sum(spec.layers), stochastic_depth))
         if spec.stem == "imagenet":
             self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
         else:
             self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.bn1: nn.Module = nn.Identity() if spec.preact else nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = (
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -49,6 +82,7 @@ class ResNet(nn.Module):
         for index, (planes, blocks) in enumerate(zip(spec.widths, spec.layers, strict=True)):
             stride = 1 if index == 0 else 2
             self.add_module(f"layer{index + 1}", self._make_stage(planes, blocks, stride))
+        self.bn: nn.Module = nn.BatchNorm2d(spec.num_features) if spec.preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(spec.num_features, num_classes)
 
@@ -57,7 +91,9 @@ class ResNet(nn.Module):
         out_planes = planes * spec.expansion
         downsample: nn.Module | None = None
         if stride != 1 or self.inplanes != out_planes:
-            if spec.shortcut == "projection":
+            if spec.preact:
+                downsample = nn.Sequential(conv1x1(self.inplanes, out_planes, stride))
+            elif spec.shortcut == "projection":
                 downsample = nn.Sequential(
                     conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
                 )
@@ -71,9 +107,12 @@ class ResNet(nn.Module):
     def _block(
         self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
     ) -> nn.Module:
+        drop_path = next(self._drops)
         if self.spec.block == "basic":
-            return BasicBlock(inplanes, planes, stride, downsample)
-        return Bottleneck(
+            basic = PreActBasicBlock if self.spec.preact else BasicBlock
+            return basic(inplanes, planes, stride, downsample, drop_path=drop_path)
+        bottleneck = PreActBottleneck if self.spec.preact else Bottleneck
+        return bottleneck(
             inplanes,
             planes,
             stride,
@@ -81,6 +120,7 @@ class ResNet(nn.Module):
             groups=self.spec.groups,
             base_width=self.spec.width_per_group,
             stride_in_1x1=self.layout is Layout.ORIGINAL,
+            drop_path=drop_path,
         )
 
     def stages(self) -> list[nn.Sequential]:
@@ -90,11 +130,16 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
             x = stage(x)
+        if self.spec.preact:
+            x = self.relu(self.bn(x))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
 
-def initialize(model: ResNet, seed: int, zero_init_last: bool = False) -> None:
+Classifier = ResNet | DenseNet
+
+
+def initialize(model: nn.Module, seed: int, zero_init_last: bool = False) -> None:
     """Kaiming normal (fan_out) convolutions, BN weight 1 / bias 0, torch's default Linear init.
 
     Every random draw comes from one generator seeded with ``seed``, in module order.
@@ -114,19 +159,25 @@ def initialize(model: ResNet, seed: int, zero_init_last: bool = False) -> None:
                 nn.init.uniform_(module.bias, -bound, bound, generator=generator)
         if zero_init_last:
             for module in model.modules():
-                if isinstance(module, BasicBlock | Bottleneck):
+                if isinstance(module, RESIDUAL_BLOCKS):
                     module.zero_init_last()
 
 
-def create_model(name: str, options: ModelOptions = ModelOptions()) -> ResNet:
+def create_model(name: str, options: ModelOptions = ModelOptions()) -> Classifier:
     """The seeded, initialized model for a registered architecture, in eval mode."""
     spec = REGISTRY.get(name)
     num_classes = spec.default_num_classes if options.num_classes is None else options.num_classes
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    if not spec.residual and (options.zero_init_last or options.stochastic_depth is not None):
+        raise ValueError(f"{name} has no residual blocks: no zero_init_last, no stochastic depth")
     # Parameters are allocated on the meta device and materialized once, by initialize().
     with torch.device("meta"):
-        model = ResNet(spec, num_classes, options.layout)
+        model: Classifier = (
+            ResNet(spec, num_classes, options.layout, options.stochastic_depth)
+            if spec.residual
+            else DenseNet(spec, num_classes)
+        )
     model.to_empty(device="cpu")
     initialize(model, options.seed, options.zero_init_last)
     return model.eval()

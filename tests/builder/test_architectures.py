@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from builder.architectures import ARCHITECTURES, ArchSpec, Layout
-from builder.blocks import ZeroPadShortcut
+from builder.blocks import DropPath, ZeroPadShortcut
+from builder.densenet import DenseNet
 from builder.registry import (
     REGISTRY,
     DuplicateArchitectureError,
     Registry,
     UnknownArchitectureError,
 )
-from builder.resnet import ModelOptions, ResNet, create_model
+from builder.resnet import Classifier, ModelOptions, ResNet, create_model, drop_probabilities
 
 PINNED = json.loads((Path(__file__).parent / "data" / "state_dict_keys.json").read_text())
 
@@ -31,6 +32,9 @@ FAMILY = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
     "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
+    "preact_resnet50", "preact_resnet101", "preact_resnet152",
+    "preact_resnet164", "preact_resnet1001",
+    "densenet121", "densenet169", "densenet201", "densenet161",
 ]  # fmt: skip
 
 # torchvision's published counts; the CIFAR nets' exact counts (the paper rounds them:
@@ -51,11 +55,26 @@ PARAMETERS = {
     "resnet56": 853_018,
     "resnet110": 1_727_962,
     "resnet1202": 19_421_274,
+    # no published figure for the ImageNet pre-activation nets: v1's count less the BN of
+    # the stem, of each block's output and of each projection, plus each block's input BN
+    # and the final BN
+    "preact_resnet50": 25_549_352,
+    "preact_resnet101": 44_541_480,
+    "preact_resnet152": 60_185_128,
+    "preact_resnet164": 1_703_258,
+    "preact_resnet1001": 10_327_706,
+    # torchvision's published counts, as the issue states them
+    "densenet121": 7_978_856,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+    "densenet161": 28_681_000,
 }
 PAPER_CIFAR_MILLIONS = {
     "resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66,
     "resnet56": 0.85, "resnet110": 1.7, "resnet1202": 19.4,
 }  # fmt: skip
+# "Identity Mappings", table 3: these figures count the convolution and fc weights only
+PAPER_PREACT_MILLIONS = {"preact_resnet164": 1.7, "preact_resnet1001": 10.2}
 
 SPOT_KEYS = {
     "resnet18": {
@@ -99,13 +118,59 @@ SPOT_KEYS = {
         "fc.weight": [10, 64],
     },
     "resnet1202": {"layer3.199.bn2.running_var": [64], "fc.bias": [10]},
+    "preact_resnet50": {
+        "conv1.weight": [64, 3, 7, 7],
+        "layer1.0.bn1.weight": [64],
+        "layer1.0.conv1.weight": [64, 64, 1, 1],
+        "layer1.0.bn3.weight": [64],
+        "layer1.0.conv3.weight": [256, 64, 1, 1],
+        "layer1.0.downsample.0.weight": [256, 64, 1, 1],
+        "layer2.0.bn1.running_var": [256],
+        "layer4.2.conv3.weight": [2048, 512, 1, 1],
+        "bn.weight": [2048],
+        "fc.weight": [1000, 2048],
+    },
+    "preact_resnet164": {
+        "conv1.weight": [16, 3, 3, 3],
+        "layer1.0.bn1.weight": [16],
+        "layer1.0.downsample.0.weight": [64, 16, 1, 1],
+        "layer3.17.conv3.weight": [256, 64, 1, 1],
+        "bn.weight": [256],
+        "fc.weight": [10, 256],
+    },
+    "preact_resnet1001": {"layer3.110.conv2.weight": [64, 64, 3, 3]},
+    "densenet121": {
+        "features.conv0.weight": [64, 3, 7, 7],
+        "features.norm0.weight": [64],
+        "features.denseblock1.denselayer1.norm1.weight": [64],
+        "features.denseblock1.denselayer1.conv1.weight": [128, 64, 1, 1],
+        "features.denseblock1.denselayer1.norm2.running_mean": [128],
+        "features.denseblock1.denselayer1.conv2.weight": [32, 128, 3, 3],
+        "features.denseblock1.denselayer6.conv1.weight": [128, 224, 1, 1],
+        "features.transition1.norm.weight": [256],
+        "features.transition1.conv.weight": [128, 256, 1, 1],
+        "features.denseblock4.denselayer16.conv2.weight": [32, 128, 3, 3],
+        "features.norm5.weight": [1024],
+        "classifier.weight": [1000, 1024],
+    },
+    "densenet161": {
+        "features.conv0.weight": [96, 3, 7, 7],
+        "features.denseblock1.denselayer1.conv1.weight": [192, 96, 1, 1],
+        "features.transition3.conv.weight": [1056, 2112, 1, 1],
+        "features.norm5.weight": [2208],
+        "classifier.weight": [1000, 2208],
+    },
+    "densenet169": {"features.norm5.weight": [1664], "classifier.weight": [1000, 1664]},
+    "densenet201": {"features.norm5.weight": [1920], "classifier.weight": [1000, 1920]},
 }
 
 
-def meta_model(name: str, layout: Layout = Layout.TORCHVISION) -> ResNet:
+def meta_model(name: str, layout: Layout = Layout.TORCHVISION) -> Classifier:
     """Shapes and names without allocating: even wide_resnet101_2 costs nothing."""
     spec = REGISTRY.get(name)
     with torch.device("meta"):
+        if not spec.residual:
+            return DenseNet(spec, spec.default_num_classes)
         return ResNet(spec, spec.default_num_classes, layout)
 
 
@@ -151,10 +216,20 @@ def test_parameter_count(name: str) -> None:
     counted = sum(p.numel() for p in meta_model(name).parameters())
     assert counted == PARAMETERS[name]
     spec = REGISTRY.get(name)
-    assert abs(counted - spec.reference_params) <= spec.reference_params_tolerance
+    if spec.reference_params is not None:
+        assert abs(counted - spec.reference_params) <= spec.reference_params_tolerance
     if name in PAPER_CIFAR_MILLIONS:
         digits = 2 if counted < 1e6 else 1
         assert round(counted / 1e6, digits) == PAPER_CIFAR_MILLIONS[name]
+    if name in PAPER_PREACT_MILLIONS:
+        model = meta_model(name)
+        batchnorm = sum(
+            p.numel()
+            for m in model.modules()
+            if isinstance(m, torch.nn.BatchNorm2d)
+            for p in m.parameters()
+        )
+        assert round((counted - batchnorm) / 1e6, 1) == PAPER_PREACT_MILLIONS[name]
 
 
 def test_cifar_nets_have_no_projection_shortcuts() -> None:
@@ -240,3 +315,70 @@ def test_reference_figures_follow_the_head_and_layout() -> None:
     assert resnet50.macs_for(Layout.ORIGINAL, 1000) == pytest.approx(3.8e9)
     assert REGISTRY.get("resnet18").macs_for(Layout.ORIGINAL, 1000) == pytest.approx(1.8e9)
     assert REGISTRY.get("resnext50_32x4d").macs_for(Layout.ORIGINAL, 1000) is None
+
+
+@pytest.mark.parametrize("name", ["preact_resnet50", "preact_resnet164"])
+def test_preact_nets_activate_before_each_convolution(name: str) -> None:
+    model = meta_model(name)
+    keys = model.state_dict()
+    assert "bn1.weight" not in keys  # no BN-ReLU in the stem: each block starts with one
+    assert keys["bn.weight"].shape == (REGISTRY.get(name).num_features,)
+    projections = sorted(k for k in keys if ".downsample." in k)
+    assert all(k.endswith("downsample.0.weight") for k in projections)  # convolution only
+    block = model.layer1[0]
+    assert block.bn1.num_features == block.conv1.in_channels
+
+
+def test_preact_block_has_no_relu_after_the_sum() -> None:
+    model = create_model("preact_resnet164", ModelOptions(seed=0))
+    block = model.layer2[1]
+    x = torch.randn(2, 128, 16, 16)
+    with torch.no_grad():
+        out = block(x)
+        branch = block.conv3(block.relu(block.bn3(block.conv2(block.relu(block.bn2(
+            block.conv1(block.relu(block.bn1(x)))
+        ))))))  # fmt: skip
+    assert (out < 0).any()
+    assert torch.allclose(out, x + branch)
+
+
+def test_densenet_matches_the_table() -> None:
+    spec = REGISTRY.get("densenet121")
+    assert spec.num_features == 1024 and not spec.residual and not spec.has_layouts
+    model = create_model("densenet121", ModelOptions(num_classes=5))
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5)
+    with pytest.raises(ValueError, match="no residual blocks"):
+        create_model("densenet121", ModelOptions(stochastic_depth=0.5))
+
+
+def test_stochastic_depth_decays_linearly() -> None:
+    assert drop_probabilities(4, None) == [0.0] * 4
+    assert drop_probabilities(4, 0.5) == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    model = create_model("resnet20", ModelOptions(stochastic_depth=0.5))
+    drops = [m.p for m in model.modules() if isinstance(m, DropPath)]
+    assert len(drops) == 9 and drops[-1] == pytest.approx(0.5)
+    assert drops == sorted(drops)
+    with pytest.raises(ValueError, match="p_L"):
+        drop_probabilities(4, 0.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "preact_resnet164"])
+def test_stochastic_depth_adds_no_keys_and_vanishes_in_eval(name: str) -> None:
+    plain = create_model(name, ModelOptions(seed=1))
+    deep = create_model(name, ModelOptions(seed=1, stochastic_depth=0.5))
+    assert key_lines(deep) == key_lines(plain)
+    size = REGISTRY.get(name).input_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(deep(x), plain(x))
+
+
+def test_drop_path_drops_whole_samples_and_rescales() -> None:
+    drop = DropPath(0.5).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(4000, 3, 2, 2))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}  # survivors scaled by 1 / 0.5
+    assert (per_sample == per_sample[:, :1]).all()  # a sample is kept or dropped whole
+    assert out.mean().item() == pytest.approx(1.0, abs=0.05)  # the expectation is unchanged
+    assert torch.equal(drop.eval()(out), out)

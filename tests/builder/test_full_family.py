@@ -27,15 +27,16 @@ CASES = [(spec.name, Layout.TORCHVISION) for spec in REGISTRY] + [
 @pytest.mark.parametrize(("arch", "layout"), CASES, ids=[f"{a}-{lay}" for a, lay in CASES])
 def test_builds_and_verifies(arch: str, layout: Layout, tmp_path: Path) -> None:
     result = build(BuildRequest(arch, repo=tmp_path, layout=layout))
+    spec = REGISTRY.get(arch)
     try:
         checks = {check.name: check for check in result.report.checks}
         assert result.report.passed, result.report.failure_summary()
         macs = checks["multiply_adds"].figures
-        assert macs["reference"] is not None
-        assert abs(macs["rel_difference"]) <= 0.03
-        spec = REGISTRY.get(arch)
-        assert checks["parameter_count"].figures["counted"] == pytest.approx(
-            spec.reference_params, abs=spec.reference_params_tolerance
-        )
+        if spec.macs_for(layout, spec.default_num_classes) is not None:
+            assert abs(macs["rel_difference"]) <= 0.03
+        if spec.reference_params is not None:
+            assert checks["parameter_count"].figures["counted"] == pytest.approx(
+                spec.reference_params, abs=spec.reference_params_tolerance
+            )
     finally:
         shutil.rmtree(tmp_path / arch, ignore_errors=True)  # up to 0.5 GB per model
