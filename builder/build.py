@@ -11,8 +11,9 @@ import platform
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from builder.architectures import ArchSpec, Layout
+from builder.calibration import CalibrationSet, calibration_set, from_folder, synthetic
+from builder.conversion import to_fp16, to_int8
 from builder.export import DEFAULT_OPSET, export_onnx
 from builder.labels import labels_for
+from builder.precision import Precision
 from builder.preprocessing import PixelInput, preprocessing_for
 from builder.recipe import Recipe
 from builder.registry import REGISTRY
@@ -39,10 +43,12 @@ from builder.repository import (
     staging_dir,
 )
 from builder.verify import (
+    FP16_THRESHOLDS,
     Check,
     Reference,
     Report,
     Thresholds,
+    check_agreement,
     check_macs,
     check_onnx,
     check_parameters,
@@ -77,7 +83,26 @@ class BuildRequest:
     seed: int = 0
     layout: Layout = Layout.TORCHVISION
     zero_init_last: bool = False
-    thresholds: Thresholds = field(default_factory=Thresholds)
+    stochastic_depth: float | None = None  # p_L; training only, the exported graph is the same
+    precision: Precision = Precision.FP32
+    fp16_io: bool = False  # fp16: float16 graph inputs and outputs instead of float32
+    calibration: Path | None = None  # int8: a folder of images; default: a synthetic set
+    labels: tuple[str, ...] | None = None  # default: the dataset's class names
+    thresholds: Thresholds | None = None  # default: FP16_THRESHOLDS for fp16, else Thresholds()
+
+    def check_options(self) -> None:
+        """Raise ValueError on options that contradict each other."""
+        if self.fp16_io and self.precision is not Precision.FP16:
+            raise ValueError("fp16 IO needs --precision fp16")
+        if self.fp16_io and self.input_dtype != "float32":
+            raise ValueError("fp16 IO replaces float32 inputs; a uint8 input stays uint8")
+        if self.calibration is not None and self.precision is not Precision.INT8:
+            raise ValueError("a calibration folder is for --precision int8 only")
+
+    def effective_thresholds(self) -> Thresholds:
+        if self.thresholds is not None:
+            return self.thresholds
+        return FP16_THRESHOLDS if self.precision is Precision.FP16 else Thresholds()
 
 
 @dataclass(frozen=True)
@@ -116,24 +141,46 @@ def torch_reference(module: nn.Module) -> Reference:
     return run
 
 
+def held_out_set(recipe: Recipe, config: ModelConfig) -> CalibrationSet:
+    """The int8 calibration set a recipe records, rebuilt (its held-out part is checked)."""
+    record = recipe.calibration or {}
+    if record.get("source") == "folder":
+        return from_folder(Path(record["path"]), config)
+    return synthetic(config, int(record.get("seed", recipe.seed)))
+
+
 def run_checks(
     path: Path,
     config: ModelConfig,
     recipe: Recipe,
     module: nn.Module | None,
     thresholds: Thresholds,
+    held_out: np.ndarray | None = None,
 ) -> list[Check]:
-    """All checks on an exported file; without the PyTorch module, those the ONNX file allows."""
+    """All checks on an exported file; without the PyTorch module, those the ONNX file allows.
+
+    int8 graphs are compared by top-1 agreement on ``held_out`` (default: rebuilt from the
+    recipe's calibration record) instead of by logits.
+    """
     arch = REGISTRY.get(recipe.arch)
     try:
         proto = onnx.load(str(path))
     except DecodeError as exc:
         return [Check("onnx_checker", False, detail=f"{path.name} is not an ONNX model: {exc}")]
     reference = None if module is None else torch_reference(module)
+    if recipe.precision is Precision.INT8:
+        inputs = held_out if held_out is not None else held_out_set(recipe, config).held_out
+        outputs: Callable[[], Check] = partial(
+            check_agreement, path, config, reference, inputs, thresholds.min_top1_agreement
+        )
+    else:
+        outputs = partial(
+            check_runtime, path, config, reference, thresholds, recipe.seed, recipe.io_dtype
+        )
     steps: list[Callable[[], Check]] = [
         lambda: check_onnx(path),
-        lambda: check_shapes(proto, config),
-        lambda: check_runtime(path, config, reference, thresholds, recipe.seed),
+        lambda: check_shapes(proto, config, recipe.io_dtype),
+        outputs,
         lambda: check_macs(
             proto, arch, recipe.layout, config.num_classes, thresholds.macs_rel_tolerance
         ),
@@ -164,7 +211,10 @@ def verification_record(
             "max_rel_error": thresholds.max_rel_error,
             "macs_rel_tolerance": thresholds.macs_rel_tolerance,
             "batch_sizes": list(thresholds.batch_sizes),
+            "min_top1_agreement": thresholds.min_top1_agreement,
         },
+        "precision": recipe.precision.value,
+        "calibration": recipe.calibration,
         "software": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -178,6 +228,7 @@ def verification_record(
 def build(request: BuildRequest) -> BuildResult:
     """Export, verify and publish one version. Raises :class:`VerificationFailed` (leaving
     nothing behind) when a check fails."""
+    request.check_options()
     arch = REGISTRY.get(request.arch)
     name = request.name or arch.name
     if not _NAME.fullmatch(name):
@@ -191,8 +242,17 @@ def build(request: BuildRequest) -> BuildResult:
     if (model_dir / str(version)).exists():
         raise RepositoryError(f"{model_dir / str(version)} exists; versions are never overwritten")
     num_classes = request.num_classes or arch.default_num_classes
+    labels = list(request.labels) if request.labels else labels_for(arch, num_classes)
+    if len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels for {num_classes} classes")
     config = model_config(name, arch, num_classes, request.input_dtype)
     check_config_compatible(model_dir, config)
+    thresholds = request.effective_thresholds()
+    calibration = (
+        calibration_set(request.calibration, config, request.seed)
+        if request.precision is Precision.INT8
+        else None
+    )
 
     recipe = Recipe(
         arch=arch.name,
@@ -201,6 +261,10 @@ def build(request: BuildRequest) -> BuildResult:
         seed=request.seed,
         zero_init_last=request.zero_init_last,
         weights=None if request.weights is None else weights_source(request.weights),
+        stochastic_depth=request.stochastic_depth,
+        precision=request.precision,
+        fp16_io=request.fp16_io,
+        calibration=None if calibration is None else calibration.source,
     )
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -210,18 +274,28 @@ def build(request: BuildRequest) -> BuildResult:
     with staging_dir(model_dir) as staged:
         path = staged / MODEL_FILE
         started = time.perf_counter()
-        export_onnx(module, sample, path, request.opset)
+        if recipe.precision is Precision.FP32:
+            export_onnx(module, sample, path, request.opset)
+        else:
+            fp32_path = staged / "fp32.onnx"
+            export_onnx(module, sample, fp32_path, request.opset)
+            if calibration is None:
+                to_fp16(fp32_path, path, request.fp16_io)
+            else:
+                to_int8(fp32_path, path, config.input.name, calibration.calibration)
+            fp32_path.unlink()
         seconds["export"] = time.perf_counter() - started
-        report = Report(run_checks(path, config, recipe, module, request.thresholds))
+        held_out = None if calibration is None else calibration.held_out
+        report = Report(run_checks(path, config, recipe, module, thresholds, held_out))
         seconds["checks"] = time.perf_counter() - started - seconds["export"]
-        record = verification_record(report, path, recipe, request.opset, request.thresholds)
+        record = verification_record(report, path, recipe, request.opset, thresholds)
         record["seconds"] = {stage: round(value, 2) for stage, value in seconds.items()}
         (staged / VERIFICATION_FILE).write_text(
             json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         if not report.passed:
             raise VerificationFailed(report)
-        target = publish_version(staged, model_dir, version, config, labels_for(arch, num_classes))
+        target = publish_version(staged, model_dir, version, config, labels)
     return BuildResult(target, report, seconds)
 
 
@@ -234,6 +308,14 @@ def _rebuild_problem(recipe: Recipe) -> str | None:
         return f"weights {path} not found"
     if sha256_file(path) != recipe.weights.sha256:
         return f"weights {path} changed since the build (sha256 differs)"
+    return None
+
+
+def _calibration_problem(recipe: Recipe) -> str | None:
+    """Why an int8 version's held-out images cannot be read again, or None."""
+    record = recipe.calibration or {}
+    if record.get("source") == "folder" and not Path(record["path"]).is_dir():
+        return f"calibration folder {record['path']} not found"
     return None
 
 
@@ -265,9 +347,12 @@ def verify(version_dir: Path, thresholds: Thresholds | None = None) -> Report:
         {"recorded": recorded_hash},
         "model.onnx matches its record" if actual == recorded_hash else "model.onnx was modified",
     )
-    problem = _rebuild_problem(recipe)
+    problem = _rebuild_problem(recipe) or _calibration_problem(recipe)
     module = None if problem else graph_module(recipe.model(), config)
+    held_out = None
+    if recipe.precision is Precision.INT8 and problem is not None:
+        held_out = synthetic(config, recipe.seed).held_out  # runs, but nothing to compare with
     return Report(
-        [sha_check, *run_checks(model_path, config, recipe, module, thresholds)],
+        [sha_check, *run_checks(model_path, config, recipe, module, thresholds, held_out)],
         scope="full" if problem is None else f"onnx-only: {problem}",
     )

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from builder.architectures import Layout
+from builder.precision import Precision
 from builder.registry import REGISTRY, UnknownArchitectureError
 from builder.repository import RepositoryError, list_models
 from builder.tables import format_table
@@ -23,6 +24,13 @@ def _architecture(name: str) -> str:
         return REGISTRY.get(name).name
     except UnknownArchitectureError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -72,6 +80,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--zero-init-last", action="store_true", help="zero each block's last BatchNorm weight"
     )
+    build.add_argument(
+        "--stochastic-depth",
+        type=_probability,
+        nargs="?",
+        const=0.5,
+        metavar="P_L",
+        help="record stochastic depth (survival of the last block P_L, default 0.5, linear "
+        "decay) in the recipe; a training option: the exported graph is the eval net either way",
+    )
+    build.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.FP32.value,
+        help="fp32; fp16 (GPUs: float16 weights and compute, float32 IO unless --fp16-io); "
+        "int8 (CPUs: static QDQ quantization, per-channel weights)",
+    )
+    build.add_argument(
+        "--fp16-io", action="store_true", help="fp16: float16 graph inputs and outputs"
+    )
+    build.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="int8: folder of representative images (every 5th is held out to check "
+        "agreement with fp32); default: a synthetic set, flagged in verification.json",
+    )
     build.set_defaults(func=_build)
 
     verify = subparsers.add_parser(
@@ -101,6 +135,7 @@ def _missing_extra(exc: ImportError) -> int:
 def _build(args: argparse.Namespace) -> int:
     try:
         from builder.build import BuildRequest, VerificationFailed, build
+        from builder.calibration import CalibrationError
         from builder.export import DEFAULT_OPSET
         from builder.weights import WeightsError
     except ImportError as exc:
@@ -118,6 +153,10 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         layout=Layout(args.layout),
         zero_init_last=args.zero_init_last,
+        stochastic_depth=args.stochastic_depth,
+        precision=Precision(args.precision),
+        fp16_io=args.fp16_io,
+        calibration=args.calibration,
     )
     try:
         result = build(request)
@@ -125,7 +164,7 @@ def _build(args: argparse.Namespace) -> int:
         print(exc.report.table())
         print(f"error: {exc}; nothing was written to {args.repo}", file=sys.stderr)
         return 1
-    except (WeightsError, RepositoryError, ValueError) as exc:
+    except (WeightsError, CalibrationError, RepositoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.report.table())

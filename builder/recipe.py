@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 from builder.architectures import Layout
+from builder.precision import Precision
 from builder.registry import REGISTRY
-from builder.resnet import ModelOptions, ResNet, create_model
+from builder.resnet import Classifier, ModelOptions, create_model
 from builder.weights import WeightsSource, load_weights
 
 CALIBRATION_BATCH = 8
 
 
-def calibrate_batchnorm(model: ResNet, seed: int, batch: int = CALIBRATION_BATCH) -> None:
+def calibrate_batchnorm(model: Classifier, seed: int, batch: int = CALIBRATION_BATCH) -> None:
     """Set every BatchNorm's running statistics from one seeded batch of N(0, 1) images.
 
     Randomly initialized residual nets double their activations' variance at each block
@@ -45,7 +46,9 @@ def calibrate_batchnorm(model: ResNet, seed: int, batch: int = CALIBRATION_BATCH
 
 @dataclass(frozen=True)
 class Recipe:
-    """Architecture and options, plus either a checkpoint or the seed of random weights."""
+    """Architecture and options, plus either a checkpoint or the seed of random weights, and
+    the precision the graph was converted to (with, for int8, where its calibration came
+    from: `builder.calibration`'s record)."""
 
     arch: str
     num_classes: int
@@ -53,14 +56,25 @@ class Recipe:
     seed: int = 0
     zero_init_last: bool = False
     weights: WeightsSource | None = None
+    stochastic_depth: float | None = None  # a training option: the eval model is the same
+    precision: Precision = Precision.FP32
+    fp16_io: bool = False
+    calibration: dict[str, Any] | None = None
 
     @property
     def calibration_batch(self) -> int | None:
         return None if self.weights else CALIBRATION_BATCH
 
-    def model(self) -> ResNet:
-        """The model in eval mode; reloads the checkpoint when there is one."""
-        options = ModelOptions(self.num_classes, self.layout, self.zero_init_last, self.seed)
+    @property
+    def io_dtype(self) -> str | None:
+        """The graph's input/output dtype where it differs from config.json's."""
+        return "float16" if self.fp16_io else None
+
+    def model(self) -> Classifier:
+        """The fp32 model in eval mode; reloads the checkpoint when there is one."""
+        options = ModelOptions(
+            self.num_classes, self.layout, self.zero_init_last, self.seed, self.stochastic_depth
+        )
         model = create_model(self.arch, options)
         if self.weights is not None:
             load_weights(model, self.weights.path, self.arch)
@@ -71,6 +85,7 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["layout"] = self.layout.value
+        record["precision"] = self.precision.value
         record["weights"] = (
             None
             if self.weights is None
@@ -95,4 +110,8 @@ class Recipe:
             weights=None
             if weights is None
             else WeightsSource(path=Path(weights["path"]), sha256=weights["sha256"]),
+            stochastic_depth=record.get("stochastic_depth"),
+            precision=Precision(record.get("precision", Precision.FP32)),
+            fp16_io=bool(record.get("fp16_io", False)),
+            calibration=record.get("calibration"),
         )
