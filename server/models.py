@@ -41,7 +41,7 @@ from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
 from server.model_config import MODEL_FILE, VERIFICATION_FILE, ModelConfig
-from server.sessions import Runner, open_session
+from server.sessions import Runner, graph_feed_dtype, open_session
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ class ModelRegistry:
                     mv.config.output.name,
                     io_binding=settings.io_binding,
                     device_id=settings.cuda_device_id,
+                    feed_dtype=graph_feed_dtype(opened.session),
                 )
             )
         log.info(

@@ -46,6 +46,7 @@ class Session(Protocol):
     """The part of `onnxruntime.InferenceSession` the server uses."""
 
     def get_providers(self) -> list[str]: ...
+    def get_inputs(self) -> list[Any]: ...
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[Any]: ...
     def io_binding(self) -> Any: ...
     def run_with_iobinding(self, iobinding: Any) -> None: ...
@@ -139,8 +140,20 @@ def open_session(
     return Opened(factory(str(model_path), options, providers=[CPU]), CPU, reason)
 
 
+def graph_feed_dtype(session: Session) -> np.dtype | None:
+    """float16 for a graph built with float16 inputs (``build --precision fp16 --fp16-io``),
+    whose config.json still promises float32: the runner casts what it feeds. Else None."""
+    if session.get_inputs()[0].type == "tensor(float16)":
+        return np.dtype(np.float16)
+    return None
+
+
 class Runner:
-    """Runs batches on one session; on CUDA through I/O binding when configured."""
+    """Runs batches on one session; on CUDA through I/O binding when configured.
+
+    ``feed_dtype`` (see `graph_feed_dtype`): cast each batch to it before running; the
+    logits always come back as float32.
+    """
 
     def __init__(
         self,
@@ -150,6 +163,7 @@ class Runner:
         *,
         io_binding: bool,
         device_id: int,
+        feed_dtype: np.dtype | None = None,
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
@@ -157,9 +171,16 @@ class Runner:
         self._output = output_name
         self._bind = io_binding and opened.provider == CUDA
         self._device_id = device_id
+        self._feed_dtype = feed_dtype
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Blocking: call from an executor thread, never on the event loop."""
+        if self._feed_dtype is not None:
+            batch = batch.astype(self._feed_dtype)
+            return self._run(batch).astype(np.float32)
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         if not self._bind:
             return self.session.run([self._output], {self._input: batch})[0]
         binding = self.session.io_binding()
