@@ -1,4 +1,4 @@
-"""``resnet-serve build | verify | models``.
+"""``resnet-serve build | verify | models | train``.
 
 Nothing here imports torch at module level: the runtime image has no torch, and
 ``resnet-serve models`` must work there. ``build`` and ``verify`` import it when they run.
@@ -69,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--num-classes", type=_positive, help="size of the head (default: 1000, CIFAR 10)"
     )
     build.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="class names, one per line (default: ImageNet's, CIFAR-10's, or class_<i>)",
+    )
+    build.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights (default: 0)"
     )
     build.add_argument(
@@ -118,6 +124,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("path", type=Path, help="a version directory, e.g. models/resnet50/1")
     verify.set_defaults(func=_verify)
 
+    train = subparsers.add_parser(
+        "train",
+        help="train a CIFAR-style ResNet on scikit-learn's digits and build it",
+        description="Train ARCH on scikit-learn's handwritten digits (8x8 upscaled to 32x32, a "
+        "fixed 80/20 split) on the CPU, save the checkpoint and the split as PNGs in --out, "
+        "and build the model into --repo through the normal build path.",
+    )
+    train.add_argument("--arch", type=_architecture, default="resnet20", help="default: resnet20")
+    train.add_argument("--repo", type=Path, default=_DEFAULT_REPO, help="default: models")
+    train.add_argument("--name", default="digits", help="model name (default: digits)")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=Path("digits"),
+        help="checkpoint and PNG folders train/, held_out/ (default: digits)",
+    )
+    train.add_argument("--epochs", type=_positive, default=8, help="default: 8")
+    train.add_argument("--seed", type=int, default=0, help="default: 0")
+    train.add_argument(
+        "--stochastic-depth",
+        type=_probability,
+        nargs="?",
+        const=0.5,
+        metavar="P_L",
+        help="train with stochastic depth, last block surviving with P_L (default 0.5)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        nargs="+",
+        default=[Precision.FP32.value],
+        help="versions to build: fp32 as NAME, the others as NAME_fp16 and NAME_int8 "
+        "(int8 calibrated on the training images); default: fp32",
+    )
+    train.set_defaults(func=_train)
+
     models = subparsers.add_parser("models", help="list a repository's models and versions")
     models.add_argument("--repo", type=Path, default=_DEFAULT_REPO, help="default: models")
     models.set_defaults(func=_models)
@@ -157,6 +199,7 @@ def _build(args: argparse.Namespace) -> int:
         precision=Precision(args.precision),
         fp16_io=args.fp16_io,
         calibration=args.calibration,
+        labels=None if args.labels is None else _read_labels(args.labels),
     )
     try:
         result = build(request)
@@ -170,6 +213,45 @@ def _build(args: argparse.Namespace) -> int:
     print(result.report.table())
     stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in result.seconds.items())
     print(f"built {result.version_dir} ({stages})")
+    return 0
+
+
+def _read_labels(path: Path) -> tuple[str, ...]:
+    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        from builder.build import VerificationFailed
+        from builder.train import TrainRequest, train
+    except ImportError as exc:
+        return _missing_extra(exc)
+
+    request = TrainRequest(
+        out=args.out,
+        repo=args.repo,
+        name=args.name,
+        arch=args.arch,
+        epochs=args.epochs,
+        seed=args.seed,
+        stochastic_depth=args.stochastic_depth,
+        precisions=tuple(Precision(p) for p in args.precision),
+    )
+    try:
+        result = train(request)
+    except VerificationFailed as exc:
+        print(exc.report.table())
+        print(f"error: {exc}; nothing was written to {args.repo}", file=sys.stderr)
+        return 1
+    except (RepositoryError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"trained {args.arch} in {result.train_seconds:.0f} s: held-out accuracy "
+        f"{result.accuracy:.2%}; checkpoint {result.checkpoint}"
+    )
+    for precision, version_dir in result.versions.items():
+        print(f"built {version_dir} ({precision})")
     return 0
 
 
