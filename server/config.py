@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, gt=0, description="images in one request")
     max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size, both directions")
+    max_decode_backlog: int = Field(
+        128,
+        gt=0,
+        description="images waiting for or in a decode worker, server-wide; more are refused "
+        "with RESOURCE_EXHAUSTED at once (keep it >= max_images_per_request)",
+    )
 
     # lifecycle and observability
     grace_period: float = Field(

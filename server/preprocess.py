@@ -9,6 +9,10 @@ resized, cropped HWC uint8 pixels.
 
 Decoding runs in a thread pool (`Preprocessor`): Pillow releases the GIL in
 decode and resize, and threads avoid copying every result between processes.
+The pool's backlog is bounded (``max_decode_backlog`` images, server-wide):
+past it an image is refused at once with `QueueFull` (RESOURCE_EXHAUSTED),
+so an overload of encoded images cannot pile up unbounded waits and memory
+in front of the models' own bounded queues.
 JPEGs decode in draft mode, i.e. already scaled down by 1/2, 1/4 or 1/8 by
 the JPEG decoder while staying at least as large as the resize target. Image
 size is checked from the header against the pixel limit before any pixel is
@@ -27,6 +31,7 @@ import asyncio
 import io
 import math
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.config import Settings
-from server.errors import InvalidInput
+from server.errors import InvalidInput, QueueFull
 from server.model_config import ModelConfig
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -164,22 +169,35 @@ def prepare_pixels(pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 
 class Preprocessor:
-    """Runs decoding and transforms on a pool of worker threads."""
+    """Runs decoding and transforms on a pool of worker threads, with a bounded backlog."""
 
     def __init__(self, settings: Settings) -> None:
         self.limits = Limits.from_settings(settings)
+        self.max_backlog = settings.max_decode_backlog
+        self.backlog = 0  # images waiting for or in a worker (touched only on the event loop)
         ceiling = Image.MAX_IMAGE_PIXELS
         if ceiling is not None and self.limits.max_image_pixels > ceiling:
             Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # keep Pillow's above ours
         self._pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
 
     async def encoded(self, data: bytes, config: ModelConfig) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, prepare_encoded, data, config, self.limits)
+        return await self._run(prepare_encoded, data, config, self.limits)
 
     async def pixels(self, pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, prepare_pixels, pixels, config)
+        return await self._run(prepare_pixels, pixels, config)
+
+    async def _run(self, function: Callable[..., np.ndarray], *args: object) -> np.ndarray:
+        if self.backlog >= self.max_backlog:
+            raise QueueFull(
+                f"{self.backlog} images are waiting to be decoded (at most {self.max_backlog}); "
+                f"retry later"
+            )
+        self.backlog += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, function, *args)
+        finally:
+            self.backlog -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
