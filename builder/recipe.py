@@ -36,7 +36,9 @@ def calibrate_batchnorm(model: Classifier, seed: int, batch: int = CALIBRATION_B
             saved[module] = module.momentum
             module.reset_running_stats()
             module.momentum = None  # cumulative average: one batch gives its exact statistics
-    model.train()
+    model.eval()
+    for module in saved:
+        module.train()  # BatchNorm alone: stochastic depth stays off, the pass deterministic
     with torch.no_grad():
         model(images)
     for module, momentum in saved.items():
