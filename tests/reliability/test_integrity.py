@@ -1,0 +1,86 @@
+"""A build killed midway (SIGKILL, no cleanup runs) leaves no version in the repository.
+
+The builder assembles a version in ``<repo>/<name>/.tmp-*`` and renames it
+into place only after every check passed (builder/repository.py). The test
+kills ``resnet-serve build`` the moment the staged ``model.onnx`` appears
+(exported, not yet verified or published), then checks that no version
+directory, config.json or labels.txt exists, that ``resnet-serve models``
+lists nothing, and that the next build of the same name publishes version 1
+as if nothing had happened. A killed build's ``.tmp-*`` directory stays
+behind: the server and the builder ignore it, an operator may delete it.
+
+Refusing tampered (sha256), failed and never-verified versions while the
+other models serve, with their log lines: tests/server/test_lifecycle.py
+(test_refused_versions_full_queue_no_reflection_and_sigint).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.repository import TMP_PREFIX
+
+RESNET_SERVE = str(Path(sys.executable).with_name("resnet-serve"))
+NAME = "killed"
+BUILD_TIMEOUT = 300.0
+
+
+def build(repo: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [RESNET_SERVE, "build", "resnet20", "--repo", str(repo), "--name", NAME],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def staged_model(model_dir: Path) -> Path | None:
+    found = sorted(model_dir.glob(f"{TMP_PREFIX}*/model.onnx")) if model_dir.is_dir() else []
+    return found[0] if found else None
+
+
+def kill_when_staged(repo: Path, log: Path) -> Path:
+    """Run a build and SIGKILL it once its model.onnx is staged; the staged file's path."""
+    process = build(repo, log)
+    deadline = time.monotonic() + BUILD_TIMEOUT
+    try:
+        while (staged := staged_model(repo / NAME)) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the build ended before it was caught staging:\n{log.read_text()}")
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return staged
+
+
+def models_listing(repo: Path) -> str:
+    return subprocess.run(
+        [RESNET_SERVE, "models", "--repo", str(repo)], capture_output=True, text=True, check=True,
+        timeout=120,
+    ).stdout  # fmt: skip
+
+
+def test_build_killed_midway_leaves_no_version(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    staged = kill_when_staged(repo, tmp_path / "killed-build.log")
+
+    model_dir = repo / NAME
+    left = sorted(p.name for p in model_dir.iterdir())
+    assert left == [staged.parent.name], left  # only the staging directory, no version
+    assert models_listing(repo).rstrip().endswith(": no models")
+
+    finished = build(repo, tmp_path / "build.log")
+    assert finished.wait(BUILD_TIMEOUT) == 0, (tmp_path / "build.log").read_text()
+    assert (model_dir / "1" / "verification.json").is_file()
+    assert not (model_dir / "2").exists()
+    row = next(line.split() for line in models_listing(repo).splitlines()
+               if line.startswith(f"{NAME} "))  # fmt: skip
+    assert row[1] == "resnet20" and row[6:8] == ["1", "verified"], row
