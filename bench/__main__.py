@@ -4,6 +4,7 @@
   server in one run; JSON in bench/results/, the report in docs/benchmarks.md.
 - ``python -m bench sweep``: the server under each knob set of `bench.plan.SWEEP`.
 - ``python -m bench report RESULTS``: redraw the report from a saved run or sweep.
+- ``python -m bench precision``: int8 vs fp32 (`bench.precision`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import photos, report, run
+from bench import photos, precision, report, run
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("results_json", type=Path)
     _output_arguments(again)
     again.set_defaults(func=_report)
+
+    precision.register(sub)
     return parser
 
 
