@@ -67,6 +67,9 @@ class ArchSpec:
     reference_params: int | None = None  # None: no published figure
     reference_params_tolerance: int = 0
     reference_macs: tuple[tuple[Layout, float], ...] = ()
+    # ONNX Runtime vs PyTorch limit (error / largest logit) where the default 1e-3 is too
+    # tight for the depth: a pre-activation trunk adds up hundreds of unnormalized branches
+    max_rel_error: float | None = None
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -146,7 +149,9 @@ def _cifar(depth: int, params: float, params_step: float, macs: float) -> ArchSp
     )
 
 
-def _preact_cifar(depth: int, params: float, tolerance: int) -> ArchSpec:
+def _preact_cifar(
+    depth: int, params: float, tolerance: int, max_rel_error: float | None = None
+) -> ArchSpec:
     """A CIFAR pre-activation bottleneck net (depth = 9n + 2).
 
     The paper's figures match the convolution and fc weights alone (1.68M, 10.18M); with
@@ -163,6 +168,7 @@ def _preact_cifar(depth: int, params: float, tolerance: int) -> ArchSpec:
         dataset=Dataset.CIFAR10,
         reference_params=round(params),
         reference_params_tolerance=tolerance,
+        max_rel_error=max_rel_error,
     )
 
 
@@ -281,7 +287,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         reference_macs=((Layout.ORIGINAL, 11.3 * G), (Layout.TORCHVISION, 11.51 * G)),
     ),
     _preact_cifar(164, 1.7 * M, 75_000),
-    _preact_cifar(1001, 10.2 * M, 200_000),
+    _preact_cifar(1001, 10.2 * M, 200_000, max_rel_error=5e-3),  # measured 1.7e-3
     _densenet(121, (6, 12, 24, 16), 32, 64, 7_978_856, 2.83 * G),
     _densenet(169, (6, 12, 32, 32), 32, 64, 14_149_480, 3.36 * G),
     _densenet(201, (6, 12, 48, 32), 32, 64, 20_013_928, 4.29 * G),

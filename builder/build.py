@@ -99,10 +99,15 @@ class BuildRequest:
         if self.calibration is not None and self.precision is not Precision.INT8:
             raise ValueError("a calibration folder is for --precision int8 only")
 
-    def effective_thresholds(self) -> Thresholds:
+    def effective_thresholds(self, arch: ArchSpec) -> Thresholds:
+        """The request's, else fp16's or the defaults, widened where the row asks for it."""
         if self.thresholds is not None:
             return self.thresholds
-        return FP16_THRESHOLDS if self.precision is Precision.FP16 else Thresholds()
+        if self.precision is Precision.FP16:
+            return FP16_THRESHOLDS
+        if arch.max_rel_error is not None:
+            return Thresholds(max_rel_error=max(arch.max_rel_error, Thresholds().max_rel_error))
+        return Thresholds()
 
 
 @dataclass(frozen=True)
@@ -247,7 +252,7 @@ def build(request: BuildRequest) -> BuildResult:
         raise ValueError(f"{len(labels)} labels for {num_classes} classes")
     config = model_config(name, arch, num_classes, request.input_dtype)
     check_config_compatible(model_dir, config)
-    thresholds = request.effective_thresholds()
+    thresholds = request.effective_thresholds(arch)
     calibration = (
         calibration_set(request.calibration, config, request.seed)
         if request.precision is Precision.INT8
