@@ -56,6 +56,9 @@ class LoadError(Exception):
     """A version that cannot be served; the message is the one log line."""
 
 
+LOAD_FAILED = "could not be loaded; the server log says why"
+
+
 @dataclass(eq=False)
 class ModelVersion:
     name: str
@@ -185,6 +188,7 @@ class ModelRegistry:
 
     async def _load(self, mv: ModelVersion) -> None:
         started = time.monotonic()
+        batcher: Batcher | None = None
         try:
             await asyncio.to_thread(_check_verification, mv.path)
             runners = await asyncio.to_thread(self._open_runners, mv)
@@ -193,9 +197,17 @@ class ModelRegistry:
             sizes = warmup_sizes(mv)
             for size in sizes:
                 await batcher.run_direct(np.zeros(mv.config.input.shape(size), mv.input_dtype))
-        except (LoadError, OSError, RuntimeError, ValueError) as exc:
-            mv.state, mv.reason = State.UNAVAILABLE, _one_line(exc)
-            log.error("model %s version %s refused: %s", mv.name, mv.version, mv.reason)
+        # Whatever the reason (ONNX Runtime's own exceptions are not RuntimeErrors), one
+        # version that cannot load is refused and logged; the others still load.
+        except Exception as exc:
+            detail = _one_line(exc)
+            log.error("model %s version %s refused: %s", mv.name, mv.version, detail)
+            # callers see the reason (ListModels, RepositoryIndex): only ours, never a path or
+            # a runtime's internals, which stay in the log
+            mv.state = State.UNAVAILABLE
+            mv.reason = detail if isinstance(exc, LoadError) else LOAD_FAILED
+            if batcher is not None:  # warm-up failed: stop its scheduler and threads
+                await batcher.close()
             return
         mv.batcher, mv.provider, mv.state = batcher, runners[0].provider, State.READY
         seconds = time.monotonic() - started
