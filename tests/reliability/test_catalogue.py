@@ -1,6 +1,7 @@
 """The bad-input catalogue (`tests.reliability.catalogue`) against one real server.
 
-For every case: the exact status code and a message naming the problem; then
+For every case: the exact status code and a message naming the problem and
+nothing of the inside (no traceback, path or object repr); then
 the server is still SERVING, a valid request of each API succeeds, and the
 server's RSS has grown less than `RSS_BOUND` since the baseline taken after
 warm-up (so over the whole catalogue, too). Then a few hypothesis examples of
@@ -33,6 +34,7 @@ from tests.reliability.catalogue import (
 )
 from tests.reliability.repos import derive
 from tests.reliability.wire import answer, answered, call, classify, infer, infer_images
+from tests.security.leaks import leaks
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MIB = 1 << 20
@@ -89,6 +91,7 @@ def test_catalogue(
     code, details, response = call(channel, case.request())
     assert code is case.code, f"{code.name}: {details}"
     assert case.fragment in details, details
+    assert leaks(details, server.log_path.parent) == [], details
     if code is grpc.StatusCode.OK:
         assert answered(response) == 1
         if case.same_as is not None:
