@@ -1,4 +1,6 @@
-"""A build killed midway (SIGKILL, no cleanup runs) leaves no version in the repository.
+"""Integrity of the repository: killed builds, and versions the runtime cannot open.
+
+A build killed midway (SIGKILL, no cleanup runs) leaves no version in the repository.
 
 The builder assembles a version in ``<repo>/<name>/.tmp-*`` and renames it
 into place only after every check passed (builder/repository.py). The test
@@ -9,6 +11,10 @@ lists nothing, and that the next build of the same name publishes version 1
 as if nothing had happened. A killed build's ``.tmp-*`` directory stays
 behind: the server and the builder ignore it, an operator may delete it.
 
+A version whose sha256 matches but which ONNX Runtime cannot open is
+refused with one log line, callers see a reason without paths or runtime
+internals, and the other model serves.
+
 Refusing tampered (sha256), failed and never-verified versions while the
 other models serve, with their log lines: tests/server/test_lifecycle.py
 (test_refused_versions_full_queue_no_reflection_and_sigint).
@@ -16,15 +22,27 @@ other models serve, with their log lines: tests/server/test_lifecycle.py
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from builder.repository import TMP_PREFIX
+from server.model_config import MODEL_FILE, VERIFICATION_FILE
+from server.models import LOAD_FAILED
+from tests.fixtures.servers import RunningServer
+from tests.reliability.repos import derive
+from tests.security.leaks import leaks
 
 RESNET_SERVE = str(Path(sys.executable).with_name("resnet-serve"))
 NAME = "killed"
@@ -84,3 +102,30 @@ def test_build_killed_midway_leaves_no_version(tmp_path: Path) -> None:
     row = next(line.split() for line in models_listing(repo).splitlines()
                if line.startswith(f"{NAME} "))  # fmt: skip
     assert row[1] == "resnet20" and row[6:8] == ["1", "verified"], row
+
+
+def test_a_version_the_runtime_cannot_open_is_refused(
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+) -> None:
+    repo = tmp_path / "repo"
+    derive(repo, model_repo / "cifar")
+    version = derive(repo, model_repo / "cifar", "unloadable") / "1"
+    (version / MODEL_FILE).unlink()  # a hard link: replace, never write
+    (version / MODEL_FILE).write_bytes(b"not an ONNX graph, with a matching sha256")
+    report = json.loads((version / VERIFICATION_FILE).read_text())
+    report["sha256"] = hashlib.sha256((version / MODEL_FILE).read_bytes()).hexdigest()
+    (version / VERIFICATION_FILE).unlink()
+    (version / VERIFICATION_FILE).write_text(json.dumps(report))
+
+    server = server_factory(repo)
+    refused = [line for line in server.log().splitlines()
+               if "model unloadable version 1 refused:" in line]  # fmt: skip
+    assert len(refused) == 1, server.log()
+    assert server.health("unloadable") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.health("cifar") == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(name="unloadable"), timeout=30)
+    (state,) = info.versions
+    assert (state.state, state.reason) == (pb.VersionInfo.UNAVAILABLE, LOAD_FAILED)
+    assert leaks(state.reason, repo) == []
