@@ -1,0 +1,184 @@
+"""TLS and mutual TLS on the gRPC port, through the real SDK and CLI, certificates made here.
+
+Two servers over the one-model ``cifar`` repository:
+
+- ``tls``: ``--tls-cert/--tls-key`` and a bearer token (env var), so the
+  SDK's token travels as call credentials over TLS;
+- ``mtls``: adds ``--tls-client-ca``: only clients with a certificate from
+  that CA get in.
+
+Plaintext clients, clients that do not trust the server's CA, and clients
+without (or with a stranger's) certificate are refused at the handshake
+(UNAVAILABLE); inconsistent or unreadable TLS files stop the server at start
+with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from resnet_serve_client import (
+    TLS,
+    ChannelOptions,
+    Client,
+    HealthStatus,
+    Unauthenticated,
+    Unavailable,
+)
+
+from tests.fixtures.servers import SERVE, RunningServer, start_server
+from tests.reliability import images
+from tests.security.certs import PKI
+
+TOKEN = "tls-test-token-3f9a"
+CLI = str(Path(sys.executable).with_name("resnet-serve-client"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "photo.jpg"
+    path.write_bytes(images.jpeg(images.photo()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    cifar_repo: Path, pki: PKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    running = start_server(
+        cifar_repo, tmp_path_factory.mktemp("tls-logs"),
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        credentials=grpc.ssl_channel_credentials(pki.ca.read_bytes()),
+        env={"RESNET_SERVE_AUTH_TOKEN": TOKEN},
+    )  # fmt: skip
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(
+    cifar_repo: Path, pki: PKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+    )
+    running = start_server(
+        cifar_repo, tmp_path_factory.mktemp("mtls-logs"),
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        "--tls-client-ca", str(pki.ca),
+        credentials=credentials,
+    )  # fmt: skip
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def client(server: RunningServer, tls: TLS | None, token: str | None = None) -> Client:
+    options = ChannelOptions(tls=tls, token=token, retry=None)
+    return Client(server.address, model="cifar", options=options, timeout=30)
+
+
+def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RESNET_SERVE_TOKEN"}
+    return subprocess.run(
+        [CLI, "--server", server.address, *args], capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
+
+
+def test_sdk_over_tls_with_a_token(tls_server: RunningServer, pki: PKI, photo: Path) -> None:
+    with client(tls_server, TLS(root_certificates=pki.ca), TOKEN) as sdk:
+        (result,) = sdk.classify(photo)
+        assert len(result.classes) == 5
+        assert sdk.health() is HealthStatus.SERVING
+    assert "gRPC port: TLS, bearer tokens required (1 accepted)" in tls_server.log()
+
+
+def test_tls_port_refuses_plaintext_and_unknown_servers(
+    tls_server: RunningServer, pki: PKI, photo: Path
+) -> None:
+    for tls in (None, TLS(root_certificates=pki.rogue_ca)):
+        with client(tls_server, tls, TOKEN) as sdk, pytest.raises(Unavailable):
+            sdk.classify(photo)
+
+
+def test_token_over_tls_is_checked_and_health_stays_open(
+    tls_server: RunningServer, pki: PKI, photo: Path
+) -> None:
+    tls = TLS(root_certificates=pki.ca)
+    for token in (None, "wrong"):
+        with client(tls_server, tls, token) as sdk:
+            with pytest.raises(Unauthenticated):
+                sdk.classify(photo)
+            assert sdk.health() is HealthStatus.SERVING
+
+
+def test_cli_over_tls(tls_server: RunningServer, pki: PKI, photo: Path) -> None:
+    ran = cli(tls_server, "--ca", str(pki.ca), "--token", TOKEN, "classify", str(photo),
+              "--model", "cifar", "--no-progress")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert photo.name in ran.stdout
+    ran = cli(tls_server, "--ca", str(pki.ca), "health")
+    assert (ran.returncode, ran.stdout.strip()) == (0, "SERVING"), ran.stderr
+    ran = cli(tls_server, "--ca", str(pki.ca), "models")
+    assert ran.returncode != 0 and "UNAUTHENTICATED" in ran.stdout + ran.stderr
+
+
+def test_sdk_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, photo: Path) -> None:
+    tls = TLS(root_certificates=pki.ca, certificate_chain=pki.client_cert,
+              private_key=pki.client_key)  # fmt: skip
+    with client(mtls_server, tls) as sdk:
+        (result,) = sdk.classify(photo)
+        assert len(result.classes) == 5
+    assert "gRPC port: mutual TLS, no authentication" in mtls_server.log()
+
+
+def test_mtls_refuses_clients_without_a_trusted_certificate(
+    mtls_server: RunningServer, pki: PKI, photo: Path
+) -> None:
+    for tls in (
+        TLS(root_certificates=pki.ca),
+        TLS(root_certificates=pki.ca, certificate_chain=pki.rogue_cert, private_key=pki.rogue_key),
+    ):
+        with client(mtls_server, tls) as sdk, pytest.raises(Unavailable):
+            sdk.classify(photo)
+
+
+def test_cli_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, photo: Path) -> None:
+    certificate = ("--ca", str(pki.ca), "--cert", str(pki.client_cert),
+                   "--key", str(pki.client_key))  # fmt: skip
+    ran = cli(mtls_server, *certificate, "classify", str(photo), "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    assert photo.name in ran.stdout
+    ran = cli(mtls_server, "--ca", str(pki.ca), "health")
+    assert ran.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "message"),
+    [
+        (["--tls-cert", "{cert}"], 2, "tls_cert and tls_key go together"),
+        (["--tls-client-ca", "{ca}"], 2, "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], 1, "cannot read tls_cert"),
+        (["--tls-cert", "{key_as_cert}", "--tls-key", "{key}"], 1, "holds no PEM block"),
+    ],
+    ids=["cert-without-key", "client-ca-without-cert", "missing-file", "not-pem"],
+)
+def test_tls_settings_that_cannot_work_stop_the_server(
+    cifar_repo: Path, pki: PKI, tmp_path: Path, flags: list[str], code: int, message: str
+) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("just text\n")
+    paths = {"cert": pki.server_cert, "key": pki.server_key, "ca": pki.ca,
+             "missing": tmp_path / "missing.pem", "key_as_cert": not_pem}  # fmt: skip
+    command = [*SERVE, "--repo", str(cifar_repo), "--host", "127.0.0.1", "--port", "0",
+               "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+               *(f.format(**paths) for f in flags)]  # fmt: skip
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == code, ran.stderr
+    assert message in ran.stderr
