@@ -9,13 +9,14 @@ Two servers over the one-model ``cifar`` repository:
 
 Plaintext clients, clients that do not trust the server's CA, and clients
 without (or with a stranger's) certificate are refused at the handshake
-(UNAVAILABLE); inconsistent or unreadable TLS files stop the server at start
-with one line.
+(UNAVAILABLE); inconsistent settings and unreadable TLS files are named, and
+stop the server at start with one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import ValidationError
 from resnet_serve_client import (
     TLS,
     ChannelOptions,
@@ -32,6 +34,8 @@ from resnet_serve_client import (
     Unavailable,
 )
 
+from server.config import Settings
+from server.tls import TLSError, server_credentials
 from tests.fixtures.servers import SERVE, RunningServer, start_server
 from tests.reliability import images
 from tests.security.certs import PKI
@@ -160,25 +164,50 @@ def test_cli_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, pho
 
 
 @pytest.mark.parametrize(
-    ("flags", "code", "message"),
+    ("fields", "message"),
     [
-        (["--tls-cert", "{cert}"], 2, "tls_cert and tls_key go together"),
-        (["--tls-client-ca", "{ca}"], 2, "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
-        (["--tls-cert", "{missing}", "--tls-key", "{key}"], 1, "cannot read tls_cert"),
-        (["--tls-cert", "{key_as_cert}", "--tls-key", "{key}"], 1, "holds no PEM block"),
+        ({"tls_cert": "cert"}, "tls_cert and tls_key go together"),
+        ({"tls_key": "key"}, "tls_cert and tls_key go together"),
+        ({"tls_client_ca": "ca"}, "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
     ],
-    ids=["cert-without-key", "client-ca-without-cert", "missing-file", "not-pem"],
+    ids=["cert-without-key", "key-without-cert", "client-ca-without-cert"],
 )
-def test_tls_settings_that_cannot_work_stop_the_server(
-    cifar_repo: Path, pki: PKI, tmp_path: Path, flags: list[str], code: int, message: str
+def test_tls_settings_that_cannot_work_are_refused(
+    pki: PKI, fields: dict[str, str], message: str
 ) -> None:
-    not_pem = tmp_path / "not.pem"
-    not_pem.write_text("just text\n")
-    paths = {"cert": pki.server_cert, "key": pki.server_key, "ca": pki.ca,
-             "missing": tmp_path / "missing.pem", "key_as_cert": not_pem}  # fmt: skip
+    paths = {"cert": pki.server_cert, "key": pki.server_key, "ca": pki.ca}
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings(**{name: paths[kind] for name, kind in fields.items()})
+
+
+@pytest.mark.parametrize(
+    ("setting", "content", "message"),
+    [("tls_cert", None, "cannot read tls_cert"), ("tls_key", "just text\n", "holds no PEM block"),
+     ("tls_client_ca", b"\x00\x01", "holds no PEM block")],
+    ids=["missing-cert", "key-not-pem", "client-ca-not-pem"],
+)  # fmt: skip
+def test_unusable_tls_files_are_named(
+    pki: PKI, tmp_path: Path, setting: str, content: str | bytes | None, message: str
+) -> None:
+    bad = tmp_path / "bad.pem"
+    if isinstance(content, str):
+        bad.write_text(content)
+    elif content is not None:
+        bad.write_bytes(content)
+    files = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": pki.ca}
+    with pytest.raises(TLSError, match=re.escape(message)) as error:
+        server_credentials(Settings(**{**files, setting: bad}))
+    assert f"{setting} {bad}" in str(error.value)
+
+
+def test_an_unusable_tls_file_stops_the_server_with_one_line(
+    cifar_repo: Path, pki: PKI, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
     command = [*SERVE, "--repo", str(cifar_repo), "--host", "127.0.0.1", "--port", "0",
                "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-               *(f.format(**paths) for f in flags)]  # fmt: skip
+               "--tls-cert", str(missing), "--tls-key", str(pki.server_key)]  # fmt: skip
     ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert ran.returncode == code, ran.stderr
-    assert message in ran.stderr
+    assert ran.returncode == 1, ran.stderr
+    (line,) = ran.stderr.splitlines()
+    assert f"cannot read tls_cert {missing}" in line

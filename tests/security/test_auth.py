@@ -1,0 +1,179 @@
+"""Bearer tokens on a plaintext port: from an env var and a file, on every service but probes.
+
+One server takes ``ENV_TOKEN`` from ``RESNET_SERVE_AUTH_TOKEN`` and two more
+from ``--auth-token-file``. Every accepted token works through the SDK (sent
+as metadata), tritonclient (``headers``) and the CLI (``RESNET_SERVE_TOKEN``);
+a missing or wrong one is UNAUTHENTICATED on Classify, ClassifyStream,
+ListModels, v2 ModelInfer and reflection; grpc.health.v1 and the v2 probes
+(ServerLive, ServerReady, ModelReady) answer without one. No token reaches
+the log. Token-over-TLS is in test_tls.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from resnet_serve_client import ChannelOptions, Client, HealthStatus, Unauthenticated
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from server.auth import AuthInterceptor, TokenError, load_tokens
+from server.config import Settings
+from tests.fixtures.servers import RunningServer, start_server
+from tests.reliability import images
+
+ENV_TOKEN = "env-token-7c1e"
+FILE_TOKENS = ["file-token-a90b", "file-token-55d2"]
+CLI = str(Path(sys.executable).with_name("resnet-serve-client"))
+
+
+@pytest.fixture(scope="module")
+def server(cifar_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    directory = tmp_path_factory.mktemp("auth")
+    tokens = directory / "tokens"
+    tokens.write_text("# one token per line\n" + "\n".join(FILE_TOKENS) + "\n\n")
+    running = start_server(
+        cifar_repo, directory / "logs", "--auth-token-file", str(tokens),
+        env={"RESNET_SERVE_AUTH_TOKEN": ENV_TOKEN},
+    )  # fmt: skip
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def sdk(server: RunningServer, token: str | None) -> Client:
+    return Client(server.address, model="cifar", timeout=30,
+                  options=ChannelOptions(token=token, retry=None))  # fmt: skip
+
+
+def headers(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("token", [ENV_TOKEN, *FILE_TOKENS])
+def test_every_accepted_token_gets_in(server: RunningServer, token: str) -> None:
+    with sdk(server, token) as client:
+        (result,) = client.classify(images.jpeg(images.photo()))
+        assert len(result.classes) == 5
+        assert [m.name for m in client.list_models()] == ["cifar"]
+    with grpcclient.InferenceServerClient(server.address) as triton:
+        tensor = grpcclient.InferInput("images", [1, 3, 32, 32], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        answer = triton.infer("cifar", [tensor], headers=headers(token))
+        assert answer.as_numpy("logits").shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [(None, "missing bearer token"), ("wrong", "bearer token is not accepted"),
+     (ENV_TOKEN[:-1], "bearer token is not accepted"),
+     (ENV_TOKEN + "0", "bearer token is not accepted")],
+    ids=["missing", "wrong", "prefix", "longer"],
+)  # fmt: skip
+def test_missing_or_wrong_tokens_are_unauthenticated(
+    server: RunningServer, token: str | None, message: str
+) -> None:
+    with sdk(server, token) as client, pytest.raises(Unauthenticated, match=message):
+        client.classify(images.one_pixel())
+
+
+def test_every_service_but_the_probes_needs_a_token(server: RunningServer) -> None:
+    photo = images.one_pixel()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        calls = {
+            "Classify": lambda: stub.Classify(
+                pb.ClassifyRequest(model="cifar", images=[pb.Image(encoded=photo)]), timeout=30
+            ),
+            "ClassifyStream": lambda: list(stub.ClassifyStream(iter([]), timeout=30)),
+            "ListModels": lambda: stub.ListModels(pb.ListModelsRequest(), timeout=30),
+            "reflection": lambda: ProtoReflectionDescriptorDatabase(channel).get_services(),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED, name
+    with grpcclient.InferenceServerClient(server.address) as triton:
+        assert triton.is_server_live() and triton.is_server_ready()
+        assert triton.is_model_ready("cifar")
+        with pytest.raises(InferenceServerException) as refused:
+            triton.get_model_metadata("cifar")
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    with sdk(server, None) as client:
+        assert client.health() is HealthStatus.SERVING
+        assert client.health("cifar") is HealthStatus.SERVING
+
+
+def test_cli_reads_the_token_from_its_env_var(server: RunningServer, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(images.png(images.photo()))
+    env = {**os.environ, "RESNET_SERVE_TOKEN": FILE_TOKENS[1]}
+    command = [CLI, "--server", server.address, "classify", str(photo), "--no-progress"]
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert ran.returncode == 0, ran.stderr
+    env["RESNET_SERVE_TOKEN"] = "wrong"
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert ran.returncode != 0 and "UNAUTHENTICATED" in ran.stdout + ran.stderr
+
+
+def test_no_token_reaches_the_log(server: RunningServer) -> None:
+    log = server.log()
+    assert "bearer tokens required (3 accepted)" in log
+    for token in (ENV_TOKEN, *FILE_TOKENS):
+        assert token not in log
+
+
+@pytest.mark.parametrize(
+    ("fields", "content", "message"),
+    [({}, "# only a comment\n\n", "holds no token"), ({}, None, "cannot read auth_token_file"),
+     ({"auth_token": "  "}, "one\n", "auth_token is empty")],
+    ids=["file-without-tokens", "missing-file", "blank-env-token"],
+)  # fmt: skip
+def test_unusable_token_settings_are_named(
+    tmp_path: Path, fields: dict[str, str], content: str | None, message: str
+) -> None:
+    tokens = tmp_path / "tokens"
+    if content is not None:
+        tokens.write_text(content)
+    with pytest.raises(TokenError, match=message):
+        load_tokens(Settings(auth_token_file=tokens, **fields))
+
+
+def test_tokens_from_both_places(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("  a  \n# b\nc\n")
+    assert load_tokens(Settings(auth_token="env", auth_token_file=tokens)) == ("env", "a", "c")
+    assert load_tokens(Settings()) == ()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "accepted"),
+    [
+        ((("authorization", "Bearer one"),), True),
+        ((("authorization", "bearer two"),), True),
+        ((("authorization", "Bearer  one "),), True),
+        ((("authorization", "Basic b25lOg=="),), False),
+        ((("authorization", "Bearer one"), ("authorization", "Bearer two")), False),
+        ((("authorization", "Bearer"),), False),
+        ((("x-token", "one"),), False),
+        ((), False),
+    ],
+    ids=["bearer", "scheme-case", "spaces", "basic", "two-headers", "no-token", "other-header",
+         "none"],
+)  # fmt: skip
+def test_the_interceptor_reads_one_bearer_header(
+    metadata: tuple[tuple[str, str], ...], accepted: bool
+) -> None:
+    interceptor = AuthInterceptor(["one", "two"])
+    assert (interceptor.accepts(metadata) is None) is accepted
