@@ -10,12 +10,13 @@ import io
 import struct
 import zlib
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-PHOTO = Path("/work/shared/data/photos/chelsea.jpg")
+from tests.shared_data import PHOTOS
+
+PHOTO = PHOTOS / "chelsea.jpg"
 ORIENTATION = 0x0112  # EXIF tag
 ROTATE_90_CW = 6  # EXIF orientation: turn the stored pixels 90° clockwise to view them
 
