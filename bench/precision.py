@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,18 +149,39 @@ def server_speed(repo: Path, name: str, args: argparse.Namespace) -> dict[str, A
                 with lock:
                     counted[0] += len(batch)
 
-        cpu = server.cpu_seconds()
+        cpu, before = server.cpu_seconds(), _sums(server.metrics())
         started = time.monotonic()
         with ThreadPoolExecutor(args.concurrency) as pool:
             for future in [pool.submit(caller) for _ in range(args.concurrency)]:
                 future.result()
         elapsed = time.monotonic() - started
+        after = _sums(server.metrics())
+        runs = after["resnet_serve_batch_size_count"] - before["resnet_serve_batch_size_count"]
+        batched = after["resnet_serve_batch_size_sum"] - before["resnet_serve_batch_size_sum"]
+        inference = (
+            after["resnet_serve_inference_duration_seconds_sum"]
+            - before["resnet_serve_inference_duration_seconds_sum"]
+        )
         return {
             "images": counted[0],
             "seconds": round(elapsed, 2),
             "img_per_s": round(counted[0] / elapsed, 2),
             "server_cpu_ms_per_image": round(1000 * (server.cpu_seconds() - cpu) / counted[0], 2),
+            "mean_batch": round(batched / runs, 2) if runs else 0.0,
+            "inference_ms_per_image": round(1000 * inference / batched, 2) if batched else 0.0,
+            "inference_share": round(inference / elapsed, 3),
         }
+
+
+def _sums(metrics: str) -> dict[str, float]:
+    """The server's histogram sums and counts, added over models and versions."""
+    totals: dict[str, float] = defaultdict(float)
+    for line in metrics.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.split("{", 1)[0]
+        if name.endswith(("_sum", "_count")) and not line.startswith("#"):
+            totals[name] += float(value)
+    return totals
 
 
 def markdown(results: dict[str, Any], source: str) -> str:
@@ -196,12 +218,16 @@ def markdown(results: dict[str, Any], source: str) -> str:
         f"The server (`resnet-serve serve`, one model at a time, {s['concurrency']} callers x "
         f"{s['images_per_request']} float32 tensors per request, {s['seconds']:.0f} s):",
         "",
-        "| model | images/s | server CPU ms/image |",
-        "|---|---|---|",
+        "| model | images/s | server CPU ms/image | mean batch | inference ms/image | "
+        "inference share of wall time |",
+        "|---|---|---|---|---|---|",
     ]
     for name in RESNET50:
+        r = s[name]
         lines.append(
-            f"| {name} | {s[name]['img_per_s']:.1f} | {s[name]['server_cpu_ms_per_image']:.1f} |"
+            f"| {name} | {r['img_per_s']:.1f} | {r['server_cpu_ms_per_image']:.1f} | "
+            f"{r['mean_batch']:.1f} | {r['inference_ms_per_image']:.1f} | "
+            f"{r['inference_share']:.0%} |"
         )
     lines += ["", f"Server speed-up int8 / fp32: {ratio:.2f}x."]
     return "\n".join(lines)
