@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         128,
         gt=0,
         description="images waiting for or in a decode worker, server-wide; more are refused "
-        "with RESOURCE_EXHAUSTED at once (keep it >= max_images_per_request)",
+        "with RESOURCE_EXHAUSTED at once (at least max_images_per_request)",
     )
 
     # lifecycle and observability
@@ -116,7 +116,13 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _tls_files_go_together(self) -> Settings:
+    def _consistent(self) -> Settings:
+        if self.max_decode_backlog < self.max_images_per_request:
+            raise ValueError(
+                f"max_decode_backlog ({self.max_decode_backlog}) must be at least "
+                f"max_images_per_request ({self.max_images_per_request}), or the largest "
+                "request could never be decoded"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

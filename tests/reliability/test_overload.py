@@ -75,7 +75,7 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     running = start_server(
         repo, tmp_path_factory.mktemp("overload-logs"),
         "--instances", "1", "--intra-op-threads", "1", "--decode-workers", "1",
-        "--max-decode-backlog", str(DECODE_BACKLOG),
+        "--max-decode-backlog", str(DECODE_BACKLOG), "--max-images-per-request", str(MAX_QUEUE),
     )  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()

@@ -45,7 +45,8 @@ def test_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--port", "70000"], ["--max-image-bytes", "0"], ["--instances", "0"]],
+    [["--port", "70000"], ["--max-image-bytes", "0"], ["--instances", "0"],
+     ["--max-decode-backlog", "32"]],  # below max_images_per_request (64)
 )
 def test_invalid_values_are_refused(argv: list[str]) -> None:
     with pytest.raises(ValidationError):
