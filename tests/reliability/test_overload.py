@@ -53,8 +53,8 @@ MODEL = "busy"
 MAX_BATCH = 8
 MAX_QUEUE = 16
 DECODE_BACKLOG = 32
-# calls between stages (validated, decoded but not yet queued) beside the bounded ones
-IN_TRANSIT = 16
+# calls past the queue: a batch being computed, and the one answered before it
+IN_TRANSIT = 2 * MAX_BATCH
 BURST_FACTOR = 10
 BURST_SECONDS = 8.0
 FULL_BURST_SECONDS = 30.0
