@@ -37,7 +37,8 @@ from tests.reliability.repos import derive
 from tests.reliability.wire import classify, infer_floats
 from tests.server.messages import CHELSEA
 
-SOAK_SECONDS = float(os.environ.get("RESNET_SERVE_SOAK_SECONDS", 600))
+FULL_SOAK_SECONDS = 600.0
+SOAK_SECONDS = float(os.environ.get("RESNET_SERVE_SOAK_SECONDS", FULL_SOAK_SECONDS))
 # a minute each in the full run; a fifth of a shorter try
 WARMUP_SECONDS = min(60.0, SOAK_SECONDS / 5)
 WINDOW_SECONDS = min(60.0, SOAK_SECONDS / 5)

@@ -1,0 +1,53 @@
+"""docs/security.md states the numbers the tests assert, and every setting it names exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from server.config import Settings, env_var
+from tests.reliability import catalogue, test_catalogue, test_drain, test_overload, test_soak
+from tests.reliability import test_properties as properties
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
+MIB = 1 << 20
+
+
+def _text() -> str:
+    return " ".join(DOC.read_text().split())  # one line: numbers may wrap
+
+
+@pytest.mark.parametrize(
+    "stated",
+    [
+        f"A table of {len(catalogue.CASES)} cases",
+        f"less than **{test_catalogue.RSS_BOUND // MIB} MiB** above its level after warm-up",
+        f"{properties.CASES.max_examples} examples per property",
+        f"**{properties.DEADLINE.seconds} s deadline per example**",
+        f"{test_catalogue.WIRE.max_examples} examples each",
+        f"`max_queue_size` **{test_overload.MAX_QUEUE}** images",
+        f"`--max-decode-backlog` **{test_overload.DECODE_BACKLOG}**",
+        f"`max_batch_size` {test_overload.MAX_BATCH}",
+        f"**{test_overload.BURST_FACTOR}×** that rate for **{test_overload.BURST_SECONDS:g} s**",
+        f"full **{test_overload.FULL_BURST_SECONDS:g} s** run",
+        f"within **{test_overload.RSS_BURST_BOUND // MIB} MiB** of its level before the burst",
+        f"exceeds {test_overload.DECODE_BACKLOG} + {test_overload.MAX_QUEUE} + 2 × "
+        f"{test_overload.MAX_BATCH}",
+        f"`--grace-period {test_drain.GRACE_SECONDS:g}`",
+        f"**{test_soak.FULL_SOAK_SECONDS / 60:g} minutes** of steady load",
+        f"**under {test_soak.GROWTH_BOUND:.0%}**",
+    ],
+)
+def test_the_asserted_numbers_are_stated(stated: str) -> None:
+    assert stated in _text()
+
+
+def test_every_setting_named_exists() -> None:
+    flags = re.findall(r"^\| `--([a-z-]+)` \| `(RESNET_SERVE_[A-Z_]+)", DOC.read_text(), re.M)
+    assert len(flags) >= 8
+    for flag, env in flags:
+        field = flag.removeprefix("no-").replace("-", "_")
+        assert field in Settings.model_fields, flag
+        assert env.split("=")[0] == env_var(field)
