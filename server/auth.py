@@ -58,8 +58,10 @@ def load_tokens(settings: Settings) -> tuple[str, ...]:
         path = settings.auth_token_file
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TokenError(f"cannot read auth_token_file {path}: {exc}") from None
+        except OSError as exc:
+            raise TokenError(f"cannot read auth_token_file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise TokenError(f"auth_token_file {path} is not UTF-8 text") from None
         found = [s for line in lines if (s := line.strip()) and not s.startswith("#")]
         if not found:
             raise TokenError(f"auth_token_file {path} holds no token")
@@ -82,8 +84,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def accepts(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         """None when the metadata carries an accepted token, else why not."""
         values = [v for k, v in metadata or () if k == "authorization"]
-        if len(values) != 1:
+        if not values:
             return "missing bearer token; send the metadata 'authorization: Bearer <token>'"
+        if len(values) > 1:
+            return f"{len(values)} authorization metadata entries; send one 'Bearer <token>'"
         value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
         if value[: len(_SCHEME)].lower() != _SCHEME:
             return "authorization metadata is not 'Bearer <token>'"
