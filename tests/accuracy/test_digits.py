@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from resnet_serve_client import Client
 
+from builder.__main__ import main
+from builder.digits import load_digits
 from builder.train import predictions
 from server.model_config import VERIFICATION_FILE
 from tests.accuracy.conftest import TrainedDigits
@@ -86,3 +88,20 @@ def test_fp16_io_model_is_fed_float16_by_the_server(
     tensors = digits.held_out_inputs()
     served = served_top1(digits_server, "digits_fp16", list(tensors))
     assert (served == predictions(digits.model, tensors)).mean() >= 0.99
+
+
+def test_the_split_is_fixed(digits: TrainedDigits) -> None:
+    data = digits.data
+    assert data.train.pixels.shape == (1437, 32, 32, 3)
+    assert data.held_out.pixels.shape == (360, 32, 32, 3)
+    assert np.bincount(data.held_out.labels).min() >= 35  # stratified: ~36 of each digit
+    assert np.array_equal(load_digits().held_out.labels, data.held_out.labels)
+
+
+def test_train_takes_only_cifar_style_resnets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--arch", "densenet121", "--repo", str(tmp_path), "--out", str(tmp_path)])
+    assert code == 2
+    assert "CIFAR-style ResNet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
