@@ -5,8 +5,8 @@
   with ONNX Runtime, so no extra dependency). Weights and activations become float16;
   graph inputs and outputs stay float32 unless ``fp16_io`` (then the server casts what it
   feeds and reads). ONNX Runtime's CPU provider runs the graph too — where it has no
-  float16 kernel it inserts casts around float32 kernels — so the build verifies fp16
-  models on any machine.
+  float16 kernel it inserts casts around the float32 kernel — so the build verifies fp16
+  models on any machine (the rounding of weights and activations, not float16 arithmetic).
 - int8 (for CPUs): ONNX Runtime's static quantization in QDQ format, per-channel
   symmetric int8 weights and asymmetric uint8 activations (its advice for x86 with VNNI),
   with MinMax ranges calibrated on the images of a `builder.calibration.CalibrationSet`.
