@@ -3,7 +3,8 @@
 - Calls through nginx are spread over every replica: each replica's
   resnet_serve_requests_total grows.
 - One replica gets SIGTERM in the middle of steady load from the SDK (its
-  default retry policy): no call fails, the drained
+  retry policy, with CANCELLED added as docs/deploy.md advises behind nginx):
+  no call fails, the drained
   replica exits 0, and the calls answered by the three replicas add up to
   exactly the calls made.
 
@@ -102,9 +103,14 @@ class Load:
     sent: int = 0
 
     def run(self) -> list[threading.Thread]:
-        from resnet_serve_client import Client
+        import grpc
+        from resnet_serve_client import ChannelOptions, Client, Retry
 
-        client = Client(self.target, model=self.model, timeout=60)
+        # nginx reports a replica's stream reset at the instant its port closes as
+        # CANCELLED (docs/deploy.md); Classify is idempotent, so that is retried too.
+        retry = Retry(also_on=(grpc.StatusCode.CANCELLED,))
+        options = ChannelOptions(retry=retry)
+        client = Client(self.target, model=self.model, timeout=60, options=options)
 
         def worker() -> None:
             while not self.stop.is_set():
