@@ -256,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
     repo = prepare(args.work, args.calibration)
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     results: dict[str, Any] = {
-        "command": "python -m bench precision " + " ".join(sys.argv[2:]),
+        "command": " ".join(["python -m bench precision", *sys.argv[2:]]),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_before": load_before},
         "raw": {
