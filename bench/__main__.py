@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tuning.add_argument("--max-batch-size", type=int, default=knobs.max_batch_size)
     tuning.add_argument("--max-queue-delay-us", type=int, default=knobs.max_queue_delay_us)
+    tuning.add_argument(
+        "--refill-wait",
+        type=float,
+        default=knobs.refill_wait,
+        help="batching.refill_wait written into each config.json (unset: the config's default)",
+    )
     go.add_argument(
         "--profile",
         action="store_true",
@@ -111,13 +117,27 @@ def _plan_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
         "--warmup",
         type=float,
         default=plan.warmup,
-        help="unrecorded seconds before each server level (default %(default)s)",
+        help="unrecorded seconds before each slice of a server level (default %(default)s)",
     )
     add(
         "--seconds",
         type=float,
         default=plan.seconds,
-        help="measured seconds per server level (default %(default)s)",
+        help="measured seconds per server level, over all rounds (default %(default)s)",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=plan.rounds,
+        help="slices each level is measured in, alternating with the other variants and raw "
+        "ORT (default %(default)s)",
+    )
+    add(
+        "--reference-seconds",
+        type=float,
+        default=plan.reference_seconds,
+        help="raw ORT at batch 1 and its best batch next to each level, seconds per round "
+        "(default %(default)s)",
     )
     add(
         "--raw-seconds",
@@ -160,6 +180,8 @@ def _plan(args: argparse.Namespace, knobs: Knobs, profile: bool = False) -> Plan
         warmup=args.warmup,
         seconds=args.seconds,
         raw_seconds=args.raw_seconds,
+        rounds=args.rounds,
+        reference_seconds=args.reference_seconds,
         knobs=knobs,
         profile=profile,
     )
@@ -180,6 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         allow_spinning=args.allow_spinning,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
+        refill_wait=args.refill_wait,
     )
     plan = _plan(args, knobs, args.profile)
     results = run.execute(plan, args.repo, _prepare(args, plan), args.work)

@@ -32,6 +32,16 @@ class Histogram:
             self.count - earlier.count,
         )
 
+    def __add__(self, other: Histogram) -> Histogram:
+        return Histogram(
+            {
+                le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0)
+                for le in self.buckets.keys() | other.buckets.keys()
+            },
+            self.total + other.total,
+            self.count + other.count,
+        )
+
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else math.nan

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +98,39 @@ def _busy_seconds() -> float:
     return sum(v for k, v in times.items() if k not in ("idle", "iowait", "guest", "guest_nice"))
 
 
+@dataclass
+class Accumulated:
+    """One level measured in one or more slices, summed (see `run_variant`)."""
+
+    result: LevelResult
+    server_cpu: float = 0.0
+    machine_cpu: float = 0.0
+    histograms: dict[str, histograms.Histogram] = field(default_factory=dict)
+    slices: int = 0
+    profile: dict[str, Any] | None = None
+
+    def add(
+        self,
+        result: LevelResult,
+        server_cpu: float,
+        machine_cpu: float,
+        differences: dict[str, histograms.Histogram],
+    ) -> None:
+        total = self.result
+        total.seconds += result.seconds
+        total.ok += result.ok
+        total.errors.update(result.errors)
+        total.latencies += result.latencies
+        total.cpu_seconds += result.cpu_seconds
+        self.server_cpu += server_cpu
+        self.machine_cpu += machine_cpu
+        for name, histogram in differences.items():
+            self.histograms[name] = (
+                self.histograms[name] + histogram if name in self.histograms else histogram
+            )
+        self.slices += 1
+
+
 async def run_variant(
     server: Server,
     served: Served,
@@ -107,12 +140,16 @@ async def run_variant(
     *,
     warmup: float,
     seconds: float,
+    into: Accumulated | None = None,
     profile_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Warm up, then measure one level; the row of the results JSON.
+) -> Accumulated:
+    """Warm up, then measure one slice of a level, added to `into`.
 
-    With `profile_dir`, py-spy samples the server during the measured window
-    (`bench.profile`) and the row gets its summary under ``profile``.
+    A level is measured in slices alternating with the other variants and raw
+    ONNX Runtime (`bench.run`), so a machine that speeds up or slows down
+    during the run moves every figure of a level alike. With `profile_dir`,
+    py-spy samples the server during the slice (`bench.profile`) and the
+    level gets its summary.
     """
     model = served.name if variant.batching else served.nobatch
     options = ChannelOptions(retry=None)
@@ -141,12 +178,23 @@ async def run_variant(
         server_cpu = server.cpu_seconds() - server_cpu
         machine_cpu = _busy_seconds() - machine_cpu
         after = histograms.read_all(server.metrics(), model)
-    batch = after[histograms.BATCH_SIZE] - before[histograms.BATCH_SIZE]
+    if into is None:
+        into = Accumulated(LevelResult(concurrency, None, 1))
+    into.add(result, server_cpu, machine_cpu, {k: after[k] - before[k] for k in after})
+    if sampling is not None:
+        into.profile = sampling.finish(result.seconds)
+    return into
+
+
+def level_row(served: Served, variant: Variant, level: Accumulated) -> dict[str, Any]:
+    """The row of the results JSON for one level, over all its slices."""
+    result = level.result
+    batch = level.histograms[histograms.BATCH_SIZE]
     stages = {
-        stage: round(1000 * (after[name] - before[name]).mean, 2)
+        stage: round(1000 * level.histograms[name].mean, 2)
         for stage, name in histograms.STAGES.items()
     }
-    profile = {} if sampling is None else {"profile": sampling.finish(result.seconds)}
+    profile = {} if level.profile is None else {"profile": level.profile}
     return {
         "model": served.name,
         "variant": variant.key,
@@ -154,11 +202,12 @@ async def run_variant(
         "input": variant.input,
         "batching": variant.batching,
         **report.row(result),
-        "server_cpu_pct": round(100 * server_cpu / result.seconds, 1),
+        "slices": level.slices,
+        "server_cpu_pct": round(100 * level.server_cpu / result.seconds, 1),
         "other_cpu_pct": round(
-            100 * (machine_cpu - server_cpu - result.cpu_seconds) / result.seconds, 1
+            100 * (level.machine_cpu - level.server_cpu - result.cpu_seconds) / result.seconds, 1
         ),
-        "server_cpu_ms_per_image": round(1000 * server_cpu / max(1, result.ok), 2),
+        "server_cpu_ms_per_image": round(1000 * level.server_cpu / max(1, result.ok), 2),
         "batch_mean": round(batch.mean, 2),
         "batch_sizes": dict(batch.per_bucket()),
         "server_mean_ms": stages,

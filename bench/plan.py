@@ -16,7 +16,8 @@ class Knobs:
     instances: sessions per model version, each with its own batch in flight.
     decode_workers: threads decoding and resizing images (server default: one per core).
     allow_spinning: ONNX Runtime's idle threads busy-wait for work instead of sleeping.
-    max_batch_size, max_queue_delay_us: dynamic batching, written into each config.json.
+    max_batch_size, max_queue_delay_us, refill_wait: dynamic batching, written into each
+    config.json (refill_wait None: the config's default).
     """
 
     intra_op_threads: int | None = None
@@ -25,6 +26,7 @@ class Knobs:
     allow_spinning: bool | None = None
     max_batch_size: int = 32
     max_queue_delay_us: int = 0
+    refill_wait: float | None = None
 
     def server_flags(self) -> list[str]:
         flags = []
@@ -43,9 +45,11 @@ class Plan:
     variants: tuple[str, ...] = VARIANT_KEYS
     concurrencies: tuple[int, ...] = (1, 4, 16, 64)
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    warmup: float = 3.0
-    seconds: float = 12.0
-    raw_seconds: float = 4.0
+    warmup: float = 2.0  # before every slice
+    seconds: float = 12.0  # measured per level, over all its slices
+    raw_seconds: float = 4.0  # per batch size of the sweep
+    rounds: int = 2  # slices per level, interleaved with the other variants
+    reference_seconds: float = 3.0  # raw ORT next to each level, per batch and round
     knobs: Knobs = field(default_factory=Knobs)
     profile: bool = False  # py-spy on the server during each measured window
 
@@ -59,5 +63,6 @@ SWEEP = {
     "2 instances × 1 thread": Knobs(instances=2, intra_op_threads=1),
     "1 decode worker": Knobs(decode_workers=1),
     "max queue delay 5 ms": Knobs(max_queue_delay_us=5000),
+    "no refill wait": Knobs(refill_wait=0.0),
 }
 """The knob sets ``python -m bench sweep`` compares, each on a fresh server."""

@@ -4,6 +4,10 @@ One CPU session with ONNX Runtime's defaults (intra-op threads = physical
 cores, spinning on): what a user gets from ``onnxruntime.InferenceSession``
 out of the box. Each batch size is warmed up, then run back to back for at
 least a window of seconds and a minimum number of runs; latency is per batch.
+
+`Raw.measure` can add to the samples of an earlier window: the run measures
+raw ONNX Runtime again next to every server level (`bench.run`), in slices
+alternating with the server's, and reports them as one figure.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,32 @@ class RawResult:
         return asdict(self)
 
 
+@dataclass
+class Samples:
+    """Session runs of one batch size, over one or more windows."""
+
+    batch: int
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    def result(self) -> RawResult:
+        ms = np.asarray(self.latencies) * 1000
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        images = self.batch * len(self.latencies)
+        return RawResult(
+            batch=self.batch,
+            runs=len(self.latencies),
+            seconds=round(self.seconds, 3),
+            img_per_s=round(images / self.seconds, 2),
+            p50_ms=round(float(p50), 2),
+            p90_ms=round(float(p90), 2),
+            p99_ms=round(float(p99), 2),
+            mean_ms=round(float(ms.mean()), 2),
+            cpu_ms_per_image=round(1000 * self.cpu_seconds / images, 2),
+        )
+
+
 def random_batch(spec: InputSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
     shape = spec.shape(batch)
     if spec.dtype == "uint8":
@@ -47,51 +77,56 @@ def random_batch(spec: InputSpec, batch: int, rng: np.random.Generator) -> np.nd
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+class Raw:
+    """One CPU session with ONNX Runtime's defaults, and random inputs per batch size."""
+
+    def __init__(self, model_file: Path, spec: InputSpec) -> None:
+        self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        self.spec = spec
+        self._rng = np.random.default_rng(0)
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}
+
+    def measure(
+        self,
+        batch: int,
+        seconds: float,
+        into: Samples | None = None,
+        *,
+        warmup_runs: int = WARMUP_RUNS,
+        min_runs: int = MIN_RUNS,
+    ) -> Samples:
+        """Run `batch` back to back for `seconds` (and `min_runs`), adding to `into`."""
+        samples = into if into is not None else Samples(batch)
+        if batch not in self._feeds:
+            self._feeds[batch] = {self.spec.name: random_batch(self.spec, batch, self._rng)}
+        feed = self._feeds[batch]
+        for _ in range(warmup_runs):
+            self.session.run(None, feed)
+        runs, cpu = 0, _cpu_seconds()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or runs < min_runs:
+            began = time.perf_counter()
+            self.session.run(None, feed)
+            samples.latencies.append(time.perf_counter() - began)
+            runs += 1
+        samples.seconds += time.perf_counter() - start
+        samples.cpu_seconds += _cpu_seconds() - cpu
+        return samples
+
+    def close(self) -> None:
+        del self.session
+        gc.collect()
+
+
 def sweep(
     model_file: Path, spec: InputSpec, batch_sizes: list[int], *, seconds: float
 ) -> list[RawResult]:
     """Measure each batch size on one session (see the module docstring)."""
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
+    raw = Raw(model_file, spec)
     try:
-        return [_measure(session, spec, batch, seconds, rng) for batch in batch_sizes]
+        return [raw.measure(batch, seconds).result() for batch in batch_sizes]
     finally:
-        del session
-        gc.collect()
-
-
-def _measure(
-    session: ort.InferenceSession,
-    spec: InputSpec,
-    batch: int,
-    seconds: float,
-    rng: np.random.Generator,
-) -> RawResult:
-    feed = {spec.name: random_batch(spec, batch, rng)}
-    for _ in range(WARMUP_RUNS):
-        session.run(None, feed)
-    latencies = []
-    cpu = _cpu_seconds()
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < MIN_RUNS:
-        began = time.perf_counter()
-        session.run(None, feed)
-        latencies.append(time.perf_counter() - began)
-    elapsed = time.perf_counter() - start
-    cpu = _cpu_seconds() - cpu
-    ms = np.asarray(latencies) * 1000
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return RawResult(
-        batch=batch,
-        runs=len(latencies),
-        seconds=round(elapsed, 3),
-        img_per_s=round(batch * len(latencies) / elapsed, 2),
-        p50_ms=round(float(p50), 2),
-        p90_ms=round(float(p90), 2),
-        p99_ms=round(float(p99), 2),
-        mean_ms=round(float(ms.mean()), 2),
-        cpu_ms_per_image=round(1000 * cpu / (batch * len(latencies)), 2),
-    )
+        raw.close()
 
 
 def _cpu_seconds() -> float:

@@ -53,7 +53,13 @@ def build_missing(repo: Path, archs: list[str]) -> None:
 
 
 def prepare(
-    source: Path, target: Path, names: list[str], *, max_batch_size: int, max_queue_delay_us: int
+    source: Path,
+    target: Path,
+    names: list[str],
+    *,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+    refill_wait: float | None = None,
 ) -> list[Served]:
     """Write the served repository `target` for models `names` of `source` (see module doc)."""
     if target.exists():
@@ -63,13 +69,14 @@ def prepare(
         model_dir = source / name
         config = ModelConfig.load(model_dir)
         version = latest_version(model_dir)
-        on = config.batching.model_copy(
-            update={
-                "max_batch_size": max_batch_size,
-                "max_queue_delay_us": max_queue_delay_us,
-                "preferred_batch_sizes": (),
-            }
-        )
+        update = {
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_us": max_queue_delay_us,
+            "preferred_batch_sizes": (),
+        }
+        if refill_wait is not None:
+            update["refill_wait"] = refill_wait
+        on = config.batching.model_copy(update=update)
         off = on.model_copy(update={"max_batch_size": 1, "max_queue_delay_us": 0})
         for served_name, batching in ((name, on), (name + NO_BATCH_SUFFIX, off)):
             _link_model(model_dir, version, target / served_name, config, served_name, batching)

@@ -1,8 +1,13 @@
 """One benchmark run: prepare, measure raw ONNX Runtime and the server, save the JSON.
 
-Raw ONNX Runtime runs while the server sits idle (its threads sleep), then
-the server levels run interleaved — for each concurrency every variant in
-turn — so the pairs the targets compare are measured about a minute apart.
+Per model, raw ONNX Runtime first runs every batch size (the sweep) while the
+server sits idle (its threads sleep). Then each concurrency level is measured
+in `Plan.rounds` rounds; a round runs raw ONNX Runtime again at batch 1 and at
+the sweep's best batch (the *reference*), then a slice of every server
+variant. Each figure of a level is the sum of its slices, so everything a
+target compares was measured interleaved over the same minute or two: on a
+shared machine whose speed drifts by tens of percent from minute to minute,
+that is what keeps the ratios meaningful.
 """
 
 from __future__ import annotations
@@ -65,11 +70,21 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
     started, load_before = time.time(), os.getloadavg()
     results: dict[str, Any] = {"raw": {}, "server": []}
     profiles = work / "profiles" if plan.profile else None
+    results["reference"] = {}
     with _serving(plan, source_repo, work) as (server, served):
         server_log = server.settings_lines()
         for model in served:
-            results["raw"][model.name] = _raw(model, plan)
-            results["server"] += asyncio.run(_server_levels(server, model, plan, photos, profiles))
+            session = raw.Raw(model.model_file, model.config.input)
+            try:
+                results["raw"][model.name] = _raw(session, model, plan)
+                best = max(results["raw"][model.name], key=lambda r: r["img_per_s"])["batch"]
+                rows, references = asyncio.run(
+                    _server_levels(server, model, plan, photos, profiles, session, best)
+                )
+            finally:
+                session.close()
+            results["server"] += rows
+            results["reference"][model.name] = references
     results["meta"] = _meta(started, load_before, plan, server_log, photos)
     results["plan"] = plan.as_dict()
     return results
@@ -87,8 +102,12 @@ def execute_sweep(
             rows = []
             for model in served:
                 if model.name not in results["raw"]:
-                    results["raw"][model.name] = _raw(model, plan)
-                rows += asyncio.run(_server_levels(server, model, tuned, photos, None))
+                    session = raw.Raw(model.model_file, model.config.input)
+                    try:
+                        results["raw"][model.name] = _raw(session, model, plan)
+                    finally:
+                        session.close()
+                rows += asyncio.run(_server_levels(server, model, tuned, photos, None))[0]
             results["sweep"].append(
                 {"label": label, "knobs": asdict(knobs), "flags": knobs.server_flags(),
                  "server_log": server.settings_lines(), "rows": rows}
@@ -106,6 +125,7 @@ def _serving(plan: Plan, source_repo: Path, work: Path) -> Iterator[tuple[Server
         list(plan.models),
         max_batch_size=plan.knobs.max_batch_size,
         max_queue_delay_us=plan.knobs.max_queue_delay_us,
+        refill_wait=plan.knobs.refill_wait,
     )
     flags = plan.knobs.server_flags()
     _say(f"starting the server over {work / 'repo'} {' '.join(flags)}")
@@ -113,12 +133,11 @@ def _serving(plan: Plan, source_repo: Path, work: Path) -> Iterator[tuple[Server
         yield server, served
 
 
-def _raw(model: Served, plan: Plan) -> list[dict[str, Any]]:
+def _raw(session: raw.Raw, model: Served, plan: Plan) -> list[dict[str, Any]]:
     _say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
-    results = raw.sweep(
-        model.model_file, model.config.input, list(plan.batch_sizes), seconds=plan.raw_seconds
-    )
-    return [r.as_dict() for r in results]
+    return [
+        session.measure(batch, plan.raw_seconds).result().as_dict() for batch in plan.batch_sizes
+    ]
 
 
 def _meta(
@@ -141,23 +160,54 @@ def _meta(
 
 
 async def _server_levels(
-    server: Server, model: Served, plan: Plan, photos: list[Path], profiles: Path | None
-) -> list[dict[str, Any]]:
+    server: Server,
+    model: Served,
+    plan: Plan,
+    photos: list[Path],
+    profiles: Path | None,
+    session: raw.Raw | None = None,
+    best_batch: int = 1,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every level of `model` in rounds (see the module docstring): rows and references.
+
+    Without `session` (the sweep) no reference is measured.
+    """
     variants = [VARIANTS[key] for key in plan.variants]
     requests = {v.key: load.requests_for(v, model, photos) for v in variants}
-    rows = []
+    slice_seconds = plan.seconds / plan.rounds
+    reference_batches = sorted({1, best_batch}) if session is not None else []
+    rows, references = [], []
     for concurrency in plan.concurrencies:
-        for variant in variants:
-            row = await load.run_variant(
-                server,
-                model,
-                variant,
-                concurrency,
-                requests[variant.key],
-                warmup=plan.warmup,
-                seconds=plan.seconds,
-                profile_dir=profiles,
+        levels: dict[str, load.Accumulated] = {}
+        samples = {batch: raw.Samples(batch) for batch in reference_batches}
+        for round_ in range(plan.rounds):
+            for batch in reference_batches:
+                assert session is not None
+                session.measure(
+                    batch, plan.reference_seconds, samples[batch], warmup_runs=1, min_runs=3
+                )
+            last = round_ == plan.rounds - 1
+            for variant in variants:
+                levels[variant.key] = await load.run_variant(
+                    server,
+                    model,
+                    variant,
+                    concurrency,
+                    requests[variant.key],
+                    warmup=plan.warmup,
+                    seconds=slice_seconds,
+                    into=levels.get(variant.key),
+                    profile_dir=profiles if last else None,
+                )
+        for batch in reference_batches:
+            ref = samples[batch].result()
+            references.append({"concurrency": concurrency, **ref.as_dict()})
+            _say(
+                f"{model.name:>10} {'raw b' + str(batch):>8} c={concurrency:<3} "
+                f"{ref.img_per_s:7.1f} img/s  p50 {ref.p50_ms:7.1f} ms (next to this level)"
             )
+        for variant in variants:
+            row = load.level_row(model, variant, levels[variant.key])
             _say(
                 f"{model.name:>10} {variant.key:>8} c={concurrency:<3} "
                 f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
@@ -167,7 +217,7 @@ async def _server_levels(
                 + (f"  errors {row['errors']}" if row["errors"] else "")
             )
             rows.append(row)
-    return rows
+    return rows, references
 
 
 def save(results: dict[str, Any], directory: Path) -> Path:

@@ -5,8 +5,16 @@ each, queued oldest first. Whenever a session instance is free the scheduler
 takes queued items, oldest first, while they fit in ``max_batch_size``; it
 sends at once when the batch reaches the maximum or a preferred size (the
 largest reachable one), otherwise it waits at most ``max_queue_delay_us``
-from the oldest item's arrival for more. With delay 0, batches grow by
-themselves while every instance is busy.
+from the oldest item's arrival for more.
+
+With delay 0 (the default), batches grow by themselves while every instance
+is busy, and an instance that has just run a batch of n images waits for n
+images to queue again, for at most ``refill_wait`` × that batch's run time.
+Without that wait, a closed loop of n clients splits into alternating
+batches of 1 and n − 1: the first request back after a batch runs alone
+while the others arrive, and a batch of 1 is the least efficient run there
+is. A lone client (n = 1) never waits; when traffic drops, one wait of at
+most that fraction is lost before the target follows it down.
 
 - The queue is bounded in images: `submit` raises `QueueFull` at once.
 - Items whose caller cancelled or whose deadline passed are dropped before
@@ -71,6 +79,7 @@ class Batcher:
             max_workers=len(self._runners), thread_name_prefix=f"infer-{model}-{version}"
         )
         self._running: set[asyncio.Task[None]] = set()
+        self._last_run: dict[int, tuple[int, float]] = {}  # id(runner) → images, seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._free: asyncio.Queue[Runner] | None = None
@@ -156,7 +165,7 @@ class Batcher:
         while True:
             runner = await self._free.get()
             try:
-                batch = await self._next_batch()
+                batch = await self._next_batch(runner)
             except BaseException:
                 self._free.put_nowait(runner)
                 raise
@@ -165,13 +174,17 @@ class Batcher:
             task.add_done_callback(self._running.discard)
             task.add_done_callback(self._log_crash)
 
-    async def _next_batch(self) -> list[_Item]:
+    async def _next_batch(self, runner: Runner) -> list[_Item]:
         assert self._loop is not None
         delay = self.batching.max_queue_delay_us / 1e6
         while True:
             await self._wait_for_items()
             if delay == 0:
-                return self._take(self._ready_count(final=True))
+                await self._wait_for_refill(runner)
+                self._drop_stale()
+                if self._queue:
+                    return self._take(self._ready_count(final=True))
+                continue
             while self._queue:
                 if ready := self._ready_count(final=False):
                     return self._take(ready)
@@ -190,6 +203,19 @@ class Batcher:
                 return
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _wait_for_refill(self, runner: Runner) -> None:
+        """Wait until as many images are queued as `runner` ran last time, or its time is up."""
+        assert self._loop is not None
+        last = self._last_run.get(id(runner))
+        if last is None or self.batching.refill_wait == 0:
+            return
+        target = min(last[0], self.batching.max_batch_size)
+        until = self._loop.time() + self.batching.refill_wait * last[1]
+        while self._queued < target:
+            remaining = until - self._loop.time()
+            if remaining <= 0 or not await self._wait_wakeup(remaining):
+                return
 
     async def _wait_wakeup(self, timeout: float) -> bool:
         assert self._wakeup is not None
@@ -282,9 +308,9 @@ class Batcher:
         self._metrics.batch_size.labels(*self._labels).observe(size)
         started = self._loop.time()
         outputs = await self._loop.run_in_executor(self._executor, runner.run, inputs)
-        self._metrics.inference_duration.labels(*self._labels).observe(
-            self._loop.time() - started
-        )
+        seconds = self._loop.time() - started
+        self._metrics.inference_duration.labels(*self._labels).observe(seconds)
+        self._last_run[id(runner)] = (size, seconds)
         if len(outputs) != size:
             raise RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
         offset = 0

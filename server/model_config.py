@@ -82,6 +82,13 @@ class Batching(_Strict):
         0, ge=0, description="wait at most this long for a fuller batch"
     )
     preferred_batch_sizes: tuple[int, ...] = ()
+    refill_wait: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="with max_queue_delay_us 0: after a batch of n images, wait at most this "
+        "fraction of its run time for n images to queue again (0: off)",
+    )
     max_queue_size: int = Field(256, ge=1, description="images queued before RESOURCE_EXHAUSTED")
 
     @model_validator(mode="after")

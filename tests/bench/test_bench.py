@@ -42,6 +42,7 @@ def bench_run(model_repo: Path, photo_dir: Path, tmp_path: Path) -> Path:
         "run", "--repo", str(model_repo), "--no-build", "--models", MODEL,
         "--concurrency", ",".join(map(str, CONCURRENCY)), "--batch-sizes", "1,2",
         "--warmup", "0.1", "--seconds", "0.3", "--raw-seconds", "0.05",
+        "--rounds", "2", "--reference-seconds", "0.05",
         "--photos", str(photo_dir), "--work", str(out / "work"), "--results", str(out / "results"),
         "--doc", str(out / "docs" / "benchmarks.md"), "--plots", str(out / "docs" / "benchmarks"),
     ])  # fmt: skip
@@ -55,13 +56,18 @@ def test_run_measures_every_variant_and_writes_the_report(bench_run: Path) -> No
     assert [r["batch"] for r in results["raw"][MODEL]] == [1, 2]
     measured = {(r["variant"], r["concurrency"]) for r in results["server"]}
     assert measured == {(v, c) for v in VARIANT_KEYS for c in CONCURRENCY}
+    best = max(results["raw"][MODEL], key=lambda r: r["img_per_s"])["batch"]
+    references = {(r["concurrency"], r["batch"]) for r in results["reference"][MODEL]}
+    assert references == {(c, b) for c in CONCURRENCY for b in {1, best}}
     for row in results["server"]:
         assert row["ok"] > 0 and not row["errors"], row
+        assert row["slices"] == 2
         assert sum(row["batch_sizes"].values()) >= 1
         if row["variant"] == "nobatch":
             assert row["batch_mean"] == 1.0
     doc = (bench_run / "docs" / "benchmarks.md").read_text()
     assert report.BEGIN in doc and "### Targets" in doc and path.name in doc
+    assert "### Raw ONNX Runtime next to each level" in doc
     for png in ("latency.png", "batch-sizes.png"):
         assert (bench_run / "docs" / "benchmarks" / png).stat().st_size > 0
 
@@ -127,6 +133,7 @@ def test_sweep_compares_knob_sets_on_fresh_servers(
         "sweep", "--repo", str(model_repo), "--no-build", "--models", MODEL,
         "--variants", "uint8", "--concurrency", "2", "--batch-sizes", "1",
         "--warmup", "0.1", "--seconds", "0.3", "--raw-seconds", "0.05",
+        "--rounds", "2", "--reference-seconds", "0.05",
         "--photos", str(photo_dir), "--work", str(tmp_path / "work"),
         "--results", str(tmp_path / "results"), "--doc", str(doc),
     ])  # fmt: skip
@@ -137,3 +144,41 @@ def test_sweep_compares_knob_sets_on_fresh_servers(
     assert sweep[1]["flags"] == ["--decode-workers", "1"]
     assert all(row["ok"] > 0 for s in sweep for row in s["rows"])
     assert report.SWEEP_BEGIN in doc.read_text() and "one decode worker" in doc.read_text()
+
+
+def test_targets_compare_with_raw_ort_measured_next_to_the_level() -> None:
+    def raw_row(batch: int, img_per_s: float, p50: float) -> dict[str, float]:
+        return {"batch": batch, "img_per_s": img_per_s, "p50_ms": p50}
+
+    def server_row(variant: str, concurrency: int, img_per_s: float, p50: float) -> dict:
+        return {"model": "m", "variant": variant, "concurrency": concurrency,
+                "img_per_s": img_per_s, "p50_ms": p50}  # fmt: skip
+
+    results = {
+        "raw": {"m": [raw_row(1, 10.0, 100.0), raw_row(8, 20.0, 400.0)]},
+        # the machine ran slower while the levels were measured
+        "reference": {
+            "m": [
+                {"concurrency": 1, **raw_row(1, 8.0, 125.0)},
+                {"concurrency": 16, **raw_row(8, 15.0, 530.0)},
+            ]
+        },
+        "server": [server_row("uint8", 1, 8.0, 126.0), server_row("uint8", 16, 14.0, 900.0)],
+    }
+    found = {t.name.split(" ≥")[0].split(" p50")[0]: t for t in report.targets(results)}
+    throughput = found["uint8 throughput at concurrency"]
+    assert throughput.met and "c16: 0.93× (14.0 vs 15.0 img/s)" in throughput.figure
+    latency = found["concurrency 1"]
+    assert latency.met and "126.0 ms vs 125.0 ms (+1.0 ms)" in latency.figure
+    del results["reference"]  # older runs: the sweep at the start is the reference
+    found = {t.name.split(" ≥")[0].split(" p50")[0]: t for t in report.targets(results)}
+    assert not found["uint8 throughput at concurrency"].met
+    assert not found["concurrency 1"].met
+
+
+def test_histograms_of_slices_add_up() -> None:
+    first = histograms.Histogram({1.0: 2, 16.0: 2, float("inf"): 2}, 2.0, 2.0)
+    second = histograms.Histogram({1.0: 0, 16.0: 3, float("inf"): 3}, 48.0, 3.0)
+    both = first + second
+    assert both.per_bucket() == [("1", 2), ("2–16", 3), (">16", 0)]
+    assert both.mean == 10.0

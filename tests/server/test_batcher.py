@@ -160,3 +160,66 @@ async def test_instances_run_batches_side_by_side() -> None:
     assert [r[0, 0] for r in results] == [1, 2, 3]
     assert sorted(len(r.batches) for r in runners) == [1, 2], "both instances took work"
     await batcher.close()
+
+
+class SlowRunner(FakeRunner):
+    """Every batch takes `seconds`, like a session whose run time barely depends on size."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds)
+        return super().run(batch)
+
+
+async def _closed_loop(batcher: Batcher, clients: int, rounds: int) -> None:
+    """`clients` callers, each sending its next image a little after its answer (i × 2 ms)."""
+
+    async def client(i: int) -> None:
+        for r in range(rounds):
+            out = await batcher.submit(_images(100 * i + r))
+            assert out[0, 0] == 100 * i + r
+            await asyncio.sleep(0.002 * i)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+
+
+async def test_closed_loop_batches_stay_whole_with_the_refill_wait() -> None:
+    runner = SlowRunner(0.05)
+    batcher = await _started(runner, max_batch_size=8, refill_wait=0.5)
+    await _closed_loop(batcher, clients=6, rounds=8)
+    await batcher.close()
+    assert runner.batches[-5:] == [6] * 5, runner.batches
+
+
+async def test_closed_loop_splits_without_the_refill_wait() -> None:
+    runner = SlowRunner(0.05)
+    batcher = await _started(runner, max_batch_size=8, refill_wait=0)
+    await _closed_loop(batcher, clients=6, rounds=8)
+    await batcher.close()
+    assert 1 in runner.batches[2:], runner.batches  # the first one back runs alone
+
+
+async def test_a_lone_client_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = SlowRunner(0.05)
+    batcher = await _started(runner, max_batch_size=8, refill_wait=1.0)
+    holds: list[float] = []
+    wait_wakeup = batcher._wait_wakeup
+
+    async def recorded(timeout: float) -> bool:
+        holds.append(timeout)
+        return await wait_wakeup(timeout)
+
+    monkeypatch.setattr(batcher, "_wait_wakeup", recorded)
+    await _closed_loop(batcher, clients=1, rounds=5)
+    assert runner.batches == [1] * 5
+    assert holds == [], "a batch of 1 waited for company"
+    # after a batch of 3, the next request waits for 2 more, at most 1.0 × 50 ms
+    await asyncio.gather(*(batcher.submit(_images(i)) for i in range(3)))
+    [(size, seconds)] = batcher._last_run.values()
+    await batcher.submit(_images(9))
+    assert (size, runner.batches[-2:]) == (3, [3, 1])
+    assert len(holds) == 1 and 0 < holds[0] <= seconds, (holds, seconds)
+    await batcher.close()
