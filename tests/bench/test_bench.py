@@ -163,13 +163,20 @@ def test_targets_compare_with_raw_ort_measured_next_to_the_level() -> None:
                 {"concurrency": 16, **raw_row(8, 15.0, 530.0)},
             ]
         },
-        "server": [server_row("uint8", 1, 8.0, 126.0), server_row("uint8", 16, 14.0, 900.0)],
+        "server": [
+            server_row("uint8", 1, 8.0, 126.0),
+            server_row("uint8", 16, 14.0, 900.0),
+            server_row("nobatch", 16, 13.0, 990.0),
+        ],
     }
     found = {t.name.split(" ≥")[0].split(" p50")[0]: t for t in report.targets(results)}
     throughput = found["uint8 throughput at concurrency"]
     assert throughput.met and "c16: 0.93× (14.0 vs 15.0 img/s)" in throughput.figure
     latency = found["concurrency 1"]
     assert latency.met and "126.0 ms vs 125.0 ms (+1.0 ms)" in latency.figure
+    batching = found["batching on vs off at concurrency 16"]
+    assert not batching.met and "1.08× (14.0 vs 13.0 img/s)" in batching.figure
+    assert "batch 8 vs batch 1 next to it: 1.50×" in batching.figure  # 15 vs 10
     del results["reference"]  # older runs: the sweep at the start is the reference
     found = {t.name.split(" ≥")[0].split(" p50")[0]: t for t in report.targets(results)}
     assert not found["uint8 throughput at concurrency"].met
