@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument(
         "--allow-spinning", action=argparse.BooleanOptionalAction, default=knobs.allow_spinning
     )
+    tuning.add_argument("--spin-duration-us", type=int, default=knobs.spin_duration_us)
     tuning.add_argument("--max-batch-size", type=int, default=knobs.max_batch_size)
     tuning.add_argument("--max-queue-delay-us", type=int, default=knobs.max_queue_delay_us)
     tuning.add_argument(
@@ -200,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         instances=args.instances,
         decode_workers=args.decode_workers,
         allow_spinning=args.allow_spinning,
+        spin_duration_us=args.spin_duration_us,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         refill_wait=args.refill_wait,

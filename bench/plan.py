@@ -16,6 +16,7 @@ class Knobs:
     instances: sessions per model version, each with its own batch in flight.
     decode_workers: threads decoding and resizing images (server default: one per core).
     allow_spinning: ONNX Runtime's idle threads busy-wait for work instead of sleeping.
+    spin_duration_us: how long they do (server default 200; 0: ONNX Runtime's own).
     max_batch_size, max_queue_delay_us, refill_wait: dynamic batching, written into each
     config.json (refill_wait None: the config's default).
     """
@@ -24,13 +25,14 @@ class Knobs:
     instances: int | None = None
     decode_workers: int | None = None
     allow_spinning: bool | None = None
+    spin_duration_us: int | None = None
     max_batch_size: int = 32
     max_queue_delay_us: int = 0
     refill_wait: float | None = None
 
     def server_flags(self) -> list[str]:
         flags = []
-        for name in ("intra_op_threads", "instances", "decode_workers"):
+        for name in ("intra_op_threads", "instances", "decode_workers", "spin_duration_us"):
             value = getattr(self, name)
             if value is not None:
                 flags += ["--" + name.replace("_", "-"), str(value)]
@@ -59,7 +61,8 @@ class Plan:
 
 SWEEP = {
     "server defaults": Knobs(),
-    "ORT threads spinning": Knobs(allow_spinning=True),
+    "ORT threads never spin": Knobs(allow_spinning=False),
+    "ORT's own spin duration": Knobs(spin_duration_us=0),
     "2 instances × 1 thread": Knobs(instances=2, intra_op_threads=1),
     "1 decode worker": Knobs(decode_workers=1),
     "max queue delay 5 ms": Knobs(max_queue_delay_us=5000),

@@ -93,28 +93,74 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
 def execute_sweep(
     plan: Plan, knob_sets: dict[str, Knobs], source_repo: Path, photos: list[Path], work: Path
 ) -> dict[str, Any]:
-    """The server levels of `plan` under each set of knobs, one server after the other."""
+    """The server levels of `plan` under each set of knobs.
+
+    One server per knob set, all started at once (an idle server's threads
+    sleep), and measured in interleaved slices: for each concurrency and
+    round, every server in turn. So the knob sets are compared over the same
+    minutes, as a run compares the server with raw ONNX Runtime.
+    """
     started, load_before = time.time(), os.getloadavg()
     results: dict[str, Any] = {"raw": {}, "sweep": []}
-    for label, knobs in knob_sets.items():
-        tuned = replace(plan, knobs=knobs)
-        with _serving(tuned, source_repo, work) as (server, served):
-            rows = []
-            for model in served:
-                if model.name not in results["raw"]:
-                    session = raw.Raw(model.model_file, model.config.input)
-                    try:
-                        results["raw"][model.name] = _raw(session, model, plan)
-                    finally:
-                        session.close()
-                rows += asyncio.run(_server_levels(server, model, tuned, photos, None))[0]
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[Server, list[Served]]] = {}
+        for i, (label, knobs) in enumerate(knob_sets.items()):
+            tuned = replace(plan, knobs=knobs)
+            servers[label] = stack.enter_context(_serving(tuned, source_repo, work / f"sweep-{i}"))
+        rows: dict[str, list[dict[str, Any]]] = {label: [] for label in servers}
+        models = next(iter(servers.values()))[1]
+        for index, model in enumerate(models):
+            session = raw.Raw(model.model_file, model.config.input)
+            try:
+                results["raw"][model.name] = _raw(session, model, plan)
+            finally:
+                session.close()
+            for label, found in asyncio.run(_sweep_levels(servers, index, plan, photos)).items():
+                rows[label] += found
+        for label, knobs in knob_sets.items():
             results["sweep"].append(
                 {"label": label, "knobs": asdict(knobs), "flags": knobs.server_flags(),
-                 "server_log": server.settings_lines(), "rows": rows}
+                 "server_log": servers[label][0].settings_lines(), "rows": rows[label]}
             )  # fmt: skip
     results["meta"] = _meta(started, load_before, plan, [], photos)
     results["plan"] = plan.as_dict()
     return results
+
+
+async def _sweep_levels(
+    servers: dict[str, tuple[Server, list[Served]]], index: int, plan: Plan, photos: list[Path]
+) -> dict[str, list[dict[str, Any]]]:
+    """Model `index` on every server: each level in rounds, each round every server in turn."""
+    variants = [VARIANTS[key] for key in plan.variants]
+    first = next(iter(servers.values()))[1][index]  # the same names and inputs on every server
+    requests = {v.key: load.requests_for(v, first, photos) for v in variants}
+    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in servers}
+    for concurrency in plan.concurrencies:
+        levels: dict[tuple[str, str], load.Accumulated] = {}
+        for _ in range(plan.rounds):
+            for label, (server, served) in servers.items():
+                for variant in variants:
+                    key = (label, variant.key)
+                    levels[key] = await load.run_variant(
+                        server,
+                        served[index],
+                        variant,
+                        concurrency,
+                        requests[variant.key],
+                        warmup=plan.warmup,
+                        seconds=plan.seconds / plan.rounds,
+                        into=levels.get(key),
+                    )
+        for label, (_, served) in servers.items():
+            for variant in variants:
+                row = load.level_row(served[index], variant, levels[(label, variant.key)])
+                _say(
+                    f"{label:>24} {row['model']} {variant.key:>8} c={concurrency:<3} "
+                    f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
+                    f"batch {row['batch_mean']:5.2f}  other CPU {row['other_cpu_pct']:.0f}%"
+                )
+                rows[label].append(row)
+    return rows
 
 
 @contextlib.contextmanager
@@ -165,24 +211,20 @@ async def _server_levels(
     plan: Plan,
     photos: list[Path],
     profiles: Path | None,
-    session: raw.Raw | None = None,
-    best_batch: int = 1,
+    session: raw.Raw,
+    best_batch: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every level of `model` in rounds (see the module docstring): rows and references.
-
-    Without `session` (the sweep) no reference is measured.
-    """
+    """Every level of `model` in rounds (see the module docstring): rows and references."""
     variants = [VARIANTS[key] for key in plan.variants]
     requests = {v.key: load.requests_for(v, model, photos) for v in variants}
     slice_seconds = plan.seconds / plan.rounds
-    reference_batches = sorted({1, best_batch}) if session is not None else []
+    reference_batches = sorted({1, best_batch})
     rows, references = [], []
     for concurrency in plan.concurrencies:
         levels: dict[str, load.Accumulated] = {}
         samples = {batch: raw.Samples(batch) for batch in reference_batches}
         for round_ in range(plan.rounds):
             for batch in reference_batches:
-                assert session is not None
                 session.measure(
                     batch, plan.reference_seconds, samples[batch], warmup_runs=1, min_runs=3
                 )

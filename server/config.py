@@ -68,8 +68,14 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads per session; unset: config.json, else cores / instances",
     )
     allow_spinning: bool = Field(
-        False,
-        description="let idle ONNX Runtime threads spin; off leaves cores to the decode workers",
+        True,
+        description="ONNX Runtime threads spin between parallel sections instead of sleeping",
+    )
+    spin_duration_us: int = Field(
+        200,
+        ge=0,
+        description="how long an idle ONNX Runtime thread spins before it sleeps, so threads "
+        "stay hot inside a run and sleep between requests; 0: ONNX Runtime's own default",
     )
     decode_workers: int | None = Field(
         None, ge=1, description="image decode threads; unset: one per core"

@@ -74,6 +74,10 @@ def session_options(settings: Settings, intra_op_threads: int) -> ort.SessionOpt
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0"
     )
+    if settings.allow_spinning and settings.spin_duration_us:
+        options.add_session_config_entry(
+            "session.intra_op.spin_duration_us", str(settings.spin_duration_us)
+        )
     return options
 
 

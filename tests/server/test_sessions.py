@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from server.config import Settings
-from server.sessions import CPU, CUDA, DeviceUnavailable, Runner, open_session
+from server.sessions import CPU, CUDA, DeviceUnavailable, Runner, open_session, session_options
 
 
 class FakeSession:
@@ -151,3 +151,23 @@ def test_cpu_runner_runs_batches(tmp_path: Path) -> None:
     runner = Runner(opened, "images", "logits", io_binding=True, device_id=0)
     batch = np.arange(2 * 3 * 16, dtype=np.float32).reshape(2, 3, 4, 4)
     np.testing.assert_allclose(runner.run(batch), batch.mean(axis=(2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "spinning", "duration"),
+    [
+        (Settings(), "1", "200"),  # hot inside a run, asleep between requests
+        (Settings(spin_duration_us=0), "1", None),  # ONNX Runtime's own duration
+        (Settings(allow_spinning=False), "0", None),
+    ],
+)
+def test_spinning_options(settings: Settings, spinning: str, duration: str | None) -> None:
+    options = session_options(settings, 2)
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+    key = "session.intra_op.spin_duration_us"
+    if duration is None:
+        with pytest.raises(Exception, match=key):  # ORT raises its own bare Fail
+            options.get_session_config_entry(key)
+    else:
+        assert options.get_session_config_entry(key) == duration
