@@ -107,6 +107,7 @@ class Accumulated:
     machine_cpu: float = 0.0
     histograms: dict[str, histograms.Histogram] = field(default_factory=dict)
     slices: int = 0
+    slice_img_per_s: list[float] = field(default_factory=list)
     profile: dict[str, Any] | None = None
 
     def add(
@@ -129,6 +130,7 @@ class Accumulated:
                 self.histograms[name] + histogram if name in self.histograms else histogram
             )
         self.slices += 1
+        self.slice_img_per_s.append(round(result.images_per_second, 2))
 
 
 async def run_variant(
@@ -203,6 +205,7 @@ def level_row(served: Served, variant: Variant, level: Accumulated) -> dict[str,
         "batching": variant.batching,
         **report.row(result),
         "slices": level.slices,
+        "slice_img_per_s": level.slice_img_per_s,
         "server_cpu_pct": round(100 * level.server_cpu / result.seconds, 1),
         "other_cpu_pct": round(
             100 * (level.machine_cpu - level.server_cpu - result.cpu_seconds) / result.seconds, 1

@@ -52,6 +52,7 @@ class Samples:
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    window_img_per_s: list[float] = field(default_factory=list)  # one per `Raw.measure`
 
     def result(self) -> RawResult:
         ms = np.asarray(self.latencies) * 1000
@@ -109,8 +110,10 @@ class Raw:
             self.session.run(None, feed)
             samples.latencies.append(time.perf_counter() - began)
             runs += 1
-        samples.seconds += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        samples.seconds += elapsed
         samples.cpu_seconds += _cpu_seconds() - cpu
+        samples.window_img_per_s.append(round(batch * runs / elapsed, 2))
         return samples
 
     def close(self) -> None:

@@ -243,7 +243,13 @@ async def _server_levels(
                 )
         for batch in reference_batches:
             ref = samples[batch].result()
-            references.append({"concurrency": concurrency, **ref.as_dict()})
+            references.append(
+                {
+                    "concurrency": concurrency,
+                    **ref.as_dict(),
+                    "slice_img_per_s": samples[batch].window_img_per_s,
+                }
+            )
             _say(
                 f"{model.name:>10} {'raw b' + str(batch):>8} c={concurrency:<3} "
                 f"{ref.img_per_s:7.1f} img/s  p50 {ref.p50_ms:7.1f} ms (next to this level)"

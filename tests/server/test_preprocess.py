@@ -21,7 +21,14 @@ from PIL import Image
 
 from server.errors import InvalidInput
 from server.model_config import ModelConfig
-from server.preprocess import Limits, decode, prepare_encoded, prepare_pixels, to_rgb
+from server.preprocess import (
+    Limits,
+    crop_only,
+    decode,
+    prepare_encoded,
+    prepare_pixels,
+    to_rgb,
+)
 from tests.server.messages import PHOTOS, png_claiming
 
 IMAGENET = ModelConfig(name="imagenet", arch="resnet18", num_classes=1000)
@@ -199,3 +206,24 @@ def test_unsupported_format_is_named(photo: Image.Image) -> None:
 def test_byte_limit() -> None:
     with pytest.raises(InvalidInput, match="at most 10 are allowed"):
         prepare_encoded(b"x" * 11, IMAGENET, Limits(max_image_bytes=10, max_image_pixels=100))
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (256, 341), (341, 256), (256, 257), (257, 256)])
+def test_crop_only_equals_the_full_transform_at_the_resize_size(shape: tuple[int, int]) -> None:
+    config = IMAGENET.model_copy(update={"input": IMAGENET.input.model_copy(
+        update={"dtype": "uint8", "layout": "NHWC"})})  # fmt: skip
+    pixels = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    cropped = crop_only(pixels, config)
+    assert cropped is not None and cropped.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(cropped, prepare_pixels(pixels, config))
+
+
+def test_crop_only_declines_what_needs_more() -> None:
+    uint8 = IMAGENET.model_copy(update={"input": IMAGENET.input.model_copy(
+        update={"dtype": "uint8", "layout": "NHWC"})})  # fmt: skip
+    pixels = np.zeros((300, 400, 3), np.uint8)
+    assert crop_only(pixels, uint8) is None  # needs a resize first
+    assert crop_only(pixels[:256], IMAGENET) is None  # a float graph also normalizes
+    tiny = uint8.model_copy(update={"preprocessing": uint8.preprocessing.model_copy(
+        update={"resize": 200})})  # fmt: skip
+    assert crop_only(np.zeros((200, 200, 3), np.uint8), tiny) is None  # crop beyond the image
