@@ -5,8 +5,10 @@ module only translates them per model version:
 
 - ``success`` / ``fail``: requests by outcome and their summed durations;
 - ``queue``: batch items and the time they waited in the model's queue;
-- ``compute_input``: requests whose images were decoded and transformed, and the time it took;
-- ``compute_infer``: session runs (batches) and their time;
+- ``compute_input``, ``compute_infer``, ``compute_output``: counted per session run
+  (batch), as Triton counts them and as perf_analyzer checks (it refuses statistics
+  whose three counts differ); their times: decoding and transforming the images, the
+  session runs, and nothing (the logits are read in place);
 - ``inference_count``: images of successful requests; ``execution_count``: session runs;
 - ``last_inference``: when a request last succeeded, in milliseconds since the epoch.
 """
@@ -34,21 +36,27 @@ def model_statistics(
 def _one(metrics: Metrics, mv: ModelVersion) -> pb.ModelStatistics:
     labels = {"model": mv.name, "version": mv.version}
     ok = _value(metrics.requests, "_total", labels, code="OK")
+    executions = _value(metrics.batch_size, "_count", labels)
     failed = _value(metrics.requests, "_total", labels) - ok
     return pb.ModelStatistics(
         name=mv.name,
         version=mv.version,
         last_inference=int(_value(metrics.last_success, "_seconds", labels) * 1000),
         inference_count=int(_value(metrics.images, "_total", labels)),
-        execution_count=int(_value(metrics.batch_size, "_count", labels)),
+        execution_count=int(executions),
         inference_stats=pb.InferStatistics(
             success=_duration(ok, _value(metrics.request_seconds, "_total", labels, outcome="ok")),
             fail=_duration(
                 failed, _value(metrics.request_seconds, "_total", labels, outcome="failed")
             ),
             queue=_histogram(metrics.queue_duration, labels),
-            compute_input=_histogram(metrics.preprocess_duration, labels),
-            compute_infer=_histogram(metrics.inference_duration, labels),
+            compute_input=_duration(
+                executions, _value(metrics.preprocess_duration, "_sum", labels)
+            ),
+            compute_infer=_duration(
+                executions, _value(metrics.inference_duration, "_sum", labels)
+            ),
+            compute_output=_duration(executions, 0.0),
         ),
     )
 

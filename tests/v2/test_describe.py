@@ -79,6 +79,8 @@ def test_statistics_from_the_metrics() -> None:
     assert (inference.success.count, inference.fail.count) == (1, 1)
     assert (inference.queue.count, inference.queue.ns) == (1, 500_000_000)
     assert (inference.compute_infer.count, inference.compute_infer.ns) == (1, 250_000_000)
+    # one count per session run for all three, or perf_analyzer refuses the statistics
+    assert inference.compute_input.count == inference.compute_output.count == 1
     assert inference.success.ns > 0 and stats.last_inference > 0
     [other] = v2_stats.model_statistics(Metrics(), [served]).model_stats
     assert (other.inference_count, other.inference_stats.success.count, other.last_inference) == (
