@@ -5,6 +5,7 @@
 - ``python -m bench sweep``: the server under each knob set of `bench.plan.SWEEP`.
 - ``python -m bench report RESULTS``: redraw the report from a saved run or sweep.
 - ``python -m bench precision``: int8 vs fp32 (`bench.precision`).
+- ``python -m bench spin``: ONNX Runtime's thread spinning, A/B in one process (`bench.spin`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import photos, precision, report, run
+from bench import photos, precision, report, run, spin
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     again.set_defaults(func=_report)
 
     precision.register(sub)
+    spin.register(sub)
     return parser
 
 

@@ -192,3 +192,16 @@ def test_histograms_of_slices_add_up() -> None:
     both = first + second
     assert both.per_bucket() == [("1", 2), ("2–16", 3), (">16", 0)]
     assert both.mean == 10.0
+
+
+def test_spin_ab_reports_every_setting_with_and_without_a_gap(
+    model_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["spin", "--repo", str(model_repo), "--model", MODEL, "--rounds", "2",
+                 "--slice", "0.05", "--gap-ms", "5"])  # fmt: skip
+    assert code == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 6  # three settings × (back to back, 5 ms gap)
+    for row in rows:
+        runs, p50, _, cpu = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
+        assert runs >= 2 and p50 > 0 and cpu > 0, row

@@ -1,0 +1,91 @@
+"""ONNX Runtime's thread spinning, A/B in one process: ``python -m bench spin``.
+
+One session per setting, on the server's own session options
+(`server.sessions.session_options`), run in interleaved slices so the
+machine's drift falls on every setting alike. Each setting runs back to back
+and with an idle gap between runs (a server's round trip between requests),
+and reports p50 latency and this process's CPU time per run: spinning
+that outlasts a run shows as CPU spent in the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import raw
+from bench.repository import build_missing, latest_version
+from server.config import Settings
+from server.model_config import MODEL_FILE, ModelConfig
+from server.sessions import open_session
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = {
+    "no spinning": Settings(allow_spinning=False),
+    "spinning, 200 µs (server default)": Settings(),
+    "spinning, ONNX Runtime's own duration": Settings(spin_duration_us=0),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("spin", help="ONNX Runtime thread spinning, A/B in one process")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--repo", type=Path, default=HERE / "results" / "tmp" / "models")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--slice", type=float, default=0.5, help="seconds per setting per round")
+    parser.add_argument("--gap-ms", type=float, default=20.0, help="idle time between runs")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    build_missing(args.repo, [args.model])
+    model_dir = args.repo / args.model
+    config = ModelConfig.load(model_dir)
+    model_file = latest_version(model_dir) / MODEL_FILE
+    threads = Settings().threads_per_session(1, None)
+    sessions = {
+        label: open_session(model_file, settings, threads).session
+        for label, settings in SETTINGS.items()
+    }
+    feed = {config.input.name: raw.random_batch(config.input, args.batch, np.random.default_rng(0))}
+    gaps = (0.0, args.gap_ms / 1000)
+    latencies: dict[tuple[str, float], list[float]] = {(k, g): [] for k in sessions for g in gaps}
+    cpu = dict.fromkeys(latencies, 0.0)
+    for session in sessions.values():
+        session.run(None, feed)
+    for _ in range(args.rounds):
+        for label, session in sessions.items():
+            for gap in gaps:
+                key = (label, gap)
+                began_cpu, end = _cpu(), time.perf_counter() + args.slice
+                while time.perf_counter() < end:
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    latencies[key].append(time.perf_counter() - start)
+                    if gap:
+                        time.sleep(gap)
+                cpu[key] += _cpu() - began_cpu
+    print(
+        f"{args.model} batch {args.batch}, {threads} intra-op threads, {args.rounds} rounds of "
+        f"{args.slice:g} s per setting\n"
+    )
+    print("| setting | gap between runs | runs | p50 ms | mean ms | CPU ms per run |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (label, gap), values in latencies.items():
+        ms = np.asarray(values) * 1000
+        per_run = 1000 * cpu[(label, gap)] / len(values)
+        print(
+            f"| {label} | {gap * 1000:g} ms | {len(values)} | {np.median(ms):.2f} "
+            f"| {ms.mean():.2f} | {per_run:.1f} |"
+        )
+    return 0
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
