@@ -24,11 +24,17 @@ from server.model_config import MODEL_FILE, ModelConfig
 from server.sessions import open_session
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {
-    "no spinning": Settings(allow_spinning=False),
-    "spinning, 200 µs (server default)": Settings(),
-    "spinning, ONNX Runtime's own duration": Settings(spin_duration_us=0),
-}
+DEFAULT_US = Settings().spin_duration_us
+
+
+def settings(durations: list[int]) -> dict[str, Settings]:
+    """No spinning, then spinning for each duration (0: ONNX Runtime's own)."""
+    found = {"no spinning": Settings(allow_spinning=False)}
+    for us in durations:
+        label = "ONNX Runtime's own duration" if us == 0 else f"{us} µs"
+        default = " (server default)" if us == DEFAULT_US else ""
+        found[f"spinning, {label}{default}"] = Settings(spin_duration_us=us)
+    return found
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--slice", type=float, default=0.5, help="seconds per setting per round")
     parser.add_argument("--gap-ms", type=float, default=20.0, help="idle time between runs")
+    parser.add_argument(
+        "--durations",
+        default=f"{DEFAULT_US},0",
+        help="spin durations in µs to compare with no spinning, 0: ONNX Runtime's own",
+    )
     parser.set_defaults(func=main)
 
 
@@ -50,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     threads = Settings().threads_per_session(1, None)
     sessions = {
         label: open_session(model_file, settings, threads).session
-        for label, settings in SETTINGS.items()
+        for label, settings in settings([int(x) for x in args.durations.split(",")]).items()
     }
     feed = {config.input.name: raw.random_batch(config.input, args.batch, np.random.default_rng(0))}
     gaps = (0.0, args.gap_ms / 1000)
