@@ -106,8 +106,7 @@ class Accumulated:
     server_cpu: float = 0.0
     machine_cpu: float = 0.0
     histograms: dict[str, histograms.Histogram] = field(default_factory=dict)
-    slices: int = 0
-    slice_img_per_s: list[float] = field(default_factory=list)
+    slice_img_per_s: list[float] = field(default_factory=list)  # one per slice
     profile: dict[str, Any] | None = None
 
     def add(
@@ -129,7 +128,6 @@ class Accumulated:
             self.histograms[name] = (
                 self.histograms[name] + histogram if name in self.histograms else histogram
             )
-        self.slices += 1
         self.slice_img_per_s.append(round(result.images_per_second, 2))
 
 
@@ -204,7 +202,7 @@ def level_row(served: Served, variant: Variant, level: Accumulated) -> dict[str,
         "input": variant.input,
         "batching": variant.batching,
         **report.row(result),
-        "slices": level.slices,
+        "slices": len(level.slice_img_per_s),
         "slice_img_per_s": level.slice_img_per_s,
         "server_cpu_pct": round(100 * level.server_cpu / result.seconds, 1),
         "other_cpu_pct": round(

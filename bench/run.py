@@ -39,6 +39,18 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _say_row(prefix: str, row: dict[str, Any]) -> None:
+    """One measured level, as it finishes."""
+    _say(
+        f"{prefix} {row['variant']:>8} c={row['concurrency']:<3} "
+        f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
+        f"p99 {row['p99_ms']:7.1f} ms  batch {row['batch_mean']:5.2f}  "
+        f"cpu client {row['client_cpu_pct']:.0f}% server {row['server_cpu_pct']:.0f}% "
+        f"other {row['other_cpu_pct']:.0f}%"
+        + (f"  errors {row['errors']}" if row["errors"] else "")
+    )
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
@@ -154,11 +166,7 @@ async def _sweep_levels(
         for label, (_, served) in servers.items():
             for variant in variants:
                 row = load.level_row(served[index], variant, levels[(label, variant.key)])
-                _say(
-                    f"{label:>24} {row['model']} {variant.key:>8} c={concurrency:<3} "
-                    f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
-                    f"batch {row['batch_mean']:5.2f}  other CPU {row['other_cpu_pct']:.0f}%"
-                )
+                _say_row(f"{label:>24} {row['model']}", row)
                 rows[label].append(row)
     return rows
 
@@ -256,14 +264,7 @@ async def _server_levels(
             )
         for variant in variants:
             row = load.level_row(model, variant, levels[variant.key])
-            _say(
-                f"{model.name:>10} {variant.key:>8} c={concurrency:<3} "
-                f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
-                f"p99 {row['p99_ms']:7.1f} ms  batch {row['batch_mean']:5.2f}  "
-                f"cpu client {row['client_cpu_pct']:.0f}% server {row['server_cpu_pct']:.0f}% "
-                f"other {row['other_cpu_pct']:.0f}%"
-                + (f"  errors {row['errors']}" if row["errors"] else "")
-            )
+            _say_row(f"{model.name:>10}", row)
             rows.append(row)
     return rows, references
 

@@ -60,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
     model_file = latest_version(model_dir) / MODEL_FILE
     threads = Settings().threads_per_session(1, None)
     sessions = {
-        label: open_session(model_file, settings, threads).session
-        for label, settings in settings([int(x) for x in args.durations.split(",")]).items()
+        label: open_session(model_file, chosen, threads).session
+        for label, chosen in settings([int(x) for x in args.durations.split(",")]).items()
     }
     feed = {config.input.name: raw.random_batch(config.input, args.batch, np.random.default_rng(0))}
     gaps = (0.0, args.gap_ms / 1000)

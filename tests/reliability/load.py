@@ -51,7 +51,8 @@ class Outcomes:
         return f"{self.seconds:.1f} s: " + ", ".join(parts)
 
 
-async def _one(call: Call, outcomes: Outcomes) -> None:
+async def record_call(call: Call, outcomes: Outcomes) -> None:
+    """Make one call and add its outcome (status, latency, details) to `outcomes`."""
     started = time.monotonic()
     try:
         await call()
@@ -69,7 +70,7 @@ async def closed_loop(call: Call, concurrency: int, seconds: float) -> Outcomes:
 
     async def worker() -> None:
         while time.monotonic() < end:
-            await _one(call, outcomes)
+            await record_call(call, outcomes)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     outcomes.seconds = time.monotonic() - started
@@ -86,7 +87,7 @@ async def open_loop(call: Call, rate: float, seconds: float, max_in_flight: int)
 
     async def one() -> None:
         try:
-            await _one(call, outcomes)
+            await record_call(call, outcomes)
         finally:
             slots.release()
 

@@ -22,7 +22,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from tests.fixtures.servers import start_server
-from tests.reliability.load import Outcomes, until_gauges
+from tests.reliability.load import Outcomes, record_call, until_gauges
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, float_image, infer_floats
 
@@ -50,13 +50,7 @@ async def test_sigterm_under_load(model_repo: Path, tmp_path: Path) -> None:
             async def worker(index: int) -> None:
                 call = calls[index % 2]
                 while outcomes.codes["UNAVAILABLE"] < WORKERS:
-                    started = time.monotonic()
-                    try:
-                        await call()
-                    except grpc.aio.AioRpcError as error:
-                        outcomes.add(error.code().name, started, error.details() or "")
-                    else:
-                        outcomes.add("OK", started)
+                    await record_call(call, outcomes)
 
             workers = [asyncio.ensure_future(worker(i)) for i in range(WORKERS)]
             await until_gauges(server, MODEL, inflight=WORKERS // 2)
