@@ -6,7 +6,8 @@ ready). SIGTERM/SIGINT: health NOT_SERVING for all, new calls UNAVAILABLE
 (answered by the interceptor while the port stays open, so balancers and
 clients see a status they retry elsewhere, not a cancelled call), open
 streams stop reading and end with UNAVAILABLE, queued and in-flight calls
-finish; then the port closes. All within the grace period; exit 0.
+finish; then, once refused callers have been pushed back past it
+(`server.drain`), the port closes. All within the grace period; exit 0.
 
 Services are added by the registrars in `SERVICES`, each
 ``register(server, ctx) -> full service name`` (for reflection).
@@ -131,13 +132,14 @@ class App:
         await stop.wait()
 
         grace_ends = loop.time() + settings.grace_period
-        ctx.draining.set()
+        ctx.draining.begin()
         await health.enter_graceful_shutdown()
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         try:
             await asyncio.wait_for(calls.idle(), settings.grace_period)
             log.info("every accepted call answered; closing the port")
+            await ctx.draining.settle(grace_ends - loop.time())
         except TimeoutError:
             log.warning("grace period over with %d calls unanswered; cancelling them", calls.active)
         await server.stop(max(0.0, grace_ends - loop.time()))

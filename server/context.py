@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
+from server.drain import Drain
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.preprocess import Preprocessor
@@ -20,5 +20,5 @@ class ServingContext:
     preprocessor: Preprocessor
     metrics: Metrics
     health: health_aio.HealthServicer
-    # Set once when the server starts draining; create the context inside the running loop.
-    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    # Begun once when the server starts draining; create the context inside the running loop.
+    draining: Drain = field(default_factory=Drain)

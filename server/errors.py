@@ -36,7 +36,12 @@ class DeadlineExceeded(ServeError):
 
 
 class Draining(ServeError):
-    """The server is shutting down and takes no new calls."""
+    """The server is shutting down and takes no new calls; ``pushback_ms`` says when the
+    caller may try again (see `server.drain`)."""
+
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.pushback_ms = pushback_ms
 
 
 class Unauthenticated(ServeError):
@@ -53,6 +58,9 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
+# gRPC's retry policy waits exactly this long before its next attempt (gRFC A6).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
@@ -62,3 +70,9 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if cls in _CODES:
             return _CODES[cls], str(exc)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def to_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with the status: the retry pushback, when there is one."""
+    pushback = exc.pushback_ms if isinstance(exc, Draining) else None
+    return () if pushback is None else ((PUSHBACK_KEY, str(pushback)),)

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
-from server.errors import Draining, to_status
+from server.drain import Drain
+from server.errors import Draining, to_status, to_trailers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
         log.error("%s failed", method, exc_info=exc)
     else:
         log.info("%s -> %s: %s", method, code.name, message)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=to_trailers(exc))
 
 
 def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
@@ -65,11 +66,6 @@ def _guard_streaming(
             await abort_with(context, method, exc)
 
     return guarded
-
-
-async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-    """Stands in for any handler while draining (aio accepts coroutines for every shape)."""
-    raise Draining("server is shutting down; retry on another instance")
 
 
 _FACTORIES = {
@@ -125,7 +121,7 @@ class Calls:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: errors to statuses, and refusal while draining."""
 
-    def __init__(self, draining: asyncio.Event, calls: Calls) -> None:
+    def __init__(self, draining: Drain, calls: Calls) -> None:
         self._draining = draining
         self._calls = calls
 
@@ -148,7 +144,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(_ALWAYS_ANSWERED):
             counted = behavior
         elif self._draining.is_set():
-            counted = _refuse
+            counted = self._refuse
         elif inspect.isasyncgenfunction(behavior):
             counted = self._calls.streaming(behavior)
         else:
@@ -161,5 +157,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
+        )
+
+    async def _refuse(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Stands in for any handler while draining (aio accepts coroutines for every shape)."""
+        raise Draining(
+            "server is shutting down; retry on another instance", self._draining.pushback_ms()
         )
 

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from server.drain import Drain
 from server.errors import Draining
 
 Request = TypeVar("Request")
@@ -22,7 +23,7 @@ Response = TypeVar("Response")
 async def answer_in_order(
     requests: AsyncIterator[Request],
     handle: Callable[[Request, int], Awaitable[Response]],
-    draining: asyncio.Event,
+    draining: Drain,
     window: int,
 ) -> AsyncIterator[Response]:
     """Yield ``await handle(request, index)`` for every request, in order."""
@@ -58,7 +59,10 @@ async def answer_in_order(
             yield await task
         await reader  # a broken request stream ends the call with its error
         if drained:
-            raise Draining("server is shutting down; reopen the stream on another instance")
+            raise Draining(
+                "server is shutting down; reopen the stream on another instance",
+                draining.pushback_ms(),
+            )
     finally:
         reader.cancel()
         while not started.empty():

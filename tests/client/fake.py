@@ -23,9 +23,12 @@ MODEL = "fake"
 
 @dataclass
 class Script:
-    """What the fake does: statuses to fail the next calls with, where to break streams."""
+    """What the fake does: statuses (and optional trailing metadata) to fail the next calls
+    with, where to break streams."""
 
-    failures: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
+    failures: deque[
+        tuple[grpc.StatusCode, str] | tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]
+    ] = field(default_factory=deque)
     break_stream_after: int | None = None
     calls: int = 0
     stream_calls: int = 0

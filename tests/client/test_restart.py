@@ -119,6 +119,41 @@ async def test_async_calls_ride_out_a_restart(
     assert len(results) == len(images)
 
 
+async def test_repeated_restarts_under_load_lose_no_call(
+    start_restartable: Callable[[float], Restartable], photos: Path
+) -> None:
+    # Eight clients retrying through every drain: without the server's pushback, some
+    # retries met the port closing and came back CANCELLED (about one per two restarts).
+    restartable = start_restartable(10.0)
+    images = [path.read_bytes() for path in sorted(photos.glob("*.jpg"))]
+    answered: list[int] = []
+    failures: list[Exception] = []
+    done = asyncio.Event()
+    async with rsc.AsyncClient(restartable.address, model="cifar", options=RIDE_OUT,
+                               timeout=120) as client:
+
+        async def keep_calling(worker: int) -> None:
+            while not done.is_set():
+                try:
+                    await client.classify(images[worker % len(images)])
+                    answered.append(worker)
+                except rsc.ResnetServeError as exc:
+                    failures.append(exc)
+
+        workers = [asyncio.ensure_future(keep_calling(w)) for w in range(8)]
+        for _ in range(4):
+            before = len(answered)
+            while len(answered) < before + 20:  # busy again since the last start
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(restartable.server.stop) == 0
+            restartable.server = await asyncio.to_thread(restartable.start)
+        done.set()
+        await asyncio.gather(*workers)
+    assert restartable.starts == 5
+    assert failures == []
+    assert len(set(answered)) == 8
+
+
 def test_without_waiting_a_stopped_server_is_unavailable(
     start_restartable: Callable[[float], Restartable],
 ) -> None:

@@ -103,6 +103,41 @@ def test_waiting_for_ready_ends_at_the_deadline(fake: FakeServer) -> None:
     assert fake.script.failures
 
 
+# Backoff far beyond the deadline: the call can only succeed in time by following the
+# server's pushback, in gRPC's own attempts and in the SDK's after them.
+SLOW = rsc.Retry(max_attempts=5, initial_backoff=60.0, max_backoff=60.0)
+PUSHED_BACK = (*UNAVAILABLE, (("grpc-retry-pushback-ms", "1"),))
+
+
+def test_pushback_replaces_the_backoff(fake: FakeServer) -> None:
+    fake.script.failures.extend([PUSHED_BACK] * 12)
+    options = rsc.ChannelOptions(retry=SLOW, wait_for_ready=True)
+    with rsc.Client(fake.target, model=MODEL, options=options, timeout=10) as client:
+        assert client.classify(b"abc")[0].top.index == 3
+    assert fake.script.calls == 13
+
+
+async def test_async_pushback_too(fake: FakeServer) -> None:
+    fake.script.failures.extend([PUSHED_BACK] * 12)
+    options = rsc.ChannelOptions(retry=SLOW, wait_for_ready=True)
+    async with rsc.AsyncClient(fake.target, model=MODEL, options=options, timeout=10) as client:
+        assert (await client.classify(b"ab"))[0].top.index == 2
+    assert fake.script.calls == 13
+
+
+def test_errors_carry_the_pushback(fake: FakeServer) -> None:
+    fake.script.failures.append((*UNAVAILABLE, (("grpc-retry-pushback-ms", "250"),)))
+    fake.script.failures.append(UNAVAILABLE)
+    options = rsc.ChannelOptions(retry=None)
+    with rsc.Client(fake.target, model=MODEL, options=options) as client:
+        with pytest.raises(rsc.Unavailable) as pushed:
+            client.classify(b"x")
+        with pytest.raises(rsc.Unavailable) as plain:
+            client.classify(b"x")
+    assert pushed.value.pushback == 0.25
+    assert plain.value.pushback is None
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_broken_stream_is_reopened_and_unanswered_requests_resent(
     fake: FakeServer, concurrency: int

@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
+from server import drain
+from server.drain import Drain
 from server.errors import InvalidInput, QueueFull
 from server.interceptors import Calls, ErrorInterceptor
 
@@ -38,7 +40,7 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIte
 
 class Harness:
     def __init__(self) -> None:
-        self.draining = asyncio.Event()
+        self.draining = Drain()
         self.calls = Calls()
 
 
@@ -104,13 +106,44 @@ async def test_new_calls_are_refused_while_draining(
 ) -> None:
     channel, harness = served
     assert await _call(channel, "Unary")(b"ok", timeout=10) == b"ok"
-    harness.draining.set()
+    harness.draining.begin()
     for method in ("Unary", "Stream"):
         call = _call(channel, method)(b"ok", timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await (call.read() if method == "Stream" else call)
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in error.value.details()
+        # Retries come back soon while accepted calls are still being answered.
+        assert _pushback_ms(error.value) == round(drain.PUSHBACK * 1000)
+
+
+def _pushback_ms(error: grpc.aio.AioRpcError) -> int:
+    (value,) = [v for k, v in error.trailing_metadata() or () if k == "grpc-retry-pushback-ms"]
+    return int(value)
+
+
+async def test_once_answered_refusals_push_callers_past_the_close(
+    served: tuple[grpc.aio.Channel, Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel, harness = served
+    monkeypatch.setattr(drain, "SETTLE", 2.0)
+    harness.draining.begin()
+    settling = asyncio.ensure_future(harness.draining.settle(budget=10.0))
+    await asyncio.sleep(0)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _call(channel, "Unary")(b"ok", timeout=10)
+    assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+    # Asked to come back after the port closes: the rest of SETTLE plus AFTER_CLOSE.
+    pushback = _pushback_ms(error.value) / 1000
+    assert drain.AFTER_CLOSE < pushback <= 2.0 + drain.AFTER_CLOSE + 0.001
+    assert pushback > drain.AFTER_CLOSE + 1.0  # the settle has most of its 2 s to go
+    assert not settling.done()
+    settling.cancel()
+
+
+async def test_settle_stays_within_the_grace_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(drain, "SETTLE", 60.0)
+    await asyncio.wait_for(Drain().settle(budget=0.0), 10)  # not the 60 s
 
 
 async def test_calls_count_what_is_being_answered_and_not_refusals(
@@ -123,7 +156,7 @@ async def test_calls_count_what_is_being_answered_and_not_refusals(
     while harness.calls.active == 0:
         await asyncio.sleep(0.01)
     idle = asyncio.ensure_future(harness.calls.idle())
-    harness.draining.set()
+    harness.draining.begin()
     with pytest.raises(grpc.aio.AioRpcError):
         await _call(channel, "Unary")(b"ok", timeout=10)
     assert harness.calls.active == 1 and not idle.done()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import grpc
 
@@ -12,12 +13,15 @@ class ResnetServeError(Exception):
 
     ``code`` is the gRPC status code and ``message`` the server's own words
     (or gRPC's, when the failure happened before the server answered).
+    ``pushback`` is how many seconds the server asked the caller to wait
+    before trying again (its ``grpc-retry-pushback-ms``), or ``None``.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, pushback: float | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.pushback = pushback
 
 
 class InvalidArgument(ResnetServeError):
@@ -82,23 +86,40 @@ _BY_CODE: dict[grpc.StatusCode, type[ResnetServeError]] = {
     grpc.StatusCode.DATA_LOSS: InternalError,
 }
 
+# A server's "try again in this many milliseconds" (gRFC A6), read by gRPC's retries and ours.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 # The server names the image at fault: "image 3: image data is truncated or corrupt; ...".
 _ABOUT_AN_IMAGE = re.compile(r"^image \d+: ")
 
 
-def from_status(code: grpc.StatusCode, message: str) -> ResnetServeError:
+def from_status(
+    code: grpc.StatusCode, message: str, pushback: float | None = None
+) -> ResnetServeError:
     """The typed exception for a status code and message."""
     cls = _BY_CODE.get(code, ResnetServeError)
     if cls is InvalidArgument and _ABOUT_AN_IMAGE.match(message):
         cls = InvalidImage
-    return cls(code, message)
+    return cls(code, message, pushback)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ResnetServeError:
     """Wrap a ``grpc.RpcError`` (sync or aio) into its typed exception."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
-    return from_status(code or grpc.StatusCode.UNKNOWN, details or str(error))
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return from_status(
+        code or grpc.StatusCode.UNKNOWN, details or str(error), _pushback(trailers or ())
+    )
+
+
+def _pushback(trailers: Iterable[tuple[str, str | bytes]]) -> float | None:
+    """Seconds from a valid ``grpc-retry-pushback-ms`` trailer (a non-negative integer)."""
+    for key, value in trailers:
+        if key == PUSHBACK_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            return int(text) / 1000 if text.isdigit() else None
+    return None
 
 
 def code_from_number(number: int) -> grpc.StatusCode:

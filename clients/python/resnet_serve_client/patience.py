@@ -8,7 +8,8 @@ same exponential backoff and jitter, until its deadline; without it, only
 gRPC's own attempts are made. A ``ClassifyStream`` that breaks after
 answering is beyond gRPC's retries in any case, so ``classify_many`` reopens it
 here: within ``retry.max_attempts``, or until the deadline with
-``wait_for_ready``.
+``wait_for_ready``. When the server sends ``grpc-retry-pushback-ms`` (a
+draining resnet-serve does), the next attempt waits exactly that long instead.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Patience:
         self.attempts += 1
         if self.max_attempts is not None and self.attempts >= self.max_attempts:
             return None
-        delay = self.retry.backoff(self.attempts)
+        # A server's pushback replaces the backoff, as in gRPC's own retries.
+        delay = self.retry.backoff(self.attempts) if error.pushback is None else error.pushback
         if time.monotonic() + delay >= self.deadline:
             return None
         return delay
