@@ -11,7 +11,7 @@ import platform
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -39,6 +39,7 @@ from builder.repository import (
     check_config_compatible,
     next_version,
     publish_version,
+    remove_abandoned_staging,
     sha256_file,
     staging_dir,
 )
@@ -115,6 +116,8 @@ class BuildResult:
     version_dir: Path
     report: Report
     seconds: dict[str, float]  # wall time of the stages: model, export, checks
+    # Staging directories of killed builds that this build removed first.
+    removed: list[Path] = field(default_factory=list)
 
 
 def model_config(name: str, arch: ArchSpec, num_classes: int, input_dtype: str) -> ModelConfig:
@@ -276,6 +279,7 @@ def build(request: BuildRequest) -> BuildResult:
     module = graph_module(recipe.model(), config)
     sample = torch.from_numpy(random_inputs(config.input, 1, np.random.default_rng(recipe.seed)))
     seconds["model"] = time.perf_counter() - started
+    removed = remove_abandoned_staging(model_dir)
     with staging_dir(model_dir) as staged:
         path = staged / MODEL_FILE
         started = time.perf_counter()
@@ -301,7 +305,7 @@ def build(request: BuildRequest) -> BuildResult:
         if not report.passed:
             raise VerificationFailed(report)
         target = publish_version(staged, model_dir, version, config, labels)
-    return BuildResult(target, report, seconds)
+    return BuildResult(target, report, seconds, removed)
 
 
 def _rebuild_problem(recipe: Recipe) -> str | None:

@@ -210,6 +210,8 @@ def _build(args: argparse.Namespace) -> int:
     except (WeightsError, CalibrationError, RepositoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for removed in result.removed:
+        print(f"removed {removed}, left by a build that did not finish")
     print(result.report.table())
     stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in result.seconds.items())
     print(f"built {result.version_dir} ({stages})")
@@ -285,20 +287,19 @@ def _models(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{args.repo}: no models")
         return 0
-    rows = [("model", "arch", "input", "classes", "version", "status")]
+    rows = [("model", "arch", "input", "classes", "version", "precision", "status")]
     for entry in entries:
         if entry.config is None:
-            rows.append(
-                (entry.name, "-", "-", "-", "-", f"invalid config.json: {entry.config_error}")
-            )
+            error = f"invalid config.json: {entry.config_error}"
+            rows.append((entry.name, "-", "-", "-", "-", "-", error))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
         model = (entry.name, entry.config.arch, shape, str(entry.config.num_classes))
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
-            rows.append((*model, str(status.version), status.status + detail))
+            rows.append((*model, str(status.version), status.precision, status.status + detail))
         if not entry.versions:
-            rows.append((*model, "-", "no versions"))
+            rows.append((*model, "-", "-", "no versions"))
     print(format_table(rows))
     return 0

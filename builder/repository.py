@@ -8,12 +8,15 @@
     <repo>/<name>/<version>/verification.json
 
 A version is assembled in ``<repo>/<name>/.tmp-*`` (same file system) and renamed into
-place, so a reader never sees half a model.
+place, so a reader never sees half a model. While a build stages, it holds an exclusive
+``flock`` on ``<staging>.lock`` beside it; a staging directory whose lock nobody holds
+belongs to a build that was killed, and the next build removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +34,7 @@ from server.model_config import (
 )
 
 TMP_PREFIX = ".tmp-"
+LOCK_SUFFIX = ".lock"
 # Fields the builder decides; batching and instances stay as an operator set them.
 _BUILD_FIELDS = ("arch", "num_classes", "labels", "input", "output", "preprocessing")
 
@@ -92,22 +96,60 @@ def check_config_compatible(model_dir: Path, config: ModelConfig) -> None:
 
 @contextlib.contextmanager
 def staging_dir(model_dir: Path) -> Iterator[Path]:
-    """A fresh temporary directory inside ``model_dir``.
+    """A fresh temporary directory inside ``model_dir``, locked for as long as it is in use.
 
     Unless the caller renamed it into place, it is removed on exit, together with the
     directories created for it (``model_dir``, even the repository) that stayed empty.
     """
     created = [d for d in (model_dir, *model_dir.parents) if not d.exists()]
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir))
+    fd, lock_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=LOCK_SUFFIX, dir=model_dir)
+    lock = Path(lock_name)
+    tmp = lock.with_name(lock.name.removesuffix(LOCK_SUFFIX))
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # fresh file: nobody else holds it
+        tmp.mkdir()
         yield tmp
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
         for directory in created:  # deepest first
             if directory.exists() and not any(directory.iterdir()):
                 directory.rmdir()
+
+
+def remove_abandoned_staging(model_dir: Path) -> list[Path]:
+    """Remove the staging directories of builds that were killed; the ones removed.
+
+    A live build holds its lock, so its directory stays. A staging directory without a
+    lock file (a build from before the locks) counts as abandoned too.
+    """
+    if not model_dir.is_dir():
+        return []
+    removed = []
+    for staged in sorted(model_dir.glob(f"{TMP_PREFIX}*")):
+        if not staged.is_dir():
+            continue
+        lock = staged.with_name(staged.name + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a build is using it
+            shutil.rmtree(staged, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            removed.append(staged)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
 
 
 def publish_version(
@@ -139,6 +181,7 @@ class VersionStatus:
     version: int
     status: str  # "verified", "FAILED", "unverified", "modified", "missing model"
     detail: str = ""
+    precision: str = "-"  # fp32, fp16 or int8, as recorded by the build; "-" without a record
 
 
 @dataclass(frozen=True)
@@ -161,12 +204,16 @@ def version_status(version_dir: Path) -> VersionStatus:
         record = json.loads(record_path.read_text())
     except json.JSONDecodeError as exc:
         return VersionStatus(version, "unverified", f"unreadable {VERIFICATION_FILE}: {exc}")
+    # Records written before precisions existed are fp32.
+    precision = str(record.get("precision", "fp32"))
     if record.get("sha256") != sha256_file(model):
-        return VersionStatus(version, "modified", f"{MODEL_FILE} does not match its sha256")
+        return VersionStatus(
+            version, "modified", f"{MODEL_FILE} does not match its sha256", precision
+        )
     if record.get("passed") is not True:
         failed = [c["name"] for c in record.get("checks", []) if not c.get("passed")]
-        return VersionStatus(version, "FAILED", ", ".join(failed))
-    return VersionStatus(version, "verified", record.get("scope", ""))
+        return VersionStatus(version, "FAILED", ", ".join(failed), precision)
+    return VersionStatus(version, "verified", record.get("scope", ""), precision)
 
 
 def list_models(repo: Path) -> list[ModelEntry]:

@@ -14,6 +14,7 @@ from builder.__main__ import main
 from builder.build import BuildRequest, build, verify
 from builder.calibration import CalibrationError
 from builder.precision import Precision
+from builder.repository import list_models
 from builder.verify import FP16_THRESHOLDS, cpu_session
 from server.model_config import MODEL_FILE, VERIFICATION_FILE
 from tests.fixtures.repos import BuildModel
@@ -53,6 +54,8 @@ def test_fp16_keeps_float32_io(tmp_path: Path, build_model: BuildModel) -> None:
     worst = max(b["max_rel_error"] for b in runtime["figures"]["batches"].values())
     assert 0 < worst <= FP16_THRESHOLDS.max_rel_error
     assert verify(version_dir).passed
+    (entry,) = list_models(tmp_path)
+    assert [(v.version, v.precision) for v in entry.versions] == [(1, "fp16")]
 
 
 def test_fp16_io_takes_and_gives_float16(tmp_path: Path, build_model: BuildModel) -> None:
@@ -92,7 +95,7 @@ def test_int8_on_a_synthetic_set_is_flagged(tmp_path: Path, build_model: BuildMo
     assert verify(version_dir).passed
 
 
-def test_int8_calibrates_on_a_folder(tmp_path: Path) -> None:
+def test_int8_calibrates_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     write_images(folder, 10)
@@ -102,6 +105,10 @@ def test_int8_calibrates_on_a_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code == 0
     version_dir = tmp_path / "repo" / "resnet20" / "1"
+    assert main(["models", "--repo", str(tmp_path / "repo")]) == 0
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("resnet20 ")]  # fmt: skip
+    assert row[6:9] == ["1", "int8", "verified"], row
     calibration = record_of(version_dir)["calibration"]
     assert calibration["source"] == "folder" and calibration["path"] == str(folder.resolve())
     assert (calibration["images"], calibration["held_out"]) == (8, 2)

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from builder.repository import TMP_PREFIX
+from builder.repository import LOCK_SUFFIX, TMP_PREFIX
 from server.model_config import MODEL_FILE, VERIFICATION_FILE
 from server.models import LOAD_FAILED
 from tests.fixtures.servers import RunningServer
@@ -92,16 +92,20 @@ def test_build_killed_midway_leaves_no_version(tmp_path: Path) -> None:
 
     model_dir = repo / NAME
     left = sorted(p.name for p in model_dir.iterdir())
-    assert left == [staged.parent.name], left  # only the staging directory, no version
+    staging = staged.parent.name
+    assert left == [staging, staging + LOCK_SUFFIX], left  # only the staging, no version
     assert models_listing(repo).rstrip().endswith(": no models")
 
     finished = build(repo, tmp_path / "build.log")
     assert finished.wait(BUILD_TIMEOUT) == 0, (tmp_path / "build.log").read_text()
     assert (model_dir / "1" / "verification.json").is_file()
     assert not (model_dir / "2").exists()
+    # The next build removed what the killed one left, and said so.
+    assert not any(p.name.startswith(TMP_PREFIX) for p in model_dir.iterdir())
+    assert f"removed {staged.parent}, left by a build" in (tmp_path / "build.log").read_text()
     row = next(line.split() for line in models_listing(repo).splitlines()
                if line.startswith(f"{NAME} "))  # fmt: skip
-    assert row[1] == "resnet20" and row[6:8] == ["1", "verified"], row
+    assert row[1] == "resnet20" and row[6:9] == ["1", "fp32", "verified"], row
 
 
 def test_a_version_the_runtime_cannot_open_is_refused(
