@@ -35,6 +35,11 @@ ARG ARCHS=resnet50
 ARG WEIGHTS=
 # Graph input: float32 (NCHW, normalized by the server) or uint8 (NHWC, normalized in the graph).
 ARG INPUT=float32
+# Weights and compute: fp32, fp16 or int8 (static quantization). For int8, CALIBRATION
+# names a folder of representative images inside the build context; without it the
+# builder calibrates on synthetic data and records a warning.
+ARG PRECISION=fp32
+ARG CALIBRATION=
 ARG TORCH_VERSION=2.13.0
 ARG MODEL_REPO
 
@@ -65,7 +70,9 @@ RUN --mount=type=bind,source=.,target=/context \
     set -eu; \
     for arch in ${ARCHS}; do \
         resnet-serve build "${arch}" --repo "${MODEL_REPO}" --input "${INPUT}" \
-            ${WEIGHTS:+--weights "/context/${WEIGHTS}"}; \
+            --precision "${PRECISION}" \
+            ${WEIGHTS:+--weights "/context/${WEIGHTS}"} \
+            ${CALIBRATION:+--calibration "/context/${CALIBRATION}"}; \
     done; \
     resnet-serve models --repo "${MODEL_REPO}"
 

@@ -47,7 +47,9 @@ def run_builder_step(repo: Path, context: Path, **build_args: str) -> str:
             command = command.replace(opts["target"], str(context))
     args = {k: v for k, v in df.global_args.items() if v is not None}
     args |= {k: v for k, v in builder.args().items() if v is not None}
-    assert {"ARCHS", "MODEL_REPO", "WEIGHTS"} <= set(args) | set(builder.args())
+    assert {"ARCHS", "MODEL_REPO", "WEIGHTS", "PRECISION", "CALIBRATION"} <= set(args) | set(
+        builder.args()
+    )
     args |= {"MODEL_REPO": str(repo), **build_args}
     env = procs.clean_env(**builder.env(), **args)
     result = subprocess.run(
@@ -83,6 +85,26 @@ def test_builder_step_takes_a_checkpoint_from_the_context(tmp_path: Path) -> Non
     assert weights is not None, "the build ignored WEIGHTS"
     assert Path(weights["path"]) == checkpoint.resolve()
     assert weights["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+
+def test_builder_step_passes_the_precision_and_calibration_folder(tmp_path: Path) -> None:
+    """PRECISION and CALIBRATION (a folder inside the context) reach the build."""
+    import numpy as np
+    from PIL import Image
+
+    context = tmp_path / "context"
+    folder = context / "calibration"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        pixels = rng.integers(0, 256, size=(36, 36, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"{index}.png")
+    repo = tmp_path / "models"
+    run_builder_step(repo, context, ARCHS="resnet20", PRECISION="int8", CALIBRATION="calibration")
+    (record,) = [json.loads(p.read_text()) for p in repo.glob("resnet20/*/verification.json")]
+    assert record["precision"] == "int8" and record["passed"]
+    assert record["calibration"]["source"] == "folder"
+    assert Path(record["calibration"]["path"]) == folder.resolve()
 
 
 @pytest.mark.timeout(1800)
