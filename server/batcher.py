@@ -13,8 +13,9 @@ images to queue again, for at most ``refill_wait`` × that batch's run time.
 Without that wait, a closed loop of n clients splits into alternating
 batches of 1 and n − 1: the first request back after a batch runs alone
 while the others arrive, and a batch of 1 is the least efficient run there
-is. A lone client (n = 1) never waits; when traffic drops, one wait of at
-most that fraction is lost before the target follows it down.
+is. A lone client (n = 1) never waits, and nothing waits while another
+instance is idle; when traffic drops, one wait of at most that fraction is
+lost before the target follows it down.
 
 - The queue is bounded in images: `submit` raises `QueueFull` at once.
 - Items whose caller cancelled or whose deadline passed are dropped before
@@ -205,14 +206,18 @@ class Batcher:
             await self._wakeup.wait()
 
     async def _wait_for_refill(self, runner: Runner) -> None:
-        """Wait until as many images are queued as `runner` ran last time, or its time is up."""
-        assert self._loop is not None
+        """Wait until as many images are queued as `runner` ran last time, or its time is up.
+
+        Never while another instance is idle: the wait keeps one instance's batches
+        whole, and holding work back from an idle instance would cost more than it saves.
+        """
+        assert self._loop is not None and self._free is not None
         last = self._last_run.get(id(runner))
         if last is None or self.batching.refill_wait == 0:
             return
         target = min(last[0], self.batching.max_batch_size)
         until = self._loop.time() + self.batching.refill_wait * last[1]
-        while self._queued < target:
+        while self._queued < target and self._free.empty():
             remaining = until - self._loop.time()
             if remaining <= 0 or not await self._wait_wakeup(remaining):
                 return
@@ -297,6 +302,8 @@ class Batcher:
                 _fail(item, exc)
         finally:
             self._free.put_nowait(runner)
+            if self._wakeup is not None:  # a refill wait ends when an instance comes free
+                self._wakeup.set()
 
     async def _run_and_deliver(self, runner: Runner, batch: list[_Item]) -> None:
         assert self._loop is not None

@@ -223,3 +223,28 @@ async def test_a_lone_client_is_never_held(monkeypatch: pytest.MonkeyPatch) -> N
     assert (size, runner.batches[-2:]) == (3, [3, 1])
     assert len(holds) == 1 and 0 < holds[0] <= seconds, (holds, seconds)
     await batcher.close()
+
+
+async def test_no_refill_wait_while_another_instance_is_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runners = [SlowRunner(0.2), SlowRunner(0.2)]
+    batcher = Batcher("m", "1", runners, Batching(max_batch_size=4, refill_wait=1.0), Metrics())
+    batcher.start()
+    # Both instances run a batch of 4 at once, so each would wait for 4 images next.
+    await asyncio.gather(*(batcher.submit(_images(*range(k, k + 4))) for k in (0, 4)))
+    assert sorted(len(r.batches) for r in runners) == [1, 1]
+    assert [size for size, _ in batcher._last_run.values()] == [4, 4]
+    await asyncio.sleep(0.05)
+    holds: list[float] = []
+    wait_wakeup = batcher._wait_wakeup
+
+    async def recorded(timeout: float) -> bool:
+        holds.append(timeout)
+        return await wait_wakeup(timeout)
+
+    monkeypatch.setattr(batcher, "_wait_wakeup", recorded)
+    out = await batcher.submit(_images(9))
+    assert out[0, 0] == 9
+    assert holds == [], "a request waited for company while an instance sat idle"
+    await batcher.close()
