@@ -202,9 +202,8 @@ async def test_closed_loop_splits_without_the_refill_wait() -> None:
     assert 1 in runner.batches[2:], runner.batches  # the first one back runs alone
 
 
-async def test_a_lone_client_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
-    runner = SlowRunner(0.05)
-    batcher = await _started(runner, max_batch_size=8, refill_wait=1.0)
+def _record_holds(batcher: Batcher, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The timeout of every wait the scheduler makes for more requests, from now on."""
     holds: list[float] = []
     wait_wakeup = batcher._wait_wakeup
 
@@ -213,6 +212,13 @@ async def test_a_lone_client_is_never_held(monkeypatch: pytest.MonkeyPatch) -> N
         return await wait_wakeup(timeout)
 
     monkeypatch.setattr(batcher, "_wait_wakeup", recorded)
+    return holds
+
+
+async def test_a_lone_client_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = SlowRunner(0.05)
+    batcher = await _started(runner, max_batch_size=8, refill_wait=1.0)
+    holds = _record_holds(batcher, monkeypatch)
     await _closed_loop(batcher, clients=1, rounds=5)
     assert runner.batches == [1] * 5
     assert holds == [], "a batch of 1 waited for company"
@@ -236,14 +242,7 @@ async def test_no_refill_wait_while_another_instance_is_idle(
     assert sorted(len(r.batches) for r in runners) == [1, 1]
     assert [size for size, _ in batcher._last_run.values()] == [4, 4]
     await asyncio.sleep(0.05)
-    holds: list[float] = []
-    wait_wakeup = batcher._wait_wakeup
-
-    async def recorded(timeout: float) -> bool:
-        holds.append(timeout)
-        return await wait_wakeup(timeout)
-
-    monkeypatch.setattr(batcher, "_wait_wakeup", recorded)
+    holds = _record_holds(batcher, monkeypatch)
     out = await batcher.submit(_images(9))
     assert out[0, 0] == 9
     assert holds == [], "a request waited for company while an instance sat idle"
