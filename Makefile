@@ -29,16 +29,20 @@ lint: $(STAMP)
 test: $(STAMP) lint deps-system
 	$(BIN)/pytest
 
-# System packages the tests run: nginx for the load-balancer test (tests/deploy).
+# System packages: nginx for the load-balancer test (tests/deploy); libb64 for
+# perf_analyzer, Triton's C++ load generator that the bench runs (and its smoke test).
 # Installed from Debian/Ubuntu when absent and we are root; a no-op when present.
 deps-system:
-	@command -v nginx >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light; } || \
-		echo "note: nginx is missing (as root: apt-get install nginx-light); the nginx test will skip" >&2
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
+	dpkg -s libb64-0d >/dev/null 2>&1 || missing="$$missing libb64-0d"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } || \
+		echo "note: missing$$missing (as root: apt-get install$$missing); the nginx test skips, the bench leaves perf_analyzer out" >&2
 
 # Raw ONNX Runtime against the server, side by side in one run (models built into
 # bench/results/tmp/ on first use): JSON in bench/results/, report in docs/benchmarks.md.
-bench: $(STAMP)
+bench: $(STAMP) deps-system
 	$(BIN)/python -m bench run
 
 protos: $(STAMP)

@@ -11,6 +11,7 @@ whole machine (what is left is other processes: a disturbed run shows there).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from resnet_serve_client.payloads import classify_requests, make_inputs, v2_requ
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from bench import histograms
+from bench import histograms, perf_analyzer
 from bench.profile import Sampling
 from bench.repository import Served
 from bench.serving import Server
@@ -40,6 +41,12 @@ class Variant:
     input: Literal["uint8", "jpeg"]
     batching: bool
     description: str
+    client: Literal["sdk", "perf_analyzer"] = "sdk"
+    # Only these concurrencies (None: every one of the plan).
+    concurrencies: tuple[int, ...] | None = None
+
+    def runs_at(self, concurrency: int) -> bool:
+        return self.concurrencies is None or concurrency in self.concurrencies
 
 
 VARIANTS = (
@@ -63,6 +70,16 @@ VARIANTS = (
     ),
     Variant(
         "nobatch", "classify", "uint8", False, "as uint8, dynamic batching off (max_batch_size 1)"
+    ),
+    Variant(
+        "v2-pa",
+        "v2",
+        "uint8",
+        True,
+        "as v2, sent by perf_analyzer (Triton's C++ load generator) instead of the Python SDK; "
+        "concurrency 1 and 16",
+        client="perf_analyzer",
+        concurrencies=(1, 16),
     ),
 )
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
@@ -172,9 +189,18 @@ async def run_variant(
             name = f"{model}-{variant.key}-c{concurrency}"
             sampling = Sampling.start(server.process.pid, seconds, profile_dir, name)
         server_cpu, machine_cpu = server.cpu_seconds(), _busy_seconds()
-        result: LevelResult = await run_level(
-            call, level, Stop(seconds=seconds), warmup=0, images_per_request=1
-        )
+        result: LevelResult
+        if variant.client == "perf_analyzer":
+            # Its start-up and metadata calls fall inside the CPU window: a little more
+            # server and client CPU than the measured windows alone.
+            work = server.log_path.parent / "perf_analyzer"
+            result = await asyncio.to_thread(
+                perf_analyzer.measure, server.address, model, concurrency, seconds, work
+            )
+        else:
+            result = await run_level(
+                call, level, Stop(seconds=seconds), warmup=0, images_per_request=1
+            )
         server_cpu = server.cpu_seconds() - server_cpu
         machine_cpu = _busy_seconds() - machine_cpu
         after = histograms.read_all(server.metrics(), model)

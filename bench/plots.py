@@ -12,7 +12,7 @@ from matplotlib import pyplot, ticker
 
 from bench.load import VARIANTS
 
-STYLES = {"uint8": "o-", "jpeg": "s-", "v2": "^-", "nobatch": "v--"}
+STYLES = {"uint8": "o-", "jpeg": "s-", "v2": "^-", "nobatch": "v--", "v2-pa": "D-"}
 DPI = 100
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from bench import load, raw
+from bench import load, perf_analyzer, raw
 from bench.plan import Knobs, Plan
 from bench.repository import Served, prepare
 from bench.serving import Server, running
@@ -80,6 +80,7 @@ def _git_commit() -> str:
 def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> dict[str, Any]:
     """Run `plan` against the models of `source_repo`; the results as a JSON-able dict."""
     started, load_before = time.time(), os.getloadavg()
+    plan, left_out = _runnable(plan)
     results: dict[str, Any] = {"raw": {}, "server": []}
     profiles = work / "profiles" if plan.profile else None
     results["reference"] = {}
@@ -97,9 +98,20 @@ def execute(plan: Plan, source_repo: Path, photos: list[Path], work: Path) -> di
                 session.close()
             results["server"] += rows
             results["reference"][model.name] = references
-    results["meta"] = _meta(started, load_before, plan, server_log, photos)
+    results["meta"] = _meta(started, load_before, plan, server_log, photos) | left_out
     results["plan"] = plan.as_dict()
     return results
+
+
+def _runnable(plan: Plan) -> tuple[Plan, dict[str, Any]]:
+    """`plan` without the perf_analyzer variant when perf_analyzer cannot start here, and
+    why (for the results' meta)."""
+    wanted = [key for key in plan.variants if VARIANTS[key].client == "perf_analyzer"]
+    if not wanted or (reason := perf_analyzer.unavailable()) is None:
+        return plan, {}
+    _say(f"left out {', '.join(wanted)}: {reason}")
+    kept = tuple(key for key in plan.variants if key not in wanted)
+    return replace(plan, variants=kept), {"left_out": {key: reason for key in wanted}}
 
 
 def execute_sweep(
@@ -113,6 +125,7 @@ def execute_sweep(
     minutes, as a run compares the server with raw ONNX Runtime.
     """
     started, load_before = time.time(), os.getloadavg()
+    plan, left_out = _runnable(plan)
     results: dict[str, Any] = {"raw": {}, "sweep": []}
     with contextlib.ExitStack() as stack:
         servers: dict[str, tuple[Server, list[Served]]] = {}
@@ -134,7 +147,7 @@ def execute_sweep(
                 {"label": label, "knobs": asdict(knobs), "flags": knobs.server_flags(),
                  "server_log": servers[label][0].settings_lines(), "rows": rows[label]}
             )  # fmt: skip
-    results["meta"] = _meta(started, load_before, plan, [], photos)
+    results["meta"] = _meta(started, load_before, plan, [], photos) | left_out
     results["plan"] = plan.as_dict()
     return results
 
@@ -151,7 +164,7 @@ async def _sweep_levels(
         levels: dict[tuple[str, str], load.Accumulated] = {}
         for _ in range(plan.rounds):
             for label, (server, served) in servers.items():
-                for variant in variants:
+                for variant in (v for v in variants if v.runs_at(concurrency)):
                     key = (label, variant.key)
                     levels[key] = await load.run_variant(
                         server,
@@ -164,7 +177,7 @@ async def _sweep_levels(
                         into=levels.get(key),
                     )
         for label, (_, served) in servers.items():
-            for variant in variants:
+            for variant in (v for v in variants if v.runs_at(concurrency)):
                 row = load.level_row(served[index], variant, levels[(label, variant.key)])
                 _say_row(f"{label:>24} {row['model']}", row)
                 rows[label].append(row)
@@ -237,7 +250,7 @@ async def _server_levels(
                     batch, plan.reference_seconds, samples[batch], warmup_runs=1, min_runs=3
                 )
             last = round_ == plan.rounds - 1
-            for variant in variants:
+            for variant in (v for v in variants if v.runs_at(concurrency)):
                 levels[variant.key] = await load.run_variant(
                     server,
                     model,
@@ -262,7 +275,7 @@ async def _server_levels(
                 f"{model.name:>10} {'raw b' + str(batch):>8} c={concurrency:<3} "
                 f"{ref.img_per_s:7.1f} img/s  p50 {ref.p50_ms:7.1f} ms (next to this level)"
             )
-        for variant in variants:
+        for variant in (v for v in variants if v.runs_at(concurrency)):
             row = load.level_row(model, variant, levels[variant.key])
             _say_row(f"{model.name:>10}", row)
             rows.append(row)

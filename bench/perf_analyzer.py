@@ -1,0 +1,109 @@
+"""Triton's own load generator, perf_analyzer (C++), against the server's v2 endpoint.
+
+The SDK's load generator is Python: at concurrency 1 it spends about a
+millisecond of CPU per request on the same two cores, and that time is part of
+every latency it reports. perf_analyzer (shipped in the ``tritonclient`` wheel)
+is the client Triton users measure with, so the bench runs it too, for the v2
+variant, to show the server's latency with a client that costs little.
+
+It needs two shared libraries to start, even against a CPU-only server:
+Debian's ``libb64-0d`` (``make bench`` installs it as root) and
+``libcudart.so.12``, taken from the ``nvidia-cuda-runtime-cu12`` wheel of the
+dev extra. Without them the variant is left out of the run, and the report
+says why.
+
+Each slice runs perf_analyzer for three time windows of a third of the slice
+(``-s 90``: any three windows count as stable, the bench's own rounds deal
+with drift). Every request's send and receive time comes from its
+``--profile-export-file``, so slices add up exactly like the SDK's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from resnet_serve_client.bench import LevelResult
+
+BINARY = Path(sys.executable).with_name("perf_analyzer")
+TIMEOUT_MARGIN = 120.0  # seconds beyond the windows: start-up, metadata, a retried window
+
+
+def _environment() -> dict[str, str]:
+    """The environment with the CUDA runtime wheel's library folder on the search path."""
+    env = dict(os.environ)
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    except ModuleNotFoundError:  # no nvidia namespace at all
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(lib), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+    return env
+
+
+def unavailable() -> str | None:
+    """Why perf_analyzer cannot run here, or None when it can."""
+    if not BINARY.is_file():
+        return f"no {BINARY.name} next to {sys.executable} (install the dev extra: tritonclient)"
+    try:
+        done = subprocess.run(
+            [str(BINARY), "--version"], env=_environment(), capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+    except OSError as exc:
+        return f"{BINARY.name} does not start: {exc}"
+    if "error while loading shared libraries" in done.stderr:
+        return f"{BINARY.name} does not start: {done.stderr.strip().splitlines()[-1]}"
+    return None
+
+
+def measure(address: str, model: str, concurrency: int, seconds: float, work: Path) -> LevelResult:
+    """One measured slice at `concurrency`: every request of the stable windows."""
+    work.mkdir(parents=True, exist_ok=True)
+    export = work / f"{model}-c{concurrency}.json"
+    export.unlink(missing_ok=True)
+    window_ms = max(200, round(1000 * seconds / 3))
+    command = [
+        str(BINARY), "-m", model, "-u", address, "-i", "grpc",
+        "--concurrency-range", str(concurrency), "-b", "1",
+        "--measurement-mode", "time_windows", "-p", str(window_ms), "-s", "90",
+        "--input-data", "zero", "--profile-export-file", str(export),
+    ]  # fmt: skip
+    cpu_before = _children_cpu()
+    done = subprocess.run(
+        command, env=_environment(), capture_output=True, text=True,
+        timeout=10 * window_ms / 1000 + TIMEOUT_MARGIN,  # at most 10 windows (--max-trials)
+    )  # fmt: skip
+    cpu = _children_cpu() - cpu_before
+    result = LevelResult(concurrency, None, 1)
+    if done.returncode != 0 or not export.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        result.errors[f"perf_analyzer exit {done.returncode}: {' | '.join(tail)}"] += 1
+        return result
+    (experiment,) = json.loads(export.read_text())["experiments"]
+    boundaries = experiment["window_boundaries"]
+    requests = experiment["requests"]
+    result.seconds = (boundaries[-1] - boundaries[0]) / 1e9
+    result.latencies = [
+        (r["response_timestamps"][-1] - r["timestamp"]) / 1e9
+        for r in requests
+        if r.get("response_timestamps")
+    ]
+    result.ok = len(result.latencies)
+    if len(requests) > result.ok:
+        result.errors["no response"] += len(requests) - result.ok
+    result.cpu_seconds = cpu
+    return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
