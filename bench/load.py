@@ -194,8 +194,13 @@ async def run_variant(
             # Its start-up and metadata calls fall inside the CPU window: a little more
             # server and client CPU than the measured windows alone.
             work = server.log_path.parent / "perf_analyzer"
+            first = requests[0]  # a v2 ModelInferRequest, one image
+            inputs = {
+                tensor.name: raw
+                for tensor, raw in zip(first.inputs, first.raw_input_contents, strict=True)
+            }
             result = await asyncio.to_thread(
-                perf_analyzer.measure, server.address, model, concurrency, seconds, work
+                perf_analyzer.measure, server.address, model, concurrency, seconds, work, inputs
             )
         else:
             result = await run_level(

@@ -6,6 +6,7 @@ prose around it (profiles, knobs) is kept as written.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,11 +169,12 @@ def _inside(row: dict[str, Any]) -> str:
     stages = row.get("server_mean_ms")
     if not stages:
         return ""
-    return (
-        f"; inside the server (means) {stages['request']:.1f} ms: preprocess "
-        f"{stages['preprocess']:.1f}, queue {stages['queue']:.1f}, "
-        f"inference {stages['inference']:.1f}"
+    parts = ", ".join(
+        f"{stage} {stages[stage]:.1f}"
+        for stage in ("preprocess", "queue", "inference")
+        if not math.isnan(stages[stage])  # v2 requests have no preprocessing stage
     )
+    return f"; inside the server (means) {stages['request']:.1f} ms: {parts}"
 
 
 def _mark(target: Target) -> str:
