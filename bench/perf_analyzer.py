@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from resnet_serve_client.bench import LevelResult
@@ -88,7 +89,7 @@ def measure(
         "--measurement-mode", "time_windows", "-p", str(window_ms), "-s", "90",
         "--input-data", str(data), "--profile-export-file", str(export),
     ]  # fmt: skip
-    cpu_before = _children_cpu()
+    cpu_before, started = _children_cpu(), time.monotonic()
     done = subprocess.run(
         command, env=_environment(), capture_output=True, text=True,
         timeout=10 * window_ms / 1000 + TIMEOUT_MARGIN,  # at most 10 windows (--max-trials)
@@ -96,6 +97,7 @@ def measure(
     cpu = _children_cpu() - cpu_before
     result = LevelResult(concurrency, None, 1)
     if done.returncode != 0 or not export.is_file():
+        result.seconds = time.monotonic() - started  # nothing measured: the time it took
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         result.errors[f"perf_analyzer exit {done.returncode}: {' | '.join(tail)}"] += 1
         return result

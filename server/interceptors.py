@@ -164,4 +164,3 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         raise Draining(
             "server is shutting down; retry on another instance", self._draining.pushback_ms()
         )
-

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import bench.__main__ as bench_main
-from bench import histograms, profile, report
+from bench import histograms, perf_analyzer, profile, report
 from bench.__main__ import main
 from bench.load import VARIANTS
 from bench.plan import Knobs
@@ -57,10 +57,7 @@ def test_run_measures_every_variant_and_writes_the_report(bench_run: Path) -> No
     measured = {(r["variant"], r["concurrency"]) for r in results["server"]}
     left_out = results["meta"].get("left_out", {})
     expected = {
-        (v.key, c)
-        for v in VARIANTS
-        for c in CONCURRENCY
-        if v.runs_at(c) and v.key not in left_out
+        (v.key, c) for v in VARIANTS for c in CONCURRENCY if v.runs_at(c) and v.key not in left_out
     }
     assert measured == expected
     # perf_analyzer runs wherever make test set it up; elsewhere the run says why not.
@@ -215,3 +212,16 @@ def test_spin_ab_reports_every_setting_with_and_without_a_gap(
     for row in rows:
         runs, p50, _, cpu = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
         assert runs >= 2 and p50 > 0 and cpu > 0, row
+
+
+def test_perf_analyzer_failure_is_an_error_row_not_a_crash(tmp_path: Path) -> None:
+    if (reason := perf_analyzer.unavailable()) is not None:
+        pytest.skip(reason)
+    from bench.serving import free_port
+
+    result = perf_analyzer.measure(
+        f"127.0.0.1:{free_port()}", MODEL, 1, 0.6, tmp_path, {"images": b"\0" * 12}
+    )
+    assert result.ok == 0 and result.seconds > 0
+    ((message, count),) = result.errors.items()
+    assert count == 1 and "perf_analyzer exit" in message and "connect" in message
