@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from builder.verify import random_inputs
+from builder.checks import random_inputs
 from server.model_config import ModelConfig
 from server.preprocess import Limits, prepare_encoded
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from builder.architectures import Layout
-from builder.recipe import Recipe, calibrate_batchnorm
-from builder.resnet import ModelOptions, create_model
+from builder.options import ModelOptions
+from builder.recipe import Recipe, set_batchnorm_statistics
+from builder.resnet import create_model
 from builder.weights import WeightsSource
 
 
@@ -37,7 +38,7 @@ def test_calibration_keeps_deep_random_nets_finite_and_unit_scaled() -> None:
     uncalibrated = create_model("resnet110", ModelOptions(seed=0))
     assert logits(uncalibrated).abs().max() > 1e4  # the variance doubles at every block
     calibrated = create_model("resnet110", ModelOptions(seed=0))
-    calibrate_batchnorm(calibrated, seed=0)
+    set_batchnorm_statistics(calibrated, seed=0)
     out = logits(calibrated)
     assert torch.isfinite(out).all() and out.abs().max() < 100
     assert not calibrated.training

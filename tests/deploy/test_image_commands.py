@@ -72,7 +72,8 @@ def test_builder_step_takes_a_checkpoint_from_the_context(tmp_path: Path) -> Non
     """WEIGHTS, a path inside the build context, reaches `resnet-serve build --weights`."""
     import torch
 
-    from builder.resnet import ModelOptions, create_model
+    from builder.options import ModelOptions
+    from builder.resnet import create_model
 
     context = tmp_path / "context"
     checkpoint = context / "checkpoints" / "resnet20.pth"

@@ -1,0 +1,1 @@
+"""What the builder and the server share, importable without grpc or ONNX Runtime."""
