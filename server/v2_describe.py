@@ -13,8 +13,8 @@ from importlib.metadata import version
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
-from server.model_config import MODEL_FILE, ModelConfig
 from server.models import Model, ModelVersion, State
+from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import CUDA
 from server.v2_request import input_datatype
 

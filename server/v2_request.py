@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from server import v2_tensors
-from server.model_config import ModelConfig
+from server.repository import ModelConfig
 from server.v2_tensors import BYTES, TensorError
 
 GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}

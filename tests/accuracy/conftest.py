@@ -25,7 +25,7 @@ from builder.options import ModelOptions
 from builder.precision import Precision
 from builder.resnet import create_model
 from builder.weights import load_weights
-from server.model_config import ModelConfig
+from server.repository import ModelConfig
 from tests.fixtures.repos import BuildModel
 
 TEST_EPOCHS = 6

@@ -17,7 +17,7 @@ from builder.checks import FP16_THRESHOLDS, cpu_session
 from builder.options import BuildOptions
 from builder.precision import Precision
 from builder.repository import list_models
-from server.model_config import MODEL_FILE, VERIFICATION_FILE
+from server.repository import MODEL_FILE, VERIFICATION_FILE
 from tests.fixtures.repos import BuildModel
 
 

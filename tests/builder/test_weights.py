@@ -15,7 +15,7 @@ from builder.checks import cpu_session
 from builder.options import BuildOptions, ModelOptions
 from builder.resnet import ResNet, create_model
 from builder.weights import WeightsError, load_weights, read_state_dict
-from server.model_config import MODEL_FILE
+from server.repository import MODEL_FILE
 
 
 def trained_like(name: str, seed: int) -> ResNet:

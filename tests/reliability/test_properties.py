@@ -1,4 +1,5 @@
-"""Property tests of the decoders, in process: any input gives a result or InvalidInput.
+"""Property tests of the decoders, in process: any input gives a result or a refusal
+(`ImageError` from the transform, `InvalidInput` from the v2 parsers).
 
 Never another exception (which the server would answer with INTERNAL), and
 never a hang: hypothesis fails an example that runs past `DEADLINE`, far
@@ -29,8 +30,14 @@ from tritonclient.grpc import service_pb2 as v2
 
 from server import v2_request, v2_tensors
 from server.errors import InvalidInput
-from server.model_config import InputSpec, ModelConfig, Preprocessing
-from server.preprocess import Limits, prepare_encoded
+from server.repository import (
+    ImageError,
+    ImageLimits,
+    InputSpec,
+    ModelConfig,
+    Preprocessing,
+    prepare_encoded,
+)
 from tests.reliability import images
 
 DEADLINE = timedelta(seconds=10)
@@ -47,7 +54,7 @@ UINT8 = ModelConfig(
     input=InputSpec(dtype="uint8", layout="NHWC", size=32),
     preprocessing=Preprocessing(resize=36, crop=32),
 )  # fmt: skip
-LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
+LIMITS = ImageLimits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
 DATATYPES = [*v2_tensors.DATATYPES, "FP8", "", "fp32"]
 
 
@@ -65,7 +72,7 @@ def seeds() -> tuple[bytes, ...]:
 def assert_result_or_invalid(config: ModelConfig, data: bytes) -> None:
     try:
         result = prepare_encoded(data, config, LIMITS)
-    except InvalidInput as exc:
+    except ImageError as exc:
         assert str(exc)
         return
     if config.input.dtype == "uint8":

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from server.errors import INTERNAL_MESSAGE
-from server.model_config import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
+from server.repository import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
 from tests.fixtures.servers import RunningServer, start_server
 from tests.reliability import images
 from tests.reliability.wire import call, classify, infer_floats

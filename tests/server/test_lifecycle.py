@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from server.model_config import VERIFICATION_FILE, ModelConfig
+from server.repository import VERIFICATION_FILE, ModelConfig
 from tests.fixtures.servers import RunningServer
 from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 

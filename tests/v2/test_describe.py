@@ -10,8 +10,8 @@ from resnet_serve_client.proto.inference import model_config_pb2 as mc
 from server import v2_describe, v2_stats
 from server.errors import InvalidInput
 from server.metrics import Metrics
-from server.model_config import Batching, InputSpec, ModelConfig
 from server.models import Model, ModelVersion, State
+from server.repository import Batching, InputSpec, ModelConfig
 from server.sessions import CPU, CUDA
 
 CONFIG = ModelConfig(

@@ -12,7 +12,7 @@ from tritonclient.utils import deserialize_bytes_tensor
 
 from server import v2_request
 from server.errors import InvalidInput
-from server.model_config import InputSpec, ModelConfig
+from server.repository import InputSpec, ModelConfig
 from server.v2_tensors import serialize_bytes
 
 FLOAT = ModelConfig(name="tiny", arch="resnet20", num_classes=3, input=InputSpec(size=4))

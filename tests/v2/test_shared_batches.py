@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
-from server.model_config import Batching, ModelConfig
+from server.repository import Batching, ModelConfig
 from tests.fixtures.servers import RunningServer
 from tests.shared_data import PHOTOS
 
