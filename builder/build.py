@@ -271,10 +271,8 @@ def build(options: BuildOptions, thresholds: Thresholds | None = None) -> BuildR
         held_out = None if calibration is None else calibration.held_out
         report = Report(run_checks(path, config, recipe, module, thresholds, held_out))
         seconds["checks"] = time.perf_counter() - started - seconds["export"]
-        calibration_record = None if calibration is None else calibration.source
-        verification_record(
-            report, path, recipe, thresholds, calibration_record, seconds
-        ).write(staged)
+        source = None if calibration is None else calibration.source
+        verification_record(report, path, recipe, thresholds, source, seconds).write(staged)
         if not report.passed:
             raise VerificationFailed(report)
         target = publish_version(staged, model_dir, version, config, labels)
