@@ -47,7 +47,7 @@ def test_training_reaches_the_target(digits: TrainedDigits) -> None:
     reference = predictions(digits.model, digits.held_out_inputs())
     assert (reference == digits.data.held_out.labels).mean() == pytest.approx(digits.accuracy)
     record = json.loads((digits.repo / "digits" / "1" / VERIFICATION_FILE).read_text())
-    assert record["passed"] and record["recipe"]["weights"]["path"].endswith("digits.pth")
+    assert record["passed"] and record["recipe"]["weights"].endswith("digits.pth")
     assert (digits.repo / "digits" / "labels.txt").read_text().split() == list("0123456789")
 
 
