@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
+from bench import serving
 from server.model_config import VERIFICATION_FILE, ModelConfig
-from tests.fixtures.servers import RunningServer
 from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -45,7 +45,7 @@ def rewrite_verification(version_dir: Path, **fields: Any) -> None:
     path.write_text(json.dumps({**report, **fields}))
 
 
-async def _poll(server: RunningServer, name: str, at_least: float, **labels: str) -> None:
+async def _poll(server: serving.Server, name: str, at_least: float, **labels: str) -> None:
     for _ in range(1200):
         text = await asyncio.to_thread(server.metrics)
         if sample(text, name, **labels) >= at_least:
@@ -55,7 +55,7 @@ async def _poll(server: RunningServer, name: str, at_least: float, **labels: str
 
 
 def test_refused_versions_full_queue_no_reflection_and_sigint(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     repo = tmp_path / "repo"
     add_model(repo, model_repo / "resnet18", "small_queue", max_batch_size=2, max_queue_size=4)
@@ -117,7 +117,7 @@ def test_refused_versions_full_queue_no_reflection_and_sigint(
 
 
 async def test_drain_answers_everything_in_flight_then_exits_0(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     repo = tmp_path / "repo"
     add_model(repo, model_repo / "resnet18", "resnet18", max_batch_size=4)

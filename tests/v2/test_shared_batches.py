@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 from server.model_config import Batching, ModelConfig
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 from tests.shared_data import PHOTOS
 
 JPEG = PHOTOS / "chelsea.jpg"
@@ -31,14 +31,14 @@ def _sample(metrics: str, name: str) -> float:
 
 
 def test_v2_and_classify_share_a_batch(
-    server_factory: Callable[..., RunningServer], model_repo: Path, tmp_path: Path
+    inprocess_factory: Callable[..., InProcessServer], model_repo: Path, tmp_path: Path
 ) -> None:
     model_dir = tmp_path / "repo" / "cifar"
     shutil.copytree(model_repo / "cifar", model_dir)
     config = ModelConfig.load(model_dir)
     waiting = Batching(max_batch_size=2, max_queue_delay_us=10_000_000)
     config.model_copy(update={"batching": waiting}).dump(model_dir)
-    server = server_factory(model_dir.parent)
+    server = inprocess_factory(model_dir.parent)
 
     def v2() -> np.ndarray:
         with grpcclient.InferenceServerClient(server.address) as client:
