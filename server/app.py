@@ -216,6 +216,7 @@ class Running:
         await self._ctx.registry.close()
         self._ctx.preprocessor.close()
         self._http.shutdown()
+        self._http.server_close()
 
     async def _load(self) -> None:
         registry, health = self._ctx.registry, self._ctx.health

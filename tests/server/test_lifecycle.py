@@ -1,4 +1,5 @@
-"""Servers with their own repositories: refused versions, a full queue, message limits, drain."""
+"""Servers with their own repositories: refused versions, a full queue, message limits, drain,
+and the lifecycle handle of `server.app.start`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from bench import serving
+from server import app
 from server.model_config import VERIFICATION_FILE, ModelConfig
+from tests.fixtures.servers import settings
 from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -166,3 +171,27 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
     assert any(m.startswith("SIGTERM received: draining") for m in messages)
     assert "every accepted call answered; closing the port" in messages
     assert messages[-1] == "exiting"
+
+
+async def test_start_serves_on_free_ports_and_stops_once(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, model_repo / "cifar", "cifar")
+    running = await app.start(settings(repo))
+    try:
+        assert running.port > 0 and running.metrics_port > 0
+        assert running.address == f"127.0.0.1:{running.port}"
+        assert await running.wait_loaded() and running.ready()
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            request = pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)])
+            assert (await stub.Classify(request, timeout=60)).version == "1"
+        url = f"http://{running.metrics_address}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        assert b'resnet_serve_requests_total{code="OK",model="cifar",version="1"} 1.0' in text
+    finally:
+        # drain and stop, each however often and from wherever, run once
+        await asyncio.gather(running.drain(), running.stop(), running.drain())
+        await running.stop()
+    for port in (running.port, running.metrics_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
