@@ -44,12 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Server:
+@dataclass(kw_only=True)
+class Endpoints:
+    """Where a server answers, and the calls made there: gRPC channel, /metrics, health."""
+
     address: str
     metrics_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
     credentials: grpc.ChannelCredentials | None = None
 
     def channel(self) -> grpc.Channel:
@@ -61,9 +61,6 @@ class Server:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             return response.read().decode()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def health(self, service: str = "") -> int:
         """The health status of `service` (health_pb2.HealthCheckResponse values)."""
         with self.channel() as channel:
@@ -73,6 +70,17 @@ class Server:
 
     def serving(self) -> bool:
         return self.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass(kw_only=True)
+class Server(Endpoints):
+    """``resnet-serve serve`` running as a subprocess, its output in `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process, all threads."""
@@ -130,9 +138,12 @@ def start(
                 env={**os.environ, **(env or {})},
             )
         server = Server(
-            f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}/metrics", process, log_path,
-            credentials,
-        )  # fmt: skip
+            address=f"127.0.0.1:{grpc_port}",
+            metrics_url=f"http://127.0.0.1:{http_port}/metrics",
+            credentials=credentials,
+            process=process,
+            log_path=log_path,
+        )
         if _wait_serving(server, time.monotonic() + START_TIMEOUT):
             return server
         if process.poll() is None:

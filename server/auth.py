@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from server.config import Settings
 from server.errors import Unauthenticated, to_status
-from server.handlers import is_probe, replace_behavior
+from server.handlers import HandlerInterceptor, is_probe, replace_behavior
 
 _SCHEME = "bearer "
 
@@ -61,7 +61,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     """Lets a call through when it carries an accepted bearer token or is a probe."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
@@ -85,15 +85,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "bearer token is not accepted"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_probe(handler_call_details.method):
+        if is_probe(details.method):
             return handler
-        refusal = self.accepts(handler_call_details.invocation_metadata)
+        refusal = self.accepts(details.invocation_metadata)
         if refusal is None:
             return handler
         return _refusing(handler, refusal)

@@ -1,5 +1,6 @@
-"""What the server's interceptors share: which methods are probes, and how to put a
-new behaviour into a handler of the same shape.
+"""What the server's interceptors share: which methods are probes, the interceptor
+shape that swaps a method's handler, and how to put a new behaviour into a handler
+of the same shape.
 
 Probes are the calls a load balancer, Kubernetes or a v2 client makes to see
 whether the server is up: grpc.health.v1 and the v2 protocol's ServerLive,
@@ -10,7 +11,7 @@ the drain.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,6 +30,26 @@ _FACTORIES = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
+
+
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that gives each method's handler, once per call, to `wrap`, whose
+    result answers the call (unknown methods stay unknown)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self.wrap(handler, handler_call_details)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
 
 def is_probe(method: str) -> bool:

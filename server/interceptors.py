@@ -19,7 +19,7 @@ import grpc
 
 from server.drain import Drain
 from server.errors import Draining, to_status, to_trailers
-from server.handlers import behavior, is_probe, replace_behavior
+from server.handlers import HandlerInterceptor, behavior, is_probe, replace_behavior
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +102,17 @@ class Calls:
             self._idle.set()
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(HandlerInterceptor):
     """Wraps every handler: errors to statuses, and refusal while draining."""
 
     def __init__(self, draining: Drain, calls: Calls) -> None:
         self._draining = draining
         self._calls = calls
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+        method = details.method
         answer = behavior(handler)
         if is_probe(method):  # answered while draining too: balancers poll them to see it
             counted = answer

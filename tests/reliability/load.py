@@ -18,7 +18,6 @@ import grpc
 import psutil
 
 from bench import serving
-from tests.fixtures.servers import ServerUnderTest
 from tests.server.messages import sample
 
 Call = Callable[[], Awaitable[Any]]
@@ -110,7 +109,7 @@ def rss(server: serving.Server) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
 
 
-def gauges(server: ServerUnderTest, model: str, version: str = "1") -> tuple[float, float]:
+def gauges(server: serving.Endpoints, model: str, version: str = "1") -> tuple[float, float]:
     """(queue depth in images, requests in flight) of one model version, from /metrics."""
     text = server.metrics()
     labels = {"model": model, "version": version}
@@ -120,12 +119,12 @@ def gauges(server: ServerUnderTest, model: str, version: str = "1") -> tuple[flo
     )
 
 
-def computed(server: ServerUnderTest, model: str, version: str = "1") -> float:
+def computed(server: serving.Endpoints, model: str, version: str = "1") -> float:
     """Images the model has run (the batch-size histogram's sum)."""
     return sample(server.metrics(), "resnet_serve_batch_size_sum", model=model, version=version)
 
 
-async def until_idle(server: ServerUnderTest, model: str, deadline: float = 60.0) -> None:
+async def until_idle(server: serving.Endpoints, model: str, deadline: float = 60.0) -> None:
     """Wait (generously) until the model has nothing queued and no request in flight."""
     end = time.monotonic() + deadline
     while True:
@@ -139,7 +138,7 @@ async def until_idle(server: ServerUnderTest, model: str, deadline: float = 60.0
 
 
 async def until_gauges(
-    server: ServerUnderTest, model: str, *, depth: float = 0, inflight: float = 0,
+    server: serving.Endpoints, model: str, *, depth: float = 0, inflight: float = 0,
     deadline: float = 60.0,
 ) -> None:
     """Wait (generously) until the queue holds at least ``depth`` images or ``inflight`` calls."""
