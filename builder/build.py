@@ -6,7 +6,6 @@ result = build(BuildRequest("resnet50", repo=Path("models")))
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import time
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -40,7 +39,6 @@ from builder.repository import (
     next_version,
     publish_version,
     remove_abandoned_staging,
-    sha256_file,
     staging_dir,
 )
 from builder.verify import (
@@ -58,7 +56,14 @@ from builder.verify import (
     random_inputs,
 )
 from builder.weights import weights_source
-from server.model_config import MODEL_FILE, VERIFICATION_FILE, InputSpec, ModelConfig
+from server.repository import (
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    InputSpec,
+    ModelConfig,
+    Verification,
+    sha256_file,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -202,35 +207,41 @@ def run_checks(
 
 
 def verification_record(
-    report: Report, model_path: Path, recipe: Recipe, opset: int, thresholds: Thresholds
-) -> dict[str, Any]:
+    report: Report,
+    model_path: Path,
+    recipe: Recipe,
+    opset: int,
+    thresholds: Thresholds,
+    seconds: dict[str, float],
+) -> Verification:
     """The content of verification.json. The server trusts a version only if ``passed`` is
     true and ``sha256`` is the hash of model.onnx."""
-    return {
-        "passed": report.passed,
-        "sha256": sha256_file(model_path),
-        "model_file": MODEL_FILE,
-        "scope": report.scope,
-        "seed": recipe.seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "recipe": recipe.to_json() | {"opset": opset},
-        "thresholds": {
+    return Verification(
+        passed=report.passed,
+        sha256=sha256_file(model_path),
+        model_file=MODEL_FILE,
+        scope=report.scope,
+        seed=recipe.seed,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        recipe=recipe.to_json() | {"opset": opset},
+        thresholds={
             "max_abs_error": thresholds.max_abs_error,
             "max_rel_error": thresholds.max_rel_error,
             "macs_rel_tolerance": thresholds.macs_rel_tolerance,
             "batch_sizes": list(thresholds.batch_sizes),
             "min_top1_agreement": thresholds.min_top1_agreement,
         },
-        "precision": recipe.precision.value,
-        "calibration": recipe.calibration,
-        "software": {
+        precision=recipe.precision.value,
+        calibration=recipe.calibration,
+        software={
             "python": platform.python_version(),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
         },
-        "checks": [check.to_json() for check in report.checks],
-    }
+        checks=[check.to_json() for check in report.checks],
+        seconds={stage: round(value, 2) for stage, value in seconds.items()},
+    )
 
 
 def build(request: BuildRequest) -> BuildResult:
@@ -297,11 +308,7 @@ def build(request: BuildRequest) -> BuildResult:
         held_out = None if calibration is None else calibration.held_out
         report = Report(run_checks(path, config, recipe, module, thresholds, held_out))
         seconds["checks"] = time.perf_counter() - started - seconds["export"]
-        record = verification_record(report, path, recipe, request.opset, thresholds)
-        record["seconds"] = {stage: round(value, 2) for stage, value in seconds.items()}
-        (staged / VERIFICATION_FILE).write_text(
-            json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        verification_record(report, path, recipe, request.opset, thresholds, seconds).write(staged)
         if not report.passed:
             raise VerificationFailed(report)
         target = publish_version(staged, model_dir, version, config, labels)
@@ -335,20 +342,20 @@ def verify(version_dir: Path, thresholds: Thresholds | None = None) -> Report:
     for required in (record_path, model_path):
         if not required.is_file():
             raise RepositoryError(f"{version_dir} is not a model version: no {required.name}")
-    record = json.loads(record_path.read_text())
-    if "recipe" not in record:
+    record = Verification.load(version_dir)
+    if record.recipe is None:
         raise RepositoryError(f"{record_path} does not record how the model was built")
     config = ModelConfig.load(version_dir.parent)
-    recipe = Recipe.from_json(record["recipe"])
+    recipe = Recipe.from_json(record.recipe)
     if thresholds is None:
-        recorded = record.get("thresholds", {})
+        recorded = record.thresholds
         thresholds = replace(
             Thresholds(),
             **{k: v for k, v in recorded.items() if k != "batch_sizes"},
             batch_sizes=tuple(recorded.get("batch_sizes", Thresholds().batch_sizes)),
         )
     actual = sha256_file(model_path)
-    recorded_hash = record.get("sha256")
+    recorded_hash = record.sha256
     sha_check = Check(
         "sha256",
         actual == recorded_hash,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.model_config import InputSpec, OutputSpec
+from server.repository import InputSpec, OutputSpec
 
 INPUT_NAME = InputSpec().name  # "images": the names config.json promises
 OUTPUT_NAME = OutputSpec().name  # "logits"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from builder.architectures import ArchSpec, Dataset
-from server.model_config import CIFAR_MEAN, CIFAR_STD, Preprocessing
+from server.repository import CIFAR_MEAN, CIFAR_STD, Preprocessing
 
 
 def preprocessing_for(spec: ArchSpec) -> Preprocessing:

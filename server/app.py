@@ -34,7 +34,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
-from server import classifier, reflection_pool, tls, v2_servicer
+from server import reflection_pool, tls
 from server.auth import AuthInterceptor, load_tokens
 from server.config import Settings
 from server.context import ServingContext
@@ -42,12 +42,14 @@ from server.interceptors import Calls, ErrorInterceptor
 from server.metrics import Metrics
 from server.models import Model, ModelRegistry
 from server.preprocess import Preprocessor
+from server.protocols import v1
+from server.protocols.v2 import servicer as v2
 
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server, ServingContext], str]
 
-SERVICES: tuple[Registrar, ...] = (classifier.add_to_server, v2_servicer.add_to_server)
+SERVICES: tuple[Registrar, ...] = (v1.add_to_server, v2.add_to_server)
 
 OVERALL = ""
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -24,7 +24,7 @@ from builder.digits import LABELS, Digits, inputs, load_digits
 from builder.precision import Precision
 from builder.recipe import Recipe
 from builder.weights import weights_source
-from server.model_config import ModelConfig
+from server.repository import ModelConfig
 from tests.fixtures.repos import BuildModel
 
 TEST_EPOCHS = 6

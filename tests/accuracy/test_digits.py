@@ -19,7 +19,7 @@ from resnet_serve_client import Client
 from builder.__main__ import main
 from builder.digits import load_digits
 from builder.train import predictions
-from server.model_config import VERIFICATION_FILE
+from server.repository import VERIFICATION_FILE
 from tests.accuracy.conftest import TrainedDigits
 from tests.fixtures.servers import InProcessServer, settings
 

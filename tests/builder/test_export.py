@@ -12,9 +12,9 @@ import pytest
 from builder import build as build_module
 from builder.build import BuildRequest, VerificationFailed, build, verify
 from builder.labels import CIFAR10_CLASSES
-from builder.repository import RepositoryError, sha256_file
+from builder.repository import RepositoryError
 from builder.verify import Check, Thresholds, cpu_session
-from server.model_config import (
+from server.repository import (
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,
@@ -22,6 +22,8 @@ from server.model_config import (
     MODEL_FILE,
     VERIFICATION_FILE,
     ModelConfig,
+    read_labels,
+    sha256_file,
 )
 from tests.fixtures.repos import BuildModel
 
@@ -77,12 +79,12 @@ def test_config_and_labels(model_repo: Path) -> None:
     assert (imagenet.preprocessing.resize, imagenet.preprocessing.crop) == (256, 224)
     assert imagenet.preprocessing.mean == IMAGENET_MEAN
     assert imagenet.preprocessing.std == IMAGENET_STD
-    labels = imagenet.read_labels(model_repo / "resnet18")
+    labels = read_labels(model_repo / "resnet18", imagenet)
     assert (labels[0], labels[281]) == ("tench", "tabby")
     cifar = ModelConfig.load(model_repo / "cifar")
     assert (cifar.preprocessing.resize, cifar.preprocessing.crop, cifar.input.size) == (32, 32, 32)
     assert (cifar.preprocessing.mean, cifar.preprocessing.std) == (CIFAR_MEAN, CIFAR_STD)
-    assert cifar.read_labels(model_repo / "cifar") == list(CIFAR10_CLASSES)
+    assert read_labels(model_repo / "cifar", cifar) == list(CIFAR10_CLASSES)
     u8 = ModelConfig.load(model_repo / "resnet18_u8")
     assert (u8.input.dtype, u8.input.layout) == ("uint8", "NHWC")
 
@@ -113,7 +115,7 @@ def test_other_heads_seeds_and_opsets(tmp_path: Path, build_model: BuildModel) -
     version_dir = build_model("resnet20", tmp_path, num_classes=5, seed=4, opset=17)
     config = ModelConfig.load(version_dir.parent)
     assert config.num_classes == 5
-    assert config.read_labels(version_dir.parent) == [f"class_{i}" for i in range(5)]
+    assert read_labels(version_dir.parent, config) == [f"class_{i}" for i in range(5)]
     (logits,) = cpu_session(version_dir / MODEL_FILE).run(
         None, {"images": np.zeros((2, 3, 32, 32), np.float32)}
     )

@@ -16,7 +16,7 @@ from builder.calibration import CalibrationError
 from builder.precision import Precision
 from builder.repository import list_models
 from builder.verify import FP16_THRESHOLDS, cpu_session
-from server.model_config import MODEL_FILE, VERIFICATION_FILE
+from server.repository import MODEL_FILE, VERIFICATION_FILE
 from tests.fixtures.repos import BuildModel
 
 

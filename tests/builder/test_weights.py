@@ -14,7 +14,7 @@ from builder.build import BuildRequest, build
 from builder.resnet import ModelOptions, ResNet, create_model
 from builder.verify import cpu_session
 from builder.weights import WeightsError, load_weights, read_state_dict
-from server.model_config import MODEL_FILE
+from server.repository import MODEL_FILE
 
 
 def trained_like(name: str, seed: int) -> ResNet:

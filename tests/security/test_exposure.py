@@ -27,7 +27,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 
 from bench import serving
 from server.errors import INTERNAL_MESSAGE
-from server.model_config import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
+from server.repository import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
 from tests.reliability import images
 from tests.reliability.wire import call, classify, infer_floats
 

@@ -25,7 +25,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 
 from bench import serving
 from server import app
-from server.model_config import VERIFICATION_FILE, ModelConfig
+from server.repository import VERIFICATION_FILE, ModelConfig
 from tests.fixtures.servers import settings
 from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 

@@ -24,8 +24,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.model_config import ModelConfig
-from server.preprocess import Limits, prepare_encoded
+from server.repository import ImageLimits, ModelConfig, prepare_encoded
 from tests.fixtures.servers import InProcessServer
 from tests.shared_data import PHOTOS
 
@@ -185,7 +184,7 @@ def test_uint8_nhwc(
 ) -> None:
     """The graph's own pixels, made by the server's preprocessing, equal Classify on the JPEG."""
     config = ModelConfig.load(model_repo / "resnet18_u8")
-    limits = Limits(max_image_bytes=1 << 24, max_image_pixels=1 << 26)
+    limits = ImageLimits(max_image_bytes=1 << 24, max_image_pixels=1 << 26)
     pixels = np.stack([prepare_encoded(p.read_bytes(), config, limits) for p in JPEGS])
     assert pixels.dtype == np.uint8 and pixels.shape == (len(JPEGS), 224, 224, 3)
     logits = client.infer("resnet18_u8", [tensor_input(pixels, "UINT8")]).as_numpy("logits")
