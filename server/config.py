@@ -3,7 +3,8 @@
 Every field comes, in order of precedence, from a `resnet-serve serve` flag,
 from an environment variable ``RESNET_SERVE_<FIELD>`` (``RESNET_SERVE_PORT``,
 ``RESNET_SERVE_MAX_IMAGE_BYTES`` …) or from the default below. The object is
-built once in `server.serve` and handed to the constructors that need it.
+built once in `server.serve` (or by a test) and handed to `server.app.start` and
+from there to the constructors that need it.
 """
 
 from __future__ import annotations
@@ -136,12 +137,18 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
 
+    def instances_for(self, configured: int) -> int:
+        """Sessions per model version: flag/env, else the `configured` count of config.json."""
+        return self.instances or configured
+
     def threads_per_session(self, instances: int, configured: int | None) -> int:
         """Intra-op threads for one session: flag/env, then config.json, then cores / instances.
 
         cores / instances keeps a model's sessions from competing for cores with each
-        other; the decode workers share those cores, which is why ONNX Runtime's
-        threads do not spin by default (`allow_spinning`): idle, they yield.
+        other. The decode workers share those cores too, which is why an idle ONNX
+        Runtime thread spins only `spin_duration_us` (200 µs) before it sleeps, not
+        ONNX Runtime's own, longer spin (`allow_spinning` is on by default, as in ONNX
+        Runtime).
         """
         if self.intra_op_threads is not None:
             return self.intra_op_threads

@@ -219,7 +219,7 @@ class ModelRegistry:
 
     def _open_runners(self, mv: ModelVersion) -> list[Runner]:
         settings = self._settings
-        count = settings.instances or mv.config.instances.count
+        count = settings.instances_for(mv.config.instances.count)
         threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         runners = []
         for _ in range(count):

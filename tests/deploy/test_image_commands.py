@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import serving
 from tests.deploy import dockerfile, procs
 from tests.deploy.dockerfile import ROOT
 
@@ -118,7 +119,7 @@ def test_entrypoint_serves_what_the_builder_built(
     df = dockerfile.load()
     stage = df.stage(stage_name)
     argv = stage.entrypoint() + stage.cmd()
-    grpc_port, metrics_port = procs.free_port(), procs.free_port()
+    grpc_port, metrics_port = serving.free_port(), serving.free_port()
     image_env = {k: df.resolve(v, stage) for k, v in stage.env().items()
                  if k.startswith("RESNET_SERVE_")}  # fmt: skip
     env = procs.clean_env(**image_env)

@@ -112,7 +112,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         served = self._registry.get(request.name, request.version)
         settings = self._ctx.settings
-        instances = settings.instances or served.config.instances.count
+        instances = settings.instances_for(served.config.instances.count)
         return describe.config_response(served, instances, settings.cuda_device_id)
 
     async def ModelStatistics(
