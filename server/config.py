@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -122,6 +122,22 @@ class Settings(BaseSettings):
     auth_token_file: Path | None = Field(
         None, description="file of accepted bearer tokens, one per line (# starts a comment)"
     )
+
+    @field_validator("port", "metrics_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object, info: ValidationInfo) -> object:
+        """A Kubernetes Service named ``resnet-serve`` makes the kubelet inject
+        ``RESNET_SERVE_PORT=tcp://<cluster-ip>:8001`` into every pod of its namespace (and
+        ``resnet-serve-metrics`` would inject ``RESNET_SERVE_METRICS_PORT``): say so, rather
+        than a bare "not an integer"."""
+        if isinstance(value, str) and "://" in value:
+            name = env_var(info.field_name or "port")
+            raise ValueError(
+                f"{value!r} is not a port number; it looks like the service link a Kubernetes "
+                f"Service injects as {name}. Set enableServiceLinks: false in the pod spec, "
+                f"or {name} to the port number"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
