@@ -36,7 +36,7 @@ from prometheus_client import disable_created_metrics
 
 from server import reflection_pool, tls
 from server.auth import AuthInterceptor, load_tokens
-from server.config import Settings
+from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
 from server.interceptors import Calls, ErrorInterceptor
 from server.metrics import Metrics
@@ -134,6 +134,11 @@ async def start(settings: Settings) -> Running:
     log.info(
         "gRPC port: %s, %s", tls.describe(settings),
         f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
+    )  # fmt: skip
+    quota = cgroup_cpu_limit()
+    log.info(
+        "CPU: %d usable core(s)%s, %d decode worker(s)", available_cores(),
+        "" if quota is None else f" (cgroup CPU quota {quota:g})", settings.decode_threads(),
     )  # fmt: skip
     return Running(settings, ctx, server, calls, http, port)
 

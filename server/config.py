@@ -10,6 +10,7 @@ from there to the constructors that need it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,12 +24,81 @@ from server.repository import flags
 ENV_PREFIX = "RESNET_SERVE_"
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS says)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _read(path: Path) -> str | None:
     try:
-        return len(os.sched_getaffinity(0))
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _v2_quota(directory: Path) -> float | None:
+    """CPUs allowed by ``cpu.max`` ("<quota> <period>" or "max <period>") in `directory`."""
+    text = _read(directory / "cpu.max")
+    if text is None:
+        return None
+    quota, _, period = text.partition(" ")
+    try:
+        return None if quota == "max" else int(quota) / int(period or 100_000)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(root: Path) -> float | None:
+    """CPUs allowed by cgroup v1's CFS quota (``cpu.cfs_quota_us`` -1: none)."""
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        quota, period = (_read(root / controller / f"cpu.cfs_{f}_us") for f in ("quota", "period"))
+        if quota is None or period is None:
+            continue
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            return None
+        return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPUs this process's cgroup quota allows (4.0 for a pod with ``limits.cpu: 4``), or
+    None without a quota.
+
+    cgroup v2: the smallest ``cpu.max`` from the process's own cgroup (``/proc/self/cgroup``,
+    ``0::/path``) up to `root`; inside a container `root` is that cgroup itself. cgroup v1:
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` of the ``cpu`` controller mounted under `root`.
+    """
+    own = root
+    for line in (_read(proc_cgroup) or "").splitlines():
+        if line.startswith("0::"):
+            candidate = root / line[3:].lstrip("/")
+            if candidate.is_dir():
+                own = candidate
+    limits = []
+    directory = own
+    while True:
+        if (quota := _v2_quota(directory)) is not None:
+            limits.append(quota)
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    if limits:
+        return min(limits)
+    return _v1_quota(root)
+
+
+def available_cores(cgroup: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """CPU cores this process may use: those it may run on (affinity), capped by the cgroup
+    CPU quota (rounded down, at least 1), so a 4-CPU pod on a 64-core node counts 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cgroup, proc_cgroup)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return cores
 
 
 class Settings(BaseSettings):
@@ -67,7 +137,8 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(
         None,
         ge=1,
-        description="ONNX Runtime threads per session; unset: config.json, else cores / instances",
+        description="ONNX Runtime threads per session; unset: config.json, else cores / "
+        "instances, cores capped by the container's cgroup CPU quota",
     )
     allow_spinning: bool = Field(
         True,
@@ -80,7 +151,7 @@ class Settings(BaseSettings):
         "stay hot inside a run and sleep between requests; 0: ONNX Runtime's own default",
     )
     decode_workers: int | None = Field(
-        None, ge=1, description="image decode threads; unset: one per core"
+        None, ge=1, description="image decode threads; unset: one per core (cgroup quota aware)"
     )
 
     # limits
@@ -157,8 +228,11 @@ class Settings(BaseSettings):
         """Sessions per model version: flag/env, else the `configured` count of config.json."""
         return self.instances or configured
 
-    def threads_per_session(self, instances: int, configured: int | None) -> int:
-        """Intra-op threads for one session: flag/env, then config.json, then cores / instances.
+    def threads_per_session(
+        self, instances: int, configured: int | None, cores: int | None = None
+    ) -> int:
+        """Intra-op threads for one session: flag/env, then config.json, then cores / instances
+        (`cores`: `available_cores()`, the cgroup CPU quota where there is one).
 
         cores / instances keeps a model's sessions from competing for cores with each
         other. The decode workers share those cores too, which is why an idle ONNX
@@ -170,10 +244,11 @@ class Settings(BaseSettings):
             return self.intra_op_threads
         if configured is not None:
             return configured
-        return max(1, available_cores() // instances)
+        return max(1, (cores or available_cores()) // instances)
 
-    def decode_threads(self) -> int:
-        return self.decode_workers or available_cores()
+    def decode_threads(self, cores: int | None = None) -> int:
+        """Decode workers: flag/env, else one per usable core (`available_cores()`)."""
+        return self.decode_workers or cores or available_cores()
 
 
 def env_var(field: str) -> str:
