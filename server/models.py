@@ -29,7 +29,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,14 @@ from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
-from server.repository import MODEL_FILE, ModelConfig, check_version, read_labels, version_dirs
+from server.repository import (
+    MODEL_FILE,
+    InputSpec,
+    ModelConfig,
+    check_version,
+    read_labels,
+    version_dirs,
+)
 from server.sessions import Runner, graph_feed_dtype, open_session
 
 log = logging.getLogger(__name__)
@@ -85,18 +92,24 @@ class ModelVersion:
 
     def check_input(self, batch: np.ndarray) -> None:
         spec = self.config.input
-        expected = spec.shape()
         if batch.dtype != self.input_dtype:
             raise InvalidInput(
                 f"model {self.name} takes {spec.dtype} input, got {batch.dtype.name}"
             )
-        if batch.ndim != 4 or list(batch.shape[1:]) != expected[1:] or len(batch) == 0:
-            raise InvalidInput(
-                f"model {self.name} takes input of shape {expected} ({spec.layout}, "
-                f"batch >= 1), got {list(batch.shape)}"
-            )
+        check_batch_shape(self.name, spec, batch.shape)
         if batch.dtype.kind == "f" and not np.isfinite(batch).all():
             raise InvalidInput("input holds NaN or Inf values; only finite values are allowed")
+
+
+def check_batch_shape(model: str, spec: InputSpec, shape: Sequence[int]) -> None:
+    """A batch of the graph's input: [N, *the model's dimensions] with N >= 1 (checked by the
+    protocols on a declared shape before they read any data, and on every batch here)."""
+    expected = spec.shape()
+    if len(shape) != 4 or list(shape[1:]) != expected[1:] or shape[0] < 1:
+        raise InvalidInput(
+            f"model {model} takes input of shape {expected} ({spec.layout}, "
+            f"batch >= 1), got {list(shape)}"
+        )
 
 
 @dataclass(eq=False)
