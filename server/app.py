@@ -93,7 +93,7 @@ async def start(settings: Settings) -> Running:
     preprocessor = Preprocessor(settings)
     health = health_aio.HealthServicer()
     ctx = ServingContext(settings, registry, preprocessor, metrics, health)
-    calls = Calls()
+    calls = Calls(settings.max_concurrent_calls)
     server = grpc.aio.server(
         interceptors=[
             ErrorInterceptor(ctx.draining, calls),
@@ -104,6 +104,7 @@ async def start(settings: Settings) -> Running:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         ],
     )
     names = [register(server, ctx) for register in SERVICES]

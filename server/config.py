@@ -160,7 +160,25 @@ class Settings(BaseSettings):
         40_000_000, gt=0, description="decoded pixels per image (width x height), from the header"
     )
     max_images_per_request: int = Field(64, gt=0, description="images in one request")
-    max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size, both directions")
+    max_message_bytes: int = Field(
+        40 << 20,
+        gt=0,
+        description="gRPC message size, both directions: 40 MiB holds the largest request the "
+        "other limits allow, 64 float32 224x224 images as a tensor (36.75 MiB), with room to "
+        "spare; raise it with max_images_per_request or larger inputs",
+    )
+    max_concurrent_calls: int = Field(
+        512,
+        gt=0,
+        description="calls being answered at once, server-wide (an open stream is one call; "
+        "probes are not counted); more are answered RESOURCE_EXHAUSTED at once",
+    )
+    max_streams_per_connection: int = Field(
+        128,
+        gt=0,
+        description="HTTP/2 streams (calls) one client connection may have open at once; a "
+        "client's further calls wait on its side until one ends",
+    )
     max_decode_backlog: int = Field(
         128,
         gt=0,

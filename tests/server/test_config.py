@@ -114,3 +114,11 @@ def test_threads_and_decode_workers_follow_the_quota(tmp_path: Path) -> None:
     assert config.available_cores(root, proc) == 1
     (root / "cpu.max").write_text("max 100000\n")
     assert config.available_cores(root, proc) == HOST
+
+
+def test_the_default_message_size_fits_the_largest_request() -> None:
+    """64 float32 224x224 images as one v2 tensor, the largest request the other default
+    limits let through, with its framing."""
+    settings = Settings()
+    tensor = settings.max_images_per_request * 3 * 224 * 224 * 4
+    assert tensor + (64 << 10) < settings.max_message_bytes < 64 << 20

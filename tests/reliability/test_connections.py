@@ -1,0 +1,102 @@
+"""Connections and concurrency: calls beyond the server's limits, streams per connection.
+
+A server with ``--max-concurrent-calls 2``: two open ClassifyStreams hold both calls;
+a third call is answered RESOURCE_EXHAUSTED at once, naming the limit, while health
+probes still answer SERVING; once a stream ends, calls succeed again. With
+``--max-streams-per-connection 1`` a second call on a connection whose one stream is
+open waits on the client's side, while a call on another connection is answered.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from tests.fixtures.servers import InProcessServer
+from tests.reliability import images
+from tests.reliability.wire import CALL_TIMEOUT, classify
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+MODEL = "cifar"
+
+
+class OpenStream:
+    """A ClassifyStream kept open: one message answered, then held until `close()`."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._requests: queue.Queue[pb.ClassifyRequest | None] = queue.Queue()
+        stub = pb_grpc.ClassifierStub(channel)
+        self._responses = stub.ClassifyStream(iter(self._requests.get, None),
+                                              timeout=CALL_TIMEOUT)  # fmt: skip
+        self._requests.put(classify(MODEL, images.one_pixel()))
+        first = next(self._responses)  # the server is answering it: the call is counted
+        assert first.WhichOneof("result") == "response", first
+
+    def close(self) -> None:
+        self._requests.put(None)
+        assert list(self._responses) == []
+
+
+def _connection(server: InProcessServer) -> grpc.Channel:
+    """A channel with a connection of its own (channels to one address otherwise share)."""
+    return grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _eventually_ok(call: Callable[[], object], seconds: float = 30.0) -> None:
+    """The stream's end reaches the server's count just after the client sees it."""
+    until = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+            return
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > until:
+                raise
+            time.sleep(0.05)
+
+
+def test_calls_beyond_the_limit_are_refused_and_probes_still_answer(
+    inprocess_factory: Callable[..., InProcessServer],
+    model_repo: Path,
+) -> None:
+    server = inprocess_factory(model_repo, "--max-concurrent-calls", "2")
+    with server.channel() as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        first, second = OpenStream(channel), OpenStream(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(classify(MODEL, images.one_pixel()), timeout=CALL_TIMEOUT)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            "the server is answering 2 calls, its limit (max_concurrent_calls 2); "
+            "retry later or on another instance"
+        )
+        assert server.health() == SERVING and server.health(MODEL) == SERVING
+        second.close()
+        _eventually_ok(lambda: stub.Classify(classify(MODEL, images.one_pixel()),
+                                             timeout=CALL_TIMEOUT))  # fmt: skip
+        first.close()
+    assert "max_concurrent_calls 2" in server.log()
+
+
+def test_streams_per_connection_wait_on_the_client(
+    inprocess_factory: Callable[..., InProcessServer],
+    model_repo: Path,
+) -> None:
+    server = inprocess_factory(model_repo, "--max-streams-per-connection", "1")
+    request = classify(MODEL, images.one_pixel())
+    with _connection(server) as busy, _connection(server) as other:
+        stream = OpenStream(busy)
+        with pytest.raises(grpc.RpcError) as waited:  # no stream free on this connection
+            pb_grpc.ClassifierStub(busy).Classify(request, timeout=2)
+        assert waited.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert pb_grpc.ClassifierStub(other).Classify(request, timeout=CALL_TIMEOUT).results
+        stream.close()
+        assert pb_grpc.ClassifierStub(busy).Classify(request, timeout=CALL_TIMEOUT).results
