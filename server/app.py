@@ -105,6 +105,7 @@ async def start(settings: Settings) -> Running:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            *settings.grpc_connection_options(),
         ],
     )
     names = [register(server, ctx) for register in SERVICES]

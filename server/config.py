@@ -186,6 +186,28 @@ class Settings(BaseSettings):
         "with RESOURCE_EXHAUSTED at once (at least max_images_per_request)",
     )
 
+    # connections (HTTP/2 keepalive and connection age)
+    keepalive_time: float = Field(
+        60.0, gt=0, description="seconds a connection may be quiet before the server pings the "
+        "client to see it is still there",
+    )
+    keepalive_timeout: float = Field(
+        20.0, gt=0, description="seconds to wait for the answer to that ping before the "
+        "connection is closed and its calls cancelled (a dead peer)",
+    )
+    min_ping_interval: float = Field(
+        10.0, gt=0, description="the shortest interval at which a client may ping, with or "
+        "without calls (the SDK pings every 60 s; more often gets GOAWAY too_many_pings)",
+    )
+    max_connection_age: float = Field(
+        600.0, ge=0, description="seconds after which a connection is asked to close (GOAWAY), "
+        "so clients behind an L4 load balancer reconnect and spread onto new replicas; 0: never",
+    )
+    max_connection_age_grace: float = Field(
+        60.0, ge=0, description="seconds the calls of a connection asked to close may still "
+        "take before they are cancelled",
+    )
+
     # lifecycle and observability
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
@@ -241,6 +263,26 @@ class Settings(BaseSettings):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
+
+    def grpc_connection_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options for keepalive and connection age (milliseconds)."""
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        options = [
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_age:
+            options += [
+                ("grpc.max_connection_age_ms", ms(self.max_connection_age)),
+                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
+            ]
+        return options
 
     def instances_for(self, configured: int) -> int:
         """Sessions per model version: flag/env, else the `configured` count of config.json."""

@@ -5,6 +5,12 @@ a third call is answered RESOURCE_EXHAUSTED at once, naming the limit, while hea
 probes still answer SERVING; once a stream ends, calls succeed again. With
 ``--max-streams-per-connection 1`` a second call on a connection whose one stream is
 open waits on the client's side, while a call on another connection is answered.
+
+Keepalive, with short settings: a client that pings every second keeps an idle
+stream open for seconds and the stream answers again (with gRPC's default policy,
+shown as the control, the server answers GOAWAY too_many_pings and the stream
+dies); a stream that outlives ``--max-connection-age`` plus its grace is ended with
+UNAVAILABLE, and the client's next call, on a new connection, succeeds.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 
 from tests.fixtures.servers import InProcessServer
 from tests.reliability import images
+from tests.reliability.repos import derive
 from tests.reliability.wire import CALL_TIMEOUT, classify
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -36,18 +43,79 @@ class OpenStream:
         stub = pb_grpc.ClassifierStub(channel)
         self._responses = stub.ClassifyStream(iter(self._requests.get, None),
                                               timeout=CALL_TIMEOUT)  # fmt: skip
+        self.send()  # once answered, the server is answering it: the call is counted
+
+    def send(self) -> None:
+        """One more message, answered."""
         self._requests.put(classify(MODEL, images.one_pixel()))
-        first = next(self._responses)  # the server is answering it: the call is counted
-        assert first.WhichOneof("result") == "response", first
+        answer = next(self._responses)
+        assert answer.WhichOneof("result") == "response", answer
 
     def close(self) -> None:
+        """Half-close and read to the end (the stream's error, if it ended with one)."""
         self._requests.put(None)
         assert list(self._responses) == []
 
 
-def _connection(server: InProcessServer) -> grpc.Channel:
+def _connection(server: InProcessServer, *options: tuple[str, int]) -> grpc.Channel:
     """A channel with a connection of its own (channels to one address otherwise share)."""
-    return grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    return grpc.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1), *options]
+    )
+
+
+@pytest.fixture(scope="module")
+def cifar_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("cifar-only")
+    derive(repo, model_repo / MODEL)
+    return repo
+
+
+# A client pinging every second, also while no data flows (as the SDK does every 60 s).
+PINGING = (("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 5000),
+           ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
+IDLE = 6.0  # seconds the stream stays quiet: six pings, the default policy allows two
+
+
+def _idle_stream_survives(server: InProcessServer) -> None:
+    with _connection(server, *PINGING) as channel:
+        stream = OpenStream(channel)
+        time.sleep(IDLE)
+        stream.send()
+        stream.close()
+
+
+@pytest.mark.parametrize(("interval", "survives"), [("0.5", True), ("300", False)],
+                         ids=["policy", "grpc-default-control"])  # fmt: skip
+def test_an_idle_stream_with_client_pings(
+    inprocess_factory: Callable[..., InProcessServer],
+    cifar_repo: Path,
+    interval: str,
+    survives: bool,
+) -> None:
+    server = inprocess_factory(cifar_repo, "--min-ping-interval", interval)
+    if survives:
+        _idle_stream_survives(server)
+    else:
+        with pytest.raises(grpc.RpcError) as ended:
+            _idle_stream_survives(server)
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value
+    assert server.health() == SERVING
+
+
+def test_old_connections_are_closed_and_clients_reconnect(
+    inprocess_factory: Callable[..., InProcessServer], cifar_repo: Path
+) -> None:
+    server = inprocess_factory(cifar_repo, "--max-connection-age", "1",
+                               "--max-connection-age-grace", "1")  # fmt: skip
+    with _connection(server) as channel:
+        stream = OpenStream(channel)
+        time.sleep(5)  # past age + grace (each +-10% jitter)
+        with pytest.raises(grpc.RpcError) as ended:
+            stream.send()
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value
+        request = classify(MODEL, images.one_pixel())
+        assert pb_grpc.ClassifierStub(channel).Classify(request, timeout=CALL_TIMEOUT).results
 
 
 def _eventually_ok(call: Callable[[], object], seconds: float = 30.0) -> None:
