@@ -186,6 +186,11 @@ class Settings(BaseSettings):
         "with RESOURCE_EXHAUSTED at once (at least max_images_per_request)",
     )
 
+    default_timeout: float = Field(
+        60.0, gt=0, description="seconds a call that carries no deadline may take (each message "
+        "of a stream without one); then DEADLINE_EXCEEDED, so nothing waits forever",
+    )
+
     # connections (HTTP/2 keepalive and connection age)
     keepalive_time: float = Field(
         60.0, gt=0, description="seconds a connection may be quiet before the server pings the "

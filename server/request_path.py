@@ -8,7 +8,8 @@ into its response. Here, in order:
 1. the request id (the caller's or a new one) is set in `REQUEST_ID` for the logs;
 2. the model version is looked up (NOT_FOUND and UNAVAILABLE before anything is counted);
 3. from then on the request is counted by `Metrics.track_request`, with the caller's
-   deadline, so a call cancelled at its deadline counts as DEADLINE_EXCEEDED;
+   deadline, so a call cancelled at its deadline counts as DEADLINE_EXCEEDED; a request
+   without one gets ``default_timeout`` and fails with DEADLINE_EXCEEDED when it passes;
 4. limits are checked before any work: the images the message declares
    (`Request.images`), at most ``max_images_per_request``;
 5. the adapter reads its message against the model version (`Request.read`), doing no
@@ -37,7 +38,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from server.config import Settings
-from server.errors import InvalidInput
+from server.errors import DeadlineExceeded, InvalidInput
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
 from server.models import ModelRegistry, ModelVersion
@@ -105,6 +106,7 @@ class RequestPath:
         metrics: Metrics,
     ) -> None:
         self._max_images = settings.max_images_per_request
+        self._default_timeout = settings.default_timeout
         self._registry = registry
         self._preprocessor = preprocessor
         self._metrics = metrics
@@ -113,9 +115,22 @@ class RequestPath:
         request_id = request.request_id or uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         served = self._registry.get(request.model, request.version)
-        with self._metrics.track_request(
-            served.name, served.version, request.images, request.deadline
-        ):
+        if request.deadline is not None:  # gRPC cancels the call when it passes
+            return await self._infer(request, request_id, served, request.deadline)
+        deadline = time.monotonic() + self._default_timeout
+        try:
+            async with asyncio.timeout(self._default_timeout):
+                return await self._infer(request, request_id, served, deadline)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer within {self._default_timeout:g} s, the server's timeout for "
+                f"calls without a deadline (default_timeout); set a deadline on the call"
+            ) from None
+
+    async def _infer(
+        self, request: Request[Parsed], request_id: str, served: ModelVersion, deadline: float
+    ) -> Result[Parsed]:
+        with self._metrics.track_request(served.name, served.version, request.images, deadline):
             self._check_limit(request.images)
             inputs, parsed = request.read(served)
             self._check_count(inputs)
@@ -124,7 +139,7 @@ class RequestPath:
                 batch = await self._preprocessor.read(batch.read)
             elif batch is None:
                 batch = await self._prepare(inputs.images, served)
-            logits = await served.infer(batch, deadline=request.deadline, request_id=request_id)
+            logits = await served.infer(batch, deadline=deadline, request_id=request_id)
         return Result(served, request_id, logits, parsed)
 
     def _check_count(self, inputs: Inputs) -> None:

@@ -168,3 +168,27 @@ def test_streams_per_connection_wait_on_the_client(
         assert pb_grpc.ClassifierStub(other).Classify(request, timeout=CALL_TIMEOUT).results
         stream.close()
         assert pb_grpc.ClassifierStub(busy).Classify(request, timeout=CALL_TIMEOUT).results
+
+
+def test_calls_without_a_deadline_get_the_default_timeout(
+    inprocess_factory: Callable[..., InProcessServer], cifar_repo: Path
+) -> None:
+    """A call that carries no deadline gets the server's (`--default-timeout`, here 1 µs:
+    past before the first image is decoded); each message of a stream without one too.
+    Calls with a deadline of their own are not affected."""
+    server = inprocess_factory(cifar_repo, "--default-timeout", "0.000001")
+    request = classify(MODEL, images.one_pixel())
+    message = ("no answer within 1e-06 s, the server's timeout for calls without a deadline "
+               "(default_timeout); set a deadline on the call")  # fmt: skip
+    with server.channel() as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as timed_out:
+            stub.Classify(request)
+        assert timed_out.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert timed_out.value.details() == message
+        (answer,) = stub.ClassifyStream(iter([request]))
+        assert answer.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert answer.error.message == message
+        assert stub.Classify(request, timeout=CALL_TIMEOUT).results
+    assert server.health() == SERVING
+    assert 'code="DEADLINE_EXCEEDED"' in server.metrics()
