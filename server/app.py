@@ -59,6 +59,10 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _failed(task: asyncio.Future[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is not None
+
+
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,7 +135,15 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig, stop)
         loading = asyncio.ensure_future(self._load(registry, health))
+        loading.add_done_callback(lambda task: _failed(task) and stop.set())
         await stop.wait()
+        if _failed(loading):
+            # --device cuda and a model cannot run on the GPU: no draining, exit with why
+            await server.stop(0)
+            await registry.close()
+            preprocessor.close()
+            http.shutdown()
+            raise StartupError(str(loading.exception()))
 
         grace_ends = loop.time() + settings.grace_period
         ctx.draining.begin()

@@ -52,10 +52,24 @@ class Settings(BaseSettings):
         "kNextPowerOfTwo", description="how the CUDA memory arena grows"
     )
     cuda_mem_limit: int | None = Field(
-        None, gt=0, description="CUDA arena limit in bytes per session; unset: no limit"
+        None,
+        gt=0,
+        description="CUDA arena limit in bytes per session; unset: 0.8 of the GPU's memory "
+        "divided between every session the repository's config.json files ask for",
     )
     io_binding: bool = Field(
         True, description="bind inputs/outputs with ONNX Runtime I/O binding on CUDA"
+    )
+    pinned_memory: bool = Field(
+        True,
+        description="with io_binding: stage each batch in page-locked host memory, reused "
+        "per batch shape, for a faster copy to the GPU; off: ONNX Runtime copies from the "
+        "batch's own (pageable) memory (bind_cpu_input)",
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None,
+        description="where TensorRT engines are cached for models whose config.json opts in "
+        "to TensorRT; unset: resnet-serve-tensorrt in the system's temporary directory",
     )
 
     # CPU threads

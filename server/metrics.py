@@ -3,7 +3,8 @@
 All families live on one `CollectorRegistry` owned by a `Metrics` object, so
 several servers can run in one process (tests) without clashing. Labels:
 ``model`` and ``version`` everywhere, ``code`` (gRPC status name) on
-``resnet_serve_requests_total``.
+``resnet_serve_requests_total``, ``instance`` and ``provider`` on
+``resnet_serve_execution_provider``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ class Metrics:
             "resnet_serve_model_load_seconds",
             "Time to load and warm up a model version.",
             _MV, registry=r,
+        )  # fmt: skip
+        self.execution_provider = Gauge(
+            "resnet_serve_execution_provider",
+            "1 for the ONNX Runtime execution provider each instance (session) of a READY "
+            "model version runs on.",
+            (*_MV, "instance", "provider"), registry=r,
         )  # fmt: skip
         self.build = Info(
             "resnet_serve_build", "Versions of the server and its runtime.", registry=r

@@ -95,6 +95,56 @@ class Instances(_Strict):
     intra_op_threads: int | None = Field(None, ge=1, description="None: decided by the server")
 
 
+class TensorRT(_Strict):
+    """ONNX Runtime's TensorRT execution provider, tried before CUDA (Triton's
+    ``gpu_execution_accelerator: [{name: "tensorrt"}]``). Engines are built for batch sizes
+    1..max_batch_size and cached in the server's ``--tensorrt-cache-dir``."""
+
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp16", description="fp16: TensorRT may run layers in half precision (trt_fp16_enable)"
+    )
+    max_workspace_bytes: int = Field(
+        1 << 30, gt=0, description="scratch memory TensorRT may use while it builds an engine"
+    )
+
+
+class CudaOptions(_Strict):
+    """How the model runs on the CUDA execution provider; ignored on the CPU."""
+
+    use_tf32: bool = Field(
+        False,
+        description="TF32 matrix maths on Ampere and later: faster, but fp32 logits then drift "
+        "beyond the build's fp32 check (ONNX Runtime turns it on unless told)",
+    )
+    batch_buckets: tuple[int, ...] = Field(
+        (),
+        description="pad each batch up to the smallest of these sizes (max_batch_size is "
+        "always one) and warm only them; empty: no padding, every size 1..max_batch_size "
+        "is warmed",
+    )
+    graphs: bool = Field(
+        False,
+        description="capture one CUDA graph per bucket size and replay it (needs batch_buckets "
+        "or runs every batch at max_batch_size); every node must run on the GPU",
+    )
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 for b in value):
+            raise ValueError(f"batch_buckets {list(value)} must be positive")
+        return tuple(sorted(set(value)))
+
+
+class Optimization(_Strict):
+    """Execution-provider options per model, as Triton's ``optimization`` section holds them."""
+
+    cuda: CudaOptions = CudaOptions()
+    tensorrt: TensorRT | None = Field(
+        None, description="opt in to the TensorRT execution provider (falls back to CUDA)"
+    )
+
+
 class ModelConfig(_Strict):
     name: str
     arch: str
@@ -106,6 +156,22 @@ class ModelConfig(_Strict):
     preprocessing: Preprocessing = Preprocessing()
     batching: Batching = Batching()
     instances: Instances = Instances()
+    optimization: Optimization = Optimization()
+
+    @model_validator(mode="after")
+    def _buckets_within_max(self) -> ModelConfig:
+        most = self.batching.max_batch_size
+        bad = [b for b in self.optimization.cuda.batch_buckets if b > most]
+        if bad:
+            raise ValueError(f"batch_buckets {bad} above max_batch_size ({most})")
+        return self
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The padded batch sizes on CUDA, max_batch_size included; () when padding is off."""
+        cuda = self.optimization.cuda
+        if not cuda.batch_buckets and not cuda.graphs:
+            return ()
+        return tuple(sorted({*cuda.batch_buckets, self.batching.max_batch_size}))
 
     @field_validator("labels")
     @classmethod

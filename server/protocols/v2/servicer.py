@@ -111,9 +111,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         served = self._registry.get(request.name, request.version)
-        settings = self._ctx.settings
-        instances = settings.instances or served.config.instances.count
-        return describe.config_response(served, instances, settings.cuda_device_id)
+        return describe.config_response(served, self._ctx.settings.cuda_device_id)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
