@@ -169,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _missing_extra(exc: ImportError) -> int:
     print(
         f"error: this command needs the builder's dependencies ({exc.name} is not installed): "
-        "pip install 'resnet-serve[builder]'",
+        "pip install 'resnet-serve[builder,cpu]' (or [builder,gpu] on an NVIDIA GPU)",
         file=sys.stderr,
     )
     return 2

@@ -57,7 +57,7 @@ def test_build_without_torch_says_what_to_install(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "torch is not installed" in result.stderr
-    assert "pip install 'resnet-serve[builder]'" in result.stderr
+    assert "pip install 'resnet-serve[builder,cpu]'" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +262,19 @@ def test_warmup_sizes_on_the_cpu() -> None:
     batching = Batching(max_batch_size=12, preferred_batch_sizes=(6,))
     config = CONFIG.model_copy(update={"batching": batching})
     assert warmup_sizes(config) == [1, 2, 4, 6, 8, 12]
+
+
+def test_serve_device_cuda_without_a_gpu_exits_1_within_seconds_naming_the_reason(
+    tmp_path: Path,
+) -> None:
+    repo = make_repo(tmp_path, {"net": CONFIG})
+    command = [
+        sys.executable, "-m", "server", "--repo", str(repo), "--device", "cuda",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 30
+    [line] = [line for line in result.stderr.splitlines() if "--device cuda, but" in line]
+    assert "no CUDA provider" in line or "no CUDA driver" in line, line
