@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from builder.verify import random_inputs
+from builder.checks import random_inputs
 from server.repository import ImageLimits, ModelConfig, prepare_encoded
 
 HELD_OUT_EVERY = 5

@@ -215,17 +215,14 @@ class ModelRegistry:
                 )
             self._models[model.name] = model
 
-    def instances(self, config: ModelConfig) -> int:
-        """Sessions per version of a model: the flag/env, else its config.json."""
-        return self._settings.instances or config.instances.count
-
     def session_mem_limit(self) -> int | None:
         """Each GPU session's arena limit: its share of the GPU among every session the
         repository asks for (each version of each model, times its instances)."""
         if self._settings.device == "cpu" or self._settings.cuda_mem_limit is not None:
             return None
         sessions = sum(
-            len(model.versions) * self.instances(model.config) for model in self.models()
+            len(model.versions) * self._settings.instances_for(model.config.instances.count)
+            for model in self.models()
         )
         return gpu_mem_limit(self._gpu_memory(self._settings.cuda_device_id), sessions)
 
@@ -311,7 +308,7 @@ class ModelRegistry:
 
     def _open_runners(self, mv: ModelVersion, settings: Settings) -> list[Runner]:
         """Every instance's session; all on the GPU or, with ``--device auto``, all on the CPU."""
-        count = self.instances(mv.config)
+        count = settings.instances_for(mv.config.instances.count)
         threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         opened = []
         for _ in range(count):

@@ -1,4 +1,4 @@
-"""`resnet-serve serve`: flags from `server.config.Settings`, then `server.app.App`."""
+"""`resnet-serve serve`: flags from `server.config.Settings`, then `server.app.run`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_format, settings.log_level)
     try:  # onnxruntime loads only once settings are valid
-        from server.app import App, StartupError
+        from server import app
     except ModuleNotFoundError as exc:
         if exc.name != "onnxruntime":
             raise
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        return asyncio.run(App(settings).run())
-    except StartupError as exc:
+        return asyncio.run(app.run(settings))
+    except app.StartupError as exc:
         logging.getLogger("server.app").error("%s", exc)
         return 1

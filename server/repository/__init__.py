@@ -12,6 +12,9 @@ Layout (Triton's, with JSON instead of pbtxt)::
 directory are not versions. A version is served only if `check_version` (check.py) says
 so: both files present, the record passed and its sha256 matches. Images become model
 inputs by `transform` (transform.py), in the server and in the builder alike.
+Typed options objects become command-line flags by one rule, `flags` (flags.py), which
+``resnet-serve serve`` (the server's Settings) and ``resnet-serve build`` (the builder's
+BuildOptions) share.
 
 This package imports only the standard library, pydantic, numpy and Pillow: no grpc, no
 ONNX Runtime, nothing else of the server. The builder, the bench and the tests reach the

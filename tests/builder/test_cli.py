@@ -13,7 +13,7 @@ import pytest
 
 from builder import build as build_module
 from builder.__main__ import main
-from builder.verify import Check
+from builder.checks import Check
 from server.repository import (
     MODEL_FILE,
     VERIFICATION_FILE,

@@ -10,10 +10,11 @@ import onnx
 import pytest
 
 from builder import build as build_module
-from builder.build import BuildRequest, VerificationFailed, build, verify
+from builder.build import VerificationFailed, build, verify_version
+from builder.checks import Check, Thresholds, cpu_session
 from builder.labels import CIFAR10_CLASSES
+from builder.options import BuildOptions
 from builder.repository import RepositoryError
-from builder.verify import Check, Thresholds, cpu_session
 from server.repository import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -136,7 +137,7 @@ def test_versions_count_up_and_are_never_overwritten(
 
 
 def test_a_conflicting_config_is_refused(model_repo_copy: Path) -> None:
-    request = BuildRequest("resnet20", repo=model_repo_copy, name="cifar", num_classes=100)
+    request = BuildOptions(arch="resnet20", repo=model_repo_copy, name="cifar", num_classes=100)
     with pytest.raises(RepositoryError, match="num_classes"):
         build(request)
     assert sorted(p.name for p in (model_repo_copy / "cifar").iterdir()) == [
@@ -153,7 +154,7 @@ def test_a_failed_check_leaves_nothing_behind(tmp_path: Path, repo_exists: bool)
     if repo_exists:
         repo.mkdir()
     with pytest.raises(VerificationFailed) as info:
-        build(BuildRequest("resnet20", repo=repo, thresholds=strict))
+        build(BuildOptions(arch="resnet20", repo=repo), thresholds=strict)
     message = str(info.value)
     assert "onnxruntime_vs_pytorch" in message and "max_abs_error" in message and "> 0" in message
     assert [c.name for c in info.value.report.failures()] == ["onnxruntime_vs_pytorch"]
@@ -169,13 +170,13 @@ def test_a_failed_check_keeps_existing_versions_intact(
     monkeypatch.setattr(build_module, "check_parameters", failing_params)
     before = sorted(str(p.relative_to(model_repo_copy)) for p in model_repo_copy.rglob("*"))
     with pytest.raises(VerificationFailed, match="parameter_count: 269,722 wrong"):
-        build(BuildRequest("resnet20", repo=model_repo_copy, name="cifar"))
+        build(BuildOptions(arch="resnet20", repo=model_repo_copy, name="cifar"))
     after = sorted(str(p.relative_to(model_repo_copy)) for p in model_repo_copy.rglob("*"))
     assert after == before
 
 
 def test_verify_rebuilds_and_passes(model_repo: Path) -> None:
-    report = verify(model_repo / "resnet18_u8" / "1")
+    report = verify_version(model_repo / "resnet18_u8" / "1")
     assert report.passed and report.scope == "full"
     assert report.checks[0].name == "sha256"
     assert {c.name for c in report.checks} == CHECKS | {"sha256"}
@@ -186,7 +187,7 @@ def test_verify_notices_a_modified_model(model_repo_copy: Path) -> None:
     model = onnx.load(str(version_dir / MODEL_FILE))
     model.producer_version = "edited"
     onnx.save(model, str(version_dir / MODEL_FILE))
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert not report.passed
     assert [c.name for c in report.failures()] == ["sha256"]
 
@@ -196,16 +197,18 @@ def test_verify_without_the_weights_checks_the_onnx_alone(
 ) -> None:
     import torch
 
-    from builder.resnet import ModelOptions, create_model
+    from builder.options import ModelOptions
+    from builder.resnet import create_model
 
     weights = tmp_path / "cifar.pth"
     torch.save(create_model("resnet20", ModelOptions(seed=5)).state_dict(), weights)
     version_dir = build_model("resnet20", tmp_path / "repo", weights=weights)
     recipe = record_of(version_dir)["recipe"]
-    assert recipe["weights"] == {"path": str(weights.resolve()), "sha256": sha256_file(weights)}
-    assert recipe["bn_calibration"] is None
+    assert recipe["weights"] == str(weights.resolve())
+    assert recipe["weights_sha256"] == sha256_file(weights)
+    assert recipe["bn_statistics"] is None
     weights.unlink()
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert report.passed
     assert report.scope == f"onnx-only: weights {weights.resolve()} not found"
     names = [c.name for c in report.checks]

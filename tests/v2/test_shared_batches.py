@@ -21,7 +21,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier
 from tritonclient.grpc import service_pb2_grpc
 
 from server.repository import Batching, ModelConfig
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 from tests.reliability.wire import classify, infer_images
 from tests.server.messages import sample
 from tests.shared_data import PHOTOS
@@ -37,21 +37,21 @@ def _sample(metrics: str, name: str) -> float:
 
 
 def _waiting_server(
-    server_factory: Callable[..., RunningServer], model_repo: Path, tmp_path: Path
-) -> RunningServer:
+    inprocess_factory: Callable[..., InProcessServer], model_repo: Path, tmp_path: Path
+) -> InProcessServer:
     """cifar, whose batches of two wait up to 10 s for their second image."""
     model_dir = tmp_path / "repo" / "cifar"
     shutil.copytree(model_repo / "cifar", model_dir)
     config = ModelConfig.load(model_dir)
     waiting = Batching(max_batch_size=2, max_queue_delay_us=10_000_000)
     config.model_copy(update={"batching": waiting}).dump(model_dir)
-    return server_factory(model_dir.parent)
+    return inprocess_factory(model_dir.parent)
 
 
 def test_v2_and_classify_share_a_batch(
-    server_factory: Callable[..., RunningServer], model_repo: Path, tmp_path: Path
+    inprocess_factory: Callable[..., InProcessServer], model_repo: Path, tmp_path: Path
 ) -> None:
-    server = _waiting_server(server_factory, model_repo, tmp_path)
+    server = _waiting_server(inprocess_factory, model_repo, tmp_path)
 
     def v2() -> np.ndarray:
         with grpcclient.InferenceServerClient(server.address) as client:
@@ -95,11 +95,11 @@ def _classify(channel: grpc.Channel) -> None:
                          ids=["ModelInfer", "ModelStreamInfer", "Classify"])  # fmt: skip
 def test_a_call_that_dies_at_its_deadline_is_counted_deadline_exceeded(
     send: Callable[[grpc.Channel], None],
-    server_factory: Callable[..., RunningServer],
+    inprocess_factory: Callable[..., InProcessServer],
     model_repo: Path,
     tmp_path: Path,
 ) -> None:
-    server = _waiting_server(server_factory, model_repo, tmp_path)
+    server = _waiting_server(inprocess_factory, model_repo, tmp_path)
     with server.channel() as channel, pytest.raises(grpc.RpcError) as error:
         send(channel)
     assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED

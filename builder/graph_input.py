@@ -1,4 +1,5 @@
-"""Input preprocessing: what config.json tells clients, and what a uint8 graph does inside."""
+"""A graph's input: the preprocessing numbers config.json gives clients, and the layer that
+normalizes uint8 pixels inside a uint8 graph."""
 
 from __future__ import annotations
 
