@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.shared_data import PHOTOS
 
 
@@ -24,12 +26,13 @@ def test_without_a_gpu_it_exits_2_and_says_why(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir()), "nothing built or written"
 
 
+@pytest.mark.timeout(900)  # about 95 s of CPU: builds, 1 training epoch, short windows
 def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = _gpu_check(
         "--device", "cpu", "--epochs", "1", "--concurrency", "1,4", "--seconds", "0.5",
         "--photos", str(PHOTOS), "--work", str(tmp_path / "work"), "--out", str(out),
-        timeout=600,
+        timeout=880,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "gpu-check.json").read_text())

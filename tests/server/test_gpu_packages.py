@@ -20,7 +20,8 @@ import pytest
 
 from tests.server.test_sessions import _tiny_onnx
 
-pytestmark = pytest.mark.gpu_packages
+# the install alone takes minutes on a busy machine
+pytestmark = [pytest.mark.gpu_packages, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
