@@ -204,19 +204,23 @@ def _models(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{args.repo}: no models")
         return 0
-    rows = [("model", "arch", "input", "classes", "version", "precision", "status")]
+    rows = [("model", "arch", "input", "classes", "version", "precision", "status", "serves")]
     for entry in entries:
         if entry.config is None:
             error = f"invalid config.json: {entry.config_error}"
-            rows.append((entry.name, "-", "-", "-", "-", "-", error))
+            rows.append((entry.name, "-", "-", "-", "-", "-", error, "no"))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
         model = (entry.name, entry.config.arch, shape, str(entry.config.num_classes))
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
-            rows.append((*model, str(status.version), status.precision, status.status + detail))
+            why = entry.why_not_served(status)
+            serves = f"no: {why}" if why else "yes"
+            rows.append(
+                (*model, str(status.version), status.precision, status.status + detail, serves)
+            )
         if not entry.versions:
-            rows.append((*model, "-", "-", "no versions"))
+            rows.append((*model, "-", "-", "no versions", "no"))
     print(format_table(rows))
     return 0
