@@ -28,7 +28,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 from tritonclient.utils import InferenceServerException
 
 from bench import serving
-from builder.cli import main as builder_main
+from builder.__main__ import main as builder_main
 from server.repository import CONFIG_FILE, MODEL_FILE, ModelConfig, sha256_file
 from tests.fixtures.servers import InProcessServer
 from tests.server.messages import CHELSEA, encoded, sample
