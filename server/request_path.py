@@ -18,7 +18,7 @@ into its response. Here, in order:
    sent the graph's own batch skips this step;
 7. the model version's batcher computes the logits.
 
-Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.streams`
+Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
 """
 
