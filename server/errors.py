@@ -48,6 +48,11 @@ class Unauthenticated(ServeError):
     """The call carries no bearer token, or one the server does not accept."""
 
 
+class NotOffered(ServeError):
+    """A call this server does not offer as configured (e.g. model load and unload with
+    ``--model-control-mode none``); the message says how to turn it on."""
+
+
 class ControlRefused(ServeError):
     """A model load or unload that cannot be done: the model control mode does not allow it,
     or the version asked for cannot be loaded (the message says which and why)."""
@@ -62,6 +67,7 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     Draining: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ControlRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    NotOffered: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 # gRPC's retry policy waits exactly this long before its next attempt (gRFC A6).

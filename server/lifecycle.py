@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
-from server.errors import ControlRefused, InvalidInput, ModelNotFound
+from server.errors import ControlRefused, InvalidInput, ModelNotFound, NotOffered
 from server.models import Model, ModelRegistry, ModelVersion, State
 from server.repository import (
     CONFIG_FILE,
@@ -156,7 +156,9 @@ class ModelLifecycle:
 
     async def load(self, name: str) -> None:
         """Load (or reload from the repository) model `name` by its version policy; versions
-        that failed before are tried again. Raises ModelNotFound, ControlRefused."""
+        that failed before are tried again. Raises NotOffered (mode none), InvalidInput,
+        ModelNotFound, ControlRefused."""
+        self._check_offered("RepositoryModelLoad")
         _check_name(name)
         if not (self._settings.repo / name / CONFIG_FILE).is_file():
             raise ModelNotFound(f"no model {name!r} in the repository (no {name}/{CONFIG_FILE})")
@@ -171,7 +173,9 @@ class ModelLifecycle:
             )
 
     async def unload(self, name: str) -> None:
-        """Unload every version of model `name`; it stays listed, UNAVAILABLE, until loaded."""
+        """Unload every version of model `name`; it stays listed, UNAVAILABLE, until loaded.
+        Raises NotOffered (mode none), ControlRefused (mode poll), ModelNotFound."""
+        self._check_offered("RepositoryModelUnload")
         if self.mode == "poll":
             raise ControlRefused(
                 "the model control mode is poll: the repository decides what serves; remove "
@@ -180,6 +184,14 @@ class ModelLifecycle:
         self._registry.model(name)  # ModelNotFound
         self._unloaded.add(name)
         await self.sync(name, UNLOADED)
+
+    def _check_offered(self, call: str) -> None:
+        if self.mode == "none":
+            raise NotOffered(
+                f"{call} (the model-repository extension) is off: the server runs with "
+                "--model-control-mode none; start it with explicit (or poll) to load and "
+                "unload models"
+            )
 
     # the one way a model changes
 
@@ -212,7 +224,8 @@ class ModelLifecycle:
                 kept = "; the versions serving keep serving" if model is not None else ""
                 log.error("model %s: %s not applied: %s%s", name, CONFIG_FILE, detail, kept)
             self._config_errors[name] = detail
-            return [f"{CONFIG_FILE} not applied: {detail}"]
+            # the caller's line names no path (the log has the detail)
+            return [f"{CONFIG_FILE} or the labels it names cannot be used; the server log says why"]
         self._config_errors.pop(name, None)
         if model is None:
             model = Model(name, config)

@@ -86,10 +86,8 @@ class ModelVersion:
     reason: str = ""
     provider: str = ""
     batcher: Batcher | None = None
-    # what the version's files were when it was last loaded or refused (`server.lifecycle`)
-    fingerprint: tuple[object, ...] = ()
-    _holders: int = field(default=0, repr=False)
-    _released: asyncio.Event | None = field(default=None, repr=False)
+    _holders: int = field(default=0, init=False, repr=False)
+    _released: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     @property
     def input_dtype(self) -> np.dtype:

@@ -337,6 +337,16 @@ def test_explicit_load_and_unload_need_the_token(
                 stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name=name),
                                          metadata=WITH_TOKEN, timeout=30)  # fmt: skip
             assert error.value.code() is code, name
+        (repo / "broken").mkdir()
+        (repo / "broken" / CONFIG_FILE).write_text('{"name": "broken"}')
+        with pytest.raises(grpc.RpcError) as error:
+            stub.RepositoryModelLoad(v2.RepositoryModelLoadRequest(model_name="broken"),
+                                     metadata=WITH_TOKEN, timeout=30)  # fmt: skip
+        assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert error.value.details() == (
+            "model broken: config.json or the labels it names cannot be used; the server log "
+            "says why; serving: nothing"
+        )
         with pytest.raises(InferenceServerException, match="parameters \\['config'\\]"):
             triton.load_model("cifar", headers=headers, config='{"backend": "python"}')
     text = server.metrics()

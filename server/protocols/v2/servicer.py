@@ -8,8 +8,8 @@ interceptor maps to status codes). ModelStreamInfer runs a stream's requests
 concurrently (so they batch together) and answers in request order
 (`server.protocols.calls`); a failed request is answered with ``error_message``
 and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
-`server.lifecycle` when ``--model-control-mode`` is poll or explicit (unload: explicit
-only), and answer UNIMPLEMENTED, naming the switch, when it is none. Triton RPCs this
+`server.lifecycle`, which offers them as ``--model-control-mode`` says (UNIMPLEMENTED,
+naming the switch, when it is none; unload only when it is explicit). Triton RPCs this
 server does not implement answer UNIMPLEMENTED and say why.
 """
 
@@ -147,7 +147,6 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         """Load the model (again) from the repository by its version policy; the answer comes
         once its versions are READY, or says which could not be loaded and why."""
-        await self._require_control("RepositoryModelLoad", context)
         _check_control_request(request, known=())
         await self._ctx.lifecycle.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
@@ -157,21 +156,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         """Unload every version of the model; the answer comes once they have finished the
         requests they took and closed."""
-        await self._require_control("RepositoryModelUnload", context)
         # Triton's flag for ensembles; this server has none, so there are no dependents
         _check_control_request(request, known=("unload_dependents",))
         await self._ctx.lifecycle.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-    async def _require_control(self, rpc: str, context: Context) -> None:
-        """Aborts the call with UNIMPLEMENTED when model control is off."""
-        if self._ctx.settings.model_control_mode == "none":
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{rpc} (the model-repository extension) is off: the server runs with "
-                "--model-control-mode none; start it with explicit (or poll) to load and "
-                "unload models",
-            )
 
     # inference
 
