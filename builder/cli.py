@@ -206,11 +206,14 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     # Instances as config.json asks for them; the provider each runs on is the server's choice
     # at start-up (--device), shown by GetModel, v2 ModelConfig and its /metrics.
-    rows = [("model", "arch", "input", "classes", "instances", "version", "precision", "status")]
+    rows = [
+        ("model", "arch", "input", "classes", "instances", "version", "precision", "status",
+         "serves")
+    ]  # fmt: skip
     for entry in entries:
         if entry.config is None:
             error = f"invalid config.json: {entry.config_error}"
-            rows.append((entry.name, "-", "-", "-", "-", "-", "-", error))
+            rows.append((entry.name, "-", "-", "-", "-", "-", "-", error, "no"))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
@@ -223,9 +226,13 @@ def _models(args: argparse.Namespace) -> int:
         )
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
-            rows.append((*model, str(status.version), status.precision, status.status + detail))
+            why = entry.why_not_served(status)
+            serves = f"no: {why}" if why else "yes"
+            rows.append(
+                (*model, str(status.version), status.precision, status.status + detail, serves)
+            )
         if not entry.versions:
-            rows.append((*model, "-", "-", "no versions"))
+            rows.append((*model, "-", "-", "no versions", "no"))
     print(format_table(rows))
     return 0
 

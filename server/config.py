@@ -115,6 +115,16 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
     )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: the models found at start serve until exit; poll: the repository "
+        "is rescanned every repository_poll_secs and new, removed and changed versions load "
+        "and unload without a restart; explicit: v2 RepositoryModelLoad and "
+        "RepositoryModelUnload load and unload models (behind the bearer token)",
+    )
+    repository_poll_secs: float = Field(
+        15.0, gt=0, description="seconds between rescans of the repository in poll mode"
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     reflection: bool = Field(True, description="gRPC server reflection (grpcurl discovery)")

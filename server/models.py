@@ -3,7 +3,8 @@
 Internal API (used by every servicer)::
 
     registry = ModelRegistry(settings, metrics)
-    await registry.load_all(on_ready)          # verify, open sessions, warm up
+    registry.scan()                            # configs and version directories
+    await registry.load_version(mv, "at start-up")   # verify, open sessions, warm up
     registry.model("resnet18")                 # the Model, all versions, any state
     model = registry.get("resnet18")           # latest READY version, or
     model = registry.get("resnet18", "1")      # that version; raises ModelNotFound /
@@ -26,17 +27,25 @@ Where each version runs: every instance's provider is recorded (`ModelVersion.pr
 the metric ``resnet_serve_execution_provider``). A version's instances all run on the
 GPU or all on the CPU. With ``--device auto`` a version whose sessions or warm-up fail
 on the GPU is reopened on the CPU, and the log says why; with ``--device cuda`` that is
-`DeviceUnavailable`, which ends `load_all` and so the server's start. A session that
+`DeviceUnavailable`, which ends loading and so the server's start. A session that
 leaves the GPU while serving (`ProviderLost`) makes its version UNAVAILABLE.
+
+Which versions are loaded, and when, is decided by `server.lifecycle` (version policy,
+repository polling, explicit load and unload); here are the steps it takes:
+`load_version` (LOADING → READY or UNAVAILABLE) and `unload_version` (UNLOADING: no new
+requests, the ones holding the version finish, then the batcher closes). A request
+holds the version it was given from lookup to answer (`ModelVersion.hold`), so an
+unload never fails a request that was already let in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +55,14 @@ from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
-from server.repository import MODEL_FILE, ModelConfig, check_version, read_labels, version_dirs
+from server.repository import (
+    MODEL_FILE,
+    ModelConfig,
+    check_version,
+    model_dirs,
+    read_labels,
+    version_dirs,
+)
 from server.sessions import (
     CPU,
     DeviceUnavailable,
@@ -66,6 +82,7 @@ log = logging.getLogger(__name__)
 class State(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
+    UNLOADING = "UNLOADING"  # no new requests; those holding it finish, then it closes
     UNAVAILABLE = "UNAVAILABLE"
 
 
@@ -95,16 +112,41 @@ class ModelVersion:
     def provider(self) -> str:
         """The provider of the version's instances ("" before READY); they all share one."""
         return self.providers[0] if self.providers else ""
+    _holders: int = field(default=0, init=False, repr=False)
+    _released: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(self.config.input.dtype)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[ModelVersion]:
+        """Keep the version open while a request that looked it up is being answered."""
+        self._holders += 1
+        try:
+            yield self
+        finally:
+            self._holders -= 1
+            if self._holders == 0 and self._released is not None:
+                self._released.set()
+
+    async def released(self, timeout: float) -> bool:
+        """Wait until no request holds the version (at most `timeout` s); False if some do."""
+        if self._holders == 0:
+            return True
+        self._released = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._released.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def infer(
         self, batch: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray:
         """Logits for `batch` (see the module docstring); deadline is `time.monotonic()`."""
-        if self.state is not State.READY or self.batcher is None:
+        # UNLOADING: a request let in before the unload began still gets its answer
+        if self.state not in (State.READY, State.UNLOADING) or self.batcher is None:
             raise ModelNotReady(f"model {self.name} version {self.version} is {self.state.value}")
         self.check_input(batch)
         try:
@@ -171,6 +213,10 @@ class ModelRegistry:
         self._gpu_memory = gpu_memory or _gpu_memory_if_driver
         self._mem_limit: int | None = None
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
     def models(self) -> list[Model]:
         return sorted(self._models.values(), key=lambda m: m.name)
 
@@ -181,6 +227,9 @@ class ModelRegistry:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {name!r}; models: {known}")
         return model
+
+    def find(self, name: str) -> Model | None:
+        return self._models.get(name)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """A READY version: `version`, or the latest READY one when empty."""
@@ -201,7 +250,7 @@ class ModelRegistry:
         repo = self._settings.repo
         if not repo.is_dir():
             raise FileNotFoundError(f"model repository {repo} is not a directory")
-        for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
+        for model_dir in model_dirs(repo):
             try:
                 config = ModelConfig.load(model_dir)
                 labels = read_labels(model_dir, config)
@@ -226,23 +275,57 @@ class ModelRegistry:
         )
         return gpu_mem_limit(self._gpu_memory(self._settings.cuda_device_id), sessions)
 
-    async def load_all(self, on_ready: Callable[[Model], Awaitable[None]]) -> None:
-        """Load every version; `on_ready(model)` once a model has its first READY version.
+    async def plan_gpu_memory(self) -> None:
+        """Size each GPU session's arena for the models found at start; call before loading.
 
-        Raises `DeviceUnavailable` (``--device cuda`` and a version cannot run on the GPU).
-        """
+        Loading raises `DeviceUnavailable` (``--device cuda`` and a version cannot run on
+        the GPU)."""
         self._mem_limit = await asyncio.to_thread(self.session_mem_limit)
-        for model in self.models():
-            for version in model.versions.values():
-                await self._load(version)
-            if model.latest_ready() is not None:
-                await on_ready(model)
+
+    def add(self, model: Model) -> None:
+        self._models[model.name] = model
+
+    def remove(self, name: str) -> None:
+        self._models.pop(name, None)
 
     async def close(self) -> None:
-        for model in self._models.values():
-            for version in model.versions.values():
+        for model in list(self._models.values()):
+            for version in list(model.versions.values()):
                 if version.batcher is not None:
                     await version.batcher.close()
+
+    async def load_version(self, mv: ModelVersion, reason: str) -> bool:
+        """Load, check and warm `mv` (state LOADING meanwhile), logging why; True if READY."""
+        log.info("loading model %s version %s: %s", mv.name, mv.version, reason)
+        mv.state, mv.reason = State.LOADING, ""
+        await self._load(mv)
+        ready = mv.state is State.READY
+        self._metrics.loads.labels(mv.name, mv.version, "ok" if ready else "failed").inc()
+        return ready
+
+    async def unload_version(self, mv: ModelVersion, reason: str, kind: str) -> None:
+        """Stop giving `mv` to new requests, let the ones holding it finish (at most the
+        grace period), close its batcher, forget its metrics. `reason` is what listings show
+        and the log says; `kind` (removed, policy, request) labels the unloads counter."""
+        started = time.monotonic()
+        was_serving = mv.batcher is not None
+        mv.state, mv.reason = State.UNLOADING, reason
+        if not await mv.released(self._settings.grace_period):
+            log.warning(
+                "model %s version %s: requests still running after %.0f s; unloading anyway",
+                mv.name, mv.version, self._settings.grace_period,
+            )  # fmt: skip
+        batcher, mv.batcher = mv.batcher, None
+        if batcher is not None:
+            await batcher.close()
+        mv.state = State.UNAVAILABLE
+        if was_serving:
+            self._metrics.unloads.labels(mv.name, mv.version, kind).inc()
+            self._metrics.forget(mv.name, mv.version)
+            log.info(
+                "model %s version %s unloaded in %.1f s: %s",
+                mv.name, mv.version, time.monotonic() - started, reason,
+            )  # fmt: skip
 
     async def _load(self, mv: ModelVersion) -> None:
         started = time.monotonic()

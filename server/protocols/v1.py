@@ -32,6 +32,7 @@ STREAM_WINDOW = 32
 _STATES = {
     State.LOADING: pb.VersionInfo.LOADING,
     State.READY: pb.VersionInfo.READY,
+    State.UNLOADING: pb.VersionInfo.UNAVAILABLE,  # takes no new requests; the reason says why
     State.UNAVAILABLE: pb.VersionInfo.UNAVAILABLE,
 }
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
 from server.errors import ModelNotReady
+from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry, State, warmup_sizes
 from server.repository import (
@@ -108,8 +110,10 @@ def registry(
     return found, metrics
 
 
-async def _nothing(model: Any) -> None:
-    return None
+async def load_all(found: ModelRegistry) -> None:
+    """Start-up loading as the server does it: through the lifecycle."""
+    lifecycle = ModelLifecycle(found.settings, found, health_aio.HealthServicer())
+    await lifecycle.load_all()
 
 
 def provider_samples(metrics: Metrics) -> dict[tuple[str, str, str, str], float]:
@@ -131,7 +135,7 @@ async def test_auto_on_the_gpu_records_every_instance_and_warms_every_size(tmp_p
     config = with_instances(2)
     factory = WarmupFails(fails_above=99)
     found, metrics = registry(make_repo(tmp_path, {"net": config}), factory, device="auto")
-    await found.load_all(_nothing)
+    await load_all(found)
     mv = found.get("net")
     assert mv.state is State.READY and mv.providers == (CUDA, CUDA)
     assert provider_samples(metrics) == {
@@ -149,7 +153,7 @@ async def test_auto_reopens_on_the_cpu_when_gpu_warm_up_fails_and_says_why(
     factory = WarmupFails(fails_above=4)
     found, metrics = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
     with caplog.at_level(logging.WARNING, "server.models"):
-        await found.load_all(_nothing)
+        await load_all(found)
     mv = found.get("net")
     assert mv.state is State.READY and mv.providers == (CPU,)
     assert provider_samples(metrics) == {("net", "1", "0", CPU): 1.0}
@@ -165,7 +169,7 @@ async def test_auto_without_cuda_says_why_in_one_line(
     factory = FakeFactory(cuda_comes_up=False)
     found, _ = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
     with caplog.at_level(logging.INFO, "server.models"):
-        await found.load_all(_nothing)
+        await load_all(found)
     assert found.get("net").providers == (CPU,)
     [line] = [r.getMessage() for r in caplog.records if "runs on" in r.message]
     assert "runs on CPUExecutionProvider" in line and "libcudart.so.13" in line
@@ -187,7 +191,7 @@ async def test_device_cuda_refuses_to_load_anywhere_else(
         make_repo(tmp_path, {"net": CONFIG}), factory, driver=driver, device="cuda"
     )
     with pytest.raises(DeviceUnavailable, match=f"--device cuda, but .*{why}"):
-        await found.load_all(_nothing)
+        await load_all(found)
     assert all(call != [CPU] for call in factory.calls), "never opened on the CPU"
     assert provider_samples(metrics) == {}
     await found.close()
@@ -201,7 +205,7 @@ async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path
 
     config = with_instances(3)
     found, _ = registry(make_repo(tmp_path, {"net": config}), SecondFails(), device="auto")
-    await found.load_all(_nothing)
+    await load_all(found)
     assert found.get("net").providers == (CPU, CPU, CPU)
     await found.close()
 
@@ -209,7 +213,7 @@ async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path
 async def test_a_version_whose_session_leaves_the_gpu_stops_serving(tmp_path: Path) -> None:
     factory = WarmupFails(fails_above=99)
     found, metrics = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
-    await found.load_all(_nothing)
+    await load_all(found)
     mv = found.get("net")
     batch = np.zeros((2, 3, 4, 4), np.float32)
     assert (await mv.infer(batch)).shape == (2, 3)
@@ -229,7 +233,7 @@ async def test_bucket_sizes_are_all_a_gpu_version_warms_and_runs(tmp_path: Path)
     )
     factory = WarmupFails(fails_above=99)
     found, _ = registry(make_repo(tmp_path, {"net": config}), factory, device="auto")
-    await found.load_all(_nothing)
+    await load_all(found)
     [session] = factory.sessions
     assert session.batches == [2, 6]
     logits = await found.get("net").infer(np.zeros((3, 3, 4, 4), np.float32))
@@ -252,7 +256,7 @@ def test_gpu_sessions_share_the_gpus_memory(tmp_path: Path) -> None:
 async def test_the_share_reaches_every_gpu_session(tmp_path: Path) -> None:
     factory = FakeFactory()
     found, _ = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="cuda")
-    await found.load_all(_nothing)
+    await load_all(found)
     [(_, options)] = factory.calls[0]
     assert options["gpu_mem_limit"] == str(int((10 << 30) * GPU_MEMORY_SHARE))
     await found.close()

@@ -21,16 +21,24 @@ from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import GPU_PROVIDERS
 
 SERVER_NAME = "resnet-serve"
-# Protocol extensions, as Triton names them, that this server implements.
+# Protocol extensions, as Triton names them, that this server implements; with a model
+# control mode other than none, MODEL_REPOSITORY too (load and unload).
 EXTENSIONS = ("classification", "model_configuration", "statistics")
+MODEL_REPOSITORY = "model_repository"
 BACKEND = "onnxruntime"
 _CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8}
 _FORMATS = {"NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
 
 
-def server_metadata() -> pb.ServerMetadataResponse:
+def extensions(model_control_mode: str) -> tuple[str, ...]:
+    return (*EXTENSIONS, MODEL_REPOSITORY) if model_control_mode != "none" else EXTENSIONS
+
+
+def server_metadata(model_control_mode: str) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(
-        name=SERVER_NAME, version=version("resnet-serve"), extensions=EXTENSIONS
+        name=SERVER_NAME,
+        version=version("resnet-serve"),
+        extensions=extensions(model_control_mode),
     )
 
 
