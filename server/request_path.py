@@ -22,7 +22,7 @@ into its response. Here, in order:
    preprocessing pool, off the event loop);
 7. the model version's batcher computes the logits.
 
-Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.streams`
+Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
 """
 
@@ -130,7 +130,10 @@ class RequestPath:
     async def _infer(
         self, request: Request[Parsed], request_id: str, served: ModelVersion, deadline: float
     ) -> Result[Parsed]:
-        with self._metrics.track_request(served.name, served.version, request.images, deadline):
+        # held until answered: a version being unloaded finishes the requests it let in
+        with served.hold(), self._metrics.track_request(
+            served.name, served.version, request.images, deadline
+        ):
             self._check_limit(request.images)
             inputs, parsed = request.read(served)
             self._check_count(inputs)
