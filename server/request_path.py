@@ -19,7 +19,8 @@ into its response. Here, in order:
    here, a protocol's own per-image tensors by the reader it gave), each error naming the
    image's index, and the time is observed in the preprocess histogram; a request that
    sent the graph's own batch skips this step (a batch still `Unread` is read on the
-   preprocessing pool, off the event loop);
+   preprocessing pool, off the event loop); the first image that fails cancels the
+   others, so their decodes still waiting for a worker never start;
 7. the model version's batcher computes the logits.
 
 Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.calls`
@@ -159,9 +160,18 @@ class RequestPath:
 
     async def _prepare(self, images: Sequence[Image], served: ModelVersion) -> np.ndarray:
         started = time.perf_counter()
-        inputs = await asyncio.gather(
-            *(self._prepare_one(i, image, served) for i, image in enumerate(images))
-        )
+        tasks = [
+            asyncio.ensure_future(self._prepare_one(i, image, served))
+            for i, image in enumerate(images)
+        ]
+        try:
+            inputs = await asyncio.gather(*tasks)
+        except BaseException:
+            # the first image that fails (or the caller's cancel) stops its siblings: a
+            # decode still waiting for a worker is never started
+            for task in tasks:
+                task.cancel()
+            raise
         self._metrics.preprocess_duration.labels(served.name, served.version).observe(
             time.perf_counter() - started
         )
