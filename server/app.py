@@ -98,7 +98,7 @@ async def start(settings: Settings) -> Running:
     server = grpc.aio.server(
         interceptors=[
             ErrorInterceptor(ctx.draining, calls),
-            *([AuthInterceptor(tokens)] if tokens else []),
+            *([AuthInterceptor(tokens, metrics)] if tokens else []),
         ],
         options=[
             # A second server on a taken port fails to start instead of sharing it.
