@@ -87,9 +87,11 @@ ARG CALIBRATION=
 ARG MODEL_REPO
 
 # Export and verify. The build context is mounted (not copied) so that a checkpoint
-# reaches this step without ending up in any image layer.
+# reaches this step without ending up in any image layer. ARCHS empty: no model in the
+# image, for a repository mounted at run time (KServe's storageUri at /mnt/models).
 RUN --mount=type=bind,source=.,target=/context \
     set -eu; \
+    mkdir -p "${MODEL_REPO}"; \
     for arch in ${ARCHS}; do \
         resnet-serve build "${arch}" --repo "${MODEL_REPO}" --input "${INPUT}" \
             --precision "${PRECISION}" \
