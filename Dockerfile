@@ -89,6 +89,8 @@ ARG MODEL_REPO
 # Export and verify. The build context is mounted (not copied) so that a checkpoint
 # reaches this step without ending up in any image layer. ARCHS empty: no model in the
 # image, for a repository mounted at run time (KServe's storageUri at /mnt/models).
+# The builder writes config.json and labels.txt through mkstemp (mode 0600): readable
+# by all, so the runtime's user 10001 can load them.
 RUN --mount=type=bind,source=.,target=/context \
     set -eu; \
     mkdir -p "${MODEL_REPO}"; \
@@ -98,6 +100,7 @@ RUN --mount=type=bind,source=.,target=/context \
             ${WEIGHTS:+--weights "/context/${WEIGHTS}"} \
             ${CALIBRATION:+--calibration "/context/${CALIBRATION}"}; \
     done; \
+    chmod -R a+rX "${MODEL_REPO}"; \
     resnet-serve models --repo "${MODEL_REPO}"
 
 

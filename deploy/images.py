@@ -417,8 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with daemon() as docker:
             if args.command == "daemon":
                 print(f"export DOCKER_HOST={docker.host}", flush=True)
-                with contextlib.suppress(KeyboardInterrupt):
-                    signal.pause()
+                # SIGTERM or SIGINT (ignored by default in a background job) stops it cleanly
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda *_: sys.exit(0))
+                signal.pause()
                 return 0
             tags = build_images(docker, args.variant or ["cpu", "gpu"], args.archs,
                                 args.tag_suffix)  # fmt: skip

@@ -112,8 +112,14 @@ def replicas(docker: images.Docker, image: str) -> Iterator[list[Container]]:
             )  # fmt: skip
             started.append(container)
         for container in started:
-            procs.wait_until(lambda c=container: _health(docker, c.name) == "healthy", None,
-                             f"{container.name}: HEALTHCHECK healthy", every=1)  # fmt: skip
+            try:
+                procs.wait_until(lambda c=container: _health(docker, c.name) == "healthy", None,
+                                 f"{container.name}: HEALTHCHECK healthy", every=1)  # fmt: skip
+            except AssertionError as exc:
+                health = _inspect(docker, container.name)["State"].get("Health")
+                logs = docker.run("logs", container.name, check=False)
+                output = (logs.stdout + logs.stderr)[-3000:]
+                raise AssertionError(f"{exc}\nhealth: {health}\nlogs:\n{output}") from None
         yield started
     finally:
         for container in started:
