@@ -77,9 +77,10 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheels")
     step = step.replace("/wheelhouse", str(ROOT / "wheelhouse"))
     args = shlex.split(step.replace("/wheels", str(out)))
+    env = procs.image_env(procs.clean_env(), **builder.env())
     result = subprocess.run(
-        [sys.executable, "-m", *args], cwd=src, env=procs.clean_env(**builder.env()),
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", *args], cwd=src, env=env, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return out
