@@ -94,7 +94,7 @@ def _logits(model: Path, images: np.ndarray) -> np.ndarray:
 
 def digits_agreement(repo: Path) -> dict[str, Any]:
     from builder.digits import inputs, load_digits
-    from server.model_config import ModelConfig
+    from server.repository import ModelConfig
 
     held_out = load_digits().held_out
     images = inputs(held_out.pixels, ModelConfig.load(repo / DIGITS[0]))
@@ -108,7 +108,7 @@ def digits_agreement(repo: Path) -> dict[str, Any]:
 
 
 def raw_speed(repo: Path, names: tuple[str, str], batches: list[int], seconds: float) -> dict:
-    from server.model_config import ModelConfig
+    from server.repository import ModelConfig
 
     spec = ModelConfig.load(repo / names[0]).input
     measured = {

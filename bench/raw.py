@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.model_config import InputSpec
+from server.repository import InputSpec
 
 WARMUP_RUNS = 2
 MIN_RUNS = 5

@@ -15,7 +15,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.model_config import MODEL_FILE, VERIFICATION_FILE, Batching, ModelConfig
+from server.repository import (
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    Batching,
+    ModelConfig,
+    check_version,
+    latest_version,
+    versions,
+)
 
 NO_BATCH_SUFFIX = "-nobatch"
 
@@ -33,18 +41,11 @@ class Served:
         return self.name + NO_BATCH_SUFFIX
 
 
-def latest_version(model_dir: Path) -> Path:
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        raise FileNotFoundError(f"{model_dir} has no version directory; build the model first")
-    return max(versions, key=lambda p: int(p.name))
-
-
 def build_missing(repo: Path, archs: list[str]) -> None:
     """``resnet-serve build ARCH --repo REPO --input uint8`` for each model not built yet."""
     command = Path(sys.executable).with_name("resnet-serve")
     for arch in archs:
-        if (repo / arch).is_dir() and any(p.name.isdigit() for p in (repo / arch).iterdir()):
+        if versions(repo / arch):
             continue
         print(f"building {arch} (uint8 input) into {repo}", file=sys.stderr, flush=True)
         subprocess.run(
@@ -69,6 +70,9 @@ def prepare(
         model_dir = source / name
         config = ModelConfig.load(model_dir)
         version = latest_version(model_dir)
+        check = check_version(version)
+        if not check.servable:
+            raise ValueError(f"{version} would not be served ({check.status}): {check.reason}")
         update = {
             "max_batch_size": max_batch_size,
             "max_queue_delay_us": max_queue_delay_us,

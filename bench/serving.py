@@ -1,8 +1,19 @@
-"""The server under test: ``resnet-serve serve`` as a subprocess on free loopback ports."""
+"""A real server as a subprocess: ``resnet-serve serve`` on loopback ports, waited for via
+gRPC health. The one harness that the bench and the tests start processes with.
+
+``start(repo, log_path, flags)`` returns once grpc.health.v1 says SERVING for ""
+(every model loaded and warmed); ``Server.stop()`` sends SIGTERM and returns the
+exit code. ``running(...)`` is the bench's form: a context manager, on CPU,
+without reflection.
+
+A server started with ``--tls-cert`` needs ``credentials`` (the client side,
+``grpc.ssl_channel_credentials(...)``) for its health checks.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -10,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +29,13 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+SERVE = [str(Path(sys.executable).with_name("resnet-serve")), "serve"]
 START_TIMEOUT = 300.0
 STOP_TIMEOUT = 60.0
+
+
+class StartError(RuntimeError):
+    """The server exited or did not become SERVING in time; the message holds its log."""
 
 
 def free_port() -> int:
@@ -28,85 +44,136 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Server:
+@dataclass(kw_only=True)
+class Endpoints:
+    """Where a server answers, and the calls made there: gRPC channel, /metrics, health."""
+
     address: str
     metrics_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             return response.read().decode()
+
+    def health(self, service: str = "") -> int:
+        """The health status of `service` (health_pb2.HealthCheckResponse values)."""
+        with self.channel() as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service=service)
+            return stub.Check(request, timeout=5).status
+
+    def serving(self) -> bool:
+        return self.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass(kw_only=True)
+class Server(Endpoints):
+    """``resnet-serve serve`` running as a subprocess, its output in `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process, all threads."""
         times = psutil.Process(self.process.pid).cpu_times()
         return times.user + times.system
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def settings_lines(self) -> list[str]:
         """The server's log lines saying how each model runs (provider, threads, instances)."""
         pattern = re.compile(r"intra-op thread|READY in|decode")
         return [line.strip() for line in self.log().splitlines() if pattern.search(line)]
 
-    def serving(self) -> bool:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-        return status == health_pb2.HealthCheckResponse.SERVING
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send `sig` (unless it has exited) and wait; killed if it outlasts `timeout`."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start(
+    repo: Path,
+    log_path: Path,
+    flags: Sequence[str] = (),
+    *,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    env: dict[str, str] | None = None,
+    attempts: int = 3,
+) -> Server:
+    """`resnet-serve serve` over `repo` on loopback, SERVING; its output goes to `log_path`.
+
+    Ports not given are free ones, chosen again (up to `attempts` times) if another
+    process took one first. ``env`` adds variables (``RESNET_SERVE_*`` settings) to
+    this process's environment. Raises `StartError`.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        grpc_port, http_port = port or free_port(), metrics_port or free_port()
+        command = [
+            *SERVE, "--repo", str(repo),
+            "--host", "127.0.0.1", "--port", str(grpc_port),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(http_port),
+            *flags,
+        ]  # fmt: skip
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        server = Server(
+            address=f"127.0.0.1:{grpc_port}",
+            metrics_url=f"http://127.0.0.1:{http_port}/metrics",
+            credentials=credentials,
+            process=process,
+            log_path=log_path,
+        )
+        if _wait_serving(server, time.monotonic() + START_TIMEOUT):
+            return server
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            raise StartError(f"server not SERVING after {START_TIMEOUT:.0f} s:\n{server.log()}")
+        chosen = port is None or metrics_port is None
+        if not chosen or attempt == attempts - 1 or "bind" not in server.log().lower():
+            raise StartError(f"server exited with {process.returncode}:\n{server.log()}")
+    raise AssertionError("unreachable")
+
+
+def _wait_serving(server: Server, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            return False
+        with contextlib.suppress(grpc.RpcError):
+            if server.serving():
+                return True
+        time.sleep(0.2)
+    return False
 
 
 @contextlib.contextmanager
 def running(repo: Path, log_path: Path, flags: list[str]) -> Iterator[Server]:
-    """A SERVING server over `repo` with extra `flags`; SIGTERM and wait on exit."""
-    port, metrics_port = free_port(), free_port()
-    command = [
-        str(Path(sys.executable).with_name("resnet-serve")),
-        "serve",
-        "--repo",
-        str(repo),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        str(metrics_port),
-        "--device",
-        "cpu",
-        "--no-reflection",
-        *flags,
-    ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    server = Server(
-        f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process, log_path
-    )
+    """A SERVING server over `repo` on CPU, without reflection, with extra `flags`;
+    SIGTERM and wait on exit."""
+    server = start(repo, log_path, ["--device", "cpu", "--no-reflection", *flags])
     try:
-        _wait_serving(server)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_serving(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-        with contextlib.suppress(grpc.RpcError):
-            if server.serving():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"server not SERVING after {START_TIMEOUT:.0f} s:\n{server.log()}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.stop()

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import raw
-from bench.repository import build_missing, latest_version
+from bench.repository import build_missing
 from server.config import Settings
-from server.model_config import MODEL_FILE, ModelConfig
+from server.repository import MODEL_FILE, ModelConfig, latest_version
 from server.sessions import open_session
 
 HERE = Path(__file__).resolve().parent

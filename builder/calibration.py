@@ -1,7 +1,7 @@
 """Images for int8 calibration and for checking it: a user's folder, or a synthetic set.
 
 A folder's images (JPEG, PNG, WebP, BMP, GIF; sorted by path, subfolders included) are
-decoded and preprocessed exactly as the server does it (`server.preprocess`), then split
+decoded and preprocessed exactly as the server does it (`server.repository.transform`), then split
 deterministically: every ``HELD_OUT_EVERY``-th image is held out of calibration and used to
 measure top-1 agreement with the fp32 model. Without a folder, both sets are seeded random
 inputs (N(0, 1) after normalization, or uniform pixels for uint8 graphs) and the record
@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from builder.verify import random_inputs
-from server.model_config import ModelConfig
-from server.preprocess import Limits, prepare_encoded
+from builder.checks import random_inputs
+from server.repository import ImageLimits, ModelConfig, prepare_encoded
 
 HELD_OUT_EVERY = 5
 SYNTHETIC_CALIBRATION = 64
 SYNTHETIC_HELD_OUT = 64
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
-_LIMITS = Limits(max_image_bytes=1 << 30, max_image_pixels=1 << 30)
+_LIMITS = ImageLimits(max_image_bytes=1 << 30, max_image_pixels=1 << 30)
 
 
 class CalibrationError(ValueError):

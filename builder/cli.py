@@ -10,20 +10,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder.architectures import Layout
+from pydantic import ValidationError
+
+from builder.options import BuildOptions, architecture_argument, default_note
 from builder.precision import Precision
-from builder.registry import REGISTRY, UnknownArchitectureError
+from builder.registry import UnknownArchitectureError
 from builder.repository import RepositoryError, list_models
 from builder.tables import format_table
+from server.repository import flags
 
 _DEFAULT_REPO = Path("models")
-
-
-def _architecture(name: str) -> str:
-    try:
-        return REGISTRY.get(name).name
-    except UnknownArchitectureError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _probability(text: str) -> float:
@@ -47,71 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export ARCH (seeded random weights, or --weights) to ONNX, verify it, and "
         "publish it as <repo>/<name>/<version>/ with config.json and labels.txt.",
     )
-    build.add_argument("arch", type=_architecture, help=f"one of: {', '.join(REGISTRY.names())}")
-    build.add_argument(
-        "--weights", type=Path, help="torchvision-format checkpoint (.pth, .safetensors)"
-    )
-    build.add_argument(
-        "--repo", type=Path, default=_DEFAULT_REPO, help="model repository (default: models)"
-    )
-    build.add_argument("--name", help="model name in the repository (default: ARCH)")
-    build.add_argument(
-        "--version", type=_positive, help="default: 1 for a new model, else highest + 1"
-    )
-    build.add_argument("--opset", type=_positive, help="ONNX opset (default: 18)")
-    build.add_argument(
-        "--input",
-        choices=("float32", "uint8"),
-        default="float32",
-        help="float32: normalized NCHW; uint8: raw RGB pixels NHWC, normalized in the graph",
-    )
-    build.add_argument(
-        "--num-classes", type=_positive, help="size of the head (default: 1000, CIFAR 10)"
-    )
-    build.add_argument(
-        "--labels",
-        type=Path,
-        metavar="FILE",
-        help="class names, one per line (default: ImageNet's, CIFAR-10's, or class_<i>)",
-    )
-    build.add_argument(
-        "--seed", type=int, default=0, help="seed of the random weights (default: 0)"
-    )
-    build.add_argument(
-        "--layout",
-        choices=[layout.value for layout in Layout],
-        default=Layout.TORCHVISION.value,
-        help="bottleneck stride on the 3x3 (torchvision) or on the first 1x1 (original paper)",
-    )
-    build.add_argument(
-        "--zero-init-last", action="store_true", help="zero each block's last BatchNorm weight"
-    )
-    build.add_argument(
-        "--stochastic-depth",
-        type=_probability,
-        nargs="?",
-        const=0.5,
-        metavar="P_L",
-        help="record stochastic depth (survival of the last block P_L, default 0.5, linear "
-        "decay) in the recipe; a training option: the exported graph is the eval net either way",
-    )
-    build.add_argument(
-        "--precision",
-        choices=[p.value for p in Precision],
-        default=Precision.FP32.value,
-        help="fp32; fp16 (GPUs: float16 weights and compute, float32 IO unless --fp16-io); "
-        "int8 (CPUs: static QDQ quantization, per-channel weights)",
-    )
-    build.add_argument(
-        "--fp16-io", action="store_true", help="fp16: float16 graph inputs and outputs"
-    )
-    build.add_argument(
-        "--calibration",
-        type=Path,
-        metavar="DIR",
-        help="int8: folder of representative images (every 5th is held out to check "
-        "agreement with fp32); default: a synthetic set, flagged in verification.json",
-    )
+    flags.add_arguments(build, BuildOptions, default_note)
     build.set_defaults(func=_build)
 
     verify = subparsers.add_parser(
@@ -131,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fixed 80/20 split) on the CPU, save the checkpoint and the split as PNGs in --out, "
         "and build the model into --repo through the normal build path.",
     )
-    train.add_argument("--arch", type=_architecture, default="resnet20", help="default: resnet20")
+    train.add_argument(
+        "--arch", type=architecture_argument, default="resnet20", help="default: resnet20"
+    )
     train.add_argument("--repo", type=Path, default=_DEFAULT_REPO, help="default: models")
     train.add_argument("--name", default="digits", help="model name (default: digits)")
     train.add_argument(
@@ -176,36 +110,23 @@ def _missing_extra(exc: ImportError) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     try:
-        from builder.build import BuildRequest, VerificationFailed, build
+        options = BuildOptions(**flags.given(args, BuildOptions))
+    except ValidationError as exc:
+        problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return 2
+    try:
+        from builder.build import VerificationFailed, build
         from builder.calibration import CalibrationError
-        from builder.export import DEFAULT_OPSET
         from builder.weights import WeightsError
     except ImportError as exc:
         return _missing_extra(exc)
 
-    request = BuildRequest(
-        arch=args.arch,
-        repo=args.repo,
-        name=args.name,
-        version=args.version,
-        weights=args.weights,
-        num_classes=args.num_classes,
-        input_dtype=args.input,
-        opset=args.opset or DEFAULT_OPSET,
-        seed=args.seed,
-        layout=Layout(args.layout),
-        zero_init_last=args.zero_init_last,
-        stochastic_depth=args.stochastic_depth,
-        precision=Precision(args.precision),
-        fp16_io=args.fp16_io,
-        calibration=args.calibration,
-        labels=None if args.labels is None else _read_labels(args.labels),
-    )
     try:
-        result = build(request)
+        result = build(options)
     except VerificationFailed as exc:
         print(exc.report.table())
-        print(f"error: {exc}; nothing was written to {args.repo}", file=sys.stderr)
+        print(f"error: {exc}; nothing was written to {options.repo}", file=sys.stderr)
         return 1
     except (WeightsError, CalibrationError, RepositoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -216,10 +137,6 @@ def _build(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in result.seconds.items())
     print(f"built {result.version_dir} ({stages})")
     return 0
-
-
-def _read_labels(path: Path) -> tuple[str, ...]:
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -259,12 +176,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     try:
-        from builder.build import verify
+        from builder.build import verify_version
     except ImportError as exc:
         return _missing_extra(exc)
 
     try:
-        report = verify(args.path)
+        report = verify_version(args.path)
     except (RepositoryError, FileNotFoundError, UnknownArchitectureError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

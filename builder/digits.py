@@ -2,7 +2,7 @@
 
 The 1,797 8×8 images (values 0–16) are scaled to 0–255, upscaled bilinearly to 32×32 and
 repeated over three channels: the pixels a user would send as a PNG. ``inputs`` turns them
-into what the model sees with the server's own preprocessing (`server.preprocess.transform`,
+into what the model sees with the server's own preprocessing (`server.repository.transform`,
 CIFAR normalization), so training, the PyTorch reference and the server agree exactly.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from server.model_config import ModelConfig
-from server.preprocess import transform
+from server.repository import ModelConfig, transform
 
 SIZE = 32
 HELD_OUT_SHARE = 0.2

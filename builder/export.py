@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.model_config import InputSpec, OutputSpec
+from server.repository import InputSpec, OutputSpec
 
 INPUT_NAME = InputSpec().name  # "images": the names config.json promises
 OUTPUT_NAME = OutputSpec().name  # "logits"
 BATCH_AXIS = "batch"
-DEFAULT_OPSET = 18
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, computed_field, model_validator
 from torch import nn
 
-from builder.architectures import Layout
-from builder.precision import Precision
-from builder.registry import REGISTRY
-from builder.resnet import Classifier, ModelOptions, create_model
-from builder.weights import WeightsSource, load_weights
+from builder.options import BuildOptions
+from builder.resnet import TorchNet, create_model
+from builder.weights import load_weights
 
-CALIBRATION_BATCH = 8
+BN_STATISTICS_BATCH = 8
 
 
-def calibrate_batchnorm(model: Classifier, seed: int, batch: int = CALIBRATION_BATCH) -> None:
+def set_batchnorm_statistics(model: TorchNet, seed: int, batch: int = BN_STATISTICS_BATCH) -> None:
     """Set every BatchNorm's running statistics from one seeded batch of N(0, 1) images.
 
     Randomly initialized residual nets double their activations' variance at each block
@@ -46,74 +43,46 @@ def calibrate_batchnorm(model: Classifier, seed: int, batch: int = CALIBRATION_B
     model.eval()
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Architecture and options, plus either a checkpoint or the seed of random weights, and
-    the precision the graph was converted to (with, for int8, where its calibration came
-    from: `builder.calibration`'s record)."""
+class Recipe(BuildOptions):
+    """A build's options as verification.json records them, resolved (the head's size, the
+    name and version, absolute paths), plus the checksum of the checkpoint it read.
 
-    arch: str
-    num_classes: int
-    layout: Layout = Layout.TORCHVISION
-    seed: int = 0
-    zero_init_last: bool = False
-    weights: WeightsSource | None = None
-    stochastic_depth: float | None = None  # a training option: the eval model is the same
-    precision: Precision = Precision.FP32
-    fp16_io: bool = False
-    calibration: dict[str, Any] | None = None
+    Its JSON is its own ``model_dump(mode="json")``; ``Recipe.model_validate`` reads it back.
+    """
 
+    num_classes: int = Field(ge=1, description="size of the head")
+    name: str = Field(description="model name in the repository")
+    version: int = Field(ge=1, description="version number")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the checkpoint at build time; None: random weights"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_computed(cls, data: Any) -> Any:
+        """A recorded recipe carries its computed fields; they are derived again, not read."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in cls.model_computed_fields}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
     @property
-    def calibration_batch(self) -> int | None:
-        return None if self.weights else CALIBRATION_BATCH
+    def bn_statistics(self) -> dict[str, Any] | None:
+        """How random weights' BatchNorm statistics were set (`set_batchnorm_statistics`)."""
+        if self.weights is not None:
+            return None
+        return {"batch": BN_STATISTICS_BATCH, "seed": self.seed, "images": "N(0, 1)"}
 
     @property
     def io_dtype(self) -> str | None:
         """The graph's input/output dtype where it differs from config.json's."""
         return "float16" if self.fp16_io else None
 
-    def model(self) -> Classifier:
+    def model(self) -> TorchNet:
         """The fp32 model in eval mode; reloads the checkpoint when there is one."""
-        options = ModelOptions(
-            self.num_classes, self.layout, self.zero_init_last, self.seed, self.stochastic_depth
-        )
-        model = create_model(self.arch, options)
+        model = create_model(self.arch, self)
         if self.weights is not None:
-            load_weights(model, self.weights.path, self.arch)
+            load_weights(model, self.weights, self.arch)
         else:
-            calibrate_batchnorm(model, self.seed)
+            set_batchnorm_statistics(model, self.seed)
         return model.eval()
-
-    def to_json(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["layout"] = self.layout.value
-        record["precision"] = self.precision.value
-        record["weights"] = (
-            None
-            if self.weights is None
-            else {"path": str(self.weights.path), "sha256": self.weights.sha256}
-        )
-        record["bn_calibration"] = (
-            None
-            if self.calibration_batch is None
-            else {"batch": self.calibration_batch, "seed": self.seed, "images": "N(0, 1)"}
-        )
-        return record
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> Recipe:
-        weights = record.get("weights")
-        return cls(
-            arch=REGISTRY.get(record["arch"]).name,
-            num_classes=int(record["num_classes"]),
-            layout=Layout(record.get("layout", Layout.TORCHVISION)),
-            seed=int(record.get("seed", 0)),
-            zero_init_last=bool(record.get("zero_init_last", False)),
-            weights=None
-            if weights is None
-            else WeightsSource(path=Path(weights["path"]), sha256=weights["sha256"]),
-            stochastic_depth=record.get("stochastic_depth"),
-            precision=Precision(record.get("precision", Precision.FP32)),
-            fp16_io=bool(record.get("fp16_io", False)),
-            calibration=record.get("calibration"),
-        )

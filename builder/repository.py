@@ -1,11 +1,5 @@
-"""The model repository on disk: versions, atomic writes, listing. Torch-free.
-
-::
-
-    <repo>/<name>/config.json
-    <repo>/<name>/labels.txt
-    <repo>/<name>/<version>/model.onnx
-    <repo>/<name>/<version>/verification.json
+"""Writing into the model repository (`server.repository` describes it): atomic publishing,
+staging, listing. Torch-free.
 
 A version is assembled in ``<repo>/<name>/.tmp-*`` (same file system) and renamed into
 place, so a reader never sees half a model. While a build stages, it holds an exclusive
@@ -17,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -26,11 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.model_config import (
+from server.repository import (
     CONFIG_FILE,
-    MODEL_FILE,
-    VERIFICATION_FILE,
     ModelConfig,
+    VersionCheck,
+    check_version,
+    labels_text,
+    version_dirs,
+    versions,
 )
 
 TMP_PREFIX = ".tmp-"
@@ -41,22 +37,6 @@ _BUILD_FIELDS = ("arch", "num_classes", "labels", "input", "output", "preprocess
 
 class RepositoryError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def versions(model_dir: Path) -> list[int]:
-    """The model's version numbers, ascending (directories named by a positive integer)."""
-    if not model_dir.is_dir():
-        return []
-    found = (p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    return sorted(int(v) for v in found if int(v) > 0)
 
 
 def next_version(model_dir: Path) -> int:
@@ -163,7 +143,7 @@ def publish_version(
     check_config_compatible(model_dir, config)
     labels_path = model_dir / config.labels
     if not labels_path.is_file():
-        _write_atomically(labels_path, "\n".join(labels) + "\n")
+        _write_atomically(labels_path, labels_text(labels))
     if not (model_dir / CONFIG_FILE).is_file():
         _write_atomically(
             model_dir / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
@@ -177,43 +157,11 @@ def publish_version(
 
 
 @dataclass(frozen=True)
-class VersionStatus:
-    version: int
-    status: str  # "verified", "FAILED", "unverified", "modified", "missing model"
-    detail: str = ""
-    precision: str = "-"  # fp32, fp16 or int8, as recorded by the build; "-" without a record
-
-
-@dataclass(frozen=True)
 class ModelEntry:
     name: str
-    versions: list[VersionStatus]
+    versions: list[VersionCheck]
     config: ModelConfig | None  # None when config.json does not parse
     config_error: str = ""
-
-
-def version_status(version_dir: Path) -> VersionStatus:
-    """What the server will think of a version: its verification record and file hash."""
-    version = int(version_dir.name)
-    model, record_path = version_dir / MODEL_FILE, version_dir / VERIFICATION_FILE
-    if not model.is_file():
-        return VersionStatus(version, "missing model", f"no {MODEL_FILE}")
-    if not record_path.is_file():
-        return VersionStatus(version, "unverified", f"no {VERIFICATION_FILE}")
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError as exc:
-        return VersionStatus(version, "unverified", f"unreadable {VERIFICATION_FILE}: {exc}")
-    # Records written before precisions existed are fp32.
-    precision = str(record.get("precision", "fp32"))
-    if record.get("sha256") != sha256_file(model):
-        return VersionStatus(
-            version, "modified", f"{MODEL_FILE} does not match its sha256", precision
-        )
-    if record.get("passed") is not True:
-        failed = [c["name"] for c in record.get("checks", []) if not c.get("passed")]
-        return VersionStatus(version, "FAILED", ", ".join(failed), precision)
-    return VersionStatus(version, "verified", record.get("scope", ""), precision)
 
 
 def list_models(repo: Path) -> list[ModelEntry]:
@@ -222,7 +170,7 @@ def list_models(repo: Path) -> list[ModelEntry]:
     if not repo.is_dir():
         raise RepositoryError(f"model repository {repo} does not exist")
     for model_dir in sorted(p for p in repo.iterdir() if (p / CONFIG_FILE).is_file()):
-        statuses = [version_status(model_dir / str(v)) for v in versions(model_dir)]
+        statuses = [check_version(version_dir) for version_dir in version_dirs(model_dir)]
         try:
             config = ModelConfig.load(model_dir)
         except ValueError as exc:  # pydantic's ValidationError, or JSON that does not parse

@@ -4,7 +4,6 @@ stochastic depth, and seeded initialization in one place."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,18 +19,8 @@ from builder.blocks import (
     conv1x1,
 )
 from builder.densenet import DenseNet
+from builder.options import ModelOptions
 from builder.registry import REGISTRY
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """What, beside the architecture, decides the PyTorch model (recorded to rebuild it)."""
-
-    num_classes: int | None = None  # None: the row's default (1000 or 10)
-    layout: Layout = Layout.TORCHVISION
-    zero_init_last: bool = False
-    seed: int = 0
-    stochastic_depth: float | None = None  # p_L, the last block's survival probability
 
 
 def drop_probabilities(blocks: int, survival_last: float | None) -> list[float]:
@@ -136,7 +125,7 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-Classifier = ResNet | DenseNet
+TorchNet = ResNet | DenseNet  # the PyTorch network of any row of the table
 
 
 def initialize(model: nn.Module, seed: int, zero_init_last: bool = False) -> None:
@@ -163,17 +152,16 @@ def initialize(model: nn.Module, seed: int, zero_init_last: bool = False) -> Non
                     module.zero_init_last()
 
 
-def create_model(name: str, options: ModelOptions = ModelOptions()) -> Classifier:
+def create_model(name: str, options: ModelOptions | None = None) -> TorchNet:
     """The seeded, initialized model for a registered architecture, in eval mode."""
+    options = options or ModelOptions()
     spec = REGISTRY.get(name)
     num_classes = spec.default_num_classes if options.num_classes is None else options.num_classes
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
     if not spec.residual and (options.zero_init_last or options.stochastic_depth is not None):
         raise ValueError(f"{name} has no residual blocks: no zero_init_last, no stochastic depth")
     # Parameters are allocated on the meta device and materialized once, by initialize().
     with torch.device("meta"):
-        model: Classifier = (
+        model: TorchNet = (
             ResNet(spec, num_classes, options.layout, options.stochastic_depth)
             if spec.residual
             else DenseNet(spec, num_classes)

@@ -25,11 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from builder.architectures import Dataset
-from builder.build import BuildRequest, build, model_config
+from builder.build import build, model_config
 from builder.digits import LABELS, inputs, load_digits, write_pngs
+from builder.options import BuildOptions
 from builder.precision import Precision
 from builder.registry import REGISTRY
-from builder.resnet import ModelOptions, create_model
+from builder.resnet import create_model
 
 SHIFT = 2  # pixels of random translation in training
 
@@ -90,8 +91,13 @@ def train(request: TrainRequest) -> TrainResult:
     held_x = torch.from_numpy(inputs(digits.held_out.pixels, config))
     held_y = torch.from_numpy(digits.held_out.labels)
 
-    options = ModelOptions(
-        len(LABELS), seed=request.seed, stochastic_depth=request.stochastic_depth
+    options = BuildOptions(
+        arch=spec.name,
+        repo=request.repo,
+        num_classes=len(LABELS),
+        labels=LABELS,
+        seed=request.seed,
+        stochastic_depth=request.stochastic_depth,
     )
     model = create_model(spec.name, options)
     steps = -(-len(train_x) // request.batch_size)
@@ -137,18 +143,10 @@ def train(request: TrainRequest) -> TrainResult:
     versions = {}
     for precision in request.precisions:
         name = request.name if precision is Precision.FP32 else f"{request.name}_{precision}"
+        calibration = out / "train" if precision is Precision.INT8 else None
         built = build(
-            BuildRequest(
-                spec.name,
-                repo=request.repo,
-                name=name,
-                weights=checkpoint,
-                num_classes=len(LABELS),
-                labels=LABELS,
-                seed=request.seed,
-                stochastic_depth=request.stochastic_depth,
-                precision=precision,
-                calibration=out / "train" if precision is Precision.INT8 else None,
+            options.updated(
+                name=name, weights=checkpoint, precision=precision, calibration=calibration
             )
         )
         versions[precision] = built.version_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from builder.repository import sha256_file
+from server.repository import sha256_file
 
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts' {"state_dict": ...} / {"model": ...}
 _DATA_PARALLEL_PREFIX = "module."

@@ -1,13 +1,19 @@
-"""The serving process: one gRPC port with every service, /metrics, lifecycle.
+"""The server's lifecycle: one gRPC port with every service, /metrics, drain, stop.
 
-Start-up: bind, answer health NOT_SERVING, load and warm every model, then
-SERVING per model name (and overall "" once loading is done and a model is
-ready). SIGTERM/SIGINT: health NOT_SERVING for all, new calls UNAVAILABLE
-(answered by the interceptor while the port stays open, so balancers and
-clients see a status they retry elsewhere, not a cancelled call), open
-streams stop reading and end with UNAVAILABLE, queued and in-flight calls
-finish; then, once refused callers have been pushed back past it
-(`server.drain`), the port closes. All within the grace period; exit 0.
+`start(settings)` scans the repository, binds, starts serving (health NOT_SERVING)
+and loads and warms every model in the background: SERVING per model name once
+it is ready, and overall ("") once loading is done and a model is ready. It
+returns a `Running` handle; a test starts a server in-process with it.
+
+`Running.drain()`: health NOT_SERVING for all, new calls UNAVAILABLE (answered
+by the interceptor while the port stays open, so balancers and clients see a
+status they retry elsewhere, not a cancelled call), open streams stop reading
+and end with UNAVAILABLE, queued and in-flight calls finish; then, once refused
+callers have been pushed back past it (`server.drain`), the port closes. All
+within the grace period. `Running.stop()` drains if that has not begun, then
+closes the models, the decode workers and /metrics.
+
+`run(settings)` is the process: start, then SIGTERM/SIGINT → drain and stop; exit 0.
 
 Services are added by the registrars in `SERVICES`, each
 ``register(server, ctx) -> full service name`` (for reflection).
@@ -19,6 +25,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +34,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
-from server import classifier, reflection_pool, tls, v2_servicer
+from server import reflection_pool, tls
 from server.auth import AuthInterceptor, load_tokens
 from server.config import Settings
 from server.context import ServingContext
@@ -35,12 +42,14 @@ from server.interceptors import Calls, ErrorInterceptor
 from server.metrics import Metrics
 from server.models import Model, ModelRegistry
 from server.preprocess import Preprocessor
+from server.protocols import v1
+from server.protocols.v2 import servicer as v2
 
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server, ServingContext], str]
 
-SERVICES: tuple[Registrar, ...] = (classifier.add_to_server, v2_servicer.add_to_server)
+SERVICES: tuple[Registrar, ...] = (v1.add_to_server, v2.add_to_server)
 
 OVERALL = ""
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -57,109 +66,163 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-class App:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+async def start(settings: Settings) -> Running:
+    """Bind and start serving; the models load in the background (`Running.wait_loaded`).
 
-    async def run(self) -> int:
-        settings = self.settings
-        disable_created_metrics()  # no *_created series beside every counter and histogram
-        metrics = Metrics()
-        registry = ModelRegistry(settings, metrics)
-        try:
-            registry.scan()
-        except OSError as exc:
-            raise StartupError(f"cannot read the model repository: {exc}") from exc
-        try:
-            tokens = load_tokens(settings)
-            credentials = tls.server_credentials(settings)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from exc
+    Raises `StartupError` when the repository cannot be read, the TLS or token settings
+    cannot be used, or a port cannot be bound. Port 0 binds a free port (`Running.port`).
+    """
+    disable_created_metrics()  # no *_created series beside every counter and histogram
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
+    try:
+        registry.scan()
+    except OSError as exc:
+        raise StartupError(f"cannot read the model repository: {exc}") from exc
+    try:
+        tokens = load_tokens(settings)
+        credentials = tls.server_credentials(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        http = metrics.serve(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
         metrics_address = host_port(settings.metrics_host, settings.metrics_port)
-        try:
-            http = metrics.serve(settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            raise StartupError(f"cannot bind the metrics port {metrics_address}: {exc}") from exc
-        preprocessor = Preprocessor(settings)
-        health = health_aio.HealthServicer()
-        ctx = ServingContext(settings, registry, preprocessor, metrics, health)
-        calls = Calls()
-        server = grpc.aio.server(
-            interceptors=[
-                ErrorInterceptor(ctx.draining, calls),
-                *([AuthInterceptor(tokens)] if tokens else []),
-            ],
-            options=[
-                # A second server on a taken port fails to start instead of sharing it.
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-            ],
-        )
-        names = [register(server, ctx) for register in SERVICES]
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        names.append(HEALTH_SERVICE)
-        if settings.reflection:
-            reflected = [*names, reflection.SERVICE_NAME]
-            pool = reflection_pool.for_services(reflected)
-            reflection.enable_server_reflection(reflected, server, pool=pool)
-        address = host_port(settings.host, settings.port)
-        try:
-            if credentials is None:
-                server.add_insecure_port(address)
-            else:
-                server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            http.shutdown()
-            raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
-        for name in (OVERALL, *(m.name for m in registry.models())):
-            await health.set(name, NOT_SERVING)
-        await server.start()
-        log.info(
-            "listening on %s (%s), metrics on http://%s/metrics",
-            address, ", ".join(names), metrics_address,
-        )  # fmt: skip
-        log.info(
-            "gRPC port: %s, %s", tls.describe(settings),
-            f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
-        )  # fmt: skip
+        raise StartupError(f"cannot bind the metrics port {metrics_address}: {exc}") from exc
+    metrics_address = host_port(settings.metrics_host, http.server_port)
+    preprocessor = Preprocessor(settings)
+    health = health_aio.HealthServicer()
+    ctx = ServingContext(settings, registry, preprocessor, metrics, health)
+    calls = Calls()
+    server = grpc.aio.server(
+        interceptors=[
+            ErrorInterceptor(ctx.draining, calls),
+            *([AuthInterceptor(tokens)] if tokens else []),
+        ],
+        options=[
+            # A second server on a taken port fails to start instead of sharing it.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    names = [register(server, ctx) for register in SERVICES]
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names.append(HEALTH_SERVICE)
+    if settings.reflection:
+        reflected = [*names, reflection.SERVICE_NAME]
+        pool = reflection_pool.for_services(reflected)
+        reflection.enable_server_reflection(reflected, server, pool=pool)
+    address = host_port(settings.host, settings.port)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        preprocessor.close()
+        http.shutdown()
+        raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
+    address = host_port(settings.host, port)
+    for name in (OVERALL, *(m.name for m in registry.models())):
+        await health.set(name, NOT_SERVING)
+    await server.start()
+    log.info(
+        "listening on %s (%s), metrics on http://%s/metrics",
+        address, ", ".join(names), metrics_address,
+    )  # fmt: skip
+    log.info(
+        "gRPC port: %s, %s", tls.describe(settings),
+        f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
+    )  # fmt: skip
+    return Running(settings, ctx, server, calls, http, port)
 
-        stop = asyncio.Event()
+
+class Running:
+    """A started server: where it listens, whether its models are loaded, `drain()`, `stop()`.
+
+    Made by `start`; use it from the event loop that started it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: ServingContext,
+        server: grpc.aio.Server,
+        calls: Calls,
+        http: WSGIServer,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        # the ports bound: the free ones chosen where the settings say 0
+        self.port = port
+        self.metrics_port: int = http.server_port
+        self._ctx, self._server, self._calls, self._http = ctx, server, calls, http
+        self._ready = False
+        self._loading = asyncio.ensure_future(self._load())
+        self._draining: asyncio.Future[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the gRPC port as bound."""
+        return host_port(self.settings.host, self.port)
+
+    @property
+    def metrics_address(self) -> str:
+        return host_port(self.settings.metrics_host, self.metrics_port)
+
+    def ready(self) -> bool:
+        """True once loading is done and a model is ready (health "" says SERVING)."""
+        return self._ready
+
+    async def wait_loaded(self) -> bool:
+        """Until every model has been loaded or refused (or the drain cut loading short);
+        then `ready()`."""
+        await asyncio.gather(asyncio.shield(self._loading), return_exceptions=True)
+        return self._ready
+
+    async def drain(self) -> None:
+        """Stop taking calls, answer the accepted ones within the grace period, close the
+        port. Once; a second call waits for the first."""
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._draining)
+
+    async def stop(self) -> None:
+        """Drain (unless done), then close the models, the decode workers and /metrics.
+        Once; a second call waits for the first."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self) -> None:
+        settings, ctx, calls = self.settings, self._ctx, self._calls
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig, stop)
-        loading = asyncio.ensure_future(self._load(registry, health))
-        await stop.wait()
-
         grace_ends = loop.time() + settings.grace_period
         ctx.draining.begin()
-        await health.enter_graceful_shutdown()
-        loading.cancel()
-        await asyncio.gather(loading, return_exceptions=True)
+        await ctx.health.enter_graceful_shutdown()
+        self._loading.cancel()
+        await asyncio.gather(self._loading, return_exceptions=True)
         try:
             await asyncio.wait_for(calls.idle(), settings.grace_period)
             log.info("every accepted call answered; closing the port")
             await ctx.draining.settle(grace_ends - loop.time())
         except TimeoutError:
             log.warning("grace period over with %d calls unanswered; cancelling them", calls.active)
-        await server.stop(max(0.0, grace_ends - loop.time()))
+        await self._server.stop(max(0.0, grace_ends - loop.time()))
+
+    async def _stop(self) -> None:
+        await self.drain()
         log.info("gRPC server stopped; closing models")
-        await registry.close()
-        preprocessor.close()
-        http.shutdown()
-        log.info("exiting")
-        return 0
+        await self._ctx.registry.close()
+        self._ctx.preprocessor.close()
+        self._http.shutdown()
+        self._http.server_close()
 
-    def _on_signal(self, sig: signal.Signals, stop: asyncio.Event) -> None:
-        if stop.is_set():
-            log.info("%s received again; still draining", sig.name)
-            return
-        log.info(
-            "%s received: draining, grace period %.0f s", sig.name, self.settings.grace_period
-        )
-        stop.set()
+    async def _load(self) -> None:
+        registry, health = self._ctx.registry, self._ctx.health
 
-    async def _load(self, registry: ModelRegistry, health: health_aio.HealthServicer) -> None:
         async def ready(model: Model) -> None:
             await health.set(model.name, SERVING)
 
@@ -167,7 +230,29 @@ class App:
         ready_models = [m.name for m in registry.models() if m.latest_ready() is not None]
         if ready_models:
             await health.set(OVERALL, SERVING)
+            self._ready = True
             log.info("SERVING: %s", ", ".join(ready_models))
         else:
             log.error("no model could be loaded from %s; health stays NOT_SERVING",
                       self.settings.repo)  # fmt: skip
+
+
+async def run(settings: Settings) -> int:
+    """The serving process: start, serve until SIGTERM or SIGINT, drain, stop; exit code 0."""
+    running = await start(settings)
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, signalled, settings.grace_period)
+    await signalled.wait()
+    await running.stop()
+    log.info("exiting")
+    return 0
+
+
+def _on_signal(sig: signal.Signals, signalled: asyncio.Event, grace_period: float) -> None:
+    if signalled.is_set():
+        log.info("%s received again; still draining", sig.name)
+        return
+    log.info("%s received: draining, grace period %.0f s", sig.name, grace_period)
+    signalled.set()

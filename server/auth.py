@@ -5,8 +5,8 @@ On when `Settings.auth_token` (env ``RESNET_SERVE_AUTH_TOKEN``) or
 carry ``authorization: Bearer <token>`` with an accepted token; a missing or
 wrong one is refused with `server.errors.Unauthenticated` (UNAUTHENTICATED,
 through the server's one error map). Probes stay open so load balancers and
-Kubernetes work without a token: grpc.health.v1 and the v2 protocol's
-ServerLive, ServerReady and ModelReady.
+Kubernetes work without a token (`server.handlers.PROBES`): grpc.health.v1
+and the v2 protocol's ServerLive, ServerReady and ModelReady.
 
 Tokens are compared in constant time: the SHA-256 of the presented token is
 compared with ``hmac.compare_digest`` against the digest of every accepted
@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
 from server.config import Settings
 from server.errors import Unauthenticated, to_status
+from server.handlers import HandlerInterceptor, is_probe, replace_behavior
 
-OPEN_METHODS = (
-    f"/{HEALTH_SERVICE}/",
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-)
 _SCHEME = "bearer "
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 class TokenError(ValueError):
@@ -73,7 +61,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(HandlerInterceptor):
     """Lets a call through when it carries an accepted bearer token or is a probe."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
@@ -97,15 +85,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "bearer token is not accepted"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
+        if is_probe(details.method):
             return handler
-        refusal = self.accepts(handler_call_details.invocation_metadata)
+        refusal = self.accepts(details.invocation_metadata)
         if refusal is None:
             return handler
         return _refusing(handler, refusal)
@@ -119,9 +104,4 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
         code, details = to_status(Unauthenticated(message))
         await context.abort(code, details)
 
-    factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
-    return factory(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return replace_behavior(handler, refuse)

@@ -40,7 +40,7 @@ import numpy as np
 
 from server.errors import DeadlineExceeded, InvalidInput, QueueFull
 from server.metrics import Metrics
-from server.model_config import Batching
+from server.repository import Batching
 from server.sessions import Runner
 
 log = logging.getLogger(__name__)

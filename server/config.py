@@ -3,20 +3,22 @@
 Every field comes, in order of precedence, from a `resnet-serve serve` flag,
 from an environment variable ``RESNET_SERVE_<FIELD>`` (``RESNET_SERVE_PORT``,
 ``RESNET_SERVE_MAX_IMAGE_BYTES`` …) or from the default below. The object is
-built once in `server.serve` and handed to the constructors that need it.
+built once in `server.serve` (or by a test) and handed to `server.app.start` and
+from there to the constructors that need it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.repository import flags
 
 ENV_PREFIX = "RESNET_SERVE_"
 
@@ -135,12 +137,18 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
 
+    def instances_for(self, configured: int) -> int:
+        """Sessions per model version: flag/env, else the `configured` count of config.json."""
+        return self.instances or configured
+
     def threads_per_session(self, instances: int, configured: int | None) -> int:
         """Intra-op threads for one session: flag/env, then config.json, then cores / instances.
 
         cores / instances keeps a model's sessions from competing for cores with each
-        other; the decode workers share those cores, which is why ONNX Runtime's
-        threads do not spin by default (`allow_spinning`): idle, they yield.
+        other. The decode workers share those cores too, which is why an idle ONNX
+        Runtime thread spins only `spin_duration_us` (200 µs) before it sleeps, not
+        ONNX Runtime's own, longer spin (`allow_spinning` is on by default, as in ONNX
+        Runtime).
         """
         if self.intra_op_threads is not None:
             return self.intra_op_threads
@@ -156,37 +164,15 @@ def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _flag_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
-    """The scalar type argparse converts to, and the allowed choices for Literals."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is Literal:
-        choices = typing.get_args(annotation)
-        return type(choices[0]), choices
-    return annotation, None
+def _env_and_default(name: str, field: FieldInfo) -> str:
+    return f" [env {env_var(name)}, default {field.default}]"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (``--metrics-port``); an unset flag leaves env/default in charge."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} [env {env_var(name)}, default {field.default}]"
-        if field.annotation is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-            continue
-        kind, choices = _flag_type(field.annotation)
-        parser.add_argument(
-            flag, dest=name, type=kind, choices=choices, default=None, help=help_text
-        )
+    flags.add_arguments(parser, Settings, _env_and_default)
 
 
 def from_arguments(args: argparse.Namespace) -> Settings:
     """Flags given on the command line override env vars, which override defaults."""
-    given = {
-        name: getattr(args, name)
-        for name in Settings.model_fields
-        if getattr(args, name, None) is not None
-    }
-    return Settings(**given)
+    return Settings(**flags.given(args, Settings))

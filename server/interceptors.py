@@ -2,8 +2,9 @@
 
 Domain errors (`server.errors`) keep their message; anything else is logged
 with its traceback and the caller gets INTERNAL with a generic message. While
-the server drains, new calls (other than health checks) get UNAVAILABLE, and
-`Calls` counts the ones still being answered so shutdown can wait for them.
+the server drains, new calls other than probes (`server.handlers.PROBES`) get
+UNAVAILABLE, and `Calls` counts the ones still being answered so shutdown can
+wait for them.
 """
 
 from __future__ import annotations
@@ -15,21 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
 from server.drain import Drain
 from server.errors import Draining, to_status, to_trailers
+from server.handlers import HandlerInterceptor, behavior, is_probe, replace_behavior
 
 log = logging.getLogger(__name__)
-
-_HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
-# Answered while draining too: balancers and v2 clients poll them to see the drain.
-_ALWAYS_ANSWERED = (
-    _HEALTH_PREFIX,
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-)
 
 
 async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -68,16 +60,8 @@ def _guard_streaming(
     return guarded
 
 
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 class Calls:
-    """Calls being answered (health checks and refusals excluded)."""
+    """Calls being answered (probes and refusals excluded)."""
 
     def __init__(self) -> None:
         self.active = 0
@@ -118,46 +102,29 @@ class Calls:
             self._idle.set()
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(HandlerInterceptor):
     """Wraps every handler: errors to statuses, and refusal while draining."""
 
     def __init__(self, draining: Drain, calls: Calls) -> None:
         self._draining = draining
         self._calls = calls
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-        behavior = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[(streaming_in, streaming_out)]
-        if method.startswith(_ALWAYS_ANSWERED):
-            counted = behavior
+        method = details.method
+        answer = behavior(handler)
+        if is_probe(method):  # answered while draining too: balancers poll them to see it
+            counted = answer
         elif self._draining.is_set():
             counted = self._refuse
-        elif inspect.isasyncgenfunction(behavior):
-            counted = self._calls.streaming(behavior)
+        elif inspect.isasyncgenfunction(answer):
+            counted = self._calls.streaming(answer)
         else:
-            counted = self._calls.unary(behavior)
+            counted = self._calls.unary(answer)
         if inspect.isasyncgenfunction(counted):
-            wrapped = _guard_streaming(counted, method)
-        else:
-            wrapped = _guard_unary(counted, method)
-        return _FACTORIES[(streaming_in, streaming_out)](
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return replace_behavior(handler, _guard_streaming(counted, method))
+        return replace_behavior(handler, _guard_unary(counted, method))
 
     async def _refuse(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         """Stands in for any handler while draining (aio accepts coroutines for every shape)."""

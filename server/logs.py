@@ -11,6 +11,7 @@ import logging
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TextIO
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -37,10 +38,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def handler(log_format: str, stream: TextIO) -> logging.Handler:
+    """A handler writing our lines, text or JSON, with the request id, to `stream`."""
+    lines = logging.StreamHandler(stream)
+    lines.addFilter(_RequestIdFilter())
+    lines.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT))
+    return lines
+
+
 def configure(log_format: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT))
+    """The process's logging: every record at `level` or above to stderr."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler(log_format, sys.stderr)]
     root.setLevel(level)

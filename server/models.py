@@ -17,17 +17,16 @@ images on the version's `Batcher` and returns the logits, one row per image.
 ``registry.models()`` lists every `Model` with all its versions, including
 the UNAVAILABLE ones and why.
 
-A version is served only if ``verification.json`` exists, says
-``"passed": true`` and its ``sha256`` matches ``model.onnx``; otherwise it is
-UNAVAILABLE with the reason logged in one line, and the others still serve.
+A version is served only if `server.repository.check_version` says so
+(``verification.json`` exists, says ``"passed": true`` and its ``sha256``
+matches ``model.onnx``); otherwise it is UNAVAILABLE with the reason logged in
+one line, and the others still serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,7 @@ from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
-from server.model_config import MODEL_FILE, VERIFICATION_FILE, ModelConfig
+from server.repository import MODEL_FILE, ModelConfig, check_version, read_labels, version_dirs
 from server.sessions import Runner, graph_feed_dtype, open_session
 
 log = logging.getLogger(__name__)
@@ -160,13 +159,12 @@ class ModelRegistry:
         for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
             try:
                 config = ModelConfig.load(model_dir)
-                labels = config.read_labels(model_dir)
+                labels = read_labels(model_dir, config)
             except (OSError, ValueError) as exc:
                 log.error("model %s skipped: %s", model_dir.name, _one_line(exc))
                 continue
             model = Model(model_dir.name, config)
-            version_dirs = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-            for vdir in sorted(version_dirs, key=lambda p: int(p.name)):
+            for vdir in version_dirs(model_dir):
                 model.versions[vdir.name] = ModelVersion(
                     model.name, vdir.name, config, labels, vdir
                 )
@@ -190,7 +188,9 @@ class ModelRegistry:
         started = time.monotonic()
         batcher: Batcher | None = None
         try:
-            await asyncio.to_thread(_check_verification, mv.path)
+            check = await asyncio.to_thread(check_version, mv.path)
+            if not check.servable:
+                raise LoadError(check.reason)
             runners = await asyncio.to_thread(self._open_runners, mv)
             batcher = Batcher(mv.name, mv.version, runners, mv.config.batching, self._metrics)
             batcher.start()
@@ -219,7 +219,7 @@ class ModelRegistry:
 
     def _open_runners(self, mv: ModelVersion) -> list[Runner]:
         settings = self._settings
-        count = settings.instances or mv.config.instances.count
+        count = settings.instances_for(mv.config.instances.count)
         threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         runners = []
         for _ in range(count):
@@ -249,28 +249,6 @@ def warmup_sizes(mv: ModelVersion) -> tuple[int, ...]:
     batching = mv.config.batching
     powers = {1 << i for i in range(batching.max_batch_size.bit_length())}
     return tuple(sorted({*powers, *batching.preferred_batch_sizes, batching.max_batch_size}))
-
-
-def _check_verification(version_dir: Path) -> None:
-    """Raise LoadError unless verification.json passed and matches model.onnx."""
-    report_path = version_dir / VERIFICATION_FILE
-    model_path = version_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise LoadError(f"{MODEL_FILE} is missing")
-    if not report_path.is_file():
-        raise LoadError(f"{VERIFICATION_FILE} is missing; build or verify the model first")
-    try:
-        report = json.loads(report_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"{VERIFICATION_FILE} is not valid JSON ({exc})") from exc
-    if not isinstance(report, dict) or report.get("passed") is not True:
-        raise LoadError(f"{VERIFICATION_FILE} does not say passed: true")
-    digest = hashlib.sha256()
-    with model_path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    if report.get("sha256") != digest.hexdigest():
-        raise LoadError(f"{MODEL_FILE} does not match the sha256 in {VERIFICATION_FILE}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""`resnet-serve serve`: flags from `server.config.Settings`, then `server.app.App`."""
+"""`resnet-serve serve`: flags from `server.config.Settings`, then `server.app.run`."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"resnet-serve serve: invalid settings\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from server.app import App, StartupError  # onnxruntime loads only once settings are valid
+    from server import app  # onnxruntime loads only once settings are valid
 
     try:
-        return asyncio.run(App(settings).run())
-    except StartupError as exc:
+        return asyncio.run(app.run(settings))
+    except app.StartupError as exc:
         logging.getLogger("server.app").error("%s", exc)
         return 1

@@ -21,10 +21,11 @@ import pytest
 from torch import nn
 
 from builder.digits import LABELS, Digits, inputs, load_digits
+from builder.options import ModelOptions
 from builder.precision import Precision
-from builder.recipe import Recipe
-from builder.weights import weights_source
-from server.model_config import ModelConfig
+from builder.resnet import create_model
+from builder.weights import load_weights
+from server.repository import ModelConfig
 from tests.fixtures.repos import BuildModel
 
 TEST_EPOCHS = 6
@@ -69,7 +70,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory, build_model: BuildModel) ->
         precision=Precision.FP16,
         fp16_io=True,
     )
-    model = Recipe("resnet20", len(LABELS), weights=weights_source(result.checkpoint)).model()
+    model = create_model("resnet20", ModelOptions(num_classes=len(LABELS)))
+    load_weights(model, result.checkpoint, "resnet20")
     return TrainedDigits(
         repo=request.repo,
         out=request.out,

@@ -19,9 +19,9 @@ from resnet_serve_client import Client
 from builder.__main__ import main
 from builder.digits import load_digits
 from builder.train import predictions
-from server.model_config import VERIFICATION_FILE
+from server.repository import VERIFICATION_FILE
 from tests.accuracy.conftest import TrainedDigits
-from tests.fixtures.servers import RunningServer, start_server
+from tests.fixtures.servers import InProcessServer, settings
 
 TARGET = 0.97
 
@@ -29,14 +29,13 @@ TARGET = 0.97
 @pytest.fixture(scope="module")
 def digits_server(
     digits: TrainedDigits, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
-    server = start_server(digits.repo, tmp_path_factory.mktemp("digits-server-logs"))
+) -> Iterator[InProcessServer]:
+    server = InProcessServer(settings(digits.repo))
     yield server
-    code = server.stop()
-    assert code == 0, f"server exited with {code}:\n{server.log()}"
+    assert server.stop() == 0
 
 
-def served_top1(server: RunningServer, model: str, images: list) -> np.ndarray:
+def served_top1(server: InProcessServer, model: str, images: list) -> np.ndarray:
     with Client(server.address, model=model, timeout=60) as client:
         results = list(client.classify_many(images, top_k=1, concurrency=8))
     return np.array([int(result.top.label) for result in results])
@@ -47,13 +46,13 @@ def test_training_reaches_the_target(digits: TrainedDigits) -> None:
     reference = predictions(digits.model, digits.held_out_inputs())
     assert (reference == digits.data.held_out.labels).mean() == pytest.approx(digits.accuracy)
     record = json.loads((digits.repo / "digits" / "1" / VERIFICATION_FILE).read_text())
-    assert record["passed"] and record["recipe"]["weights"]["path"].endswith("digits.pth")
+    assert record["passed"] and record["recipe"]["weights"].endswith("digits.pth")
     assert (digits.repo / "digits" / "labels.txt").read_text().split() == list("0123456789")
 
 
 @pytest.mark.parametrize("form", ["png", "uint8", "float32"])
 def test_served_predictions_are_the_pytorch_models(
-    digits: TrainedDigits, digits_server: RunningServer, form: str
+    digits: TrainedDigits, digits_server: InProcessServer, form: str
 ) -> None:
     held_out = digits.data.held_out
     tensors = digits.held_out_inputs()
@@ -68,7 +67,7 @@ def test_served_predictions_are_the_pytorch_models(
 
 
 def test_int8_is_within_one_point_of_fp32(
-    digits: TrainedDigits, digits_server: RunningServer
+    digits: TrainedDigits, digits_server: InProcessServer
 ) -> None:
     pngs = [Path(p).read_bytes() for p in digits.held_out_pngs()]
     labels = digits.data.held_out.labels
@@ -83,7 +82,7 @@ def test_int8_is_within_one_point_of_fp32(
 
 
 def test_fp16_io_model_is_fed_float16_by_the_server(
-    digits: TrainedDigits, digits_server: RunningServer
+    digits: TrainedDigits, digits_server: InProcessServer
 ) -> None:
     tensors = digits.held_out_inputs()
     served = served_top1(digits_server, "digits_fp16", list(tensors))

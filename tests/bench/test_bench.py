@@ -18,7 +18,7 @@ from bench.__main__ import main
 from bench.load import VARIANTS
 from bench.plan import Knobs
 from bench.repository import NO_BATCH_SUFFIX, prepare
-from server.model_config import ModelConfig
+from server.repository import ModelConfig
 
 MODEL = "cifar"  # resnet20 from the model_repo fixture: the fastest graph there
 CONCURRENCY = (1, 2)

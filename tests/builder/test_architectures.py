@@ -18,13 +18,14 @@ import torch
 from builder.architectures import ARCHITECTURES, ArchSpec, Layout
 from builder.blocks import DropPath, ZeroPadShortcut
 from builder.densenet import DenseNet
+from builder.options import ModelOptions
 from builder.registry import (
     REGISTRY,
     DuplicateArchitectureError,
     Registry,
     UnknownArchitectureError,
 )
-from builder.resnet import Classifier, ModelOptions, ResNet, create_model, drop_probabilities
+from builder.resnet import ResNet, TorchNet, create_model, drop_probabilities
 
 PINNED = json.loads((Path(__file__).parent / "data" / "state_dict_keys.json").read_text())
 
@@ -165,7 +166,7 @@ SPOT_KEYS = {
 }
 
 
-def meta_model(name: str, layout: Layout = Layout.TORCHVISION) -> Classifier:
+def meta_model(name: str, layout: Layout = Layout.TORCHVISION) -> TorchNet:
     """Shapes and names without allocating: even wide_resnet101_2 costs nothing."""
     spec = REGISTRY.get(name)
     with torch.device("meta"):

@@ -13,8 +13,8 @@ import pytest
 
 from builder import build as build_module
 from builder.__main__ import main
-from builder.verify import Check
-from server.model_config import MODEL_FILE, VERIFICATION_FILE
+from builder.checks import Check
+from server.repository import MODEL_FILE, VERIFICATION_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 

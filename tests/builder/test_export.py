@@ -10,11 +10,12 @@ import onnx
 import pytest
 
 from builder import build as build_module
-from builder.build import BuildRequest, VerificationFailed, build, verify
+from builder.build import VerificationFailed, build, verify_version
+from builder.checks import Check, Thresholds, cpu_session
 from builder.labels import CIFAR10_CLASSES
-from builder.repository import RepositoryError, sha256_file
-from builder.verify import Check, Thresholds, cpu_session
-from server.model_config import (
+from builder.options import BuildOptions
+from builder.repository import RepositoryError
+from server.repository import (
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,
@@ -22,6 +23,8 @@ from server.model_config import (
     MODEL_FILE,
     VERIFICATION_FILE,
     ModelConfig,
+    read_labels,
+    sha256_file,
 )
 from tests.fixtures.repos import BuildModel
 
@@ -77,12 +80,12 @@ def test_config_and_labels(model_repo: Path) -> None:
     assert (imagenet.preprocessing.resize, imagenet.preprocessing.crop) == (256, 224)
     assert imagenet.preprocessing.mean == IMAGENET_MEAN
     assert imagenet.preprocessing.std == IMAGENET_STD
-    labels = imagenet.read_labels(model_repo / "resnet18")
+    labels = read_labels(model_repo / "resnet18", imagenet)
     assert (labels[0], labels[281]) == ("tench", "tabby")
     cifar = ModelConfig.load(model_repo / "cifar")
     assert (cifar.preprocessing.resize, cifar.preprocessing.crop, cifar.input.size) == (32, 32, 32)
     assert (cifar.preprocessing.mean, cifar.preprocessing.std) == (CIFAR_MEAN, CIFAR_STD)
-    assert cifar.read_labels(model_repo / "cifar") == list(CIFAR10_CLASSES)
+    assert read_labels(model_repo / "cifar", cifar) == list(CIFAR10_CLASSES)
     u8 = ModelConfig.load(model_repo / "resnet18_u8")
     assert (u8.input.dtype, u8.input.layout) == ("uint8", "NHWC")
 
@@ -113,7 +116,7 @@ def test_other_heads_seeds_and_opsets(tmp_path: Path, build_model: BuildModel) -
     version_dir = build_model("resnet20", tmp_path, num_classes=5, seed=4, opset=17)
     config = ModelConfig.load(version_dir.parent)
     assert config.num_classes == 5
-    assert config.read_labels(version_dir.parent) == [f"class_{i}" for i in range(5)]
+    assert read_labels(version_dir.parent, config) == [f"class_{i}" for i in range(5)]
     (logits,) = cpu_session(version_dir / MODEL_FILE).run(
         None, {"images": np.zeros((2, 3, 32, 32), np.float32)}
     )
@@ -134,7 +137,7 @@ def test_versions_count_up_and_are_never_overwritten(
 
 
 def test_a_conflicting_config_is_refused(model_repo_copy: Path) -> None:
-    request = BuildRequest("resnet20", repo=model_repo_copy, name="cifar", num_classes=100)
+    request = BuildOptions(arch="resnet20", repo=model_repo_copy, name="cifar", num_classes=100)
     with pytest.raises(RepositoryError, match="num_classes"):
         build(request)
     assert sorted(p.name for p in (model_repo_copy / "cifar").iterdir()) == [
@@ -151,7 +154,7 @@ def test_a_failed_check_leaves_nothing_behind(tmp_path: Path, repo_exists: bool)
     if repo_exists:
         repo.mkdir()
     with pytest.raises(VerificationFailed) as info:
-        build(BuildRequest("resnet20", repo=repo, thresholds=strict))
+        build(BuildOptions(arch="resnet20", repo=repo), thresholds=strict)
     message = str(info.value)
     assert "onnxruntime_vs_pytorch" in message and "max_abs_error" in message and "> 0" in message
     assert [c.name for c in info.value.report.failures()] == ["onnxruntime_vs_pytorch"]
@@ -167,13 +170,13 @@ def test_a_failed_check_keeps_existing_versions_intact(
     monkeypatch.setattr(build_module, "check_parameters", failing_params)
     before = sorted(str(p.relative_to(model_repo_copy)) for p in model_repo_copy.rglob("*"))
     with pytest.raises(VerificationFailed, match="parameter_count: 269,722 wrong"):
-        build(BuildRequest("resnet20", repo=model_repo_copy, name="cifar"))
+        build(BuildOptions(arch="resnet20", repo=model_repo_copy, name="cifar"))
     after = sorted(str(p.relative_to(model_repo_copy)) for p in model_repo_copy.rglob("*"))
     assert after == before
 
 
 def test_verify_rebuilds_and_passes(model_repo: Path) -> None:
-    report = verify(model_repo / "resnet18_u8" / "1")
+    report = verify_version(model_repo / "resnet18_u8" / "1")
     assert report.passed and report.scope == "full"
     assert report.checks[0].name == "sha256"
     assert {c.name for c in report.checks} == CHECKS | {"sha256"}
@@ -184,7 +187,7 @@ def test_verify_notices_a_modified_model(model_repo_copy: Path) -> None:
     model = onnx.load(str(version_dir / MODEL_FILE))
     model.producer_version = "edited"
     onnx.save(model, str(version_dir / MODEL_FILE))
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert not report.passed
     assert [c.name for c in report.failures()] == ["sha256"]
 
@@ -194,16 +197,18 @@ def test_verify_without_the_weights_checks_the_onnx_alone(
 ) -> None:
     import torch
 
-    from builder.resnet import ModelOptions, create_model
+    from builder.options import ModelOptions
+    from builder.resnet import create_model
 
     weights = tmp_path / "cifar.pth"
     torch.save(create_model("resnet20", ModelOptions(seed=5)).state_dict(), weights)
     version_dir = build_model("resnet20", tmp_path / "repo", weights=weights)
     recipe = record_of(version_dir)["recipe"]
-    assert recipe["weights"] == {"path": str(weights.resolve()), "sha256": sha256_file(weights)}
-    assert recipe["bn_calibration"] is None
+    assert recipe["weights"] == str(weights.resolve())
+    assert recipe["weights_sha256"] == sha256_file(weights)
+    assert recipe["bn_statistics"] is None
     weights.unlink()
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert report.passed
     assert report.scope == f"onnx-only: weights {weights.resolve()} not found"
     names = [c.name for c in report.checks]

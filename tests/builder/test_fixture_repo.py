@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.repository import sha256_file
-from server.model_config import MODEL_FILE, VERIFICATION_FILE, ModelConfig
+from server.repository import MODEL_FILE, VERIFICATION_FILE, ModelConfig, read_labels, sha256_file
 
 
 def test_model_repo_contents(model_repo: Path) -> None:
@@ -20,7 +19,7 @@ def test_model_repo_contents(model_repo: Path) -> None:
         config = ModelConfig.load(model_repo / name)
         assert (config.name, config.arch, config.input.dtype) == (name, arch, dtype)
         assert (config.input.size, config.num_classes) == (size, classes)
-        assert len(config.read_labels(model_repo / name)) == classes
+        assert len(read_labels(model_repo / name, config)) == classes
         record = json.loads((model_repo / name / "1" / VERIFICATION_FILE).read_text())
         assert record["passed"] is True
         assert record["sha256"] == sha256_file(model_repo / name / "1" / MODEL_FILE)

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.architectures import Layout
+from builder.checks import check_macs
 from builder.flops import count_macs
 from builder.registry import REGISTRY
-from builder.verify import check_macs
 
 
 def tiny_graph() -> onnx.ModelProto:

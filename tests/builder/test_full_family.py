@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from builder.architectures import Layout
-from builder.build import BuildRequest, build
+from builder.build import build
+from builder.options import BuildOptions
 from builder.registry import REGISTRY
 
 CASES = [(spec.name, Layout.TORCHVISION) for spec in REGISTRY] + [
@@ -26,7 +27,7 @@ CASES = [(spec.name, Layout.TORCHVISION) for spec in REGISTRY] + [
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(("arch", "layout"), CASES, ids=[f"{a}-{lay}" for a, lay in CASES])
 def test_builds_and_verifies(arch: str, layout: Layout, tmp_path: Path) -> None:
-    result = build(BuildRequest(arch, repo=tmp_path, layout=layout))
+    result = build(BuildOptions(arch=arch, repo=tmp_path, layout=layout))
     spec = REGISTRY.get(arch)
     try:
         checks = {check.name: check for check in result.report.checks}

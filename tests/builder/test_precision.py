@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from builder.__main__ import main
-from builder.build import BuildRequest, build, verify
+from builder.build import build, verify_version
 from builder.calibration import CalibrationError
+from builder.checks import FP16_THRESHOLDS, cpu_session
+from builder.options import BuildOptions
 from builder.precision import Precision
 from builder.repository import list_models
-from builder.verify import FP16_THRESHOLDS, cpu_session
-from server.model_config import MODEL_FILE, VERIFICATION_FILE
+from server.repository import MODEL_FILE, VERIFICATION_FILE
 from tests.fixtures.repos import BuildModel
 
 
@@ -53,7 +54,7 @@ def test_fp16_keeps_float32_io(tmp_path: Path, build_model: BuildModel) -> None:
     assert runtime["passed"] and runtime["thresholds"]["max_rel_error"] == 0.05
     worst = max(b["max_rel_error"] for b in runtime["figures"]["batches"].values())
     assert 0 < worst <= FP16_THRESHOLDS.max_rel_error
-    assert verify(version_dir).passed
+    assert verify_version(version_dir).passed
     (entry,) = list_models(tmp_path)
     assert [(v.version, v.precision) for v in entry.versions] == [(1, "fp16")]
 
@@ -66,7 +67,7 @@ def test_fp16_io_takes_and_gives_float16(tmp_path: Path, build_model: BuildModel
         None, {"images": np.zeros((2, 3, 32, 32), np.float16)}
     )
     assert logits.dtype == np.float16 and logits.shape == (2, 10)
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert report.passed and report.scope == "full"
 
 
@@ -92,7 +93,7 @@ def test_int8_on_a_synthetic_set_is_flagged(tmp_path: Path, build_model: BuildMo
     agreement = checks_of(version_dir)["top1_agreement"]
     assert agreement["passed"] and agreement["figures"]["images"] == calibration["held_out"]
     assert "onnxruntime_vs_pytorch" not in checks_of(version_dir)
-    assert verify(version_dir).passed
+    assert verify_version(version_dir).passed
 
 
 def test_int8_calibrates_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,11 +114,11 @@ def test_int8_calibrates_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert calibration["source"] == "folder" and calibration["path"] == str(folder.resolve())
     assert (calibration["images"], calibration["held_out"]) == (8, 2)
     assert checks_of(version_dir)["top1_agreement"]["figures"]["images"] == 2
-    assert verify(version_dir).scope == "full"
+    assert verify_version(version_dir).scope == "full"
     for image in folder.iterdir():
         image.unlink()
     folder.rmdir()
-    report = verify(version_dir)
+    report = verify_version(version_dir)
     assert report.passed and report.scope.startswith("onnx-only: calibration folder")
 
 
@@ -131,17 +132,20 @@ def test_int8_calibrates_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
 )
 def test_contradicting_options_raise(tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build(BuildRequest("resnet20", repo=tmp_path, **options))
+        build(BuildOptions(arch="resnet20", repo=tmp_path, **options))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_calibration_folder_without_images_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    request = BuildRequest(
-        "resnet20", repo=tmp_path / "repo", precision=Precision.INT8, calibration=tmp_path / "empty"
+    options = BuildOptions(
+        arch="resnet20",
+        repo=tmp_path / "repo",
+        precision=Precision.INT8,
+        calibration=tmp_path / "empty",
     )
     with pytest.raises(CalibrationError, match="0 images"):
-        build(request)
+        build(options)
     assert not (tmp_path / "repo").exists()
 
 
@@ -162,4 +166,4 @@ def test_stochastic_depth_is_recorded_and_exports_the_eval_net(
     deep = build_model("resnet20", tmp_path, name="deep", stochastic_depth=0.5)
     assert record_of(deep)["recipe"]["stochastic_depth"] == 0.5
     assert (plain / MODEL_FILE).read_bytes() == (deep / MODEL_FILE).read_bytes()
-    assert verify(deep).passed
+    assert verify_version(deep).passed

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from builder.architectures import Layout
-from builder.recipe import Recipe, calibrate_batchnorm
-from builder.resnet import ModelOptions, create_model
-from builder.weights import WeightsSource
+from builder.options import ModelOptions
+from builder.recipe import Recipe, set_batchnorm_statistics
+from builder.resnet import create_model
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -18,30 +20,42 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(images)
 
 
+def recipe(arch: str, num_classes: int, **options: Any) -> Recipe:
+    return Recipe(arch=arch, name=arch, version=1, num_classes=num_classes, **options)
+
+
 def test_json_round_trip() -> None:
-    weights = WeightsSource(path=Path("/ckpt/resnet50.pth"), sha256="ab" * 32)
-    for recipe in (
-        Recipe("resnet50", 1000, Layout.ORIGINAL, seed=3, zero_init_last=True, weights=weights),
-        Recipe("resnet20", 7, seed=5),
+    for recorded in (
+        recipe(
+            "resnet50",
+            1000,
+            layout=Layout.ORIGINAL,
+            seed=3,
+            zero_init_last=True,
+            weights=Path("/ckpt/resnet50.pth"),
+            weights_sha256="ab" * 32,
+        ),
+        recipe("resnet20", 7, seed=5),
     ):
-        assert Recipe.from_json(recipe.to_json()) == recipe
+        text = json.dumps(recorded.model_dump(mode="json"))
+        assert Recipe.model_validate(json.loads(text)) == recorded
 
 
 def test_random_weights_are_rebuilt_exactly() -> None:
-    first = Recipe("resnet20", 10, seed=2).model()
-    again = Recipe("resnet20", 10, seed=2).model()
+    first = recipe("resnet20", 10, seed=2).model()
+    again = recipe("resnet20", 10, seed=2).model()
     assert torch.equal(logits(first), logits(again))
 
 
-def test_calibration_keeps_deep_random_nets_finite_and_unit_scaled() -> None:
-    uncalibrated = create_model("resnet110", ModelOptions(seed=0))
-    assert logits(uncalibrated).abs().max() > 1e4  # the variance doubles at every block
-    calibrated = create_model("resnet110", ModelOptions(seed=0))
-    calibrate_batchnorm(calibrated, seed=0)
-    out = logits(calibrated)
+def test_batchnorm_statistics_keep_deep_random_nets_finite_and_unit_scaled() -> None:
+    untrained_statistics = create_model("resnet110", ModelOptions(seed=0))
+    assert logits(untrained_statistics).abs().max() > 1e4  # the variance doubles at every block
+    measured = create_model("resnet110", ModelOptions(seed=0))
+    set_batchnorm_statistics(measured, seed=0)
+    out = logits(measured)
     assert torch.isfinite(out).all() and out.abs().max() < 100
-    assert not calibrated.training
-    for module in calibrated.modules():
+    assert not measured.training
+    for module in measured.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
-            assert module.momentum == 0.1  # restored after the calibration pass
+            assert module.momentum == 0.1  # restored after the statistics pass
             assert torch.equal(module.weight, torch.ones_like(module.weight))

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from builder.__main__ import main
-from builder.build import BuildRequest, build
-from builder.resnet import ModelOptions, ResNet, create_model
-from builder.verify import cpu_session
+from builder.build import build
+from builder.checks import cpu_session
+from builder.options import BuildOptions, ModelOptions
+from builder.resnet import ResNet, create_model
 from builder.weights import WeightsError, load_weights, read_state_dict
-from server.model_config import MODEL_FILE
+from server.repository import MODEL_FILE
 
 
 def trained_like(name: str, seed: int) -> ResNet:
@@ -84,7 +85,7 @@ def test_training_script_formats(tmp_path: Path, source: ResNet, wrap: str) -> N
 def test_build_with_weights_serves_the_checkpoint(tmp_path: Path, source: ResNet) -> None:
     path = tmp_path / "resnet20.pth"
     torch.save(source.state_dict(), path)
-    result = build(BuildRequest("resnet20", repo=tmp_path / "repo", weights=path))
+    result = build(BuildOptions(arch="resnet20", repo=tmp_path / "repo", weights=path))
     images = np.random.default_rng(1).standard_normal((4, 3, 32, 32), dtype=np.float32)
     (logits,) = cpu_session(result.version_dir / MODEL_FILE).run(None, {"images": images})
     with torch.no_grad():

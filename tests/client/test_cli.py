@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from resnet_serve_client.cli import main
 
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 
 CLI = str(Path(sys.executable).with_name("resnet-serve-client"))
 
 
 @pytest.fixture(scope="module")
-def server(model_server: RunningServer) -> str:
+def server(model_server: InProcessServer) -> str:
     return model_server.address
 
 

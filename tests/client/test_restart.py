@@ -4,17 +4,13 @@ clients are in the middle of their work, and every image still gets its answer."
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import resnet_serve_client as rsc
 
-from tests.fixtures.servers import SERVE, START_TIMEOUT, RunningServer, free_port
+from bench import serving
 
 # Calls wait for the server to come back; retries cover the calls refused while it drains.
 RIDE_OUT = rsc.ChannelOptions(
@@ -28,30 +24,17 @@ class Restartable:
     def __init__(self, repo: Path, log_dir: Path, grace: float) -> None:
         self.repo, self.log_dir, self.grace = repo, log_dir, grace
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = serving.free_port(), serving.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.starts = 0
         self.server = self.start()
 
-    def start(self) -> RunningServer:
+    def start(self) -> serving.Server:
         self.starts += 1
-        log_path = self.log_dir / f"server-{self.starts}.log"
-        command = [
-            *SERVE, "--repo", str(self.repo), "--host", "127.0.0.1", "--port", str(self.port),
-            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-            "--grace-period", str(self.grace),
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        server = RunningServer(self.address, "", process, log_path)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(grpc.RpcError):
-                if server.health() == 1:  # SERVING
-                    return server
-            time.sleep(0.2)
-        process.kill()
-        pytest.fail(f"server did not come up:\n{server.log()}")
+        return serving.start(
+            self.repo, self.log_dir / f"server-{self.starts}.log",
+            ["--grace-period", str(self.grace)], port=self.port, metrics_port=self.metrics_port,
+        )  # fmt: skip
 
     def restart(self) -> None:
         assert self.server.stop() == 0, self.server.log()

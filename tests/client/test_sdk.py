@@ -11,14 +11,14 @@ import pytest
 import resnet_serve_client as rsc
 from PIL import Image
 
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 from tests.shared_data import IMAGENET_CLASSES
 
 MODELS = {"resnet18", "resnet18_u8", "cifar"}
 
 
 @pytest.fixture(scope="module")
-def client(model_server: RunningServer) -> Iterator[rsc.Client]:
+def client(model_server: InProcessServer) -> Iterator[rsc.Client]:
     with rsc.Client(model_server.address, model="resnet18") as client:
         yield client
 
@@ -80,7 +80,7 @@ def test_classify_many_errors_keep_their_place(
 
 
 def test_client_side_resize_gives_the_servers_own_result(
-    model_server: RunningServer, photos: Path
+    model_server: InProcessServer, photos: Path
 ) -> None:
     files = sorted(photos.iterdir())
     with rsc.Client(model_server.address, model="resnet18") as plain:
@@ -127,7 +127,7 @@ def test_the_real_servers_errors_are_typed(client: rsc.Client) -> None:
         client.classify([_png()] * 8, timeout=0.001)
 
 
-async def test_async_client(model_server: RunningServer, photos: Path) -> None:
+async def test_async_client(model_server: InProcessServer, photos: Path) -> None:
     files = sorted(photos.iterdir())
     async with rsc.AsyncClient(model_server.address, model="resnet18") as client:
         assert await client.health() is rsc.HealthStatus.SERVING

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import serving
 from tests.deploy import procs
 
 SBIN_PATH = f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin{os.pathsep}/usr/local/sbin"
@@ -108,7 +109,7 @@ def start(directory: Path, upstreams: list[str]) -> Nginx:
     exe = find()
     assert exe is not None
     directory.mkdir(parents=True, exist_ok=True)
-    port = procs.free_port()
+    port = serving.free_port()
     conf = directory / "nginx.conf"
     conf.write_text(config(directory, port, upstreams))
     check = subprocess.run(

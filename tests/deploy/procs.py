@@ -1,4 +1,4 @@
-"""Processes for the deploy tests: free loopback ports, servers started as the image starts
+"""Processes for the deploy tests: servers started as the image starts
 them, waiting on the gRPC health protocol, and a scrape of /metrics."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 BIN = Path(sys.executable).parent
 # Generous bound on a server coming up (load + warm-up) on a busy 2-core machine.
 STARTUP_LIMIT = 300.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import serving
 from tests.deploy import dockerfile, procs
 from tests.deploy.dockerfile import ROOT
 
@@ -72,7 +73,8 @@ def test_builder_step_takes_a_checkpoint_from_the_context(tmp_path: Path) -> Non
     """WEIGHTS, a path inside the build context, reaches `resnet-serve build --weights`."""
     import torch
 
-    from builder.resnet import ModelOptions, create_model
+    from builder.options import ModelOptions
+    from builder.resnet import create_model
 
     context = tmp_path / "context"
     checkpoint = context / "checkpoints" / "resnet20.pth"
@@ -81,10 +83,10 @@ def test_builder_step_takes_a_checkpoint_from_the_context(tmp_path: Path) -> Non
     repo = tmp_path / "models"
     run_builder_step(repo, context, ARCHS="resnet20", WEIGHTS="checkpoints/resnet20.pth")
     (record,) = [json.loads(p.read_text()) for p in repo.glob("resnet20/*/verification.json")]
-    weights = record["recipe"]["weights"]
-    assert weights is not None, "the build ignored WEIGHTS"
-    assert Path(weights["path"]) == checkpoint.resolve()
-    assert weights["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    recipe = record["recipe"]
+    assert recipe["weights"] is not None, "the build ignored WEIGHTS"
+    assert Path(recipe["weights"]) == checkpoint.resolve()
+    assert recipe["weights_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_builder_step_passes_the_precision_and_calibration_folder(tmp_path: Path) -> None:
@@ -117,7 +119,7 @@ def test_entrypoint_serves_what_the_builder_built(
     df = dockerfile.load()
     stage = df.stage(stage_name)
     argv = stage.entrypoint() + stage.cmd()
-    grpc_port, metrics_port = procs.free_port(), procs.free_port()
+    grpc_port, metrics_port = serving.free_port(), serving.free_port()
     image_env = {k: df.resolve(v, stage) for k, v in stage.env().items()
                  if k.startswith("RESNET_SERVE_")}  # fmt: skip
     env = procs.clean_env(**image_env)

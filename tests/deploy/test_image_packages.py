@@ -126,7 +126,7 @@ def test_wheels_hold_the_packages_and_commands(wheels: Path) -> None:
     with zipfile.ZipFile(server) as whl:
         names = set(whl.namelist())
         entry_points = next(whl.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert {"server/serve.py", "server/app.py", "server/model_config.py"} <= names
+    assert {"server/serve.py", "server/app.py", "server/repository/config.py"} <= names
     assert "server/healthcheck.py" in names  # the HEALTHCHECK runs it
     assert "resnet-serve = server.cli:main" in entry_points
     with zipfile.ZipFile(client) as whl:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import serving
 from tests.deploy import nginx, procs
 from tests.deploy.load import Load
-from tests.fixtures.servers import RunningServer, start_server
 
 SERVER_FLAGS = (
     "--instances", "1", "--intra-op-threads", "1", "--decode-workers", "1",
@@ -56,13 +56,13 @@ def small_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 @pytest.fixture(scope="module")
 def replicas(small_repo: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[list[RunningServer]]:  # fmt: skip
+             ) -> Iterator[list[serving.Server]]:  # fmt: skip
     repo, _ = small_repo
     logs = tmp_path_factory.mktemp("lb-logs")
-    started: list[RunningServer] = []
+    started: list[serving.Server] = []
     try:
-        for _ in range(3):
-            started.append(start_server(repo, logs, *SERVER_FLAGS))
+        for i in range(3):
+            started.append(serving.start(repo, logs / f"server-{i}.log", SERVER_FLAGS))
         yield started
     finally:
         for server in started:
@@ -70,7 +70,7 @@ def replicas(small_repo: tuple[Path, str], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def proxy(replicas: list[RunningServer], tmp_path_factory: pytest.TempPathFactory
+def proxy(replicas: list[serving.Server], tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[nginx.Nginx]:  # fmt: skip
     assert nginx.find() is not None, "CI must have nginx: `make deps-system` installs it"
     server = nginx.start(tmp_path_factory.mktemp("nginx"), [r.address for r in replicas])
@@ -78,15 +78,15 @@ def proxy(replicas: list[RunningServer], tmp_path_factory: pytest.TempPathFactor
     server.stop()
 
 
-def _metrics_port(server: RunningServer) -> int:
+def _metrics_port(server: serving.Server) -> int:
     return int(server.metrics_url.rsplit(":", 1)[1].split("/")[0])
 
 
-def _ok_total(server: RunningServer) -> float:
+def _ok_total(server: serving.Server) -> float:
     return procs.requests_total(_metrics_port(server), "OK")
 
 
-def _last_ok_total(server: RunningServer) -> float:
+def _last_ok_total(server: serving.Server) -> float:
     """Scrape a draining server's OK count until its process exits; the last value read.
 
     Calls it completes after that last read are not in it: the access log of
@@ -101,7 +101,7 @@ def _last_ok_total(server: RunningServer) -> float:
 
 
 def test_calls_through_nginx_reach_every_replica(
-    replicas: list[RunningServer], proxy: nginx.Nginx, small_repo: tuple[Path, str]
+    replicas: list[serving.Server], proxy: nginx.Nginx, small_repo: tuple[Path, str]
 ) -> None:
     from resnet_serve_client import Client
 
@@ -122,7 +122,7 @@ def test_calls_through_nginx_reach_every_replica(
 
 
 def test_sigterm_under_load_fails_no_call(
-    replicas: list[RunningServer], proxy: nginx.Nginx, small_repo: tuple[Path, str]
+    replicas: list[serving.Server], proxy: nginx.Nginx, small_repo: tuple[Path, str]
 ) -> None:
     _, model = small_repo
     drained, *survivors = replicas

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import psutil
 
-from tests.fixtures.servers import RunningServer
+from bench import serving
 from tests.server.messages import sample
 
 Call = Callable[[], Awaitable[Any]]
@@ -105,11 +105,11 @@ async def open_loop(call: Call, rate: float, seconds: float, max_in_flight: int)
     return outcomes
 
 
-def rss(server: RunningServer) -> int:
+def rss(server: serving.Server) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
 
 
-def gauges(server: RunningServer, model: str, version: str = "1") -> tuple[float, float]:
+def gauges(server: serving.Endpoints, model: str, version: str = "1") -> tuple[float, float]:
     """(queue depth in images, requests in flight) of one model version, from /metrics."""
     text = server.metrics()
     labels = {"model": model, "version": version}
@@ -119,12 +119,12 @@ def gauges(server: RunningServer, model: str, version: str = "1") -> tuple[float
     )
 
 
-def computed(server: RunningServer, model: str, version: str = "1") -> float:
+def computed(server: serving.Endpoints, model: str, version: str = "1") -> float:
     """Images the model has run (the batch-size histogram's sum)."""
     return sample(server.metrics(), "resnet_serve_batch_size_sum", model=model, version=version)
 
 
-async def until_idle(server: RunningServer, model: str, deadline: float = 60.0) -> None:
+async def until_idle(server: serving.Endpoints, model: str, deadline: float = 60.0) -> None:
     """Wait (generously) until the model has nothing queued and no request in flight."""
     end = time.monotonic() + deadline
     while True:
@@ -138,7 +138,7 @@ async def until_idle(server: RunningServer, model: str, deadline: float = 60.0) 
 
 
 async def until_gauges(
-    server: RunningServer, model: str, *, depth: float = 0, inflight: float = 0,
+    server: serving.Endpoints, model: str, *, depth: float = 0, inflight: float = 0,
     deadline: float = 60.0,
 ) -> None:
     """Wait (generously) until the queue holds at least ``depth`` images or ``inflight`` calls."""

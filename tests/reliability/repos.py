@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from server.model_config import CONFIG_FILE, ModelConfig
+from server.repository import CONFIG_FILE, ModelConfig
 
 
 def derive(repo: Path, source: Path, name: str | None = None, **batching: Any) -> Path:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.servers import RunningServer, start_server
+from bench import serving
 from tests.reliability import images
 from tests.reliability.catalogue import (
     CASES,
@@ -43,27 +43,28 @@ RSS_BOUND = 64 * MIB
 
 
 @pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
     repo = tmp_path_factory.mktemp("catalogue-repo")
     derive(repo, model_repo / MODEL)
     derive(repo, model_repo / UINT8_MODEL, max_batch_size=1)  # warmed at batch size 1 only
-    running = start_server(repo, tmp_path_factory.mktemp("catalogue-logs"), *SERVER_FLAGS)
+    running = serving.start(repo, tmp_path_factory.mktemp("catalogue-logs") / "server.log",
+                            SERVER_FLAGS)  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
 
 
 @pytest.fixture(scope="module")
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+def channel(server: serving.Server) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.address) as channel:
         yield channel
 
 
-def rss(server: RunningServer) -> int:
+def rss(server: serving.Server) -> int:
     return psutil.Process(server.process.pid).memory_info().rss
 
 
 @pytest.fixture(scope="module")
-def baseline(server: RunningServer, channel: grpc.Channel) -> int:
+def baseline(server: serving.Server, channel: grpc.Channel) -> int:
     """RSS after each decoder, both APIs and the pool's threads have been used a few times."""
     for _ in range(3):
         for request in valid_requests():
@@ -73,7 +74,7 @@ def baseline(server: RunningServer, channel: grpc.Channel) -> int:
     return rss(server)
 
 
-def still_healthy(server: RunningServer, channel: grpc.Channel, baseline: int) -> None:
+def still_healthy(server: serving.Server, channel: grpc.Channel, baseline: int) -> None:
     assert server.process.poll() is None, server.log()
     assert server.health() == SERVING
     for request in valid_requests():
@@ -86,7 +87,7 @@ def still_healthy(server: RunningServer, channel: grpc.Channel, baseline: int) -
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_catalogue(
-    server: RunningServer, channel: grpc.Channel, baseline: int, case: Case
+    server: serving.Server, channel: grpc.Channel, baseline: int, case: Case
 ) -> None:
     code, details, response = call(channel, case.request())
     assert code is case.code, f"{code.name}: {details}"
@@ -125,7 +126,7 @@ WIRE = settings(
 @WIRE
 @given(data=st.binary(max_size=4096))
 def test_any_bytes_as_an_image_over_the_wire(
-    server: RunningServer, channel: grpc.Channel, baseline: int, data: bytes
+    server: serving.Server, channel: grpc.Channel, baseline: int, data: bytes
 ) -> None:
     for request in (classify(MODEL, data), infer_images(MODEL, data)):
         code, details, _ = call(channel, request)
@@ -140,7 +141,7 @@ def test_any_bytes_as_an_image_over_the_wire(
     raw=st.binary(max_size=2048),
 )
 def test_any_v2_tensor_over_the_wire(
-    server: RunningServer,
+    server: serving.Server,
     channel: grpc.Channel,
     baseline: int,
     datatype: str,

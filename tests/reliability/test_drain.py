@@ -21,7 +21,7 @@ import numpy as np
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
-from tests.fixtures.servers import start_server
+from bench import serving
 from tests.reliability.load import Outcomes, record_call, until_gauges
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, float_image, infer_floats
@@ -35,8 +35,8 @@ CHW = np.random.default_rng(1).standard_normal((3, 224, 224), np.float32)
 async def test_sigterm_under_load(model_repo: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     derive(repo, model_repo / "resnet18", MODEL, max_batch_size=4)
-    server = start_server(repo, tmp_path / "logs", "--grace-period", str(GRACE_SECONDS),
-                          "--instances", "1")  # fmt: skip
+    server = serving.start(repo, tmp_path / "logs" / "server.log",
+                           ["--grace-period", str(GRACE_SECONDS), "--instances", "1"])  # fmt: skip
     outcomes = Outcomes()
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:

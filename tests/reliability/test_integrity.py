@@ -38,9 +38,9 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from builder.repository import LOCK_SUFFIX, TMP_PREFIX
-from server.model_config import MODEL_FILE, VERIFICATION_FILE
 from server.models import LOAD_FAILED
-from tests.fixtures.servers import RunningServer
+from server.repository import MODEL_FILE, VERIFICATION_FILE
+from tests.fixtures.servers import InProcessServer
 from tests.reliability.repos import derive
 from tests.security.leaks import leaks
 
@@ -109,7 +109,7 @@ def test_build_killed_midway_leaves_no_version(tmp_path: Path) -> None:
 
 
 def test_a_version_the_runtime_cannot_open_is_refused(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, inprocess_factory: Callable[..., InProcessServer]
 ) -> None:
     repo = tmp_path / "repo"
     derive(repo, model_repo / "cifar")
@@ -121,7 +121,7 @@ def test_a_version_the_runtime_cannot_open_is_refused(
     (version / VERIFICATION_FILE).unlink()
     (version / VERIFICATION_FILE).write_text(json.dumps(report))
 
-    server = server_factory(repo)
+    server = inprocess_factory(repo)
     refused = [line for line in server.log().splitlines()
                if "model unloadable version 1 refused:" in line]  # fmt: skip
     assert len(refused) == 1, server.log()

@@ -35,7 +35,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from tests.fixtures.servers import RunningServer, start_server
+from bench import serving
 from tests.reliability.load import (
     closed_loop,
     computed,
@@ -68,20 +68,19 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
     repo = tmp_path_factory.mktemp("overload-repo")
     derive(repo, model_repo / "resnet18", MODEL, max_batch_size=MAX_BATCH,
            max_queue_size=MAX_QUEUE)  # fmt: skip
-    running = start_server(
-        repo, tmp_path_factory.mktemp("overload-logs"),
+    running = serving.start(repo, tmp_path_factory.mktemp("overload-logs") / "server.log", [
         "--instances", "1", "--intra-op-threads", "1", "--decode-workers", "1",
         "--max-decode-backlog", str(DECODE_BACKLOG), "--max-images-per-request", str(MAX_QUEUE),
-    )  # fmt: skip
+    ])  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
 
 
-async def _sample(server: RunningServer, into: list[tuple[int, float, float]]) -> None:
+async def _sample(server: serving.Server, into: list[tuple[int, float, float]]) -> None:
     while True:
         depth, inflight = await asyncio.to_thread(gauges, server, MODEL)
         into.append((rss(server), depth, inflight))
@@ -95,7 +94,7 @@ async def _sample(server: RunningServer, into: list[tuple[int, float, float]]) -
     ids=["burst", "full-burst"],
 )
 async def test_burst_of_ten_times_capacity(
-    server: RunningServer, seconds: float, payload: str
+    server: serving.Server, seconds: float, payload: str
 ) -> None:
     request = PAYLOADS[payload]
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -136,7 +135,7 @@ async def test_burst_of_ten_times_capacity(
     assert server.health() == SERVING
 
 
-async def test_cancelled_calls_leave_nothing_behind(server: RunningServer) -> None:
+async def test_cancelled_calls_leave_nothing_behind(server: serving.Server) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         calls = [stub.Classify(REQUEST, timeout=120) for _ in range(MAX_QUEUE)]
@@ -147,7 +146,7 @@ async def test_cancelled_calls_leave_nothing_behind(server: RunningServer) -> No
         assert len((await stub.Classify(REQUEST, timeout=120)).results) == 1
 
 
-async def test_cancelled_stream_leaves_nothing_behind(server: RunningServer) -> None:
+async def test_cancelled_stream_leaves_nothing_behind(server: serving.Server) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         stream = stub.ClassifyStream(iter([REQUEST] * 40), timeout=120)
@@ -172,7 +171,7 @@ CLIENT = textwrap.dedent(
 )
 
 
-async def test_client_killed_mid_request_leaves_nothing_behind(server: RunningServer) -> None:
+async def test_client_killed_mid_request_leaves_nothing_behind(server: serving.Server) -> None:
     client = subprocess.Popen(
         [sys.executable, "-c", CLIENT, server.address, str(MAX_QUEUE)], stdin=subprocess.PIPE
     )

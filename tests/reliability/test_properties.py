@@ -1,4 +1,5 @@
-"""Property tests of the decoders, in process: any input gives a result or InvalidInput.
+"""Property tests of the decoders, in process: any input gives a result or a refusal
+(`ImageError` from the transform, `InvalidInput` from the v2 parsers).
 
 Never another exception (which the server would answer with INTERNAL), and
 never a hang: hypothesis fails an example that runs past `DEADLINE`, far
@@ -9,7 +10,7 @@ examples are in test_catalogue.py.
   flipped, cut short or their header dimensions rewritten, through
   ``prepare_encoded`` (header checks, decode, orientation, RGB, resize, crop);
 - v2 tensors: any datatype name, shape and raw buffer through ``decode_raw``,
-  BYTES buffers through ``deserialize_bytes`` (and back), typed contents
+  BYTES buffers through ``bytes_tensor.deserialize`` (and back), typed contents
   through ``decode_contents``, whole ``ModelInferRequest`` messages through
   ``parse_images`` and ``parse_outputs``.
 """
@@ -25,12 +26,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resnet_serve_client import bytes_tensor
 from tritonclient.grpc import service_pb2 as v2
 
-from server import v2_request, v2_tensors
 from server.errors import InvalidInput
-from server.model_config import InputSpec, ModelConfig, Preprocessing
-from server.preprocess import Limits, prepare_encoded
+from server.protocols.v2 import request as v2_request
+from server.protocols.v2 import tensors as v2_tensors
+from server.repository import (
+    ImageError,
+    ImageLimits,
+    InputSpec,
+    ModelConfig,
+    Preprocessing,
+    prepare_encoded,
+)
 from tests.reliability import images
 
 DEADLINE = timedelta(seconds=10)
@@ -47,7 +56,7 @@ UINT8 = ModelConfig(
     input=InputSpec(dtype="uint8", layout="NHWC", size=32),
     preprocessing=Preprocessing(resize=36, crop=32),
 )  # fmt: skip
-LIMITS = Limits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
+LIMITS = ImageLimits(max_image_bytes=1 << 20, max_image_pixels=4_000_000)
 DATATYPES = [*v2_tensors.DATATYPES, "FP8", "", "fp32"]
 
 
@@ -65,7 +74,7 @@ def seeds() -> tuple[bytes, ...]:
 def assert_result_or_invalid(config: ModelConfig, data: bytes) -> None:
     try:
         result = prepare_encoded(data, config, LIMITS)
-    except InvalidInput as exc:
+    except ImageError as exc:
         assert str(exc)
         return
     if config.input.dtype == "uint8":
@@ -116,17 +125,17 @@ def test_any_raw_tensor_decodes_or_is_invalid(datatype: str, shape: list[int], r
 @given(raw=st.binary(max_size=512))
 def test_any_bytes_buffer_splits_or_is_invalid(raw: bytes) -> None:
     try:
-        elements = v2_tensors.deserialize_bytes("images", raw)
-    except InvalidInput:
+        elements = bytes_tensor.deserialize(raw)
+    except ValueError:
         return
-    assert v2_tensors.serialize_bytes(elements) == raw
+    assert bytes_tensor.serialize(elements) == raw
 
 
 @CASES
 @given(elements=st.lists(st.binary(max_size=64), max_size=8))
 def test_bytes_round_trip(elements: list[bytes]) -> None:
-    raw = v2_tensors.serialize_bytes(elements)
-    assert v2_tensors.deserialize_bytes("images", raw) == elements
+    raw = bytes_tensor.serialize(elements)
+    assert bytes_tensor.deserialize(raw) == elements
 
 
 contents_fields = st.fixed_dictionaries(
@@ -185,7 +194,7 @@ def test_any_infer_request_parses_or_is_invalid(request: v2.ModelInferRequest) -
         outputs = v2_request.parse_outputs(request, CIFAR)
     except InvalidInput:
         return
-    assert parsed.tensor is not None or parsed.encoded
+    assert parsed.tensor is not None or parsed.images
     assert outputs
 
 

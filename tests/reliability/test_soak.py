@@ -31,7 +31,7 @@ import pytest
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
-from tests.fixtures.servers import RunningServer
+from bench import serving
 from tests.reliability.load import Outcomes, closed_loop, rss, until_idle
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, infer_floats
@@ -48,7 +48,7 @@ WORKERS = 4
 MODEL = "resnet18"
 
 
-async def _sample(server: RunningServer, into: list[tuple[float, int]]) -> None:
+async def _sample(server: serving.Server, into: list[tuple[float, int]]) -> None:
     while True:
         into.append((time.monotonic(), rss(server)))
         await asyncio.sleep(SAMPLE_SECONDS)
@@ -57,7 +57,7 @@ async def _sample(server: RunningServer, into: list[tuple[float, int]]) -> None:
 @pytest.mark.soak
 @pytest.mark.timeout(SOAK_SECONDS + 600)
 async def test_steady_load_keeps_memory_flat(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     derive(tmp_path / "repo", model_repo / MODEL)
     server = server_factory(tmp_path / "repo")

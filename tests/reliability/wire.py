@@ -13,12 +13,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from resnet_serve_client import bytes_tensor
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
-
-from server.v2_tensors import serialize_bytes
 
 Request = pb.ClassifyRequest | v2.ModelInferRequest
 CALL_TIMEOUT = 60.0
@@ -57,7 +56,7 @@ def infer(
 
 
 def infer_images(model: str, *images: bytes, **options: Any) -> v2.ModelInferRequest:
-    return infer(model, datatype="BYTES", shape=[len(images)], raw=serialize_bytes(images),
+    return infer(model, datatype="BYTES", shape=[len(images)], raw=bytes_tensor.serialize(images),
                  **options)  # fmt: skip
 
 

@@ -29,9 +29,9 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from bench import serving
 from server.auth import AuthInterceptor, TokenError, load_tokens
 from server.config import Settings
-from tests.fixtures.servers import RunningServer, start_server
 from tests.reliability import images
 
 ENV_TOKEN = "env-token-7c1e"
@@ -40,19 +40,19 @@ CLI = str(Path(sys.executable).with_name("resnet-serve-client"))
 
 
 @pytest.fixture(scope="module")
-def server(cifar_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(cifar_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
     directory = tmp_path_factory.mktemp("auth")
     tokens = directory / "tokens"
     tokens.write_text("# one token per line\n" + "\n".join(FILE_TOKENS) + "\n\n")
-    running = start_server(
-        cifar_repo, directory / "logs", "--auth-token-file", str(tokens),
+    running = serving.start(
+        cifar_repo, directory / "logs" / "server.log", ["--auth-token-file", str(tokens)],
         env={"RESNET_SERVE_AUTH_TOKEN": ENV_TOKEN},
     )  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
 
 
-def sdk(server: RunningServer, token: str | None) -> Client:
+def sdk(server: serving.Server, token: str | None) -> Client:
     return Client(server.address, model="cifar", timeout=30,
                   options=ChannelOptions(token=token, retry=None))  # fmt: skip
 
@@ -62,7 +62,7 @@ def headers(token: str | None) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("token", [ENV_TOKEN, *FILE_TOKENS])
-def test_every_accepted_token_gets_in(server: RunningServer, token: str) -> None:
+def test_every_accepted_token_gets_in(server: serving.Server, token: str) -> None:
     with sdk(server, token) as client:
         (result,) = client.classify(images.jpeg(images.photo()))
         assert len(result.classes) == 5
@@ -82,13 +82,13 @@ def test_every_accepted_token_gets_in(server: RunningServer, token: str) -> None
     ids=["missing", "wrong", "prefix", "longer"],
 )  # fmt: skip
 def test_missing_or_wrong_tokens_are_unauthenticated(
-    server: RunningServer, token: str | None, message: str
+    server: serving.Server, token: str | None, message: str
 ) -> None:
     with sdk(server, token) as client, pytest.raises(Unauthenticated, match=message):
         client.classify(images.one_pixel())
 
 
-def test_every_service_but_the_probes_needs_a_token(server: RunningServer) -> None:
+def test_every_service_but_the_probes_needs_a_token(server: serving.Server) -> None:
     photo = images.one_pixel()
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -115,7 +115,7 @@ def test_every_service_but_the_probes_needs_a_token(server: RunningServer) -> No
         assert client.health("cifar") is HealthStatus.SERVING
 
 
-def test_cli_reads_the_token_from_its_env_var(server: RunningServer, tmp_path: Path) -> None:
+def test_cli_reads_the_token_from_its_env_var(server: serving.Server, tmp_path: Path) -> None:
     photo = tmp_path / "photo.png"
     photo.write_bytes(images.png(images.photo()))
     env = {**os.environ, "RESNET_SERVE_TOKEN": FILE_TOKENS[1]}
@@ -127,7 +127,7 @@ def test_cli_reads_the_token_from_its_env_var(server: RunningServer, tmp_path: P
     assert ran.returncode != 0 and "UNAUTHENTICATED" in ran.stdout + ran.stderr
 
 
-def test_no_token_reaches_the_log(server: RunningServer) -> None:
+def test_no_token_reaches_the_log(server: serving.Server) -> None:
     log = server.log()
     assert "bearer tokens required (3 accepted)" in log
     for token in (ENV_TOKEN, *FILE_TOKENS):

@@ -25,9 +25,9 @@ import pytest
 from onnx import TensorProto, helper
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
+from bench import serving
 from server.errors import INTERNAL_MESSAGE
-from server.model_config import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
-from tests.fixtures.servers import RunningServer, start_server
+from server.repository import CONFIG_FILE, MODEL_FILE, VERIFICATION_FILE, ModelConfig
 from tests.reliability import images
 from tests.reliability.wire import call, classify, infer_floats
 
@@ -73,17 +73,17 @@ def add_broken_model(repo: Path, cifar: Path) -> None:
 @pytest.fixture(scope="module")
 def server(
     cifar_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
+) -> Iterator[serving.Server]:
     repo = tmp_path_factory.mktemp("exposure-repo")
     shutil.copytree(cifar_repo / "cifar", repo / "cifar")
     add_broken_model(repo, cifar_repo / "cifar")
-    running = start_server(repo, tmp_path_factory.mktemp("exposure-logs"),
-                           "--metrics-host", METRICS_HOST)  # fmt: skip
+    running = serving.start(repo, tmp_path_factory.mktemp("exposure-logs") / "server.log",
+                            ["--metrics-host", METRICS_HOST])  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
 
 
-def test_internal_errors_say_nothing_of_the_inside(server: RunningServer) -> None:
+def test_internal_errors_say_nothing_of_the_inside(server: serving.Server) -> None:
     photo = images.jpeg(images.photo())
     requests = [
         classify("broken", photo, photo),
@@ -105,7 +105,7 @@ def test_internal_errors_say_nothing_of_the_inside(server: RunningServer) -> Non
     assert "Traceback (most recent call last)" in log
 
 
-def test_metrics_port_binds_its_own_address(server: RunningServer) -> None:
+def test_metrics_port_binds_its_own_address(server: serving.Server) -> None:
     port = server.metrics_url.rsplit(":", 1)[1].split("/")[0]
     with urllib.request.urlopen(f"http://{METRICS_HOST}:{port}/metrics", timeout=10) as response:
         assert b"resnet_serve_build_info" in response.read()

@@ -34,9 +34,9 @@ from resnet_serve_client import (
     Unavailable,
 )
 
+from bench import serving
 from server.config import Settings
 from server.tls import TLSError, server_credentials
-from tests.fixtures.servers import SERVE, RunningServer, start_server
 from tests.reliability import images
 from tests.security.certs import PKI
 
@@ -54,10 +54,10 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tls_server(
     cifar_repo: Path, pki: PKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
-    running = start_server(
-        cifar_repo, tmp_path_factory.mktemp("tls-logs"),
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+) -> Iterator[serving.Server]:
+    running = serving.start(
+        cifar_repo, tmp_path_factory.mktemp("tls-logs") / "server.log",
+        ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)],
         credentials=grpc.ssl_channel_credentials(pki.ca.read_bytes()),
         env={"RESNET_SERVE_AUTH_TOKEN": TOKEN},
     )  # fmt: skip
@@ -68,26 +68,26 @@ def tls_server(
 @pytest.fixture(scope="module")
 def mtls_server(
     cifar_repo: Path, pki: PKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningServer]:
+) -> Iterator[serving.Server]:
     credentials = grpc.ssl_channel_credentials(
         pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
     )
-    running = start_server(
-        cifar_repo, tmp_path_factory.mktemp("mtls-logs"),
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-        "--tls-client-ca", str(pki.ca),
+    running = serving.start(
+        cifar_repo, tmp_path_factory.mktemp("mtls-logs") / "server.log",
+        ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+         "--tls-client-ca", str(pki.ca)],
         credentials=credentials,
     )  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
 
 
-def client(server: RunningServer, tls: TLS | None, token: str | None = None) -> Client:
+def client(server: serving.Server, tls: TLS | None, token: str | None = None) -> Client:
     options = ChannelOptions(tls=tls, token=token, retry=None)
     return Client(server.address, model="cifar", options=options, timeout=30)
 
 
-def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(server: serving.Server, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RESNET_SERVE_TOKEN"}
     return subprocess.run(
         [CLI, "--server", server.address, *args], capture_output=True, text=True, timeout=120,
@@ -95,7 +95,7 @@ def cli(server: RunningServer, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_sdk_over_tls_with_a_token(tls_server: RunningServer, pki: PKI, photo: Path) -> None:
+def test_sdk_over_tls_with_a_token(tls_server: serving.Server, pki: PKI, photo: Path) -> None:
     with client(tls_server, TLS(root_certificates=pki.ca), TOKEN) as sdk:
         (result,) = sdk.classify(photo)
         assert len(result.classes) == 5
@@ -104,7 +104,7 @@ def test_sdk_over_tls_with_a_token(tls_server: RunningServer, pki: PKI, photo: P
 
 
 def test_tls_port_refuses_plaintext_and_unknown_servers(
-    tls_server: RunningServer, pki: PKI, photo: Path
+    tls_server: serving.Server, pki: PKI, photo: Path
 ) -> None:
     for tls in (None, TLS(root_certificates=pki.rogue_ca)):
         with client(tls_server, tls, TOKEN) as sdk, pytest.raises(Unavailable):
@@ -112,7 +112,7 @@ def test_tls_port_refuses_plaintext_and_unknown_servers(
 
 
 def test_token_over_tls_is_checked_and_health_stays_open(
-    tls_server: RunningServer, pki: PKI, photo: Path
+    tls_server: serving.Server, pki: PKI, photo: Path
 ) -> None:
     tls = TLS(root_certificates=pki.ca)
     for token in (None, "wrong"):
@@ -122,7 +122,7 @@ def test_token_over_tls_is_checked_and_health_stays_open(
             assert sdk.health() is HealthStatus.SERVING
 
 
-def test_cli_over_tls(tls_server: RunningServer, pki: PKI, photo: Path) -> None:
+def test_cli_over_tls(tls_server: serving.Server, pki: PKI, photo: Path) -> None:
     ran = cli(tls_server, "--ca", str(pki.ca), "--token", TOKEN, "classify", str(photo),
               "--model", "cifar", "--no-progress")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
@@ -133,7 +133,7 @@ def test_cli_over_tls(tls_server: RunningServer, pki: PKI, photo: Path) -> None:
     assert ran.returncode != 0 and "UNAUTHENTICATED" in ran.stdout + ran.stderr
 
 
-def test_sdk_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, photo: Path) -> None:
+def test_sdk_with_a_client_certificate(mtls_server: serving.Server, pki: PKI, photo: Path) -> None:
     tls = TLS(root_certificates=pki.ca, certificate_chain=pki.client_cert,
               private_key=pki.client_key)  # fmt: skip
     with client(mtls_server, tls) as sdk:
@@ -143,7 +143,7 @@ def test_sdk_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, pho
 
 
 def test_mtls_refuses_clients_without_a_trusted_certificate(
-    mtls_server: RunningServer, pki: PKI, photo: Path
+    mtls_server: serving.Server, pki: PKI, photo: Path
 ) -> None:
     for tls in (
         TLS(root_certificates=pki.ca),
@@ -153,7 +153,7 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(
             sdk.classify(photo)
 
 
-def test_cli_with_a_client_certificate(mtls_server: RunningServer, pki: PKI, photo: Path) -> None:
+def test_cli_with_a_client_certificate(mtls_server: serving.Server, pki: PKI, photo: Path) -> None:
     certificate = ("--ca", str(pki.ca), "--cert", str(pki.client_cert),
                    "--key", str(pki.client_key))  # fmt: skip
     ran = cli(mtls_server, *certificate, "classify", str(photo), "--no-progress")
@@ -204,7 +204,7 @@ def test_an_unusable_tls_file_stops_the_server_with_one_line(
     cifar_repo: Path, pki: PKI, tmp_path: Path
 ) -> None:
     missing = tmp_path / "missing.pem"
-    command = [*SERVE, "--repo", str(cifar_repo), "--host", "127.0.0.1", "--port", "0",
+    command = [*serving.SERVE, "--repo", str(cifar_repo), "--host", "127.0.0.1", "--port", "0",
                "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--tls-cert", str(missing), "--tls-key", str(pki.server_key)]  # fmt: skip
     ran = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -12,7 +12,7 @@ import pytest
 from server.batcher import Batcher
 from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
-from server.model_config import Batching
+from server.repository import Batching
 
 
 class FakeRunner:

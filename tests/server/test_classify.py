@@ -18,7 +18,7 @@ from PIL import Image
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 from tests.server.messages import (
     CHELSEA,
     encoded,
@@ -46,7 +46,7 @@ FAMILIES = [
 
 
 @pytest.fixture(scope="module")
-def channel(model_server: RunningServer) -> Iterator[grpc.Channel]:
+def channel(model_server: InProcessServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(model_server.address) as channel:
         yield channel
 
@@ -56,7 +56,7 @@ def stub(channel: grpc.Channel) -> pb_grpc.ClassifierStub:
     return pb_grpc.ClassifierStub(channel)
 
 
-def computed_images(server: RunningServer, model: str = "resnet18") -> float:
+def computed_images(server: InProcessServer, model: str = "resnet18") -> float:
     return sample(server.metrics(), "resnet_serve_batch_size_sum", model=model, version="1")
 
 
@@ -115,7 +115,7 @@ def test_list_and_get_models(stub: pb_grpc.ClassifierStub) -> None:
 
 
 def test_health_per_model_and_reflection(
-    model_server: RunningServer, channel: grpc.Channel
+    model_server: InProcessServer, channel: grpc.Channel
 ) -> None:
     assert model_server.health("") == health_pb2.HealthCheckResponse.SERVING
     assert model_server.health("resnet18_u8") == health_pb2.HealthCheckResponse.SERVING
@@ -147,7 +147,7 @@ def test_stream_answers_in_order_with_errors_in_band(stub: pb_grpc.ClassifierStu
     ]  # fmt: skip
 
 
-async def test_concurrent_requests_are_batched(model_server: RunningServer) -> None:
+async def test_concurrent_requests_are_batched(model_server: InProcessServer) -> None:
     before = model_server.metrics()
     async with grpc.aio.insecure_channel(model_server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
@@ -175,7 +175,7 @@ async def test_concurrent_requests_are_batched(model_server: RunningServer) -> N
 
 
 async def test_expired_and_cancelled_requests_are_not_computed(
-    model_server: RunningServer,
+    model_server: InProcessServer,
 ) -> None:
     before = computed_images(model_server)
     big = [float_tensor(random_chw(i)) for i in range(64)]  # two full batches keep the model busy
@@ -202,7 +202,7 @@ async def test_expired_and_cancelled_requests_are_not_computed(
                       code=code) >= 1  # fmt: skip
 
 
-async def _until_queued(server: RunningServer, images: int) -> None:
+async def _until_queued(server: InProcessServer, images: int) -> None:
     for _ in range(600):
         text = await asyncio.to_thread(server.metrics)
         if sample(text, "resnet_serve_queue_depth", model="resnet18", version="1") >= images:
@@ -212,7 +212,7 @@ async def _until_queued(server: RunningServer, images: int) -> None:
 
 
 def test_metrics_has_every_family(
-    model_server: RunningServer, stub: pb_grpc.ClassifierStub
+    model_server: InProcessServer, stub: pb_grpc.ClassifierStub
 ) -> None:
     bad = pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)], top_k=0)
     with pytest.raises(grpc.RpcError):
@@ -231,7 +231,7 @@ def test_metrics_has_every_family(
 
 
 def test_request_id_is_carried_into_the_log(
-    model_server: RunningServer, stub: pb_grpc.ClassifierStub
+    model_server: InProcessServer, stub: pb_grpc.ClassifierStub
 ) -> None:
     bad = pb.ClassifyRequest(model="cifar", images=[encoded(b"?")], request_id="trace-7f3a")
     with pytest.raises(grpc.RpcError):

@@ -1,4 +1,5 @@
-"""Servers with their own repositories: refused versions, a full queue, message limits, drain."""
+"""Servers with their own repositories: refused versions, a full queue, message limits, drain,
+and the lifecycle handle of `server.app.start`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from server.model_config import VERIFICATION_FILE, ModelConfig
-from tests.fixtures.servers import RunningServer
+from bench import serving
+from server import app
+from server.repository import VERIFICATION_FILE, ModelConfig
+from tests.fixtures.servers import settings
 from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -45,7 +50,7 @@ def rewrite_verification(version_dir: Path, **fields: Any) -> None:
     path.write_text(json.dumps({**report, **fields}))
 
 
-async def _poll(server: RunningServer, name: str, at_least: float, **labels: str) -> None:
+async def _poll(server: serving.Server, name: str, at_least: float, **labels: str) -> None:
     for _ in range(1200):
         text = await asyncio.to_thread(server.metrics)
         if sample(text, name, **labels) >= at_least:
@@ -55,7 +60,7 @@ async def _poll(server: RunningServer, name: str, at_least: float, **labels: str
 
 
 def test_refused_versions_full_queue_no_reflection_and_sigint(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     repo = tmp_path / "repo"
     add_model(repo, model_repo / "resnet18", "small_queue", max_batch_size=2, max_queue_size=4)
@@ -117,7 +122,7 @@ def test_refused_versions_full_queue_no_reflection_and_sigint(
 
 
 async def test_drain_answers_everything_in_flight_then_exits_0(
-    model_repo: Path, tmp_path: Path, server_factory: Callable[..., RunningServer]
+    model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     repo = tmp_path / "repo"
     add_model(repo, model_repo / "resnet18", "resnet18", max_batch_size=4)
@@ -166,3 +171,27 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
     assert any(m.startswith("SIGTERM received: draining") for m in messages)
     assert "every accepted call answered; closing the port" in messages
     assert messages[-1] == "exiting"
+
+
+async def test_start_serves_on_free_ports_and_stops_once(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, model_repo / "cifar", "cifar")
+    running = await app.start(settings(repo))
+    try:
+        assert running.port > 0 and running.metrics_port > 0
+        assert running.address == f"127.0.0.1:{running.port}"
+        assert await running.wait_loaded() and running.ready()
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            request = pb.ClassifyRequest(model="cifar", images=[encoded(CHELSEA)])
+            assert (await stub.Classify(request, timeout=60)).version == "1"
+        url = f"http://{running.metrics_address}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        assert b'resnet_serve_requests_total{code="OK",model="cifar",version="1"} 1.0' in text
+    finally:
+        # drain and stop, each however often and from wherever, run once
+        await asyncio.gather(running.drain(), running.stop(), running.drain())
+        await running.stop()
+    for port in (running.port, running.metrics_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import InvalidInput
-from server.model_config import ModelConfig
-from server.preprocess import (
-    Limits,
+from server.repository import ImageError, ImageLimits, ModelConfig
+from server.repository.transform import (
     crop_only,
     decode,
     prepare_encoded,
@@ -32,7 +30,7 @@ from server.preprocess import (
 from tests.server.messages import PHOTOS, png_claiming
 
 IMAGENET = ModelConfig(name="imagenet", arch="resnet18", num_classes=1000)
-LIMITS = Limits(max_image_bytes=20 << 20, max_image_pixels=40_000_000)
+LIMITS = ImageLimits(max_image_bytes=20 << 20, max_image_pixels=40_000_000)
 STD = np.asarray(IMAGENET.preprocessing.std).reshape(3, 1, 1)
 
 
@@ -188,24 +186,24 @@ def test_exif_orientation_is_applied(photo: Image.Image) -> None:
     ids=["empty", "garbage", "bomb", "huge-bomb", "broken-jpeg"],
 )
 def test_bad_images_are_refused(data: bytes, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
+    with pytest.raises(ImageError, match=message):
         prepare_encoded(data, IMAGENET, LIMITS)
 
 
 def test_truncated_image_is_refused() -> None:
     data = (PHOTOS / "coffee.png").read_bytes()
-    with pytest.raises(InvalidInput, match="truncated or corrupt"):
+    with pytest.raises(ImageError, match="truncated or corrupt"):
         prepare_encoded(data[: len(data) // 2], IMAGENET, LIMITS)
 
 
 def test_unsupported_format_is_named(photo: Image.Image) -> None:
-    with pytest.raises(InvalidInput, match="unsupported image format TIFF; allowed: JPEG"):
+    with pytest.raises(ImageError, match="unsupported image format TIFF; allowed: JPEG"):
         prepare_encoded(_encode(photo, "TIFF"), IMAGENET, LIMITS)
 
 
 def test_byte_limit() -> None:
-    with pytest.raises(InvalidInput, match="at most 10 are allowed"):
-        prepare_encoded(b"x" * 11, IMAGENET, Limits(max_image_bytes=10, max_image_pixels=100))
+    with pytest.raises(ImageError, match="at most 10 are allowed"):
+        prepare_encoded(b"x" * 11, IMAGENET, ImageLimits(max_image_bytes=10, max_image_pixels=100))
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (256, 341), (341, 256), (256, 257), (257, 256)])

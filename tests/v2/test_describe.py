@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
-from server import v2_describe, v2_stats
 from server.errors import InvalidInput
 from server.metrics import Metrics
-from server.model_config import Batching, InputSpec, ModelConfig
 from server.models import Model, ModelVersion, State
+from server.protocols.v2 import describe as v2_describe
+from server.protocols.v2 import stats as v2_stats
+from server.repository import Batching, InputSpec, ModelConfig
 from server.sessions import CPU, CUDA
 
 CONFIG = ModelConfig(
@@ -42,7 +43,7 @@ def test_metadata_lists_ready_versions_and_batched_shapes() -> None:
     ("provider", "kind", "gpus"), [(CPU, "KIND_CPU", []), (CUDA, "KIND_GPU", [1])]
 )
 def test_config(provider: str, kind: str, gpus: list[int]) -> None:
-    config = v2_describe.model_config(version("1", provider=provider), 2, 1).config
+    config = v2_describe.config_response(version("1", provider=provider), 2, 1).config
     assert (config.max_batch_size, config.platform, config.backend) == (
         4,
         "onnxruntime_onnx",

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.servers import RunningServer
+from tests.fixtures.servers import InProcessServer
 from tests.shared_data import PHOTOS
 
 SCRIPT = Path(__file__).with_name("image_client.py")
 LINE = re.compile(r"^    (-?\d+\.\d{6}) \((\d+)\) = (.+)$")
 
 
-def run(server: RunningServer, *args: str) -> list[str]:
+def run(server: InProcessServer, *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "-u", server.address, "-i", "grpc", *args],
         capture_output=True,
@@ -37,7 +37,7 @@ def run(server: RunningServer, *args: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", [[], ["-a"], ["--streaming"]], ids=["sync", "async", "streaming"])
 def test_resnet50_example_command_with_our_model_name(
-    model_server: RunningServer, model_repo: Path, mode: list[str]
+    model_server: InProcessServer, model_repo: Path, mode: list[str]
 ) -> None:
     labels = (model_repo / "resnet18" / "labels.txt").read_text().splitlines()
     lines = run(
@@ -53,7 +53,7 @@ def test_resnet50_example_command_with_our_model_name(
         assert match is not None and labels[int(match.group(2))] == match.group(3)
 
 
-def test_batches_of_a_folder_on_the_uint8_model(model_server: RunningServer) -> None:
+def test_batches_of_a_folder_on_the_uint8_model(model_server: InProcessServer) -> None:
     folder = sorted(p for p in PHOTOS.iterdir() if p.is_file())
     lines = run(model_server, "-m", "resnet18_u8", "-b", "2", "-c", "2", str(PHOTOS))
     requests = [line for line in lines if line.startswith("Request ")]

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from resnet_serve_client.bytes_tensor import serialize as serialize_bytes
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor
 
-from server import v2_request
 from server.errors import InvalidInput
-from server.model_config import InputSpec, ModelConfig
-from server.v2_tensors import serialize_bytes
+from server.protocols.v2 import request as v2_request
+from server.repository import InputSpec, ModelConfig
 
 FLOAT = ModelConfig(name="tiny", arch="resnet20", num_classes=3, input=InputSpec(size=4))
 UINT8 = ModelConfig(
@@ -48,9 +48,9 @@ def test_uint8_tensor() -> None:
 def test_bytes_of_encoded_images() -> None:
     raw = serialize_bytes([b"jpeg-1", b"jpeg-2"])
     images = v2_request.parse_images(_request("BYTES", [2], raw), FLOAT)
-    assert images.encoded == (b"jpeg-1", b"jpeg-2") and len(images) == 2
+    assert images.images == (b"jpeg-1", b"jpeg-2") and len(images) == 2
     column = v2_request.parse_images(_request("BYTES", [2, 1], raw), FLOAT)
-    assert column.encoded == images.encoded
+    assert column.images == images.images
 
 
 def test_bytes_shape_must_be_a_list_of_images() -> None:

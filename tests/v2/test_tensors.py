@@ -6,10 +6,11 @@ import struct
 
 import numpy as np
 import pytest
+from resnet_serve_client import bytes_tensor
 from resnet_serve_client.proto.inference.grpc_service_pb2 import InferTensorContents
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from server import v2_tensors as t
+from server.protocols.v2 import tensors as t
 
 
 def test_fp32_raw_round_trip() -> None:
@@ -44,29 +45,32 @@ def test_bytes_as_tritonclient_serializes_them() -> None:
     raw = serialize_byte_tensor(elements).item()
     decoded = t.decode_raw("images", "BYTES", [3], raw)
     assert decoded.tolist() == [b"\xff\xd8jpeg", b"", b"png\x00\x00"]
-    assert t.serialize_bytes(decoded.tolist()) == raw
+    assert bytes_tensor.serialize(decoded.tolist()) == raw
 
 
 def test_bytes_element_count_must_match_shape() -> None:
-    raw = t.serialize_bytes([b"a", b"b"])
+    raw = bytes_tensor.serialize([b"a", b"b"])
     with pytest.raises(t.TensorError, match=r"shape \[3\] \(3 elements\).*holds? 2 BYTES"):
         t.decode_raw("images", "BYTES", [3], raw)
 
 
 def test_bytes_length_prefix_past_the_end() -> None:
     raw = struct.pack("<I", 10) + b"short"
-    with pytest.raises(t.TensorError, match=r"element 0 declares 10 bytes but only 5 remain"):
-        t.deserialize_bytes("images", raw)
+    with pytest.raises(
+        t.TensorError, match=r"^input 'images': BYTES element 0 declares 10 bytes but only 5 remain"
+    ):
+        t.decode_raw("images", "BYTES", [1], raw)
 
 
 def test_bytes_truncated_length_prefix() -> None:
-    raw = t.serialize_bytes([b"abc"]) + b"\x01\x00"
+    raw = bytes_tensor.serialize([b"abc"]) + b"\x01\x00"
     with pytest.raises(t.TensorError, match=r"element 1 starts at byte 7 but only 2 bytes remain"):
-        t.deserialize_bytes("images", raw)
+        t.decode_raw("images", "BYTES", [2], raw)
 
 
 def test_empty_bytes_buffer_has_no_elements() -> None:
-    assert t.deserialize_bytes("images", b"") == []
+    assert bytes_tensor.deserialize(b"") == []
+    assert t.decode_raw("images", "BYTES", [0], b"").shape == (0,)
 
 
 def test_typed_fp32_contents() -> None:

@@ -24,28 +24,27 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.model_config import ModelConfig
-from server.preprocess import Limits, prepare_encoded
-from tests.fixtures.servers import RunningServer
+from server.repository import ImageLimits, ModelConfig, prepare_encoded
+from tests.fixtures.servers import InProcessServer
 from tests.shared_data import PHOTOS
 
 JPEGS = [PHOTOS / "chelsea.jpg", PHOTOS / "coffee.jpg"]
 
 
 @pytest.fixture(scope="module")
-def client(model_server: RunningServer) -> Iterator[grpcclient.InferenceServerClient]:
+def client(model_server: InProcessServer) -> Iterator[grpcclient.InferenceServerClient]:
     with grpcclient.InferenceServerClient(model_server.address) as triton:
         yield triton
 
 
 @pytest.fixture(scope="module")
-def v2_stub(model_server: RunningServer) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+def v2_stub(model_server: InProcessServer) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(model_server.address) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
-def classifier(model_server: RunningServer) -> Iterator[classifier_pb2_grpc.ClassifierStub]:
+def classifier(model_server: InProcessServer) -> Iterator[classifier_pb2_grpc.ClassifierStub]:
     with grpc.insecure_channel(model_server.address) as channel:
         yield classifier_pb2_grpc.ClassifierStub(channel)
 
@@ -185,7 +184,7 @@ def test_uint8_nhwc(
 ) -> None:
     """The graph's own pixels, made by the server's preprocessing, equal Classify on the JPEG."""
     config = ModelConfig.load(model_repo / "resnet18_u8")
-    limits = Limits(max_image_bytes=1 << 24, max_image_pixels=1 << 26)
+    limits = ImageLimits(max_image_bytes=1 << 24, max_image_pixels=1 << 26)
     pixels = np.stack([prepare_encoded(p.read_bytes(), config, limits) for p in JPEGS])
     assert pixels.dtype == np.uint8 and pixels.shape == (len(JPEGS), 224, 224, 3)
     logits = client.infer("resnet18_u8", [tensor_input(pixels, "UINT8")]).as_numpy("logits")
@@ -262,7 +261,7 @@ def test_async_infer(client: grpcclient.InferenceServerClient) -> None:
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
 
 
-async def test_asyncio_client(model_server: RunningServer) -> None:
+async def test_asyncio_client(model_server: InProcessServer) -> None:
     async with grpcclient_aio.InferenceServerClient(model_server.address) as client:
         assert await client.is_model_ready("cifar")
         batch = normalized(2, size=32, seed=6)
@@ -274,7 +273,7 @@ async def test_asyncio_client(model_server: RunningServer) -> None:
 
 
 def test_streaming_answers_every_request_and_goes_on_after_an_error(
-    model_server: RunningServer,
+    model_server: InProcessServer,
 ) -> None:
     answers: queue.Queue[tuple[grpcclient.InferResult | None, InferenceServerException | None]] = (
         queue.Queue()
@@ -350,7 +349,7 @@ def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> 
 def test_statistics_count_both_apis(
     client: grpcclient.InferenceServerClient,
     classifier: classifier_pb2_grpc.ClassifierStub,
-    model_server: RunningServer,
+    model_server: InProcessServer,
 ) -> None:
     def requests_ok() -> float:
         for line in model_server.metrics().splitlines():
@@ -387,7 +386,7 @@ def test_statistics_count_both_apis(
     assert {s.name for s in every} == {"resnet18", "resnet18_u8", "cifar"}
 
 
-def test_reflection_describes_the_v2_service(model_server: RunningServer) -> None:
+def test_reflection_describes_the_v2_service(model_server: InProcessServer) -> None:
     with grpc.insecure_channel(model_server.address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         assert "inference.GRPCInferenceService" in database.get_services()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import itertools
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from . import bytes_tensor
 from .images import to_image
 from .proto.inference import grpc_service_pb2 as v2
 from .proto.resnet_serve.v1 import classifier_pb2 as pb
@@ -111,7 +111,7 @@ def v2_requests(
     for group in _batches(inputs, batch):
         if isinstance(group[0], bytes):
             datatype, shape = "BYTES", [len(group)]
-            raw = b"".join(struct.pack("<I", len(item)) + item for item in group)
+            raw = bytes_tensor.serialize(group)
         else:
             array = np.stack(group)
             datatype = "UINT8" if array.dtype == np.uint8 else "FP32"

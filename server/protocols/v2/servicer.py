@@ -1,39 +1,34 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol v2 on the server's port.
 
-Thin: requests are read by `server.v2_request`, described by
-`server.v2_describe`, counted by `server.v2_stats`. Inference goes through the
-same path as ``Classify``: `Preprocessor` for encoded images, the model
-version's batcher (shared batches), `Metrics.track_request`, and the domain
-errors of `server.errors`, which the server's interceptor maps to status
-codes. ModelStreamInfer runs a stream's requests concurrently (so they batch
-together) and answers in request order; a failed request is answered with
-``error_message`` and the stream goes on. Triton RPCs this server does not
+Thin: requests are read by `server.protocols.v2.request`, described by
+`server.protocols.v2.describe`, counted by `server.protocols.v2.stats`. Inference
+goes through `server.request_path`, as ``Classify`` does (shared batches, one
+count of every request, the domain errors of `server.errors`, which the server's
+interceptor maps to status codes). ModelStreamInfer runs a stream's requests
+concurrently (so they batch together) and answers in request order
+(`server.protocols.calls`); a failed request is answered with ``error_message``
+and the stream goes on. Triton RPCs this server does not
 implement answer UNIMPLEMENTED and say why.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
-import numpy as np
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
-from server import v2_describe, v2_request, v2_stats
-from server.classifier import deadline_of
 from server.context import ServingContext
-from server.errors import InvalidInput, ServeError, to_status
-from server.logs import REQUEST_ID
+from server.errors import ServeError
 from server.models import Model, ModelVersion, State
-from server.streams import answer_in_order
+from server.protocols.calls import answer_in_order, deadline_of
+from server.protocols.v2 import describe, stats
+from server.protocols.v2.request import Output, fill_response, parse_images, parse_outputs
+from server.request_path import Inputs, Request, RequestPath
 
-log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -60,7 +55,7 @@ def _unsupported(rpc: str, extension: str) -> Callable[..., Awaitable[None]]:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{rpc} ({extension}) is not supported by this server; its extensions are "
-            f"{', '.join(v2_describe.EXTENSIONS)} (see ServerMetadata)",
+            f"{', '.join(describe.EXTENSIONS)} (see ServerMetadata)",
         )
 
     handler.__name__ = rpc
@@ -76,6 +71,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
         self._registry = ctx.registry
+        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
 
     # health and metadata
 
@@ -103,21 +99,21 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return v2_describe.server_metadata()
+        return describe.server_metadata()
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         served = self._registry.get(request.name, request.version)
-        return v2_describe.model_metadata(self._registry.model(served.name), served)
+        return describe.model_metadata(self._registry.model(served.name), served)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         served = self._registry.get(request.name, request.version)
         settings = self._ctx.settings
-        instances = settings.instances or served.config.instances.count
-        return v2_describe.model_config(served, instances, settings.cuda_device_id)
+        instances = settings.instances_for(served.config.instances.count)
+        return describe.config_response(served, instances, settings.cuda_device_id)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
@@ -129,7 +125,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 versions = self._ready_versions([self._registry.model(request.name)])
         else:
             versions = self._ready_versions(self._registry.models())
-        return v2_stats.model_statistics(self._ctx.metrics, versions)
+        return stats.model_statistics(self._ctx.metrics, versions)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
@@ -157,71 +153,45 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
 
-        async def answer(request: pb.ModelInferRequest, _: int) -> pb.ModelStreamInferResponse:
-            return await self._stream_one(request, deadline)
+        async def answer(message: pb.ModelInferRequest, _: int) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(message, deadline))
 
-        async for response in answer_in_order(
-            request_iterator, answer, self._ctx.draining, STREAM_WINDOW
-        ):
-            yield response
-
-    async def _stream_one(
-        self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelStreamInferResponse:
-        try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
-        except Exception as exc:
-            code, message = to_status(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception(
-                    "stream request %r of model %r failed", request.id, request.model_name
-                )
+        def failed(
+            message: pb.ModelInferRequest, _: int, code: grpc.StatusCode, error: str
+        ) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
-                error_message=message,
+                error_message=error,
                 infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                    id=request.id,
+                    model_name=message.model_name,
+                    model_version=message.model_version,
+                    id=message.id,
                 ),
             )
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelInferResponse:
-        """Like Classify: counted once the model version is known, images prepared, batched."""
-        request_id = request.id or uuid.uuid4().hex
-        REQUEST_ID.set(request_id)
-        served = self._registry.get(request.model_name, request.model_version)
-        metrics = self._ctx.metrics
-        with metrics.track_request(served.name, served.version, _declared_images(request)):
-            images = v2_request.parse_images(request, served.config)
-            outputs = v2_request.parse_outputs(request, served.config)
-            limit = self._ctx.settings.max_images_per_request
-            if len(images) > limit:
-                raise InvalidInput(f"request has {len(images)} images; at most {limit} are allowed")
-            batch = images.tensor
-            if batch is None:
-                started = time.perf_counter()
-                batch = np.stack(
-                    await asyncio.gather(
-                        *(self._encoded(i, data, served) for i, data in enumerate(images.encoded))
-                    )
-                )
-                metrics.preprocess_duration.labels(served.name, served.version).observe(
-                    time.perf_counter() - started
-                )
-            logits = await served.infer(batch, deadline=deadline, request_id=request_id)
-        response = pb.ModelInferResponse(
-            model_name=served.name, model_version=served.version, id=request.id
-        )
-        v2_request.fill_response(response, outputs, logits, served.labels)
-        return response
+        async for response in answer_in_order(
+            request_iterator, answer, failed, self._ctx.draining, STREAM_WINDOW, "ModelStreamInfer"
+        ):
+            yield response
 
-    async def _encoded(self, index: int, data: bytes, served: ModelVersion) -> np.ndarray:
-        try:
-            return await self._ctx.preprocessor.encoded(data, served.config)
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
+    async def _infer(
+        self, message: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
+        result = await self._path.infer(
+            Request(
+                model=message.model_name,
+                version=message.model_version,
+                request_id=message.id,
+                deadline=deadline,
+                images=_declared_images(message),
+                read=functools.partial(_read, message),
+            )
+        )
+        served = result.served
+        response = pb.ModelInferResponse(
+            model_name=served.name, model_version=served.version, id=message.id
+        )
+        fill_response(response, result.parsed, result.logits, served.labels)
+        return response
 
     async def _serving(self, service: str, context: Context) -> bool:
         """Whether grpc.health.v1 says SERVING for ``service`` ("" or a model name)."""
@@ -242,7 +212,11 @@ for _rpc, _extension in _UNSUPPORTED.items():
     setattr(V2Servicer, _rpc, _unsupported(_rpc, _extension))
 
 
-def _declared_images(request: pb.ModelInferRequest) -> int:
+def _read(message: pb.ModelInferRequest, served: ModelVersion) -> tuple[Inputs, list[Output]]:
+    return parse_images(message, served.config), parse_outputs(message, served.config)
+
+
+def _declared_images(message: pb.ModelInferRequest) -> int:
     """The batch size the request declares (what the images counter adds on success)."""
-    shapes = [list(tensor.shape) for tensor in request.inputs]
+    shapes = [list(tensor.shape) for tensor in message.inputs]
     return shapes[0][0] if len(shapes) == 1 and shapes[0] else 0

@@ -1,6 +1,6 @@
 """A v2 ``ModelInferRequest`` read against one model, and its ``ModelInferResponse`` written.
 
-Every model here has one input and one output (`server.model_config`):
+Every model here has one input and one output (`server.repository.config`):
 
 - input ``images`` (the graph's input name) in one of two forms:
   the graph's own tensor, FP32 ``[N, 3, S, S]`` (NCHW) or UINT8 ``[N, S, S, 3]``
@@ -21,24 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from server import v2_tensors
-from server.model_config import ModelConfig
-from server.v2_tensors import BYTES, TensorError
+from server.protocols.v2 import tensors
+from server.protocols.v2.tensors import BYTES, TensorError
+from server.repository import ModelConfig
+from server.request_path import Inputs
 
 GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 CLASSIFICATION = "classification"
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-
-
-@dataclass(frozen=True)
-class Images:
-    """The images of one request: a graph-ready tensor or encoded files, never both."""
-
-    tensor: np.ndarray | None = None
-    encoded: tuple[bytes, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.tensor) if self.tensor is not None else len(self.encoded)
 
 
 @dataclass(frozen=True)
@@ -58,8 +48,9 @@ def describe_input(config: ModelConfig) -> str:
     )
 
 
-def parse_images(request: Any, config: ModelConfig) -> Images:
-    """The request's one input, decoded; the model checks a tensor's shape (as for Classify)."""
+def parse_images(request: Any, config: ModelConfig) -> Inputs:
+    """The request's one input, decoded: the graph's own batch, or encoded images; the model
+    checks a tensor's shape (as for Classify)."""
     if len(request.inputs) != 1:
         got = ", ".join(f"'{i.name}'" for i in request.inputs) or "none"
         raise TensorError(
@@ -73,14 +64,14 @@ def parse_images(request: Any, config: ModelConfig) -> Images:
     _no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
     array = _decode(request, tensor)
     if tensor.datatype == BYTES:
-        return Images(encoded=_encoded_images(tensor.name, array))
+        return Inputs(images=_encoded_images(tensor.name, array))
     expected = input_datatype(config)
     if tensor.datatype != expected:
         raise TensorError(
             f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
             f"{describe_input(config)}"
         )
-    return Images(tensor=array)
+    return Inputs(tensor=array)
 
 
 def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
@@ -109,8 +100,8 @@ def fill_response(
         if output.classes is None:
             array = np.ascontiguousarray(logits, dtype=np.float32)
         else:
-            array = v2_tensors.classification(logits, output.classes, labels)
-        datatype, raw = v2_tensors.encode_raw(array)
+            array = tensors.classification(logits, output.classes, labels)
+        datatype, raw = tensors.encode_raw(array)
         response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(raw)
 
@@ -128,14 +119,14 @@ def _decode(request: Any, tensor: Any) -> np.ndarray:
                 f"input '{tensor.name}' sets contents while the request uses raw_input_contents; "
                 f"use one or the other"
             )
-        return v2_tensors.decode_raw(
+        return tensors.decode_raw(
             tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0]
         )
     if not has_contents:
         raise TensorError(
             f"input '{tensor.name}' carries no data; send it in raw_input_contents or contents"
         )
-    return v2_tensors.decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
+    return tensors.decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
 
 
 def _encoded_images(name: str, array: np.ndarray) -> tuple[bytes, ...]:

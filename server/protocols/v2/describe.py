@@ -13,10 +13,10 @@ from importlib.metadata import version
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
-from server.model_config import MODEL_FILE, ModelConfig
 from server.models import Model, ModelVersion, State
+from server.protocols.v2.request import input_datatype
+from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import CUDA
-from server.v2_request import input_datatype
 
 SERVER_NAME = "resnet-serve"
 # Protocol extensions, as Triton names them, that this server implements.
@@ -52,8 +52,11 @@ def model_metadata(model: Model, served: ModelVersion) -> pb.ModelMetadataRespon
     )
 
 
-def model_config(served: ModelVersion, instances: int, cuda_device: int) -> pb.ModelConfigResponse:
-    """``instances``: sessions per version; ``cuda_device``: the GPU they use when on CUDA."""
+def config_response(
+    served: ModelVersion, instances: int, cuda_device: int
+) -> pb.ModelConfigResponse:
+    """The ModelConfig RPC's answer for ``served``. ``instances``: sessions per version;
+    ``cuda_device``: the GPU they use when on CUDA."""
     config: ModelConfig = served.config
     batching = config.batching
     on_gpu = served.provider == CUDA

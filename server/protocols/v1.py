@@ -1,16 +1,15 @@
 """resnet_serve.v1.Classifier: images in, top-k classes out.
 
-Thin: requests are checked and turned into model inputs here, the model
-registry and batcher do the rest, and errors leave as `server.errors`
-exceptions for `server.interceptors` to map.
+Thin: a ``ClassifyRequest`` is turned into a `server.request_path.Request`
+(its images read here: encoded files as they are, tensors checked against the
+model), the request path does the rest, and the logits come back as top-k
+classes. Errors leave as `server.errors` exceptions for `server.interceptors`
+to map (for ClassifyStream, per message by `server.protocols.calls`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-import uuid
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,13 +18,11 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
-from server.errors import InvalidInput, to_status
-from server.logs import REQUEST_ID
+from server.errors import InvalidInput
 from server.models import Model, ModelVersion, State
 from server.postprocess import top_k
-from server.streams import answer_in_order
-
-log = logging.getLogger(__name__)
+from server.protocols.calls import answer_in_order, deadline_of
+from server.request_path import Image, Inputs, Request, RequestPath
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -44,15 +41,10 @@ def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
     return SERVICE_NAME
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The caller's deadline as a `time.monotonic()` value, if it set one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
+        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -65,18 +57,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         deadline = deadline_of(context)
 
         async def answer(request: pb.ClassifyRequest, sequence: int) -> pb.ClassifyStreamResponse:
-            try:
-                response = await self._classify(request, deadline)
-            except Exception as exc:
-                code, message = to_status(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.error("ClassifyStream request %d failed", sequence, exc_info=exc)
-                error = pb.Error(code=code.value[0], message=message)
-                return pb.ClassifyStreamResponse(sequence=sequence, error=error)
+            response = await self._classify(request, deadline)
             return pb.ClassifyStreamResponse(sequence=sequence, response=response)
 
+        def failed(
+            request: pb.ClassifyRequest, sequence: int, code: grpc.StatusCode, message: str
+        ) -> pb.ClassifyStreamResponse:
+            error = pb.Error(code=code.value[0], message=message)
+            return pb.ClassifyStreamResponse(sequence=sequence, error=error)
+
         async for response in answer_in_order(
-            request_iterator, answer, self._ctx.draining, STREAM_WINDOW
+            request_iterator, answer, failed, self._ctx.draining, STREAM_WINDOW, "ClassifyStream"
         ):
             yield response
 
@@ -103,28 +94,24 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _classify(
         self, request: pb.ClassifyRequest, deadline: float | None
     ) -> pb.ClassifyResponse:
-        request_id = request.request_id or uuid.uuid4().hex
-        REQUEST_ID.set(request_id)
         if not request.model:
             raise InvalidInput("model is empty; ListModels shows the models")
-        model = self._ctx.registry.get(request.model, request.version)
-        count = len(request.images)
-        with self._ctx.metrics.track_request(model.name, model.version, count, deadline):
-            k = self._check(request, model)
-            started = time.perf_counter()
-            inputs = await asyncio.gather(
-                *(self._prepare(i, image, model) for i, image in enumerate(request.images))
+        result = await self._path.infer(
+            Request(
+                model=request.model,
+                version=request.version,
+                request_id=request.request_id,
+                deadline=deadline,
+                images=len(request.images),
+                read=functools.partial(self._read, request),
             )
-            self._ctx.metrics.preprocess_duration.labels(model.name, model.version).observe(
-                time.perf_counter() - started
-            )
-            logits = await model.infer(np.stack(inputs), deadline=deadline, request_id=request_id)
-        indices, scores = top_k(logits, k)
-        labels = model.labels
+        )
+        indices, scores = top_k(result.logits, result.parsed)
+        labels = result.served.labels
         return pb.ClassifyResponse(
-            model=model.name,
-            version=model.version,
-            request_id=request_id,
+            model=result.served.name,
+            version=result.served.version,
+            request_id=result.request_id,
             results=[
                 pb.Classification(
                     classes=[
@@ -136,32 +123,23 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             ],
         )
 
-    def _check(self, request: pb.ClassifyRequest, model: ModelVersion) -> int:
-        """Request-level checks; returns top_k."""
-        count = len(request.images)
-        limit = self._ctx.settings.max_images_per_request
-        if count == 0:
-            raise InvalidInput(f"request has no images; send 1 to {limit}")
-        if count > limit:
-            raise InvalidInput(f"request has {count} images; at most {limit} are allowed")
+    def _read(self, request: pb.ClassifyRequest, model: ModelVersion) -> tuple[Inputs, int]:
+        """The request's images and its top_k, checked against the model."""
         k = request.top_k if request.HasField("top_k") else DEFAULT_TOP_K
         classes = model.config.num_classes
         if not 1 <= k <= classes:
             raise InvalidInput(f"top_k is {k}; allowed: 1 to {classes} (model {model.name})")
-        return k
+        return Inputs(images=[self._image(image, model) for image in request.images]), k
 
-    async def _prepare(self, index: int, image: pb.Image, model: ModelVersion) -> np.ndarray:
-        try:
-            kind = image.WhichOneof("data")
-            if kind == "encoded":
-                return await self._ctx.preprocessor.encoded(image.encoded, model.config)
-            if kind == "tensor":
-                return await self._tensor(image.tensor, model)
+    def _image(self, image: pb.Image, model: ModelVersion) -> Image:
+        if image.WhichOneof("data") == "encoded":
+            return image.encoded
+        return functools.partial(self._tensor, image, model)
+
+    async def _tensor(self, image: pb.Image, model: ModelVersion) -> np.ndarray:
+        if not image.HasField("tensor"):
             raise InvalidInput("has no data; set encoded (image bytes) or tensor")
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
-
-    async def _tensor(self, tensor: pb.Tensor, model: ModelVersion) -> np.ndarray:
+        tensor = image.tensor
         shape = list(tensor.shape)
         spec = model.config.input
         if tensor.dtype == pb.Tensor.UINT8:

@@ -1,4 +1,5 @@
-"""Input preprocessing: what config.json tells clients, and what a uint8 graph does inside."""
+"""A graph's input: the preprocessing numbers config.json gives clients, and the layer that
+normalizes uint8 pixels inside a uint8 graph."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from builder.architectures import ArchSpec, Dataset
-from server.model_config import CIFAR_MEAN, CIFAR_STD, Preprocessing
+from server.repository import CIFAR_MEAN, CIFAR_STD, Preprocessing
 
 
 def preprocessing_for(spec: ArchSpec) -> Preprocessing:

@@ -8,7 +8,7 @@ so the servicer stays thin and every rule here is unit-tested. Errors are
   row-major, no padding) or as the repeated field of its datatype in
   ``contents`` (``fp32_contents`` for FP32, ``uint_contents`` for UINT8, ...).
 - A BYTES element travels as a 4-byte little-endian length and its bytes,
-  elements back to back: what tritonclient's ``serialize_byte_tensor`` sends.
+  elements back to back (`resnet_serve_client.bytes_tensor`, shared with the SDK).
 - The classification extension turns a row of scores into ``k`` BYTES elements
   ``"<value>:<index>[:<label>]"``, best first, the value printed like C++'s
   ``std::to_string`` (six decimals) as Triton does.
@@ -17,17 +17,16 @@ so the servicer stays thin and every rule here is unit-tested. Errors are
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from resnet_serve_client import bytes_tensor
 
 from server.errors import InvalidInput
 
 BYTES = "BYTES"
-_LENGTH = struct.Struct("<I")
 MAX_ELEMENTS = 1 << 40  # far above any message the server accepts
 
 
@@ -90,41 +89,16 @@ def check_shape(tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def serialize_bytes(elements: Iterable[bytes]) -> bytes:
-    """BYTES elements as one raw buffer: each a 4-byte little-endian length, then its bytes."""
-    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
-
-
-def deserialize_bytes(tensor: str, raw: bytes) -> list[bytes]:
-    """Split a raw BYTES buffer into its elements; a length prefix must not run past the end."""
-    elements: list[bytes] = []
-    view = memoryview(raw)
-    offset = 0
-    while offset < len(view):
-        if offset + _LENGTH.size > len(view):
-            raise TensorError(
-                f"input '{tensor}': BYTES element {len(elements)} starts at byte {offset} but "
-                f"only {len(view) - offset} bytes remain for its 4-byte length prefix"
-            )
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += _LENGTH.size
-        if offset + length > len(view):
-            raise TensorError(
-                f"input '{tensor}': BYTES element {len(elements)} declares {length} bytes but "
-                f"only {len(view) - offset} remain"
-            )
-        elements.append(bytes(view[offset : offset + length]))
-        offset += length
-    return elements
-
-
 def decode_raw(tensor: str, type_name: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     """One ``raw_input_contents`` entry as an array of ``shape`` (dtype object for BYTES)."""
     dt = datatype(type_name)
     dims = check_shape(tensor, shape)
     count = math.prod(dims)
     if dt.name == BYTES:
-        elements = deserialize_bytes(tensor, raw)
+        try:
+            elements = bytes_tensor.deserialize(raw)
+        except ValueError as exc:
+            raise TensorError(f"input '{tensor}': {exc}") from None
         if len(elements) != count:
             raise TensorError(
                 f"input '{tensor}' has shape {list(dims)} ({count} elements) but its raw "
@@ -177,7 +151,7 @@ def decode_contents(
 def encode_raw(array: np.ndarray) -> tuple[str, bytes]:
     """An output array as (datatype, raw bytes); an object array is sent as BYTES."""
     if array.dtype == object:
-        return BYTES, serialize_bytes(array.ravel().tolist())
+        return BYTES, bytes_tensor.serialize(array.ravel().tolist())
     little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     try:
         name = NUMPY_TO_DATATYPE[np.dtype(little)]

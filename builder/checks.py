@@ -27,7 +27,7 @@ from onnx import shape_inference
 from builder.architectures import ArchSpec, Layout
 from builder.flops import count_macs
 from builder.tables import format_table
-from server.model_config import InputSpec, ModelConfig
+from server.repository import InputSpec, ModelConfig
 
 Reference = Callable[[np.ndarray], np.ndarray]
 

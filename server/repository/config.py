@@ -1,28 +1,17 @@
-"""The schema of a model repository entry (``models/<name>/config.json``).
+"""``<name>/config.json``: what a model takes, how its images are prepared, how it is served.
 
-The builder writes it, the server reads it. Kept free of torch and
-onnxruntime so both the builder and the torch-less runtime image import it.
-
-Repository layout::
-
-    models/<name>/config.json
-    models/<name>/labels.txt
-    models/<name>/<version>/model.onnx
-    models/<name>/<version>/verification.json
+The builder writes it, the server reads it.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-CONFIG_FILE = "config.json"
-LABELS_FILE = "labels.txt"
-MODEL_FILE = "model.onnx"
-VERIFICATION_FILE = "verification.json"
+from server.repository.layout import CONFIG_FILE, LABELS_FILE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,12 +100,23 @@ class ModelConfig(_Strict):
     arch: str
     platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
     num_classes: int = Field(gt=0)
-    labels: str = LABELS_FILE
+    labels: str = Field(LABELS_FILE, description="file of class names, inside the model directory")
     input: InputSpec = InputSpec()
     output: OutputSpec = OutputSpec()
     preprocessing: Preprocessing = Preprocessing()
     batching: Batching = Batching()
     instances: Instances = Instances()
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_inside_model_dir(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or "\\" in value or path.is_absolute() or ".." in path.parts:
+            raise ValueError(
+                f"labels {value!r} must be a file inside the model directory, "
+                "named by a relative path without '..'"
+            )
+        return value
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelConfig:
@@ -126,12 +126,3 @@ class ModelConfig(_Strict):
         path = Path(model_dir) / CONFIG_FILE
         path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
         return path
-
-    def read_labels(self, model_dir: Path) -> list[str]:
-        path = Path(model_dir) / self.labels
-        labels = path.read_text().splitlines()
-        if len(labels) != self.num_classes:
-            raise ValueError(
-                f"{path} has {len(labels)} labels, the model {self.num_classes} classes"
-            )
-        return labels

@@ -1,0 +1,75 @@
+"""``<version>/verification.json``: what the builder checked, and the hash of what it checked.
+
+The builder writes it (`Verification.write`) after running its checks; the server trusts a
+version only if ``passed`` is true and ``sha256`` is the hash of ``model.onnx``
+(`server.repository.check.check_version`). The other fields record how the model was built
+and what each check measured, for people and for ``resnet-serve verify``.
+
+Records written before a field existed still read: a record without ``precision`` is fp32,
+one without ``passed`` did not pass. Fields this version does not know are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from server.repository.layout import MODEL_FILE, VERIFICATION_FILE
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class CheckRecord(_Record):
+    """One check the builder ran: its figures, the limits they were held to, a summary."""
+
+    name: str
+    passed: StrictBool
+    figures: dict[str, Any] = Field(default_factory=dict)
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    detail: str = ""
+
+
+class Verification(_Record):
+    passed: StrictBool = False
+    sha256: str = Field("", description="hex sha256 of model.onnx as it was checked")
+    model_file: str = MODEL_FILE
+    scope: str = Field("", description='"full", or "onnx-only: <why>" without a PyTorch model')
+    seed: int | None = None
+    created: str = Field("", description="ISO 8601, UTC")
+    precision: Precision = "fp32"
+    recipe: dict[str, Any] | None = Field(None, description="how to rebuild the PyTorch model")
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] | None = Field(None, description="int8: the calibration images")
+    software: dict[str, str] = Field(default_factory=dict)
+    checks: list[CheckRecord] = Field(default_factory=list)
+    seconds: dict[str, float] = Field(default_factory=dict, description="wall time per stage")
+
+    def failed_checks(self) -> list[str]:
+        return [check.name for check in self.checks if not check.passed]
+
+    @classmethod
+    def load(cls, version_dir: Path) -> Verification:
+        """Read a version's record; OSError, ValueError (bad JSON or not a record)."""
+        return cls.model_validate(json.loads((Path(version_dir) / VERIFICATION_FILE).read_text()))
+
+    def write(self, version_dir: Path) -> Path:
+        path = Path(version_dir) / VERIFICATION_FILE
+        text = json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False)
+        path.write_text(text + "\n", encoding="utf-8")
+        return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,132 @@
+"""The one request path: a protocol's request in, per-image logits (or a domain error) out.
+
+Every inference RPC (``Classify``, ``ClassifyStream``, v2 ``ModelInfer``,
+``ModelStreamInfer``) is a thin adapter in `server.protocols` that turns its
+message into a `Request`, calls `RequestPath.infer`, and turns the `Result`
+into its response. Here, in order:
+
+1. the request id (the caller's or a new one) is set in `REQUEST_ID` for the logs;
+2. the model version is looked up (NOT_FOUND and UNAVAILABLE before anything is counted);
+3. from then on the request is counted by `Metrics.track_request`, with the caller's
+   deadline, so a call cancelled at its deadline counts as DEADLINE_EXCEEDED;
+4. the adapter reads its message against the model version (`Request.read`);
+5. limits are checked before any work: at least one image, at most
+   ``max_images_per_request``;
+6. the images are prepared concurrently on the preprocessing pool (encoded files decoded
+   here, a protocol's own per-image tensors by the reader it gave), each error naming the
+   image's index, and the time is observed in the preprocess histogram; a request that
+   sent the graph's own batch skips this step;
+7. the model version's batcher computes the logits.
+
+Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.calls`
+for a stream's messages, maps them to status codes). No protobuf message is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from server.config import Settings
+from server.errors import InvalidInput
+from server.logs import REQUEST_ID
+from server.metrics import Metrics
+from server.models import ModelRegistry, ModelVersion
+from server.preprocess import Preprocessor
+
+# One image of a request: an encoded file (JPEG, PNG, ...), or a protocol's reader of
+# the tensor it sent for that image, giving the model's input for it.
+Image = bytes | Callable[[], Awaitable[np.ndarray]]
+
+# What an adapter read from its message besides the images (v1: top_k; v2: the outputs).
+Parsed = TypeVar("Parsed")
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """The images of one request: prepared one by one, or the graph's own batch as sent."""
+
+    images: Sequence[Image] = ()
+    tensor: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tensor) if self.tensor is not None else len(self.images)
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[Parsed]):
+    model: str
+    version: str  # "" for the latest ready version
+    request_id: str  # "" to have one made
+    deadline: float | None  # `time.monotonic()` value, None for no deadline
+    images: int  # as the message declares them: what the images counter adds on success
+    # The adapter's reading of its message once the model version is known.
+    read: Callable[[ModelVersion], tuple[Inputs, Parsed]]
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[Parsed]):
+    served: ModelVersion
+    request_id: str
+    logits: np.ndarray  # [images, classes]
+    parsed: Parsed
+
+
+class RequestPath:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        preprocessor: Preprocessor,
+        metrics: Metrics,
+    ) -> None:
+        self._max_images = settings.max_images_per_request
+        self._registry = registry
+        self._preprocessor = preprocessor
+        self._metrics = metrics
+
+    async def infer(self, request: Request[Parsed]) -> Result[Parsed]:
+        request_id = request.request_id or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
+        served = self._registry.get(request.model, request.version)
+        with self._metrics.track_request(
+            served.name, served.version, request.images, request.deadline
+        ):
+            inputs, parsed = request.read(served)
+            self._check_count(inputs)
+            batch = inputs.tensor
+            if batch is None:
+                batch = await self._prepare(inputs.images, served)
+            logits = await served.infer(batch, deadline=request.deadline, request_id=request_id)
+        return Result(served, request_id, logits, parsed)
+
+    def _check_count(self, inputs: Inputs) -> None:
+        count, limit = len(inputs), self._max_images
+        if inputs.tensor is None and count == 0:
+            raise InvalidInput(f"request has no images; send 1 to {limit}")
+        if count > limit:
+            raise InvalidInput(f"request has {count} images; at most {limit} are allowed")
+
+    async def _prepare(self, images: Sequence[Image], served: ModelVersion) -> np.ndarray:
+        started = time.perf_counter()
+        inputs = await asyncio.gather(
+            *(self._prepare_one(i, image, served) for i, image in enumerate(images))
+        )
+        self._metrics.preprocess_duration.labels(served.name, served.version).observe(
+            time.perf_counter() - started
+        )
+        return np.stack(inputs)
+
+    async def _prepare_one(self, index: int, image: Image, served: ModelVersion) -> np.ndarray:
+        try:
+            if isinstance(image, bytes):
+                return await self._preprocessor.encoded(image, served.config)
+            return await image()
+        except InvalidInput as exc:
+            raise InvalidInput(f"image {index}: {exc}") from None

@@ -1,0 +1,131 @@
+"""`check_version`, the one rule for "can this version be served?", and the version layout.
+
+Versions here are a few bytes standing in for model.onnx: the check looks at files and
+records, never inside the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.repository import (
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    Status,
+    Verification,
+    check_version,
+    is_version_name,
+    latest_version,
+    version_dirs,
+    versions,
+)
+
+GRAPH = b"stands in for an ONNX graph"
+CHECKS = [
+    {"name": "onnx_checker", "passed": True, "detail": "full check passed"},
+    {"name": "multiply_adds", "passed": False, "figures": {"counted": 1}, "detail": "off"},
+]
+
+
+def add_version(model_dir: Path, name: str, record: dict[str, Any] | None = None) -> Path:
+    """A version directory holding GRAPH and, unless None, `record` as its verification.json
+    (default: a passing record with GRAPH's hash, as an old build wrote it: no precision)."""
+    version_dir = model_dir / name
+    version_dir.mkdir(parents=True)
+    (version_dir / MODEL_FILE).write_bytes(GRAPH)
+    if record is None:
+        record = {"passed": True, "sha256": hashlib.sha256(GRAPH).hexdigest(), "scope": "full"}
+    (version_dir / VERIFICATION_FILE).write_text(json.dumps(record))
+    return version_dir
+
+
+def test_a_passing_record_from_before_precisions_is_verified_fp32(tmp_path: Path) -> None:
+    check = check_version(add_version(tmp_path, "1"))
+    assert (check.version, check.status, check.reason) == (1, Status.VERIFIED, "")
+    assert check.servable and check.precision == "fp32" and check.detail == "full"
+    assert check.record is not None and check.record.passed
+
+
+def test_a_modified_graph_is_refused(tmp_path: Path) -> None:
+    version_dir = add_version(tmp_path, "2")
+    (version_dir / MODEL_FILE).write_bytes(GRAPH + b"\0")
+    check = check_version(version_dir)
+    assert check.status is Status.MODIFIED and not check.servable
+    assert check.reason == "model.onnx does not match the sha256 in verification.json"
+
+
+def test_a_failed_record_names_its_failed_checks(tmp_path: Path) -> None:
+    digest = hashlib.sha256(GRAPH).hexdigest()
+    record = {"passed": False, "sha256": digest, "precision": "int8", "checks": CHECKS}
+    check = check_version(add_version(tmp_path, "1", record))
+    assert (check.status, check.precision, check.detail) == (Status.FAILED, "int8", "multiply_adds")
+    assert check.reason == "verification.json does not say passed: true (failed: multiply_adds)"
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        ({"sha256": hashlib.sha256(GRAPH).hexdigest()}, "does not say passed: true"),
+        ({"passed": "true", "sha256": hashlib.sha256(GRAPH).hexdigest()}, "passed"),
+        ([], "is not a verification record"),
+    ],
+)
+def test_only_a_literal_true_passes(tmp_path: Path, record: Any, why: str) -> None:
+    check = check_version(add_version(tmp_path, "1", record))
+    assert not check.servable and why in check.reason
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    no_model = add_version(tmp_path, "1")
+    (no_model / MODEL_FILE).unlink()
+    no_record = add_version(tmp_path, "2")
+    (no_record / VERIFICATION_FILE).unlink()
+    not_json = add_version(tmp_path, "3")
+    (not_json / VERIFICATION_FILE).write_text("{passed: true")
+    expected = {
+        no_model: (Status.MISSING_MODEL, "model.onnx is missing"),
+        no_record: (Status.UNVERIFIED, "verification.json is missing; build or verify"),
+        not_json: (Status.UNVERIFIED, "verification.json is not valid JSON ("),
+    }
+    for version_dir, (status, why) in expected.items():
+        check = check_version(version_dir)
+        assert check.status is status and check.reason.startswith(why)
+        assert check.precision == "-" and check.record is None
+
+
+def test_only_a_positive_integer_in_ascii_digits_names_a_version(tmp_path: Path) -> None:
+    assert [n for n in ("1", "2", "10", "123") if is_version_name(n)] == ["1", "2", "10", "123"]
+    # "²".isdigit() and "٣".isdigit() are True, and int("²") raises
+    assert not any(map(is_version_name, ("0", "00", "01", "-1", "+1", "1a", "", "²", "٣", " 1")))
+    model_dir = tmp_path / "model"
+    for name in ("10", "2", "0", "01", "²", "٣", ".tmp-abc"):
+        add_version(model_dir, name)
+    (model_dir / "3").write_text("a file, not a directory")
+    assert [p.name for p in version_dirs(model_dir)] == ["2", "10"]
+    assert versions(model_dir) == [2, 10]
+    assert latest_version(model_dir) == model_dir / "10"
+    with pytest.raises(ValueError, match="not a version directory"):
+        check_version(model_dir / "0")
+    with pytest.raises(ValueError, match="not a version directory"):
+        check_version(model_dir / "²")
+
+
+def test_no_versions(tmp_path: Path) -> None:
+    assert version_dirs(tmp_path / "absent") == [] and versions(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="has no version directory"):
+        latest_version(tmp_path)
+
+
+def test_the_record_round_trips_and_ignores_fields_it_does_not_know(tmp_path: Path) -> None:
+    record = Verification(passed=True, sha256="ab" * 32, precision="fp16", checks=CHECKS)
+    record.write(tmp_path)
+    assert Verification.load(tmp_path) == record
+    text = json.loads((tmp_path / VERIFICATION_FILE).read_text())
+    (tmp_path / VERIFICATION_FILE).write_text(json.dumps(text | {"written_by": "a newer builder"}))
+    assert Verification.load(tmp_path) == record
+    assert record.failed_checks() == ["multiply_adds"]
