@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from bench import serving
 from deploy import images
 from tests.deploy import nginx, procs
 from tests.deploy.load import Load
@@ -100,7 +101,7 @@ def replicas(docker: images.Docker, image: str) -> Iterator[list[Container]]:
     try:
         for index in range(3):
             container = Container(f"resnet-serve-test-{os.getpid()}-{index}",
-                                  procs.free_port(), procs.free_port())  # fmt: skip
+                                  serving.free_port(), serving.free_port())  # fmt: skip
             docker.run(
                 "run", "--detach", "--name", container.name, "--network", "host",
                 "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",

@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench import serving
 from tests.deploy import procs
 from tests.deploy.dockerfile import ROOT
 
@@ -66,7 +67,7 @@ def test_a_named_service(service: tuple[str, health.HealthServicer]) -> None:
 
 
 def test_nothing_listening() -> None:
-    result = probe(f"127.0.0.1:{procs.free_port()}")
+    result = probe(f"127.0.0.1:{serving.free_port()}")
     assert result.returncode == 1 and "Refused" in result.stderr
 
 
