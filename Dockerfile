@@ -132,11 +132,11 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && pip install --find-links /wheelhouse /wheels/*.whl \
     && pip uninstall --yes onnxruntime-gpu \
     && pip install --find-links /wheelhouse "onnxruntime==${ORT_VERSION}" \
-    && python -c "import onnxruntime, server.serve, resnet_serve_client"
+    && python -c "import onnxruntime, server.serve, resnet_serve_client" \
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 
 COPY --from=builder ${MODEL_REPO} /models
 
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 USER 10001:10001
 
 # Every server setting is also a RESNET_SERVE_* variable (`resnet-serve serve --help`).
@@ -190,11 +190,11 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && python -c "import onnxruntime, server.serve, resnet_serve_client" \
     && find /opt/venv/lib -type d -name lib -path '*/site-packages/nvidia/*' \
         > /etc/ld.so.conf.d/resnet-serve-cuda.conf \
-    && ldconfig
+    && ldconfig \
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 
 COPY --from=builder ${MODEL_REPO} /models
 
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 USER 10001:10001
 
 # Every server setting is also a RESNET_SERVE_* variable (`resnet-serve serve --help`).

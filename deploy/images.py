@@ -61,6 +61,9 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # The CUDA provider links these through the dynamic loader; the driver brings the first.
 DRIVER_LIBRARIES = ("libcuda.so.1",)
 DAEMON_START_LIMIT = 60.0
+# Free disk the builds need under .cache/images (vfs copies every layer in full; the GPU
+# image's CUDA wheels make it the big one).
+DISK_NEEDED = {"cpu": 20e9, "gpu": 45e9}
 
 
 class Unavailable(RuntimeError):
@@ -386,6 +389,11 @@ def unresolved_cuda_libraries(docker: Docker, tag: str) -> list[str]:
 def build_images(docker: Docker, variants: Sequence[str], archs: str | None = None,
                  suffix: str = "", log_dir: Path | None = None) -> dict[str, str]:  # fmt: skip
     """Everything `make images` does, given a daemon; returns {variant: tag}."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    free, needed = shutil.disk_usage(CACHE).free, sum(DISK_NEEDED[v] for v in variants)
+    if free < needed:
+        raise Unavailable(f"{free / 1e9:.0f} GB free under {CACHE}, the builds need about "
+                           f"{needed / 1e9:.0f} GB (vfs storage copies every layer)")  # fmt: skip
     base = ensure_base(docker)
     fill_wheelhouse(variants, base_python(docker))
     tags = {}
