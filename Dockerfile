@@ -68,7 +68,7 @@ COPY server/ server/
 # Local projects: their dependency ranges live in the two pyproject.toml files.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
-    pip install --find-links /wheelhouse ./clients/python ".[builder]" \
+    pip install --find-links /wheelhouse ./clients/python ".[builder,cpu]" \
     && pip wheel --find-links /wheelhouse --no-deps --wheel-dir /wheels ./clients/python .
 
 # Declared here, after the installs, so that other models reuse the layers above.
@@ -124,14 +124,12 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The service's wheel asks for onnxruntime-gpu on Linux x86_64; a CPU-only image
-# swaps it for the CPU wheel of the same release (a tenth of the size).
+# The service's wheel names no ONNX Runtime (its cpu and gpu extras do); a CPU-only
+# image takes the CPU build (a tenth of the GPU wheel's size).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     python3 -m venv /opt/venv \
-    && pip install --find-links /wheelhouse /wheels/*.whl \
-    && pip uninstall --yes onnxruntime-gpu \
-    && pip install --find-links /wheelhouse "onnxruntime==${ORT_VERSION}" \
+    && pip install --find-links /wheelhouse /wheels/*.whl "onnxruntime==${ORT_VERSION}" \
     && python -c "import onnxruntime, server.serve, resnet_serve_client" \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin resnet
 
@@ -179,8 +177,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# CUDA user space from NVIDIA's wheels: the provider links cuBLAS, which the `cuda`
-# extra does not name. The wheels' lib folders go into the loader's path (ld.so.conf),
+# CUDA user space from NVIDIA's wheels, the service's `gpu` extra pinned to ORT_VERSION:
+# the provider links cuBLAS, which onnxruntime-gpu's `cuda` extra does not name. The wheels' lib folders go into the loader's path (ld.so.conf),
 # so the provider and the cuDNN it loads resolve in any process, whatever its env.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     --mount=type=bind,source=wheelhouse,target=/wheelhouse \

@@ -328,7 +328,7 @@ def fill_wheelhouse(variants: Sequence[str], python: str) -> None:
             platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
             _run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(WHEELHOUSE),
                   "--only-binary=:all:", "--implementation", "cp", "--python-version", python,
-                  *platforms, f"{service}[builder]", str(client), *requirements],
+                  *platforms, f"{service}[builder,cpu]", str(client), *requirements],
                  what="pip download")  # fmt: skip
         for local in WHEELHOUSE.glob("resnet_serve*.whl"):
             local.unlink()  # the image builds its own from the sources

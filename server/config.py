@@ -54,10 +54,24 @@ class Settings(BaseSettings):
         "kNextPowerOfTwo", description="how the CUDA memory arena grows"
     )
     cuda_mem_limit: int | None = Field(
-        None, gt=0, description="CUDA arena limit in bytes per session; unset: no limit"
+        None,
+        gt=0,
+        description="CUDA arena limit in bytes per session; unset: 0.8 of the GPU's memory "
+        "divided between every session the repository's config.json files ask for",
     )
     io_binding: bool = Field(
         True, description="bind inputs/outputs with ONNX Runtime I/O binding on CUDA"
+    )
+    pinned_memory: bool = Field(
+        True,
+        description="with io_binding: stage each batch in page-locked host memory, reused "
+        "per batch shape, for a faster copy to the GPU; off: ONNX Runtime copies from the "
+        "batch's own (pageable) memory (bind_cpu_input)",
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None,
+        description="where TensorRT engines are cached for models whose config.json opts in "
+        "to TensorRT; unset: resnet-serve-tensorrt in the system's temporary directory",
     )
 
     # CPU threads
@@ -100,6 +114,16 @@ class Settings(BaseSettings):
     # lifecycle and observability
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: the models found at start serve until exit; poll: the repository "
+        "is rescanned every repository_poll_secs and new, removed and changed versions load "
+        "and unload without a restart; explicit: v2 RepositoryModelLoad and "
+        "RepositoryModelUnload load and unload models (behind the bearer token)",
+    )
+    repository_poll_secs: float = Field(
+        15.0, gt=0, description="seconds between rescans of the repository in poll mode"
     )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")

@@ -95,7 +95,8 @@ class RequestPath:
         request_id = request.request_id or uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         served = self._registry.get(request.model, request.version)
-        with self._metrics.track_request(
+        # held until answered: a version being unloaded finishes the requests it let in
+        with served.hold(), self._metrics.track_request(
             served.name, served.version, request.images, request.deadline
         ):
             inputs, parsed = request.read(served)

@@ -27,6 +27,7 @@ LAYERS = {
     "server.models": 4,
     "server.request_path": 5,
     "server.context": 5,
+    "server.lifecycle": 5,
     "server.protocols": 6,
     "server.auth": 6,
     "server.interceptors": 6,
