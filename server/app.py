@@ -34,7 +34,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
-from server import reflection_pool, tls
+from server import reflection_pool, threads, tls
 from server.auth import AuthInterceptor, load_tokens
 from server.config import Settings
 from server.context import ServingContext
@@ -73,6 +73,7 @@ async def start(settings: Settings) -> Running:
     cannot be used, or a port cannot be bound. Port 0 binds a free port (`Running.port`).
     """
     disable_created_metrics()  # no *_created series beside every counter and histogram
+    threads.name_current("event_loop")
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
     try:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import threads
 from server.errors import DeadlineExceeded, InvalidInput, QueueFull
 from server.metrics import Metrics
 from server.repository import Batching
@@ -77,7 +78,10 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._queued = 0  # images
         self._executor = ThreadPoolExecutor(
-            max_workers=len(self._runners), thread_name_prefix=f"infer-{model}-{version}"
+            max_workers=len(self._runners),
+            thread_name_prefix=f"infer-{model}-{version}",
+            initializer=threads.name_current,
+            initargs=("inference",),
         )
         self._running: set[asyncio.Task[None]] = set()
         self._last_run: dict[int, tuple[int, float]] = {}  # id(runner) → images, seconds

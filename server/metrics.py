@@ -29,6 +29,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from server.errors import to_status
+from server.threads import ThreadCpuCollector
 
 # 1 ms … 10 s, roughly three buckets per decade.
 LATENCY_BUCKETS = (
@@ -48,6 +49,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        r.register(ThreadCpuCollector())
         self.request_duration = Histogram(
             "resnet_serve_request_duration_seconds",
             "Time from receiving a classification request to its response.",

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import threads
 from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
@@ -220,10 +221,11 @@ class ModelRegistry:
     def _open_runners(self, mv: ModelVersion) -> list[Runner]:
         settings = self._settings
         count = settings.instances_for(mv.config.instances.count)
-        threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
+        intra_op = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         runners = []
         for _ in range(count):
-            opened = open_session(mv.path / MODEL_FILE, settings, threads)
+            with threads.opening("onnxruntime"):
+                opened = open_session(mv.path / MODEL_FILE, settings, intra_op)
             runners.append(
                 Runner(
                     opened,
@@ -236,7 +238,7 @@ class ModelRegistry:
             )
         log.info(
             "model %s version %s runs on %s (%s), %d intra-op thread(s) per session",
-            mv.name, mv.version, opened.provider, opened.reason, threads,
+            mv.name, mv.version, opened.provider, opened.reason, intra_op,
         )  # fmt: skip
         return runners
 
