@@ -6,7 +6,7 @@ it is ready, and overall ("") once loading is done and a model is ready. It
 returns a `Running` handle; a test starts a server in-process with it.
 
 `Running.drain()`: health NOT_SERVING for all, new calls UNAVAILABLE (answered
-by the interceptor while the port stays open, so balancers and clients see a
+by the handler wrapper while the port stays open, so balancers and clients see a
 status they retry elsewhere, not a cancelled call), open streams stop reading
 and end with UNAVAILABLE, queued and in-flight calls finish; then, once refused
 callers have been pushed back past it (`server.drain`), the port closes. All
@@ -35,10 +35,11 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
 from server import reflection_pool, threads, tls
-from server.auth import AuthInterceptor, load_tokens
+from server.auth import TokenCheck, load_tokens
 from server.config import Settings
 from server.context import ServingContext
-from server.interceptors import Calls, ErrorInterceptor
+from server.handlers import wrap_registrations
+from server.interceptors import Calls, Guard
 from server.metrics import Metrics
 from server.models import Model, ModelRegistry
 from server.preprocess import Preprocessor
@@ -96,10 +97,6 @@ async def start(settings: Settings) -> Running:
     ctx = ServingContext(settings, registry, preprocessor, metrics, health)
     calls = Calls()
     server = grpc.aio.server(
-        interceptors=[
-            ErrorInterceptor(ctx.draining, calls),
-            *([AuthInterceptor(tokens)] if tokens else []),
-        ],
         options=[
             # A second server on a taken port fails to start instead of sharing it.
             ("grpc.so_reuseport", 0),
@@ -107,6 +104,8 @@ async def start(settings: Settings) -> Running:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
+    guard = Guard(ctx.draining, calls, TokenCheck(tokens) if tokens else None)
+    wrap_registrations(server, guard.wrap)  # every service below, reflection included
     names = [register(server, ctx) for register in SERVICES]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names.append(HEALTH_SERVICE)

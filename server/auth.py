@@ -1,4 +1,5 @@
-"""Bearer-token authentication of the gRPC port, in one interceptor.
+"""Bearer-token authentication of the gRPC port: the tokens and the check of a call's
+metadata, which the one handler wrapper (`server.interceptors.Guard`) runs per call.
 
 On when `Settings.auth_token` (env ``RESNET_SERVE_AUTH_TOKEN``) or
 `Settings.auth_token_file` names at least one token. Every call must then
@@ -21,11 +22,7 @@ import hmac
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
-
 from server.config import Settings
-from server.errors import Unauthenticated, to_status
-from server.handlers import HandlerInterceptor, is_probe, replace_behavior
 
 _SCHEME = "bearer "
 
@@ -61,12 +58,12 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class AuthInterceptor(HandlerInterceptor):
-    """Lets a call through when it carries an accepted bearer token or is a probe."""
+class TokenCheck:
+    """Whether a call's metadata carries an accepted bearer token."""
 
     def __init__(self, tokens: Sequence[str]) -> None:
         if not tokens:
-            raise ValueError("AuthInterceptor needs at least one token")
+            raise ValueError("TokenCheck needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
 
     def accepts(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -84,24 +81,3 @@ class AuthInterceptor(HandlerInterceptor):
         for accepted in self._digests:
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "bearer token is not accepted"
-
-    def wrap(
-        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        if is_probe(details.method):
-            return handler
-        refusal = self.accepts(details.invocation_metadata)
-        if refusal is None:
-            return handler
-        return _refusing(handler, refusal)
-
-
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers UNAUTHENTICATED (aio takes a coroutine for all
-    shapes); the status comes from the one error map, wherever this interceptor stands."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        code, details = to_status(Unauthenticated(message))
-        await context.abort(code, details)
-
-    return replace_behavior(handler, refuse)

@@ -18,7 +18,7 @@ into its response. Here, in order:
    sent the graph's own batch skips this step;
 7. the model version's batcher computes the logits.
 
-Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.streams`
+Errors leave as `server.errors` exceptions (the handler wrapper, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
 """
 
@@ -95,8 +95,8 @@ class RequestPath:
         request_id = request.request_id or uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         served = self._registry.get(request.model, request.version)
-        with self._metrics.track_request(
-            served.name, served.version, request.images, request.deadline
+        with self._metrics.version(served.name, served.version).track_request(
+            request.images, request.deadline
         ):
             inputs, parsed = request.read(served)
             self._check_count(inputs)
@@ -118,7 +118,7 @@ class RequestPath:
         inputs = await asyncio.gather(
             *(self._prepare_one(i, image, served) for i, image in enumerate(images))
         )
-        self._metrics.preprocess_duration.labels(served.name, served.version).observe(
+        self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )
         return np.stack(inputs)

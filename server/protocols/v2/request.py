@@ -157,6 +157,8 @@ def _classes(requested: Any) -> int | None:
 
 
 def _no_shared_memory(what: str, parameters: Any) -> None:
+    if not parameters:  # the usual case: no parameters at all
+        return
     used = [p for p in _SHARED_MEMORY if p in parameters]
     if used:
         raise TensorError(
