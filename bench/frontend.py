@@ -253,6 +253,7 @@ class Measured:
     threads: dict[str, float] = field(default_factory=dict)
     requests: int = 0  # counted by the server (ModelStatistics)
     executions: int = 0  # session runs (the server's; 0 for the floor)
+    run_seconds: float = 0.0  # their summed time, as the server measures session.run
 
     def add(
         self,
@@ -261,6 +262,7 @@ class Measured:
         threads: dict[str, float],
         requests: int,
         executions: int,
+        run_seconds: float,
     ) -> None:
         total = self.result
         total.seconds += result.seconds
@@ -273,6 +275,7 @@ class Measured:
             self.threads[group] = self.threads.get(group, 0.0) + seconds
         self.requests += requests
         self.executions += executions
+        self.run_seconds += run_seconds
 
     def row(self) -> dict[str, Any]:
         per_request = 1e6 / max(1, self.requests)
@@ -284,6 +287,9 @@ class Measured:
             **report.row(self.result),
             "server_requests": self.requests,
             "batch_mean": round(self.requests / self.executions, 2) if self.executions else None,
+            "run_ms_mean": (
+                round(1000 * self.run_seconds / self.executions, 3) if self.executions else None
+            ),
             "cpu_us_per_request": round(self.process_cpu * per_request, 1),
             "cpu_us_outside_run": round((self.process_cpu - inside) * per_request, 1),
             "threads_us_per_request": {
@@ -436,6 +442,7 @@ async def _slice(
         {g: after.threads[g] - before.threads.get(g, 0.0) for g in after.threads},
         after.requests - before.requests,
         after.executions - before.executions,
+        after.run_seconds - before.run_seconds,
     )
     return None if sampling is None else sampling.finish(result.seconds)
 
@@ -444,6 +451,7 @@ async def _slice(
 class _Counters:
     requests: int
     executions: int
+    run_seconds: float
     threads: dict[str, float]
 
 
@@ -453,13 +461,14 @@ async def _counters(
     stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
     requests = sum(s.inference_stats.success.count for s in stats.model_stats)
     executions = sum(s.execution_count for s in stats.model_stats)
+    run_seconds = sum(s.inference_stats.compute_infer.ns for s in stats.model_stats) / 1e9
     threads: dict[str, float] = {}
     if metrics:
         text = await asyncio.to_thread(server.metrics)
         for family in text_string_to_metric_families(text):
             if family.name == "resnet_serve_thread_cpu_seconds":
                 threads = {s.labels["threads"]: s.value for s in family.samples}
-    return _Counters(requests, executions, threads)
+    return _Counters(requests, executions, run_seconds, threads)
 
 
 # the report
@@ -561,8 +570,9 @@ def markdown(results: dict[str, Any], source: Path) -> str:
             + ".",
             "",
             "| c | raw b1 p50 ms | raw best img/s | server | client | img/s | × raw best "
-            "| p50 ms | p99 ms | batch | CPU µs/req | outside run | by thread group µs/req |",
-            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| p50 ms | p99 ms | batch | session.run ms | CPU µs/req | outside run "
+            "| by thread group µs/req |",
+            "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         refs = results["reference"][model]
         for row in (r for r in results["levels"] if r["model"] == model):
@@ -577,7 +587,7 @@ def markdown(results: dict[str, Any], source: Path) -> str:
                 f"| {c} | {one['p50_ms']:.2f} | {best['img_per_s']:.0f} | {row['server']} "
                 f"| {row['client']} | {row['img_per_s']:.0f} "
                 f"| {row['img_per_s'] / best['img_per_s']:.2f} | {row['p50_ms']:.2f} "
-                f"| {row['p99_ms']:.2f} | {row['batch_mean'] or ''} "
+                f"| {row['p99_ms']:.2f} | {row['batch_mean'] or ''} | {row['run_ms_mean'] or ''} "
                 f"| {row['cpu_us_per_request']:.0f} "
                 f"| {row['cpu_us_outside_run']:.0f} | {groups} |"
                 + (f" errors {row['errors']}" if row["errors"] else "")

@@ -97,12 +97,13 @@ def fill_response(
 ) -> None:
     """Add each requested output of ``logits`` [N, classes] to ``response``."""
     for output in outputs:
-        if output.classes is None:
-            array = np.ascontiguousarray(logits, dtype=np.float32)
+        if output.classes is None:  # the logits' own bytes: float32 rows, as the session gave
+            array = np.ascontiguousarray(logits, dtype="<f4")
+            datatype, raw = "FP32", array.tobytes()
         else:
             array = tensors.classification(logits, output.classes, labels)
-        datatype, raw = tensors.encode_raw(array)
-        response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
+            datatype, raw = tensors.encode_raw(array)
+        response.outputs.add(name=output.name, datatype=datatype, shape=array.shape)
         response.raw_output_contents.append(raw)
 
 
