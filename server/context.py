@@ -8,6 +8,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
 from server.drain import Drain
+from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.preprocess import Preprocessor
@@ -20,5 +21,6 @@ class ServingContext:
     preprocessor: Preprocessor
     metrics: Metrics
     health: health_aio.HealthServicer
+    lifecycle: ModelLifecycle
     # Begun once when the server starts draining; create the context inside the running loop.
     draining: Drain = field(default_factory=Drain)

@@ -5,8 +5,10 @@ Domain errors (`server.errors`) keep their message; anything else is logged
 with its traceback and the caller gets INTERNAL with a generic message. While
 the server drains, new calls other than probes (`server.handlers.PROBES`) get
 UNAVAILABLE, and `Calls` counts the ones still being answered so shutdown can
-wait for them. With a `server.auth.TokenCheck`, a call that is not a probe must
-carry an accepted token or is refused with UNAUTHENTICATED.
+wait for them; beyond ``max_concurrent_calls`` of them a new call is answered
+RESOURCE_EXHAUSTED at once (probes are never refused). With a
+`server.auth.TokenCheck`, a call that is not a probe must carry an accepted
+token or is refused with UNAUTHENTICATED.
 
 `Guard.wrap` is applied to each method's handler once, when it is registered
 (`server.handlers.wrap_registrations`), not by an interceptor on every call; it
@@ -26,7 +28,7 @@ import grpc
 
 from server.auth import TokenCheck
 from server.drain import Drain
-from server.errors import Draining, Unauthenticated, to_status, to_trailers
+from server.errors import Draining, QueueFull, Unauthenticated, to_status, to_trailers
 from server.handlers import behavior, is_probe, replace_behavior
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,10 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
 
 
 class Calls:
-    """Calls being answered (probes and refusals while draining excluded)."""
+    """Calls being answered (probes and refusals excluded), at most `limit` at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -53,6 +56,11 @@ class Calls:
         await self._idle.wait()
 
     def enter(self) -> None:
+        if self.limit is not None and self.active >= self.limit:
+            raise QueueFull(
+                f"the server is answering {self.active} calls, its limit "
+                f"(max_concurrent_calls {self.limit}); retry later or on another instance"
+            )
         self.active += 1
         self._idle.clear()
 
@@ -78,12 +86,17 @@ class Guard:
             return replace_behavior(handler, self._streaming(answer, method, probe, check))
         return replace_behavior(handler, self._unary(answer, method, probe, check))
 
-    def _refusal(self) -> Draining | None:
-        if not self._draining.is_set():
-            return None
-        return Draining(
-            "server is shutting down; retry on another instance", self._draining.pushback_ms()
-        )
+    def _admit(self) -> Exception | None:
+        """Count the call in, or why it is refused: draining, or too many calls."""
+        if self._draining.is_set():
+            return Draining(
+                "server is shutting down; retry on another instance", self._draining.pushback_ms()
+            )
+        try:
+            self._calls.enter()
+        except QueueFull as exc:
+            return exc
+        return None
 
     def _unary(
         self,
@@ -95,10 +108,8 @@ class Guard:
         calls = self._calls
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not probe:
-                if (refused := self._refusal()) is not None:
-                    await abort_with(context, method, refused)
-                calls.enter()
+            if not probe and (refused := self._admit()) is not None:
+                await abort_with(context, method, refused)
             try:
                 if check is not None:
                     await _authenticate(context, check)
@@ -123,10 +134,8 @@ class Guard:
         calls = self._calls
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if not probe:
-                if (refused := self._refusal()) is not None:
-                    await abort_with(context, method, refused)
-                calls.enter()
+            if not probe and (refused := self._admit()) is not None:
+                await abort_with(context, method, refused)
             try:
                 if check is not None:
                     await _authenticate(context, check)

@@ -289,7 +289,8 @@ def _model_json(model: ModelInfo) -> dict[str, Any]:
         "num_classes": model.num_classes, "max_batch_size": model.max_batch_size,
         "input": {"name": model.input.name, "dtype": model.input.dtype,
                   "layout": model.input.layout, "shape": list(model.input.shape)},
-        "versions": [{"version": v.version, "state": v.state.value, "reason": v.reason}
+        "versions": [{"version": v.version, "state": v.state.value, "reason": v.reason,
+                      "providers": list(v.providers)}
                      for v in model.versions],
     }
 

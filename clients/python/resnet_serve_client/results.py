@@ -44,6 +44,7 @@ class VersionInfo:
     version: str
     state: ModelState
     reason: str
+    providers: tuple[str, ...] = ()  # each instance's execution provider, once READY
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,10 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         num_classes=message.num_classes,
         input=InputSpec(spec.name, spec.dtype, spec.layout, tuple(spec.shape)),
         max_batch_size=message.max_batch_size,
-        versions=tuple(VersionInfo(v.version, _state(v.state), v.reason) for v in message.versions),
+        versions=tuple(
+            VersionInfo(v.version, _state(v.state), v.reason, tuple(v.providers))
+            for v in message.versions
+        ),
     )
 
 

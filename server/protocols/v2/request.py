@@ -12,19 +12,28 @@ Every model here has one input and one output (`server.repository.config`):
   ``"<value>:<index>:<label>"``, the value being the logit.
 
 All tensors of a response travel in ``raw_output_contents``, as Triton sends them.
+
+Limits come before work: the request path has checked the declared batch (the input's
+first dimension) against ``max_images_per_request``; here the datatype and the whole
+shape are checked against the model — BYTES ``[N]``/``[N, 1]``, the graph's
+``[N, *dims]`` — before any data is read, so what is read is bounded by the declared
+batch. A BYTES buffer is split no further than one element past the shape, and typed
+``contents`` are read into an array on the preprocessing pool (`Unread`), not here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from server.models import check_batch_shape
 from server.protocols.v2 import tensors
 from server.protocols.v2.tensors import BYTES, TensorError
 from server.repository import ModelConfig
-from server.request_path import Inputs
+from server.request_path import Inputs, Unread
 
 GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 CLASSIFICATION = "classification"
@@ -49,8 +58,8 @@ def describe_input(config: ModelConfig) -> str:
 
 
 def parse_images(request: Any, config: ModelConfig) -> Inputs:
-    """The request's one input, decoded: the graph's own batch, or encoded images; the model
-    checks a tensor's shape (as for Classify)."""
+    """The request's one input: the graph's own batch (its typed contents still `Unread`),
+    or encoded images; everything declared is checked before any data is read."""
     if len(request.inputs) != 1:
         got = ", ".join(f"'{i.name}'" for i in request.inputs) or "none"
         raise TensorError(
@@ -62,16 +71,30 @@ def parse_images(request: Any, config: ModelConfig) -> Inputs:
             f"unknown input '{tensor.name}'; model '{config.name}' takes {describe_input(config)}"
         )
     _no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
-    array = _decode(request, tensor)
+    # what is declared, before any data is read
+    tensors.datatype(tensor.datatype)
+    shape = tensors.check_shape(tensor.name, tensor.shape)
     if tensor.datatype == BYTES:
-        return Inputs(images=_encoded_images(tensor.name, array))
-    expected = input_datatype(config)
-    if tensor.datatype != expected:
-        raise TensorError(
-            f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
-            f"{describe_input(config)}"
-        )
-    return Inputs(tensor=array)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+            raise TensorError(
+                f"input '{tensor.name}' (BYTES) has shape {list(shape)}; encoded images go in "
+                f"shape [N] or [N, 1] with N >= 1"
+            )
+    else:
+        if tensor.datatype != input_datatype(config):
+            raise TensorError(
+                f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
+                f"{describe_input(config)}"
+            )
+        check_batch_shape(config.name, config.input, shape)
+    data = _data(request, tensor)
+    if tensor.datatype == BYTES:
+        # N elements, N within max_images_per_request (checked by the request path): cheap
+        array = data() if callable(data) else tensors.decode_raw(tensor.name, BYTES, shape, data)
+        return Inputs(images=tuple(array.ravel().tolist()))
+    if callable(data):
+        return Inputs(tensor=Unread(shape[0], data))
+    return Inputs(tensor=tensors.decode_raw(tensor.name, tensor.datatype, shape, data))
 
 
 def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
@@ -107,7 +130,8 @@ def fill_response(
         response.raw_output_contents.append(raw)
 
 
-def _decode(request: Any, tensor: Any) -> np.ndarray:
+def _data(request: Any, tensor: Any) -> bytes | Callable[[], np.ndarray]:
+    """The input's raw contents, or the reader of its typed contents (checked, not read)."""
     has_contents = tensor.HasField("contents")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
@@ -120,23 +144,12 @@ def _decode(request: Any, tensor: Any) -> np.ndarray:
                 f"input '{tensor.name}' sets contents while the request uses raw_input_contents; "
                 f"use one or the other"
             )
-        return tensors.decode_raw(
-            tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0]
-        )
+        return request.raw_input_contents[0]
     if not has_contents:
         raise TensorError(
             f"input '{tensor.name}' carries no data; send it in raw_input_contents or contents"
         )
-    return tensors.decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
-
-
-def _encoded_images(name: str, array: np.ndarray) -> tuple[bytes, ...]:
-    if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] != 1) or array.size == 0:
-        raise TensorError(
-            f"input '{name}' (BYTES) has shape {list(array.shape)}; encoded images go in "
-            f"shape [N] or [N, 1] with N >= 1"
-        )
-    return tuple(array.ravel().tolist())
+    return tensors.contents_reader(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
 
 
 def _classes(requested: Any) -> int | None:
