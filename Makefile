@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 MODEL  ?= resnet50
 
-.PHONY: venv run test lint protos bench clean deps-system gpu-check
+.PHONY: venv run test lint protos bench clean deps-system gpu-check images
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,16 +30,25 @@ lint: $(STAMP)
 test: $(STAMP) lint deps-system
 	$(BIN)/pytest
 
-# System packages: nginx for the load-balancer test (tests/deploy); libb64 for
-# perf_analyzer, Triton's C++ load generator that the bench runs (and its smoke test).
-# Installed from Debian/Ubuntu when absent and we are root; a no-op when present.
+# System packages: nginx for the load-balancer tests (tests/deploy); libb64 for
+# perf_analyzer, Triton's C++ load generator that the bench runs (and its smoke test);
+# Debian's docker.io (its client has BuildKit built in) and debootstrap for `make images`
+# and the container tests. Installed from Debian/Ubuntu when absent and we are root; a
+# no-op when present.
 deps-system:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
 	dpkg -s libb64-0d >/dev/null 2>&1 || missing="$$missing libb64-0d"; \
+	dpkg -s docker.io >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } || \
-		echo "note: missing$$missing (as root: apt-get install$$missing); the nginx test skips, the bench leaves perf_analyzer out" >&2
+		echo "note: missing$$missing (as root: apt-get install$$missing); the nginx and container tests skip, the bench leaves perf_analyzer out" >&2
+
+# The CPU and GPU images, built with no registry: a private dockerd (as root) when none
+# answers, a debootstrapped Debian base, the wheelhouse (deploy/images.py says how).
+images: deps-system
+	$(PYTHON) deploy/images.py build
 
 # Raw ONNX Runtime against the server, side by side in one run (models built into
 # bench/results/tmp/ on first use): JSON in bench/results/, report in docs/benchmarks.md.

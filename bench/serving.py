@@ -114,9 +114,12 @@ def start(
     credentials: grpc.ChannelCredentials | None = None,
     env: dict[str, str] | None = None,
     attempts: int = 3,
+    serving: bool = True,
     command: Sequence[str] = SERVE,
 ) -> Server:
     """`resnet-serve serve` over `repo` on loopback, SERVING; its output goes to `log_path`.
+    With ``serving=False`` it returns as soon as the port answers health, whatever it says
+    (models may still be loading).
 
     Ports not given are free ones, chosen again (up to `attempts` times) if another
     process took one first. ``env`` adds variables (``RESNET_SERVE_*`` settings) to
@@ -146,7 +149,7 @@ def start(
             process=process,
             log_path=log_path,
         )
-        if _wait_serving(server, time.monotonic() + START_TIMEOUT):
+        if _wait_serving(server, time.monotonic() + START_TIMEOUT, serving):
             return server
         if process.poll() is None:
             process.kill()
@@ -158,12 +161,12 @@ def start(
     raise AssertionError("unreachable")
 
 
-def _wait_serving(server: Server, deadline: float) -> bool:
+def _wait_serving(server: Server, deadline: float, serving: bool = True) -> bool:
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             return False
         with contextlib.suppress(grpc.RpcError):
-            if server.serving():
+            if server.serving() or not serving:
                 return True
         time.sleep(0.2)
     return False

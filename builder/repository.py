@@ -46,10 +46,13 @@ def next_version(model_dir: Path) -> int:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all, readable by all as any other file the build writes
+    (mkstemp creates 0600: a server running as another user could not read it)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -107,7 +107,7 @@ async def start(settings: Settings) -> Running:
             *settings.grpc_connection_options(),
         ],
     )
-    guard = Guard(ctx.draining, calls, TokenCheck(tokens) if tokens else None)
+    guard = Guard(ctx.draining, calls, TokenCheck(tokens, metrics) if tokens else None)
     wrap_registrations(server, guard.wrap)  # every service below, reflection included
     names = [register(server, ctx) for register in SERVICES]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

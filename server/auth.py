@@ -9,6 +9,10 @@ through the server's one error map). Probes stay open so load balancers and
 Kubernetes work without a token (`server.handlers.PROBES`): grpc.health.v1
 and the v2 protocol's ServerLive, ServerReady and ModelReady.
 
+Refusals are counted (``resnet_serve_auth_failures_total``) and logged at most once per
+`LOG_INTERVAL` seconds, one WARNING line with how many were refused since the last one,
+so a flood of unauthenticated calls cannot flood the log.
+
 Tokens are compared in constant time: the SHA-256 of the presented token is
 compared with ``hmac.compare_digest`` against the digest of every accepted
 token, all of them, so neither the content nor which token matched shows in
@@ -19,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from server.config import Settings
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 _SCHEME = "bearer "
+LOG_INTERVAL = 10.0  # seconds between two log lines about refused calls
 
 
 class TokenError(ValueError):
@@ -61,10 +71,16 @@ def _digest(token: str) -> bytes:
 class TokenCheck:
     """Whether a call's metadata carries an accepted bearer token."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
+    def __init__(
+        self, tokens: Sequence[str], metrics: Metrics, log_interval: float = LOG_INTERVAL
+    ) -> None:
         if not tokens:
             raise ValueError("TokenCheck needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
+        self._metrics = metrics
+        self._log_interval = log_interval
+        self._unlogged = 0  # refusals since the last log line
+        self._logged_at: float | None = None
 
     def accepts(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         """None when the metadata carries an accepted token, else why not."""
@@ -81,3 +97,20 @@ class TokenCheck:
         for accepted in self._digests:
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "bearer token is not accepted"
+
+    def refused(self, method: str, reason: str) -> None:
+        """Count a refused call; log it unless a line was written within the interval."""
+        self._metrics.auth_failures.inc()
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self._log_interval:
+            return
+        since = (
+            "" if self._logged_at is None else f" in the last {now - self._logged_at:.0f} s"
+        )
+        log.warning(
+            "%d call(s) refused UNAUTHENTICATED%s; the last: %s, %s (at most one such line "
+            "per %g s; resnet_serve_auth_failures_total counts them all)",
+            self._unlogged, since, method, reason, self._log_interval,
+        )  # fmt: skip
+        self._unlogged, self._logged_at = 0, now

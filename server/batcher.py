@@ -23,6 +23,10 @@ lost before the target follows it down.
 - A failing batch is retried item by item, so one bad request fails alone.
 - ``session.run`` runs in an executor thread; the event loop never blocks.
 - asyncio objects are made in `start()`, inside the running loop.
+- Health: `on_unhealthy(reason)` is called once when the scheduler task dies,
+  when ``max_failed_batches`` session runs fail in a row, or when one session run
+  takes longer than ``run_timeout`` seconds (that run goes on; its callers still
+  get its answer). The model version then stops serving (`server.models`).
 
 Deadlines are absolute `time.monotonic()` values (the event loop's clock).
 """
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -68,8 +72,17 @@ class Batcher:
         runners: Sequence[Runner],
         batching: Batching,
         metrics: Metrics,
+        *,
+        on_unhealthy: Callable[[str], None] | None = None,
+        max_failed_batches: int = 5,
+        run_timeout: float = 120.0,
     ) -> None:
         self.model = model
+        self._on_unhealthy = on_unhealthy
+        self._max_failed = max_failed_batches
+        self._run_timeout = run_timeout
+        self._failed_in_a_row = 0
+        self.unhealthy = ""  # why it stopped being healthy; "" while it is
         self.version = version
         self.batching = batching
         self._runners = list(runners)
@@ -102,6 +115,7 @@ class Batcher:
             self._schedule(), name=f"batcher-{self.model}-{self.version}"
         )
         self._scheduler.add_done_callback(self._log_crash)
+        self._scheduler.add_done_callback(self._scheduler_ended)
 
     async def close(self) -> None:
         """Stop scheduling after in-flight batches finish; queued items are cancelled."""
@@ -307,33 +321,42 @@ class Batcher:
         size = len(inputs)
         self._metrics.batch_size.observe(size)
         started = self._loop.time()
+        watch = self._loop.call_later(
+            self._run_timeout, self._report,
+            f"a session run has taken more than {self._run_timeout:g} s (session_run_timeout)",
+        )  # fmt: skip
         ran = self._loop.run_in_executor(self._executor, runner.run, inputs)
         delivered = self._loop.create_future()
         self._running.add(delivered)
         delivered.add_done_callback(self._running.discard)
 
         def deliver(ran: asyncio.Future[np.ndarray]) -> None:
-            if ran.cancelled():
-                delivered.set_exception(RuntimeError("the session run was cancelled"))
-                return
+            watch.cancel()
             try:
+                if ran.cancelled():
+                    raise RuntimeError("the session run was cancelled")
                 outputs = ran.result()
-                seconds = self._loop.time() - started  # type: ignore[union-attr]
-                self._metrics.inference_duration.observe(seconds)
-                self._last_run[id(runner)] = (size, seconds)
                 if len(outputs) != size:
                     raise RuntimeError(
                         f"session returned {len(outputs)} rows for a batch of {size}"
                     )
-                offset = 0
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_result(outputs[offset : offset + item.size])
-                    offset += item.size
             except Exception as exc:
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= self._max_failed:
+                    self._report(f"{self._failed_in_a_row} session runs in a row failed "
+                                 f"(max_failed_batches {self._max_failed})")  # fmt: skip
                 delivered.set_exception(exc)
-            else:
-                delivered.set_result(None)
+                return
+            self._failed_in_a_row = 0
+            seconds = self._loop.time() - started  # type: ignore[union-attr]
+            self._metrics.inference_duration.observe(seconds)
+            self._last_run[id(runner)] = (size, seconds)
+            offset = 0
+            for item in live:
+                if not item.future.done():
+                    item.future.set_result(outputs[offset : offset + item.size])
+                offset += item.size
+            delivered.set_result(None)
 
         ran.add_done_callback(deliver)
         return delivered
@@ -382,6 +405,20 @@ class Batcher:
     def _set_queued(self, images: int) -> None:
         self._queued = images
         self._metrics.queue_depth.set(images)
+
+    def _report(self, reason: str) -> None:
+        """Unhealthy, once: the first reason is the one reported."""
+        if self.unhealthy:
+            return
+        self.unhealthy = reason
+        if self._on_unhealthy is not None:
+            self._on_unhealthy(reason)
+
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():  # close() cancels it; anything else is a death
+            error = task.exception()
+            why = type(error).__name__ if error is not None else "returned"
+            self._report(f"its batch scheduler stopped ({why})")
 
     def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -204,6 +204,14 @@ class Settings(BaseSettings):
         60.0, gt=0, description="seconds a call that carries no deadline may take (each message "
         "of a stream without one); then DEADLINE_EXCEEDED, so nothing waits forever",
     )
+    max_failed_batches: int = Field(
+        5, ge=1, description="session runs of a model version that fail in a row (no success "
+        "between) before the version stops serving: UNAVAILABLE, health NOT_SERVING",
+    )
+    session_run_timeout: float = Field(
+        120.0, gt=0, description="seconds one session run may take; past it the model version "
+        "stops serving (UNAVAILABLE, health NOT_SERVING) while that run goes on",
+    )
 
     # connections (HTTP/2 keepalive and connection age)
     keepalive_time: float = Field(

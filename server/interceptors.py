@@ -81,7 +81,7 @@ class Guard:
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         answer = behavior(handler)
         probe = is_probe(method)  # answered while draining too: balancers poll them to see it
-        check = None if probe or self._tokens is None else self._tokens.accepts
+        check = None if probe else self._tokens
         if inspect.isasyncgenfunction(answer):
             return replace_behavior(handler, self._streaming(answer, method, probe, check))
         return replace_behavior(handler, self._unary(answer, method, probe, check))
@@ -103,7 +103,7 @@ class Guard:
         answer: Callable[..., Awaitable[Any]],
         method: str,
         probe: bool,
-        check: Callable[[Any], str | None] | None,
+        check: TokenCheck | None,
     ) -> Callable[..., Awaitable[Any]]:
         calls = self._calls
 
@@ -112,7 +112,7 @@ class Guard:
                 await abort_with(context, method, refused)
             try:
                 if check is not None:
-                    await _authenticate(context, check)
+                    await _authenticate(context, check, method)
                 return await answer(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -129,7 +129,7 @@ class Guard:
         answer: Callable[..., AsyncIterator[Any]],
         method: str,
         probe: bool,
-        check: Callable[[Any], str | None] | None,
+        check: TokenCheck | None,
     ) -> Callable[..., AsyncIterator[Any]]:
         calls = self._calls
 
@@ -138,7 +138,7 @@ class Guard:
                 await abort_with(context, method, refused)
             try:
                 if check is not None:
-                    await _authenticate(context, check)
+                    await _authenticate(context, check, method)
                 async for response in answer(request, context):
                     yield response
             except grpc.aio.AbortError:
@@ -152,12 +152,11 @@ class Guard:
         return guarded
 
 
-async def _authenticate(
-    context: grpc.aio.ServicerContext, check: Callable[[Any], str | None]
-) -> None:
-    """UNAUTHENTICATED unless the call carries an accepted token; the status comes from the
-    one error map."""
-    refusal = check(context.invocation_metadata())
+async def _authenticate(context: grpc.aio.ServicerContext, tokens: TokenCheck, method: str) -> None:
+    """UNAUTHENTICATED unless the call carries an accepted token (counted and logged by
+    `TokenCheck.refused`); the status comes from the one error map."""
+    refusal = tokens.accepts(context.invocation_metadata())
     if refusal is not None:
+        tokens.refused(method, refusal)
         code, details = to_status(Unauthenticated(refusal))
         await context.abort(code, details)

@@ -11,7 +11,9 @@ its version policy (``config.json`` ``version_policy``, `server.repository.Versi
    one the policy no longer wants retires only once every version the policy wants is
    READY, so a version that fails to load leaves the serving ones untouched;
 3. health follows: SERVING for the model's name while it has a READY version, and for
-   the server ("") while any model has one, once start-up loading is done.
+   the server ("") while any model has one, once start-up loading is done. A version
+   that stops serving on its own (its batcher unhealthy, a session off the GPU:
+   `ModelRegistry.unavailable`) is published the same way at once.
 
 One model is changed by one sync at a time (a lock per model), so a poll and an explicit
 load of the same model run one after the other. A version that failed to load is not
@@ -102,6 +104,8 @@ class ModelLifecycle:
         self._kept: dict[str, str] = {}  # per model: the versions kept outside the policy, why
         self._loaded = False  # start-up loading done: overall health follows the models
         self._poller: asyncio.Task[None] | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
+        registry.on_unavailable = self._version_unavailable
 
     @property
     def mode(self) -> str:
@@ -343,6 +347,12 @@ class ModelLifecycle:
         if cached is not None and not cached[1]:
             return cached[2]  # the version check's reason, not the policy's
         return outside
+
+    def _version_unavailable(self, mv: ModelVersion) -> None:
+        """A version stopped serving on its own (`ModelRegistry.unavailable`): health follows."""
+        task = asyncio.get_running_loop().create_task(self._publish(mv.name))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, name: str) -> None:
         model = self._registry.find(name)

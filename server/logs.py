@@ -2,6 +2,13 @@
 
 Servicers set `REQUEST_ID` for the duration of a request; every record
 logged in that context carries it (``request_id`` field, ``-`` outside).
+
+Messages carry what callers sent (model names, tensor names, datatypes, request ids).
+In the text format every character that is not printable (newlines, carriage returns,
+escape sequences, other control and separator characters) is written as Python's
+``repr`` writes it (``\\n``, ``\\x1b``, ``\\u2028``), so one event stays one line
+and no caller can forge a line or colour a terminal; a traceback, which is ours, keeps
+its lines. The JSON format escapes them by being JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +23,25 @@ from typing import TextIO
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 _TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+def escape(text: str) -> str:
+    """`text` with every non-printable character written as ``repr`` writes it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format: the message and request id escaped (`escape`), one line each."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        record.request_id = escape(str(getattr(record, "request_id", "-")))
+        return super().formatMessage(record)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -42,7 +68,7 @@ def handler(log_format: str, stream: TextIO) -> logging.Handler:
     """A handler writing our lines, text or JSON, with the request id, to `stream`."""
     lines = logging.StreamHandler(stream)
     lines.addFilter(_RequestIdFilter())
-    lines.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT))
+    lines.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     return lines
 
 

@@ -124,6 +124,11 @@ class Metrics:
             "Unloads of a model version by reason (removed, policy, request).",
             (*_MV, "reason"), registry=r,
         )  # fmt: skip
+        self.auth_failures = Counter(
+            "resnet_serve_auth_failures",
+            "Calls refused UNAUTHENTICATED (missing or wrong bearer token).",
+            registry=r,
+        )
         # the families whose series belong to one loaded version, with their label names
         self._per_version = (
             (self.request_duration, _MV),

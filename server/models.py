@@ -220,6 +220,9 @@ class ModelRegistry:
         self._opener = opener
         self._gpu_memory = gpu_memory or _gpu_memory_if_driver
         self._mem_limit: int | None = None
+        # told when a READY version stops serving (`unavailable`); the lifecycle publishes
+        # health from it
+        self.on_unavailable: Callable[[ModelVersion], None] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -386,7 +389,13 @@ class ModelRegistry:
 
     async def _start(self, mv: ModelVersion, runners: list[Runner]) -> tuple[Batcher, list[int]]:
         """A started batcher over `runners`, each instance warmed at every size it will see."""
-        batcher = Batcher(mv.name, mv.version, runners, mv.config.batching, self._metrics)
+        settings = self._settings
+        batcher = Batcher(
+            mv.name, mv.version, runners, mv.config.batching, self._metrics,
+            on_unhealthy=lambda reason: self.unavailable(mv, reason),
+            max_failed_batches=settings.max_failed_batches,
+            run_timeout=settings.session_run_timeout,
+        )  # fmt: skip
         batcher.start()
         sizes = warmup_sizes(mv.config, runners[0])
         try:
@@ -441,11 +450,19 @@ class ModelRegistry:
 
     def _provider_lost(self, mv: ModelVersion, exc: ProviderLost) -> None:
         """A session left the GPU while serving: the version stops serving, and says why."""
+        self.unavailable(mv, "a session left the GPU it was opened on", _one_line(exc))
+
+    def unavailable(self, mv: ModelVersion, reason: str, detail: str = "") -> None:
+        """A READY version that cannot serve any more (its batcher reports it unhealthy, a
+        session left the GPU): UNAVAILABLE with `reason` (what listings show; `detail` goes
+        to the log only), one ERROR line, and `on_unavailable` tells health."""
         if mv.state is not State.READY:
             return
-        mv.state = State.UNAVAILABLE
-        mv.reason = "a session left the GPU it was opened on; the server log says more"
-        log.error("model %s version %s UNAVAILABLE: %s", mv.name, mv.version, _one_line(exc))
+        mv.state, mv.reason = State.UNAVAILABLE, f"{reason}; the server log says more"
+        log.error("model %s version %s UNAVAILABLE, no longer serving: %s", mv.name, mv.version,
+                  f"{reason}: {detail}" if detail else reason)  # fmt: skip
+        if self.on_unavailable is not None:
+            self.on_unavailable(mv)
         for instance, provider in enumerate(mv.providers):
             self._metrics.execution_provider.remove(mv.name, mv.version, str(instance), provider)
 

@@ -5,7 +5,10 @@ Every inference RPC (``Classify``, ``ClassifyStream``, v2 ``ModelInfer``,
 message into a `Request`, calls `RequestPath.infer`, and turns the `Result`
 into its response. Here, in order:
 
-1. the request id (the caller's or a new one) is set in `REQUEST_ID` for the logs;
+1. the request id (the caller's or a new one) is set in `REQUEST_ID` for the logs; a
+   caller's id is echoed in the answer as Triton does, so one that is not 1 to
+   `MAX_REQUEST_ID` visible ASCII characters (no spaces, no control characters) is
+   refused with INVALID_ARGUMENT, never silently replaced;
 2. the model version is looked up (NOT_FOUND and UNAVAILABLE before anything is counted);
 3. from then on the request is counted by `Metrics.track_request`, with the caller's
    deadline, so a call cancelled at its deadline counts as DEADLINE_EXCEEDED; a request
@@ -19,7 +22,8 @@ into its response. Here, in order:
    here, a protocol's own per-image tensors by the reader it gave), each error naming the
    image's index, and the time is observed in the preprocess histogram; a request that
    sent the graph's own batch skips this step (a batch still `Unread` is read on the
-   preprocessing pool, off the event loop);
+   preprocessing pool, off the event loop); the first image that fails cancels the
+   others, so their decodes still waiting for a worker never start;
 7. the model version's batcher computes the logits.
 
 Errors leave as `server.errors` exceptions (the handler wrapper, or `server.protocols.calls`
@@ -29,6 +33,7 @@ for a stream's messages, maps them to status codes). No protobuf message is impo
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +48,21 @@ from server.logs import REQUEST_ID
 from server.metrics import Metrics
 from server.models import ModelRegistry, ModelVersion
 from server.preprocess import Preprocessor
+
+MAX_REQUEST_ID = 128
+_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID}}}")
+
+
+def check_request_id(request_id: str) -> str:
+    """The caller's request id as given, or `InvalidInput` saying what is allowed."""
+    if _REQUEST_ID.fullmatch(request_id) is None:
+        raise InvalidInput(
+            f"request id of {len(request_id)} characters is not allowed: send 1 to "
+            f"{MAX_REQUEST_ID} visible ASCII characters (letters, digits, punctuation; no "
+            f"spaces or control characters), or none to have one made"
+        )
+    return request_id
+
 
 # One image of a request: an encoded file (JPEG, PNG, ...), or a protocol's reader of
 # the tensor it sent for that image, giving the model's input for it.
@@ -112,7 +132,8 @@ class RequestPath:
         self._metrics = metrics
 
     async def infer(self, request: Request[Parsed]) -> Result[Parsed]:
-        request_id = request.request_id or uuid.uuid4().hex
+        given = request.request_id
+        request_id = check_request_id(given) if given else uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         served = self._registry.get(request.model, request.version)
         if request.deadline is not None:  # gRPC cancels the call when it passes
@@ -159,9 +180,18 @@ class RequestPath:
 
     async def _prepare(self, images: Sequence[Image], served: ModelVersion) -> np.ndarray:
         started = time.perf_counter()
-        inputs = await asyncio.gather(
-            *(self._prepare_one(i, image, served) for i, image in enumerate(images))
-        )
+        tasks = [
+            asyncio.ensure_future(self._prepare_one(i, image, served))
+            for i, image in enumerate(images)
+        ]
+        try:
+            inputs = await asyncio.gather(*tasks)
+        except BaseException:
+            # the first image that fails (or the caller's cancel) stops its siblings: a
+            # decode still waiting for a worker is never started
+            for task in tasks:
+                task.cancel()
+            raise
         self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )

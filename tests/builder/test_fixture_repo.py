@@ -23,3 +23,13 @@ def test_model_repo_contents(model_repo: Path) -> None:
         record = json.loads((model_repo / name / "1" / VERIFICATION_FILE).read_text())
         assert record["passed"] is True
         assert record["sha256"] == sha256_file(model_repo / name / "1" / MODEL_FILE)
+
+
+def test_every_file_a_build_writes_is_readable_by_other_users(model_repo: Path) -> None:
+    """A server that runs as another user (the images' uid 10001) reads the repository."""
+    unreadable = [
+        str(p.relative_to(model_repo))
+        for p in model_repo.rglob("*")
+        if p.is_file() and p.stat().st_mode & 0o004 == 0
+    ]
+    assert not unreadable, f"not readable by others: {unreadable}"

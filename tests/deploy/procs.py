@@ -29,6 +29,15 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def image_env(env: dict[str, str], **image: str) -> dict[str, str]:
+    """`env` with an image's ENV values laid over it, `$PATH` in them expanded against
+    env's own PATH (as Docker expands it against the base image's)."""
+    out = dict(env)
+    for key, value in image.items():
+        out[key] = value.replace("${PATH}", env["PATH"]).replace("$PATH", env["PATH"])
+    return out
+
+
 def wait_until(check: Callable[[], bool], proc: subprocess.Popen | None, what: str,
                limit: float = STARTUP_LIMIT, every: float = 0.5) -> None:  # fmt: skip
     """Poll `check` until true; fail early if `proc` exits, or after `limit` seconds."""

@@ -78,19 +78,82 @@ def test_base_images_are_pinned(df: dockerfile.Dockerfile, stage: str) -> None:
 def test_builder_uses_cpu_torch_and_the_pinned_version(df: dockerfile.Dockerfile) -> None:
     builder = df.stage("builder")
     runs = " ".join(df.resolve(r.value, builder) for r in builder.all("RUN"))
-    assert "download.pytorch.org/whl/cpu" in runs
+    # PyTorch's CPU index by default, as an extra index: a build argument changes it
+    # (empty: pip's own index and the wheelhouse alone)
+    assert builder.args()["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    raw = " ".join(r.value for r in builder.all("RUN"))
+    assert 'PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:-} ${TORCH_INDEX_URL}"' in raw
+    assert "--index-url https" not in runs, "torch's install is not tied to one index"
     pinned = re.search(r'"torch==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pinned, "pyproject.toml pins torch in the builder extra"
     assert f"torch=={pinned[1]}" in runs, "the image's torch must be the one pyproject pins"
     assert builder.args()["ARCHS"] == "resnet50"
 
 
-def test_cuda_base_matches_the_onnxruntime_gpu_build(df: dockerfile.Dockerfile) -> None:
+def test_no_syntax_line_that_pulls_a_frontend() -> None:
+    """`# syntax=docker/dockerfile:...` makes BuildKit pull its frontend image from a
+    registry, which an offline build cannot; the built-in frontend has what is used."""
+    first_lines = DOCKERFILE.read_text().splitlines()[:10]
+    assert not [line for line in first_lines if re.match(r"#\s*syntax\s*=", line)]
+
+
+def _pip_steps(stage: dockerfile.Stage) -> list[tuple[dockerfile.Instruction, str]]:
+    out = []
+    for run in stage.all("RUN"):
+        _flags, command = run.flags_and_rest()
+        out += [(run, c.strip()) for c in command.split("&&")
+                if c.strip().startswith(("pip install", "pip wheel"))]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("stage", ["builder", *RUNTIME_STAGES])
+def test_every_pip_step_can_install_from_the_wheelhouse(
+    df: dockerfile.Dockerfile, stage: str
+) -> None:
+    """Each pip step sees wheelhouse/ (mounted from the context, never copied into a
+    layer) and takes pip's index settings from build args: PIP_NO_INDEX=1 is offline."""
+    s = df.stage(stage)
+    steps = _pip_steps(s)
+    assert steps
+    for run, step in steps:
+        flags, _ = run.flags_and_rest()
+        mounts = [dict(kv.partition("=")[::2] for kv in m.split(",")) for m in flags["mount"]]
+        assert {"type": "bind", "source": "wheelhouse", "target": "/wheelhouse"} in mounts
+        assert "--find-links /wheelhouse" in step, f"line {run.line}: {step}"
+    assert {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"} <= set(s.args())
+    assert not {k: v for k, v in s.args().items() if k.startswith("PIP_") and v is not None}, (
+        "pip's own defaults unless a build arg is given"
+    )
+
+
+def test_wheelhouse_is_in_a_fresh_clone_and_the_build_context() -> None:
+    assert "wheelhouse/README.md" in dockerfile.tracked_files()
+    assert not dockerfile.is_ignored("wheelhouse/torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl")
+
+
+def test_model_build_args_come_after_the_installs(df: dockerfile.Dockerfile) -> None:
+    """A build arg changes the cache key of every later RUN: declared after the installs,
+    another ARCHS (or checkpoint) reuses the torch and dependency layers."""
+    builder = df.stage("builder")
+    names = [i.value.partition("=")[0].strip() for i in builder.all("ARG")]
+    last_install = max(builder.instructions.index(r) for r, _ in _pip_steps(builder))
+    for name in ("ARCHS", "WEIGHTS", "INPUT", "PRECISION", "CALIBRATION"):
+        (arg,) = [a for a in builder.all("ARG") if a.value.startswith(name)]
+        assert builder.instructions.index(arg) > last_install, f"ARG {name} before the installs"
+    assert len(names) == len(set(names))
+
+
+def test_gpu_runtime_cuda_wheels_match_the_onnxruntime_gpu_build(
+    df: dockerfile.Dockerfile,
+) -> None:
     runtime = df.stage("runtime")
-    base = df.resolve(runtime.base)
-    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-", base)
-    assert cuda, f"{base}: the runtime needs an NVIDIA CUDA runtime + cuDNN base"
+    installs = " ".join(df.resolve(r.value, runtime) for r in runtime.all("RUN"))
+    cuda_major = df.global_args["CUDA_MAJOR"]
     ort_version = df.global_args["ORT_VERSION"]
+    assert f'"onnxruntime-gpu[cuda,cudnn]=={ort_version}"' in installs
+    # the CUDA provider links cuBLAS, which onnxruntime-gpu's `cuda` extra leaves out
+    assert f'"nvidia-cublas~={cuda_major}.0"' in installs
+    assert "ldconfig" in installs, "the wheels' libraries are on the loader's path"
     try:
         installed = importlib.metadata.version("onnxruntime-gpu")
     except importlib.metadata.PackageNotFoundError:
@@ -99,12 +162,27 @@ def test_cuda_base_matches_the_onnxruntime_gpu_build(df: dockerfile.Dockerfile) 
 
     assert installed == ort_version, (
         f"the image pins onnxruntime-gpu {ort_version}, pip resolves {installed} here: "
-        "update ORT_VERSION (and the CUDA base if its CUDA major changed)"
+        "update ORT_VERSION (and CUDA_MAJOR if its CUDA major changed)"
     )
     built_for = info.cuda_version.split(".")[0]
-    assert cuda[1] == built_for, (
-        f"onnxruntime-gpu {installed} is built for CUDA {info.cuda_version}, base image is {base}"
+    assert cuda_major == built_for, (
+        f"onnxruntime-gpu {installed} is built for CUDA {info.cuda_version}, "
+        f"the image installs CUDA {cuda_major} wheels"
     )
+
+
+def test_images_script_installs_what_the_runtime_stages_install(
+    df: dockerfile.Dockerfile,
+) -> None:
+    """deploy/images.py fills the wheelhouse with the runtime stages' own requirements."""
+    from deploy import images
+
+    assert images.dockerfile_args()["ORT_VERSION"] == df.global_args["ORT_VERSION"]
+    for variant, stage in images.TARGETS.items():
+        s = df.stage(stage)
+        steps = " ".join(df.resolve(step, s) for _run, step in _pip_steps(s))
+        for requirement in images.runtime_requirements(variant):
+            assert f'"{requirement}"' in steps, (variant, requirement)
 
 
 @pytest.mark.parametrize("stage", RUNTIME_STAGES)
@@ -126,7 +204,8 @@ def test_runtime_stage_contract(df: dockerfile.Dockerfile, stage: str) -> None:
 
     health = s.last("HEALTHCHECK")
     assert health is not None
-    assert re.search(r"CMD .*resnet-serve-client health", health.value)
+    assert re.search(r'CMD python -m server.healthcheck "127.0.0.1:\$\{RESNET_SERVE_PORT\}"',
+                     health.value)
 
     env = s.env()
     assert env["RESNET_SERVE_PORT"] == "8001" and env["RESNET_SERVE_METRICS_PORT"] == "8002"
@@ -155,7 +234,7 @@ def test_runtime_stages_agree(df: dockerfile.Dockerfile) -> None:
     assert cpu.env()["RESNET_SERVE_DEVICE"] == "cpu" and gpu.env()["RESNET_SERVE_DEVICE"] == "auto"
     gpu_installs = " ".join(r.value for r in gpu.all("RUN"))
     cpu_installs = " ".join(r.value for r in cpu.all("RUN"))
-    assert '"onnxruntime-gpu==${ORT_VERSION}"' in gpu_installs
+    assert '"onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"' in gpu_installs
     assert '"onnxruntime==${ORT_VERSION}"' in cpu_installs
 
 
@@ -225,7 +304,9 @@ def test_copy_from_builder_copies_what_the_builder_makes(df: dockerfile.Dockerfi
     "path",
     [".venv/bin/python", "models/resnet50/1/model.onnx", ".git/HEAD",
      "server/__pycache__/serve.cpython-312.pyc", ".pytest_cache/v/cache/nodeids",
-     ".ruff_cache/CACHEDIR.TAG", "clients/python/resnet_serve_client.egg-info/PKG-INFO"],
+     ".ruff_cache/CACHEDIR.TAG", "clients/python/resnet_serve_client.egg-info/PKG-INFO",
+     ".cache/images/docker/vfs/dir/x", ".cache/images/base/bookworm-minbase.tar",
+     "wheelhouse/.filled-cpu"],
 )  # fmt: skip
 def test_dockerignore_keeps_out(path: str) -> None:
     assert dockerfile.is_ignored(path)
@@ -233,7 +314,8 @@ def test_dockerignore_keeps_out(path: str) -> None:
 
 @pytest.mark.parametrize(
     "path", ["pyproject.toml", "README.md", "builder/__init__.py", "server/cli.py",
-             "clients/python/pyproject.toml", "checkpoints/resnet50.pth"],
+             "clients/python/pyproject.toml", "checkpoints/resnet50.pth", "wheelhouse/README.md",
+             "wheelhouse/onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl"],
 )  # fmt: skip
 def test_dockerignore_keeps_in(path: str) -> None:
     assert not dockerfile.is_ignored(path)

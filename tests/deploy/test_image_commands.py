@@ -52,7 +52,7 @@ def run_builder_step(repo: Path, context: Path, **build_args: str) -> str:
         builder.args()
     )
     args |= {"MODEL_REPO": str(repo), **build_args}
-    env = procs.clean_env(**builder.env(), **args)
+    env = procs.image_env(procs.clean_env(**args), **builder.env())
     result = subprocess.run(
         ["/bin/sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=1200,

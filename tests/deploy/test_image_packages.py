@@ -27,7 +27,8 @@ from tests.deploy.dockerfile import ROOT
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64")  # fmt: skip
 UBUNTU_PYTHON = {"ubuntu24.04": "3.12", "ubuntu22.04": "3.10"}
-NEVER_IN_RUNTIME = re.compile(r"^(torch|torchvision|onnx|onnxscript|safetensors|nvidia-.*)$")
+NEVER_IN_RUNTIME = re.compile(r"^(torch|torchvision|onnx|onnxscript|safetensors)$")
+NVIDIA = re.compile(r"^nvidia-")
 
 
 def _steps(stage: dockerfile.Stage, prefix: str) -> list[str]:
@@ -74,10 +75,12 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 shutil.copy2(path, target)
     (step,) = _steps(builder, "pip wheel")
     out = tmp_path_factory.mktemp("wheels")
+    step = step.replace("/wheelhouse", str(ROOT / "wheelhouse"))
     args = shlex.split(step.replace("/wheels", str(out)))
+    env = procs.image_env(procs.clean_env(), **builder.env())
     result = subprocess.run(
-        [sys.executable, "-m", *args], cwd=src, env=procs.clean_env(**builder.env()),
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", *args], cwd=src, env=env, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return out
@@ -104,8 +107,9 @@ def _requirements(step: str, df: dockerfile.Dockerfile, stage: dockerfile.Stage,
                   wheels: Path) -> list[str]:  # fmt: skip
     """The requirement arguments of a `pip install ...` step, ARGs and wheel globs expanded."""
     words = shlex.split(df.resolve(step, stage))[2:]
+    assert words[:2] == ["--find-links", "/wheelhouse"], step  # the wheelhouse, beside the index
     out = []
-    for word in words:
+    for word in words[2:]:
         assert not word.startswith("-"), f"unexpected pip option {word} in {step!r}"
         if word.startswith("/wheels/"):
             matched = sorted(wheels.glob(word.removeprefix("/wheels/")))
@@ -123,12 +127,12 @@ def test_wheels_hold_the_packages_and_commands(wheels: Path) -> None:
         names = set(whl.namelist())
         entry_points = next(whl.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert {"server/serve.py", "server/app.py", "server/repository/config.py"} <= names
+    assert "server/healthcheck.py" in names  # the HEALTHCHECK runs it
     assert "resnet-serve = server.cli:main" in entry_points
     with zipfile.ZipFile(client) as whl:
         names = set(whl.namelist())
         entry_points = next(whl.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert any(n.startswith("resnet_serve_client/proto/") for n in names)
-    # the HEALTHCHECK runs it
     assert "resnet-serve-client = resnet_serve_client.cli:main" in entry_points
 
 
@@ -142,6 +146,13 @@ def test_gpu_runtime_resolves_to_the_pinned_onnxruntime_gpu_and_no_torch(
                          tmp_path)  # fmt: skip
     assert installed["onnxruntime-gpu"] == df.global_args["ORT_VERSION"]
     assert {"resnet-serve", "resnet-serve-client", "grpcio", "prometheus-client"} <= set(installed)
+    # CUDA user space from NVIDIA's wheels, of the CUDA major onnxruntime-gpu is built for
+    cuda = df.global_args["CUDA_MAJOR"]
+    assert {"nvidia-cuda-runtime", "nvidia-cublas", "nvidia-curand", "nvidia-cudnn-cu13"} <= set(
+        installed
+    ), sorted(installed)
+    assert installed["nvidia-cublas"].split(".")[0] == cuda
+    assert installed["nvidia-cuda-runtime"].split(".")[0] == cuda
     assert "onnxruntime" not in installed
     assert not [n for n in installed if NEVER_IN_RUNTIME.match(n)], sorted(installed)
 
@@ -157,4 +168,6 @@ def test_cpu_runtime_installs_the_cpu_onnxruntime_and_no_torch(
     assert installed["onnxruntime"] == df.global_args["ORT_VERSION"]
     assert "onnxruntime-gpu" not in installed, "the service's wheel pulls no GPU build"
     assert {"resnet-serve", "resnet-serve-client", "grpcio", "prometheus-client"} <= set(installed)
-    assert not [n for n in installed if NEVER_IN_RUNTIME.match(n)], sorted(installed)
+    assert not [n for n in installed if NEVER_IN_RUNTIME.match(n) or NVIDIA.match(n)], sorted(
+        installed
+    )

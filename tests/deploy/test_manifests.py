@@ -1,10 +1,11 @@
 """deploy/: yamllint everywhere, Kubernetes schemas offline, and the numbers that must agree.
 
 Kubernetes manifests are validated by kubernetes-validate against the schemas
-it bundles (strict: unknown fields fail). InferenceService (KServe) and
-ServiceMonitor (Prometheus Operator) are CRDs with no bundled schema: their
-structure is checked here, and the pod parts they embed are validated as a
-core/v1 Pod. Envoy, Prometheus, compose and the Grafana dashboard are parsed
+it bundles (strict: unknown fields fail). ServingRuntime and InferenceService
+(KServe) are CRDs: validated against the parts of KServe's own CRD schemas
+they use (tests/deploy/schemas/kserve.yaml, strict as well), the pod parts
+they embed as a core/v1 Pod. ServiceMonitor (Prometheus Operator) is checked
+structurally. Envoy, Prometheus, compose and the Grafana dashboard are parsed
 and checked for the properties the deployment relies on.
 """
 
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -94,8 +96,8 @@ def test_kubernetes_schema(path: Path, version: str) -> None:
         api, kind = doc["apiVersion"], doc["kind"]
         if kind == "Kustomization":
             continue  # kustomize's own file, checked in test_kustomization_lists_every_manifest
-        if kind in ("InferenceService", "ServiceMonitor"):
-            continue  # CRDs: no bundled schema; checked structurally below
+        if kind in ("ServingRuntime", "InferenceService", "ServiceMonitor"):
+            continue  # CRDs: no bundled schema; KServe's below, ServiceMonitor structurally
         assert "." not in api.split("/")[0] or api.split("/")[0].endswith("k8s.io"), (
             f"{path.name}: {kind} {api} is a CRD: add a structural check for it"
         )
@@ -210,30 +212,99 @@ def test_servicemonitor() -> None:
         assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
 
-def test_kserve_inferenceservice() -> None:
-    isvc = _one("InferenceService")
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    predictor = isvc["spec"]["predictor"]
-    known = {
-        "containers", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout",
-        "containerConcurrency", "canaryTrafficPercent", "serviceAccountName", "nodeSelector",
-        "tolerations", "affinity", "volumes", "securityContext", "annotations", "labels",
-        "enableServiceLinks",
-    }  # fmt: skip
-    assert set(predictor) <= known, f"unknown predictor fields {set(predictor) - known}"
-    assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
-    (container,) = predictor["containers"]
+KSERVE_SCHEMAS = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve.yaml").read_text())
+CONTAINER_FIELDS = {"name", "image", "command", "args", "env", "ports", "resources", "volumeMounts",
+                    "readinessProbe", "livenessProbe", "securityContext"}  # fmt: skip
+
+
+def _strict(schema: Any) -> Any:
+    """As the API server with strict field validation: an object schema that lists its
+    properties (and does not preserve unknown fields) accepts no other field."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _kserve_validate(doc: dict[str, Any]) -> None:
+    schema = KSERVE_SCHEMAS[doc["kind"]][doc["apiVersion"]]
+    jsonschema.validate(doc, _strict(schema), format_checker=jsonschema.FormatChecker())
+
+
+def _pod(name: str, containers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": containers}}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["ServingRuntime", "InferenceService"])
+def test_kserve_crd_schema(kind: str) -> None:
+    _kserve_validate(_one(kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "value"),
+    [("ServingRuntime", ("spec", "protocolVersion"), ["grpc-v2"]),  # misspelt
+     ("ServingRuntime", ("spec", "protocolVersions"), ["grpc-v3"]),
+     ("ServingRuntime", ("spec", "supportedModelFormats"), [{"name": "onnx", "priority": 0}]),
+     ("InferenceService", ("spec", "predictor", "model", "storageURI"), "gs://x"),
+     ("InferenceService", ("spec", "predictor", "model", "modelFormat"), {"version": "1"})],
+)  # fmt: skip
+def test_kserve_schema_check_is_not_a_no_op(kind: str, path: tuple[str, ...], value: Any) -> None:
+    broken = json.loads(json.dumps(_one(kind)))
+    parent = broken
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        _kserve_validate(broken)
+
+
+def test_kserve_servingruntime() -> None:
+    runtime = _one("ServingRuntime")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2"], "the Open Inference Protocol v2 over gRPC"
+    assert [f["name"] for f in spec["supportedModelFormats"]] == ["onnx"]
+    assert spec["multiModel"] is False
+    (container,) = spec["containers"]
     assert container["name"] == "kserve-container"
+    # KServe's storage initializer puts the storageUri's content here
+    assert _env(container)["RESNET_SERVE_REPO"] == "/mnt/models"
     (port,) = container["ports"]
     assert port["name"] == "h2c", "KServe routes HTTP/2 (gRPC) to a port named h2c"
     assert str(port["containerPort"]) == _image_env()["RESNET_SERVE_PORT"]
     assert container["readinessProbe"]["grpc"]["port"] == port["containerPort"]
-    # the embedded pod parts against the core/v1 schema
-    pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": isvc["metadata"]["name"]},
-        "spec": {"containers": predictor["containers"]},
-    }  # fmt: skip
-    kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+    user = dockerfile.load().stage("runtime").last("USER")
+    assert user is not None
+    assert str(container["securityContext"]["runAsUser"]) == user.value.split(":")[0].strip()
+    assert spec["annotations"]["prometheus.kserve.io/port"] == _image_env()[
+        "RESNET_SERVE_METRICS_PORT"
+    ]
+    kubernetes_validate.validate(_pod(runtime["metadata"]["name"], spec["containers"]),
+                                 K8S_VERSIONS[-1], strict=True)  # fmt: skip
+
+
+def test_kserve_inferenceservice_uses_the_runtime() -> None:
+    isvc, runtime = _one("InferenceService"), _one("ServingRuntime")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = isvc["spec"]["predictor"]
+    assert "containers" not in predictor, "the runtime brings the container"
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    # KServe picks a runtime only if it lists the model's protocol (the default is v1)
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert re.match(r"^(gs|s3|pvc|https?|hf|oci|azure)://", model["storageUri"])
+    # the model's container fields merge into the runtime's container
+    (container,) = runtime["spec"]["containers"]
+    merged = {**container, **{k: v for k, v in model.items() if k in CONTAINER_FIELDS}}
+    kubernetes_validate.validate(_pod(isvc["metadata"]["name"], [merged]), K8S_VERSIONS[-1],
+                                 strict=True)  # fmt: skip
 
 
 # --- compose, Envoy, Prometheus ----------------------------------------------------------

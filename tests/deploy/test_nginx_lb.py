@@ -17,26 +17,23 @@ import json
 import os
 import shutil
 import signal
-import threading
 import urllib.error
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from bench import serving
 from tests.deploy import nginx, procs
+from tests.deploy.load import Load
 
 SERVER_FLAGS = (
     "--instances", "1", "--intra-op-threads", "1", "--decode-workers", "1",
     "--grace-period", "20",
 )  # fmt: skip
-CONCURRENCY = 8
 SPREAD_CALLS = 30  # calls before the drain; each replica should see some
 BEFORE_SIGTERM = 40  # calls of steady load completed before SIGTERM
 AFTER_EXIT = 40  # calls completed after the drained replica has exited
-LOAD_LIMIT = 5000  # no more calls than this, whatever happens
 
 pytestmark = pytest.mark.skipif(
     nginx.find() is None and not os.environ.get("CI"),
@@ -87,62 +84,6 @@ def _metrics_port(server: serving.Server) -> int:
 
 def _ok_total(server: serving.Server) -> float:
     return procs.requests_total(_metrics_port(server), "OK")
-
-
-@dataclass
-class Load:
-    """Steady closed-loop load: CONCURRENCY threads calling Classify until told to stop."""
-
-    target: str
-    model: str
-    image: bytes = field(default_factory=procs.jpeg)
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    sent: int = 0
-
-    def run(self) -> list[threading.Thread]:
-        import grpc
-        from resnet_serve_client import ChannelOptions, Client, Retry
-
-        # nginx reports a replica's stream reset at the instant its port closes as
-        # CANCELLED (docs/deploy.md); Classify is idempotent, so that is retried too.
-        retry = Retry(also_on=(grpc.StatusCode.CANCELLED,))
-        options = ChannelOptions(retry=retry)
-        client = Client(self.target, model=self.model, timeout=60, options=options)
-
-        def worker() -> None:
-            while not self.stop.is_set():
-                with self.lock:
-                    if self.sent >= LOAD_LIMIT:
-                        return
-                    self.sent += 1
-                try:
-                    (result,) = client.classify(self.image, top_k=3)
-                    assert result.model == self.model
-                except Exception as exc:
-                    with self.lock:
-                        self.failures.append(f"{type(exc).__name__}: {exc}")
-                else:
-                    with self.lock:
-                        self.ok += 1
-
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(CONCURRENCY)]
-        for thread in threads:
-            thread.start()
-        self._client = client
-        return threads
-
-    def wait_for(self, ok: int, what: str) -> None:
-        procs.wait_until(lambda: self.ok >= ok or bool(self.failures) or self.sent >= LOAD_LIMIT,
-                         None, what, limit=240, every=0.005)  # fmt: skip
-
-    def finish(self, threads: list[threading.Thread]) -> None:
-        self.stop.set()
-        for thread in threads:
-            thread.join(timeout=120)
-        self._client.close()
 
 
 def _last_ok_total(server: serving.Server) -> float:

@@ -107,8 +107,9 @@ def pods() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     deployment = _one("Deployment")["spec"]["template"]["spec"]
     yield "deployment", deployment, next(c for c in deployment["containers"]
                                          if c["name"] == "server")  # fmt: skip
+    # KServe: the pod spec is the predictor's, the container the ServingRuntime's
     predictor = _one("InferenceService")["spec"]["predictor"]
-    yield "kserve", predictor, predictor["containers"][0]
+    yield "kserve", predictor, _one("ServingRuntime")["spec"]["containers"][0]
 
 
 PODS = list(pods())

@@ -147,6 +147,38 @@ def typed(model: str, datatype: str, shape: list[int], field: str, values: list)
     return request
 
 
+def _with_id(request: Request, request_id: str) -> Request:
+    """`request` with the caller's request id (``request_id`` in v1, ``id`` in v2)."""
+    setattr(request, "request_id" if isinstance(request, pb.ClassifyRequest) else "id",
+            request_id)  # fmt: skip
+    return request
+
+
+MAX_REQUEST_ID = 128
+REQUEST_ID_REFUSED = "characters is not allowed: send 1 to 128 visible ASCII characters"
+# (name, id, code, fragment): the same for both APIs
+REQUEST_ID_CASES = [
+    ("request-id-too-long", "x" * (MAX_REQUEST_ID + 1), INVALID,
+     f"request id of {MAX_REQUEST_ID + 1} {REQUEST_ID_REFUSED}"),
+    ("request-id-newline", "abc\n2026-01-01 INFO forged line", INVALID,
+     f"request id of 31 {REQUEST_ID_REFUSED}"),
+    ("request-id-escape-sequence", "\x1b[31mred", INVALID, REQUEST_ID_REFUSED),
+    ("request-id-space", "a b", INVALID, REQUEST_ID_REFUSED),
+    ("request-id-non-ascii", "café", INVALID, REQUEST_ID_REFUSED),
+    ("request-id-at-the-limit", "a-Z_0.9:/" + "x" * (MAX_REQUEST_ID - 9), OK, ""),
+]  # fmt: skip
+
+
+def _request_id_rows() -> list[Case]:
+    return [
+        Case(name, api, lambda api=api, rid=rid: _with_id(
+            classify(MODEL, images.one_pixel()) if api == "classify"
+            else infer_images(MODEL, images.one_pixel()), rid), code, fragment)
+        for name, rid, code, fragment in REQUEST_ID_CASES
+        for api in ("classify", "v2")
+    ]  # fmt: skip
+
+
 CLASSIFY_CASES = [
     Case("second-image-undecodable", "classify",
          lambda: classify(MODEL, images.one_pixel(), b"no image"), INVALID,
@@ -298,6 +330,7 @@ CASES: list[Case] = [
     *(row for case in IMAGE_CASES for row in _image_rows(case)),
     *CLASSIFY_CASES,
     *V2_CASES,
+    *_request_id_rows(),
 ]
 
 

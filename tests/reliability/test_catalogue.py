@@ -180,3 +180,27 @@ def test_any_v2_tensor_over_the_wire(
     code, details, _ = call(channel, infer(MODEL, datatype=datatype, shape=shape, raw=raw))
     assert code in ANY_OUTCOME, f"{code.name}: {details}"
     still_healthy(server, channel, baseline)
+
+
+FORGED = "2026-01-01 00:00:00,000 ERROR server.forged [-] forged line"
+
+
+def test_caller_strings_stay_on_one_log_line(
+    server: serving.Server, channel: grpc.Channel, baseline: int
+) -> None:
+    """Model, tensor and datatype names with newlines and escape sequences are written
+    escaped: each event stays one line, and none can be forged."""
+    requests = [
+        classify(f"model\n{FORGED}", images.one_pixel()),
+        infer_images(f"model\r\n{FORGED}", images.one_pixel()),
+        infer_images(MODEL, images.one_pixel(), name=f"input\n{FORGED}\x1b[2J"),
+        infer(MODEL, datatype=f"FP32\n{FORGED}", shape=[1], raw=b""),
+    ]
+    for request in requests:
+        code, details, _ = call(channel, request)
+        assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), details
+    log = server.log()
+    assert not [line for line in log.splitlines() if line.startswith(FORGED)], log
+    assert "\x1b" not in log
+    assert f"\\n{FORGED}" in log and f"\\r\\n{FORGED}" in log and "\\x1b[2J" in log
+    still_healthy(server, channel, baseline)

@@ -7,11 +7,17 @@ calls get UNAVAILABLE, and the process exits 0 within the grace period (the
 wait allows a generous margin beyond it). The drain of a fixed set of calls
 in flight is tests/server/test_lifecycle.py; through a load balancer,
 tests/deploy/test_nginx_lb.py.
+
+SIGTERM while models are still loading: the loading stops (at most the version whose
+session is being opened finishes), and the process exits 0 well before every version
+would have been READY.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -70,3 +76,33 @@ async def test_sigterm_under_load(model_repo: Path, tmp_path: Path) -> None:
     assert code == 0, server.log()
     log = server.log()
     assert "SIGTERM received: draining" in log and log.rstrip().endswith("exiting")
+
+
+LOADING_VERSIONS = 12
+
+
+async def test_sigterm_while_loading(model_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    model = derive(repo, model_repo / "resnet18", MODEL)
+    for version in range(2, LOADING_VERSIONS + 1):  # the same files, many versions to load
+        shutil.copytree(model / "1", model / str(version), copy_function=os.link)
+    server = serving.start(repo, tmp_path / "logs" / "server.log",
+                           ["--instances", "1"], serving=False)  # fmt: skip
+    try:
+        # the first version is being loaded (or READY): the others still wait
+        deadline = time.monotonic() + serving.START_TIMEOUT
+        while "loading model busy" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            await asyncio.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.process.wait, serving.STOP_TIMEOUT)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    log = server.log()
+    assert code == 0, log
+    assert "SIGTERM received: draining" in log and log.rstrip().endswith("exiting"), log
+    ready = log.count("READY in")
+    assert ready < LOADING_VERSIONS, f"all {ready} versions loaded before the exit:\n{log}"
+    assert "Traceback" not in log, log

@@ -12,6 +12,7 @@ the log. Token-over-TLS is in test_tls.py.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 from bench import serving
 from server.auth import TokenCheck, TokenError, load_tokens
 from server.config import Settings
+from server.metrics import Metrics
 from tests.reliability import images
 
 ENV_TOKEN = "env-token-7c1e"
@@ -175,5 +177,30 @@ def test_tokens_from_both_places(tmp_path: Path) -> None:
 def test_the_check_reads_one_bearer_header(
     metadata: tuple[tuple[str, str], ...], accepted: bool
 ) -> None:
-    check = TokenCheck(["one", "two"])
+    check = TokenCheck(["one", "two"], Metrics())
     assert (check.accepts(metadata) is None) is accepted
+
+
+def test_a_flood_of_refused_calls_is_counted_and_logged_rate_limited(
+    server: serving.Server,
+) -> None:
+    def refused() -> float:
+        found = re.search(r"^resnet_serve_auth_failures_total (\S+)$", server.metrics(), re.M)
+        assert found, "no resnet_serve_auth_failures_total"
+        return float(found.group(1))
+
+    before, lines_before = refused(), server.log().count("refused UNAUTHENTICATED")
+    flood = 200
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        for _ in range(flood):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert refused() - before == flood
+    # at most one line per 10 s: the flood (well under a minute) writes a handful at most
+    lines = server.log().count("refused UNAUTHENTICATED") - lines_before
+    assert lines <= 6, server.log()
+    with sdk(server, ENV_TOKEN) as client:
+        assert [m.name for m in client.list_models()] == ["cifar"]
+        assert client.health() is HealthStatus.SERVING

@@ -37,6 +37,7 @@ LAYERS = {
     "server.serve": 8,
     "server.cli": 8,
     "server.__main__": 8,
+    "server.healthcheck": 8,
 }
 WIRE = ("grpc", "google.protobuf", "resnet_serve_client.proto")
 

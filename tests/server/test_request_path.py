@@ -1,0 +1,54 @@
+"""The request path's own rules, apart from any protocol: a failed image stops its siblings."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.config import Settings
+from server.errors import InvalidInput
+from server.preprocess import Preprocessor
+from server.request_path import RequestPath
+
+SIBLINGS = 20
+DECODE_SECONDS = 0.05
+
+
+async def test_a_failed_image_cancels_the_decodes_of_its_siblings(tmp_path: Path) -> None:
+    settings = Settings(repo=tmp_path, decode_workers=1)
+    preprocessor = Preprocessor(settings)
+    started = 0
+    lock = threading.Lock()
+
+    def decode() -> np.ndarray:  # a decode that takes a worker for a while
+        nonlocal started
+        with lock:
+            started += 1
+        time.sleep(DECODE_SECONDS)
+        return np.zeros((3, 2, 2), np.float32)
+
+    async def bad() -> np.ndarray:
+        raise InvalidInput("not an image")
+
+    async def good() -> np.ndarray:
+        return await preprocessor.read(decode)
+
+    images: list[Any] = [good, bad, *[good] * SIBLINGS]
+    path = RequestPath(settings, None, preprocessor, None)  # type: ignore[arg-type]
+    served = SimpleNamespace(name="m", version="1", config=None)
+    try:
+        with pytest.raises(InvalidInput, match="image 1: not an image"):
+            await path._prepare(images, served)  # type: ignore[arg-type]
+        # long enough for every sibling to have run, had they not been cancelled
+        await asyncio.sleep(DECODE_SECONDS * (SIBLINGS + 1) * 2)
+        assert started <= 2, f"{started} of {SIBLINGS + 1} decodes ran after image 1 failed"
+        assert preprocessor.backlog == 0
+    finally:
+        preprocessor.close()
