@@ -7,6 +7,8 @@
 - ``python -m bench precision``: int8 vs fp32 (`bench.precision`).
 - ``python -m bench spin``: ONNX Runtime's thread spinning, A/B in one process (`bench.spin`).
 - ``python -m bench gpu_check``: the acceptance run on an NVIDIA GPU (`bench.gpu_check`).
+- ``python -m bench frontend``: the serving path's own cost per request, against raw ONNX
+  Runtime and a bare grpc.aio server on the same stack (`bench.frontend`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import gpu_check, photos, precision, report, run, spin
+from bench import frontend, gpu_check, photos, precision, report, run, spin
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision.register(sub)
     spin.register(sub)
     gpu_check.register(sub)
+    frontend.register(sub)
     return parser
 
 

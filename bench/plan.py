@@ -64,6 +64,7 @@ SWEEP = {
     "ORT threads never spin": Knobs(allow_spinning=False),
     "ORT's own spin duration": Knobs(spin_duration_us=0),
     "2 instances × 1 thread": Knobs(instances=2, intra_op_threads=1),
+    "1 intra-op thread": Knobs(intra_op_threads=1),
     "1 decode worker": Knobs(decode_workers=1),
     "max queue delay 5 ms": Knobs(max_queue_delay_us=5000),
     "no refill wait": Knobs(refill_wait=0.0),

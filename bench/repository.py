@@ -61,8 +61,10 @@ def prepare(
     max_batch_size: int,
     max_queue_delay_us: int,
     refill_wait: float | None = None,
+    nobatch: bool = True,
 ) -> list[Served]:
-    """Write the served repository `target` for models `names` of `source` (see module doc)."""
+    """Write the served repository `target` for models `names` of `source` (see module doc);
+    without the batching-off twins when not `nobatch`."""
     if target.exists():
         shutil.rmtree(target)
     served = []
@@ -82,7 +84,8 @@ def prepare(
             update["refill_wait"] = refill_wait
         on = config.batching.model_copy(update=update)
         off = on.model_copy(update={"max_batch_size": 1, "max_queue_delay_us": 0})
-        for served_name, batching in ((name, on), (name + NO_BATCH_SUFFIX, off)):
+        twins = ((name, on), (name + NO_BATCH_SUFFIX, off)) if nobatch else ((name, on),)
+        for served_name, batching in twins:
             _link_model(model_dir, version, target / served_name, config, served_name, batching)
         served.append(
             Served(name, config.model_copy(update={"batching": on}), version / MODEL_FILE)

@@ -115,6 +115,7 @@ def start(
     env: dict[str, str] | None = None,
     attempts: int = 3,
     serving: bool = True,
+    command: Sequence[str] = SERVE,
 ) -> Server:
     """`resnet-serve serve` over `repo` on loopback, SERVING; its output goes to `log_path`.
     With ``serving=False`` it returns as soon as the port answers health, whatever it says
@@ -122,20 +123,21 @@ def start(
 
     Ports not given are free ones, chosen again (up to `attempts` times) if another
     process took one first. ``env`` adds variables (``RESNET_SERVE_*`` settings) to
-    this process's environment. Raises `StartError`.
+    this process's environment. ``command`` is the program given these flags (the bench's
+    floor server, `bench.floor`, takes them too). Raises `StartError`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
         grpc_port, http_port = port or free_port(), metrics_port or free_port()
-        command = [
-            *SERVE, "--repo", str(repo),
+        argv = [
+            *command, "--repo", str(repo),
             "--host", "127.0.0.1", "--port", str(grpc_port),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(http_port),
             *flags,
         ]  # fmt: skip
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                command,
+                argv,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},

@@ -9,7 +9,7 @@ After loading, `server.lifecycle` keeps the models in line with the repository a
 ``--model-control-mode`` says (poll: a background task that `Running.drain` stops).
 
 `Running.drain()`: health NOT_SERVING for all, new calls UNAVAILABLE (answered
-by the interceptor while the port stays open, so balancers and clients see a
+by the handler wrapper while the port stays open, so balancers and clients see a
 status they retry elsewhere, not a cancelled call), open streams stop reading
 and end with UNAVAILABLE, queued and in-flight calls finish; then, once refused
 callers have been pushed back past it (`server.drain`), the port closes. All
@@ -37,11 +37,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
-from server import reflection_pool, tls
-from server.auth import AuthInterceptor, load_tokens
+from server import reflection_pool, threads, tls
+from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
-from server.interceptors import Calls, ErrorInterceptor
+from server.handlers import wrap_registrations
+from server.interceptors import Calls, Guard
 from server.lifecycle import NOT_SERVING, OVERALL, ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry
@@ -73,6 +74,7 @@ async def start(settings: Settings) -> Running:
     cannot be used, or a port cannot be bound. Port 0 binds a free port (`Running.port`).
     """
     disable_created_metrics()  # no *_created series beside every counter and histogram
+    threads.name_current("event_loop")
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
     try:
@@ -96,10 +98,6 @@ async def start(settings: Settings) -> Running:
     ctx = ServingContext(settings, registry, preprocessor, metrics, health, lifecycle)
     calls = Calls(settings.max_concurrent_calls)
     server = grpc.aio.server(
-        interceptors=[
-            ErrorInterceptor(ctx.draining, calls),
-            *([AuthInterceptor(tokens, metrics)] if tokens else []),
-        ],
         options=[
             # A second server on a taken port fails to start instead of sharing it.
             ("grpc.so_reuseport", 0),
@@ -109,6 +107,8 @@ async def start(settings: Settings) -> Running:
             *settings.grpc_connection_options(),
         ],
     )
+    guard = Guard(ctx.draining, calls, TokenCheck(tokens, metrics) if tokens else None)
+    wrap_registrations(server, guard.wrap)  # every service below, reflection included
     names = [register(server, ctx) for register in SERVICES]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names.append(HEALTH_SERVICE)

@@ -1,4 +1,5 @@
-"""Bearer-token authentication of the gRPC port, in one interceptor.
+"""Bearer-token authentication of the gRPC port: the tokens and the check of a call's
+metadata, which the one handler wrapper (`server.interceptors.Guard`) runs per call.
 
 On when `Settings.auth_token` (env ``RESNET_SERVE_AUTH_TOKEN``) or
 `Settings.auth_token_file` names at least one token. Every call must then
@@ -27,11 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
-
 from server.config import Settings
-from server.errors import Unauthenticated, to_status
-from server.handlers import HandlerInterceptor, is_probe, replace_behavior
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,14 +68,14 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class AuthInterceptor(HandlerInterceptor):
-    """Lets a call through when it carries an accepted bearer token or is a probe."""
+class TokenCheck:
+    """Whether a call's metadata carries an accepted bearer token."""
 
     def __init__(
         self, tokens: Sequence[str], metrics: Metrics, log_interval: float = LOG_INTERVAL
     ) -> None:
         if not tokens:
-            raise ValueError("AuthInterceptor needs at least one token")
+            raise ValueError("TokenCheck needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
         self._metrics = metrics
         self._log_interval = log_interval
@@ -101,16 +98,6 @@ class AuthInterceptor(HandlerInterceptor):
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "bearer token is not accepted"
 
-    def wrap(
-        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        if is_probe(details.method):
-            return handler
-        refusal = self.accepts(details.invocation_metadata)
-        if refusal is None:
-            return handler
-        return self._refusing(handler, details.method, refusal)
-
     def refused(self, method: str, reason: str) -> None:
         """Count a refused call; log it unless a line was written within the interval."""
         self._metrics.auth_failures.inc()
@@ -127,17 +114,3 @@ class AuthInterceptor(HandlerInterceptor):
             self._unlogged, since, method, reason, self._log_interval,
         )  # fmt: skip
         self._unlogged, self._logged_at = 0, now
-
-    def _refusing(
-        self, handler: grpc.RpcMethodHandler, method: str, message: str
-    ) -> grpc.RpcMethodHandler:
-        """A handler of the same shape that answers UNAUTHENTICATED (aio takes a coroutine for
-        all shapes); the status comes from the one error map, wherever this interceptor
-        stands."""
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            self.refused(method, message)
-            code, details = to_status(Unauthenticated(message))
-            await context.abort(code, details)
-
-        return replace_behavior(handler, refuse)

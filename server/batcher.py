@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import threads
 from server.errors import DeadlineExceeded, InvalidInput, QueueFull
 from server.metrics import Metrics
 from server.repository import Batching
@@ -85,14 +86,16 @@ class Batcher:
         self.version = version
         self.batching = batching
         self._runners = list(runners)
-        self._labels = (model, version)
-        self._metrics = metrics
+        self._metrics = metrics.version(model, version)
         self._queue: deque[_Item] = deque()
         self._queued = 0  # images
         self._executor = ThreadPoolExecutor(
-            max_workers=len(self._runners), thread_name_prefix=f"infer-{model}-{version}"
+            max_workers=len(self._runners),
+            thread_name_prefix=f"infer-{model}-{version}",
+            initializer=threads.name_current,
+            initargs=("inference",),
         )
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[None]] = set()  # runs and retries in flight
         self._last_run: dict[int, tuple[int, float]] = {}  # id(runner) → images, seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -119,7 +122,7 @@ class Batcher:
         if self._scheduler is not None:
             self._scheduler.cancel()
             await asyncio.gather(self._scheduler, return_exceptions=True)
-        if self._running:
+        while self._running:  # a failed run may start a retry as it ends
             await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._queue:
             item.future.cancel()
@@ -166,12 +169,14 @@ class Batcher:
         self._set_queued(self._queued + count)
         self._wakeup.set()
         try:
+            if len(items) == 1:  # the usual case: no gathering future around one future
+                return await items[0].future
             outputs = await asyncio.gather(*(item.future for item in items))
         finally:
             for item in items:  # a failed or cancelled sibling leaves nothing to compute
                 if not item.future.done():
                     item.future.cancel()
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return np.concatenate(outputs)
 
     # the scheduler's side
 
@@ -184,10 +189,7 @@ class Batcher:
             except BaseException:
                 self._free.put_nowait(runner)
                 raise
-            task = asyncio.get_running_loop().create_task(self._execute(runner, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            task.add_done_callback(self._log_crash)
+            self._dispatch(runner, batch)
 
     async def _next_batch(self, runner: Runner) -> list[_Item]:
         assert self._loop is not None
@@ -291,72 +293,118 @@ class Batcher:
             self._queue = kept
             self._set_queued(sum(item.size for item in kept))
 
-    async def _execute(self, runner: Runner, batch: list[_Item]) -> None:
-        assert self._loop is not None and self._free is not None
+    def _dispatch(self, runner: Runner, batch: list[_Item]) -> None:
+        """Send `batch` to `runner` on the executor; the outputs are delivered by a callback
+        (no task per batch). A batch that fails is retried item by item in a task."""
+        assert self._loop is not None
+        now = self._loop.time()
+        for item in batch:
+            self._metrics.queue_duration.observe(now - item.arrival)
         try:
-            now = self._loop.time()
-            for item in batch:
-                self._metrics.queue_duration.labels(*self._labels).observe(now - item.arrival)
-            try:
-                await self._run_and_deliver(runner, batch)
-            except Exception:
-                if len(batch) == 1:
-                    raise
-                log.warning(
-                    "batch of %d requests failed on model %s version %s; retrying one by one",
-                    len(batch), self.model, self.version, exc_info=True,
-                )  # fmt: skip
-                for item in batch:
-                    try:
-                        await self._run_and_deliver(runner, [item])
-                    except Exception as exc:
-                        _fail(item, exc)
+            running = self._start_run(runner, batch)
         except Exception as exc:
-            for item in batch:
-                _fail(item, exc)
-        finally:
-            self._free.put_nowait(runner)
-            if self._wakeup is not None:  # a refill wait ends when an instance comes free
-                self._wakeup.set()
+            self._after_failure(runner, batch, exc)
+            return
+        if running is None:
+            self._release(runner)
+            return
+        running.add_done_callback(lambda done: self._finish_run(runner, batch, done))
 
-    async def _run_and_deliver(self, runner: Runner, batch: list[_Item]) -> None:
+    def _start_run(self, runner: Runner, batch: list[_Item]) -> asyncio.Future[None] | None:
+        """Start one session run over the live items of `batch` (None when none is live); the
+        future is done once their futures have their outputs, or fails with the run."""
         assert self._loop is not None
         live = [item for item in batch if not item.future.done()]
         if not live:
-            return
+            return None
         inputs = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
         size = len(inputs)
-        self._metrics.batch_size.labels(*self._labels).observe(size)
+        self._metrics.batch_size.observe(size)
         started = self._loop.time()
         watch = self._loop.call_later(
             self._run_timeout, self._report,
             f"a session run has taken more than {self._run_timeout:g} s (session_run_timeout)",
         )  # fmt: skip
-        try:
-            outputs = await self._loop.run_in_executor(self._executor, runner.run, inputs)
-            if len(outputs) != size:
-                raise RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
-        except Exception:
-            self._failed_in_a_row += 1
-            if self._failed_in_a_row >= self._max_failed:
-                self._report(f"{self._failed_in_a_row} session runs in a row failed "
-                             f"(max_failed_batches {self._max_failed})")  # fmt: skip
-            raise
-        finally:
+        ran = self._loop.run_in_executor(self._executor, runner.run, inputs)
+        delivered = self._loop.create_future()
+        self._running.add(delivered)
+        delivered.add_done_callback(self._running.discard)
+
+        def deliver(ran: asyncio.Future[np.ndarray]) -> None:
             watch.cancel()
-        self._failed_in_a_row = 0
-        seconds = self._loop.time() - started
-        self._metrics.inference_duration.labels(*self._labels).observe(seconds)
-        self._last_run[id(runner)] = (size, seconds)
-        offset = 0
-        for item in live:
-            if not item.future.done():
-                item.future.set_result(outputs[offset : offset + item.size])
-            offset += item.size
+            try:
+                if ran.cancelled():
+                    raise RuntimeError("the session run was cancelled")
+                outputs = ran.result()
+                if len(outputs) != size:
+                    raise RuntimeError(
+                        f"session returned {len(outputs)} rows for a batch of {size}"
+                    )
+            except Exception as exc:
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= self._max_failed:
+                    self._report(f"{self._failed_in_a_row} session runs in a row failed "
+                                 f"(max_failed_batches {self._max_failed})")  # fmt: skip
+                delivered.set_exception(exc)
+                return
+            self._failed_in_a_row = 0
+            seconds = self._loop.time() - started  # type: ignore[union-attr]
+            self._metrics.inference_duration.observe(seconds)
+            self._last_run[id(runner)] = (size, seconds)
+            offset = 0
+            for item in live:
+                if not item.future.done():
+                    item.future.set_result(outputs[offset : offset + item.size])
+                offset += item.size
+            delivered.set_result(None)
+
+        ran.add_done_callback(deliver)
+        return delivered
+
+    def _finish_run(self, runner: Runner, batch: list[_Item], done: asyncio.Future[None]) -> None:
+        exc = done.exception()
+        if exc is None:
+            self._release(runner)
+        else:
+            self._after_failure(runner, batch, exc)  # type: ignore[arg-type]
+
+    def _after_failure(self, runner: Runner, batch: list[_Item], exc: Exception) -> None:
+        """A failed batch: one item fails alone; several are retried one by one."""
+        if len(batch) == 1:
+            _fail(batch[0], exc)
+            self._release(runner)
+            return
+        log.warning(
+            "batch of %d requests failed on model %s version %s; retrying one by one",
+            len(batch), self.model, self.version, exc_info=exc,
+        )  # fmt: skip
+        assert self._loop is not None
+        task = self._loop.create_task(self._retry(runner, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self._log_crash)
+
+    async def _retry(self, runner: Runner, batch: list[_Item]) -> None:
+        try:
+            for item in batch:
+                try:
+                    running = self._start_run(runner, [item])
+                    if running is not None:
+                        await running
+                except Exception as exc:
+                    _fail(item, exc)
+        finally:
+            self._release(runner)
+
+    def _release(self, runner: Runner) -> None:
+        assert self._free is not None
+        self._free.put_nowait(runner)
+        if self._wakeup is not None:  # a refill wait ends when an instance comes free
+            self._wakeup.set()
 
     def _set_queued(self, images: int) -> None:
         self._queued = images
-        self._metrics.queue_depth.labels(*self._labels).set(images)
+        self._metrics.queue_depth.set(images)
 
     def _report(self, reason: str) -> None:
         """Unhealthy, once: the first reason is the one reported."""

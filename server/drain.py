@@ -31,7 +31,7 @@ AFTER_CLOSE = 0.25
 
 
 class Drain:
-    """Shared by the interceptor, the streams and the lifecycle; create it inside the loop."""
+    """Shared by the handler wrapper, the streams and the lifecycle; create it inside the loop."""
 
     def __init__(self) -> None:
         self._started = asyncio.Event()

@@ -1,6 +1,6 @@
-"""What the server's interceptors share: which methods are probes, the interceptor
-shape that swaps a method's handler, and how to put a new behaviour into a handler
-of the same shape.
+"""What wraps the server's handlers: which methods are probes, how every handler is
+wrapped once as it is registered (`wrap_registrations`), and how to put a new behaviour
+into a handler of the same shape.
 
 Probes are the calls a load balancer, Kubernetes or a v2 client makes to see
 whether the server is up: grpc.health.v1 and the v2 protocol's ServerLive,
@@ -11,7 +11,7 @@ the drain.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -32,24 +32,56 @@ _FACTORIES = {
 }
 
 
-class HandlerInterceptor(grpc.aio.ServerInterceptor):
-    """An interceptor that gives each method's handler, once per call, to `wrap`, whose
-    result answers the call (unknown methods stay unknown)."""
+Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]
+"""Turns a method's handler (and its full name) into the handler that answers its calls."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self.wrap(handler, handler_call_details)
 
-    def wrap(
-        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
+def wrap_registrations(server: grpc.aio.Server, wrap: Wrap) -> None:
+    """Make every handler later added to `server` pass through `wrap`, once per method, as
+    it is registered (both of the ways generated code registers one).
+
+    This does what a server interceptor would, without one: gRPC runs an interceptor chain
+    (coroutines, a fresh handler object) on every call, a wrapped handler costs the one
+    function it is.
+    """
+    add_generic = server.add_generic_rpc_handlers
+    add_registered = server.add_registered_method_handlers
+
+    def add_generic_rpc_handlers(generic: Sequence[grpc.GenericRpcHandler]) -> None:
+        add_generic(tuple(_Wrapped(handler, wrap) for handler in generic))
+
+    def add_registered_method_handlers(
+        service: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        add_registered(
+            service, {m: wrap(h, f"/{service}/{m}") for m, h in method_handlers.items()}
+        )
+
+    # instance attributes: `server` stays the grpc.aio.Server that services expect
+    server.add_generic_rpc_handlers = add_generic_rpc_handlers  # type: ignore[method-assign]
+    server.add_registered_method_handlers = add_registered_method_handlers  # type: ignore[method-assign]
+
+
+class _Wrapped(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are wrapped, each once, when first asked for."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrap: Wrap) -> None:
+        self._inner, self._wrap = inner, wrap
+        self._done: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        try:
+            return self._done[method]
+        except KeyError:
+            pass
+        handler = self._inner.service(handler_call_details)
+        if handler is not None:
+            handler = self._wrap(handler, method)
+            self._done[method] = handler  # unknown methods are not kept: any name may come
+        return handler
 
 
 def is_probe(method: str) -> bool:

@@ -1,11 +1,19 @@
-"""The one place where exceptions become gRPC statuses, for every service.
+"""The one wrapper around every handler: errors to statuses, refusal while draining, the
+calls being answered, and (when tokens are set) the bearer-token check.
 
 Domain errors (`server.errors`) keep their message; anything else is logged
 with its traceback and the caller gets INTERNAL with a generic message. While
 the server drains, new calls other than probes (`server.handlers.PROBES`) get
 UNAVAILABLE, and `Calls` counts the ones still being answered so shutdown can
 wait for them; beyond ``max_concurrent_calls`` of them a new call is answered
-RESOURCE_EXHAUSTED at once (probes are never refused).
+RESOURCE_EXHAUSTED at once (probes are never refused). With a
+`server.auth.TokenCheck`, a call that is not a probe must carry an accepted
+token or is refused with UNAUTHENTICATED.
+
+`Guard.wrap` is applied to each method's handler once, when it is registered
+(`server.handlers.wrap_registrations`), not by an interceptor on every call; it
+decides once per method what the call needs (a probe is neither counted nor
+checked) and answers each call with one function.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ from typing import Any
 
 import grpc
 
+from server.auth import TokenCheck
 from server.drain import Drain
-from server.errors import Draining, QueueFull, to_status, to_trailers
-from server.handlers import HandlerInterceptor, behavior, is_probe, replace_behavior
+from server.errors import Draining, QueueFull, Unauthenticated, to_status, to_trailers
+from server.handlers import behavior, is_probe, replace_behavior
 
 log = logging.getLogger(__name__)
 
@@ -32,33 +41,6 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
     else:
         log.info("%s -> %s: %s", method, code.name, message)
     await context.abort(code, message, trailing_metadata=to_trailers(exc))
-
-
-def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_with(context, method, exc)
-
-    return guarded
-
-
-def _guard_streaming(
-    behavior: Callable[..., AsyncIterator[Any]], method: str
-) -> Callable[..., Any]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_with(context, method, exc)
-
-    return guarded
 
 
 class Calls:
@@ -73,28 +55,7 @@ class Calls:
     async def idle(self) -> None:
         await self._idle.wait()
 
-    def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._enter()
-            try:
-                return await behavior(request, context)
-            finally:
-                self._exit()
-
-        return counted
-
-    def streaming(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
-        async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            self._enter()
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            finally:
-                self._exit()
-
-        return counted
-
-    def _enter(self) -> None:
+    def enter(self) -> None:
         if self.limit is not None and self.active >= self.limit:
             raise QueueFull(
                 f"the server is answering {self.active} calls, its limit "
@@ -103,38 +64,99 @@ class Calls:
         self.active += 1
         self._idle.clear()
 
-    def _exit(self) -> None:
+    def exit(self) -> None:
         self.active -= 1
         if self.active == 0:
             self._idle.set()
 
 
-class ErrorInterceptor(HandlerInterceptor):
-    """Wraps every handler: errors to statuses, and refusal while draining."""
+class Guard:
+    """Wraps every handler (see the module docstring)."""
 
-    def __init__(self, draining: Drain, calls: Calls) -> None:
+    def __init__(self, draining: Drain, calls: Calls, tokens: TokenCheck | None = None) -> None:
         self._draining = draining
         self._calls = calls
+        self._tokens = tokens
 
-    def wrap(
-        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        method = details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         answer = behavior(handler)
-        if is_probe(method):  # answered while draining too: balancers poll them to see it
-            counted = answer
-        elif self._draining.is_set():
-            counted = self._refuse
-        elif inspect.isasyncgenfunction(answer):
-            counted = self._calls.streaming(answer)
-        else:
-            counted = self._calls.unary(answer)
-        if inspect.isasyncgenfunction(counted):
-            return replace_behavior(handler, _guard_streaming(counted, method))
-        return replace_behavior(handler, _guard_unary(counted, method))
+        probe = is_probe(method)  # answered while draining too: balancers poll them to see it
+        check = None if probe else self._tokens
+        if inspect.isasyncgenfunction(answer):
+            return replace_behavior(handler, self._streaming(answer, method, probe, check))
+        return replace_behavior(handler, self._unary(answer, method, probe, check))
 
-    async def _refuse(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        """Stands in for any handler while draining (aio accepts coroutines for every shape)."""
-        raise Draining(
-            "server is shutting down; retry on another instance", self._draining.pushback_ms()
-        )
+    def _admit(self) -> Exception | None:
+        """Count the call in, or why it is refused: draining, or too many calls."""
+        if self._draining.is_set():
+            return Draining(
+                "server is shutting down; retry on another instance", self._draining.pushback_ms()
+            )
+        try:
+            self._calls.enter()
+        except QueueFull as exc:
+            return exc
+        return None
+
+    def _unary(
+        self,
+        answer: Callable[..., Awaitable[Any]],
+        method: str,
+        probe: bool,
+        check: TokenCheck | None,
+    ) -> Callable[..., Awaitable[Any]]:
+        calls = self._calls
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not probe and (refused := self._admit()) is not None:
+                await abort_with(context, method, refused)
+            try:
+                if check is not None:
+                    await _authenticate(context, check, method)
+                return await answer(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_with(context, method, exc)
+            finally:
+                if not probe:
+                    calls.exit()
+
+        return guarded
+
+    def _streaming(
+        self,
+        answer: Callable[..., AsyncIterator[Any]],
+        method: str,
+        probe: bool,
+        check: TokenCheck | None,
+    ) -> Callable[..., AsyncIterator[Any]]:
+        calls = self._calls
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if not probe and (refused := self._admit()) is not None:
+                await abort_with(context, method, refused)
+            try:
+                if check is not None:
+                    await _authenticate(context, check, method)
+                async for response in answer(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await abort_with(context, method, exc)
+            finally:
+                if not probe:
+                    calls.exit()
+
+        return guarded
+
+
+async def _authenticate(context: grpc.aio.ServicerContext, tokens: TokenCheck, method: str) -> None:
+    """UNAUTHENTICATED unless the call carries an accepted token (counted and logged by
+    `TokenCheck.refused`); the status comes from the one error map."""
+    refusal = tokens.accepts(context.invocation_metadata())
+    if refusal is not None:
+        tokens.refused(method, refusal)
+        code, details = to_status(Unauthenticated(refusal))
+        await context.abort(code, details)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import version
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import onnxruntime as ort
@@ -32,6 +31,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from server.errors import to_status
+from server.threads import ThreadCpuCollector
 
 # 1 ms … 10 s, roughly three buckets per decade.
 LATENCY_BUCKETS = (
@@ -51,6 +51,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        r.register(ThreadCpuCollector())
         self.request_duration = Histogram(
             "resnet_serve_request_duration_seconds",
             "Time from receiving a classification request to its response.",
@@ -144,6 +145,7 @@ class Metrics:
             (self.load_seconds, _MV),
             (self.execution_provider, (*_MV, "instance", "provider")),
         )
+        self._versions: dict[tuple[str, str], VersionMetrics] = {}
         self.build = Info(
             "resnet_serve_build", "Versions of the server and its runtime.", registry=r
         )
@@ -155,41 +157,27 @@ class Metrics:
             }
         )
 
-    @contextmanager
+    def version(self, model: str, version: str) -> VersionMetrics:
+        """The children of every family for one model version, made once and kept."""
+        key = (model, version)
+        found = self._versions.get(key)
+        if found is None:
+            found = self._versions[key] = VersionMetrics(self, model, version)
+        return found
+
     def track_request(
         self, model: str, version: str, images: int, deadline: float | None = None
-    ) -> Iterator[None]:
+    ) -> _Tracked:
         """Count one request of a known model version: in flight, duration, outcome, images.
 
         A request cancelled after its `deadline` (a `time.monotonic()` value) counts as
         DEADLINE_EXCEEDED, any other cancellation as CANCELLED.
         """
-        labels = (model, version)
-        self.inflight.labels(*labels).inc()
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                code = to_status(exc)[0].name
-            elif deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK:
-                code = "DEADLINE_EXCEEDED"
-            else:
-                code = "CANCELLED"
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            self.inflight.labels(*labels).dec()
-            self.request_duration.labels(*labels).observe(elapsed)
-            self.request_seconds.labels(*labels, "ok" if code == "OK" else "failed").inc(elapsed)
-            self.requests.labels(*labels, code).inc()
-            if code == "OK":
-                self.images.labels(*labels).inc(images)
-                self.last_success.labels(*labels).set_to_current_time()
+        return self.version(model, version).track_request(images, deadline)
 
     def forget(self, model: str, version: str) -> None:
         """Remove every series of the version (it was unloaded and is not serving)."""
+        self._versions.pop((model, version), None)  # its children are gone with the series
         for family, names in self._per_version:
             found = {
                 tuple(sample.labels[n] for n in names)
@@ -204,3 +192,67 @@ class Metrics:
         """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop."""
         http, _thread = start_http_server(port, addr=host, registry=self.registry)
         return http
+
+
+class VersionMetrics:
+    """One model version's children of the families, resolved once (``.labels()`` takes a
+    lock and builds a key on every call; the request path counts several per request)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        labels = (model, version)
+        self._metrics, self._labels = metrics, labels
+        self.request_duration = metrics.request_duration.labels(*labels)
+        self.queue_duration = metrics.queue_duration.labels(*labels)
+        self.preprocess_duration = metrics.preprocess_duration.labels(*labels)
+        self.inference_duration = metrics.inference_duration.labels(*labels)
+        self.batch_size = metrics.batch_size.labels(*labels)
+        self.images = metrics.images.labels(*labels)
+        self.ok_seconds = metrics.request_seconds.labels(*labels, "ok")
+        self.failed_seconds = metrics.request_seconds.labels(*labels, "failed")
+        self.last_success = metrics.last_success.labels(*labels)
+        self.queue_depth = metrics.queue_depth.labels(*labels)
+        self.inflight = metrics.inflight.labels(*labels)
+        self._requests: dict[str, Any] = {}
+
+    def requests(self, code: str) -> Any:
+        """The requests counter's child for a status code name."""
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = self._metrics.requests.labels(*self._labels, code)
+        return child
+
+    def track_request(self, images: int, deadline: float | None = None) -> _Tracked:
+        """See `Metrics.track_request`."""
+        return _Tracked(self, images, deadline)
+
+
+class _Tracked:
+    """One request being counted (a plain context manager: no generator per request)."""
+
+    __slots__ = ("_children", "_deadline", "_images", "_started")
+
+    def __init__(self, children: VersionMetrics, images: int, deadline: float | None) -> None:
+        self._children, self._images, self._deadline = children, images, deadline
+
+    def __enter__(self) -> None:
+        self._children.inflight.inc()
+        self._started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        elapsed = time.perf_counter() - self._started
+        children = self._children
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, Exception):
+            code = to_status(exc)[0].name
+        elif self._deadline is not None and time.monotonic() >= self._deadline - _DEADLINE_SLACK:
+            code = "DEADLINE_EXCEEDED"
+        else:
+            code = "CANCELLED"
+        children.inflight.dec()
+        children.request_duration.observe(elapsed)
+        (children.ok_seconds if code == "OK" else children.failed_seconds).inc(elapsed)
+        children.requests(code).inc()
+        if code == "OK":
+            children.images.inc(self._images)
+            children.last_success.set_to_current_time()

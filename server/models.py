@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import threads
 from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
@@ -408,13 +409,15 @@ class ModelRegistry:
     def _open_runners(self, mv: ModelVersion, settings: Settings) -> list[Runner]:
         """Every instance's session; all on the GPU or, with ``--device auto``, all on the CPU."""
         count = settings.instances_for(mv.config.instances.count)
-        threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
+        intra_op = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         opened = []
         for _ in range(count):
             path = mv.path / MODEL_FILE
-            opened.append(
-                self._opener(path, settings, threads, config=mv.config, mem_limit=self._mem_limit)
-            )
+            with threads.opening("onnxruntime"):  # its intra-op pool: see server.threads
+                one = self._opener(
+                    path, settings, intra_op, config=mv.config, mem_limit=self._mem_limit
+                )
+            opened.append(one)
             if opened[-1].provider == CPU and opened[0].provider != CPU:
                 # a later instance did not come up on the GPU: one device for all of them
                 log.warning("model %s version %s: instance %d not on the GPU (%s); "
@@ -441,7 +444,7 @@ class ModelRegistry:
         first = opened[0]
         log.info(
             "model %s version %s runs on %s (%s), %d instance(s), %d intra-op thread(s) each",
-            mv.name, mv.version, first.provider, first.reason, count, threads,
+            mv.name, mv.version, first.provider, first.reason, count, intra_op,
         )  # fmt: skip
         return runners
 

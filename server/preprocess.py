@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from server import threads
 from server.config import Settings
 from server.errors import InvalidInput, QueueFull
 from server.repository import (
@@ -47,7 +48,12 @@ class Preprocessor:
         ceiling = Image.MAX_IMAGE_PIXELS
         if ceiling is not None and self.limits.max_image_pixels > ceiling:
             Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # keep Pillow's above ours
-        self._pool = ThreadPoolExecutor(settings.decode_threads(), thread_name_prefix="decode")
+        self._pool = ThreadPoolExecutor(
+            settings.decode_threads(),
+            thread_name_prefix="decode",
+            initializer=threads.name_current,
+            initargs=("decode",),
+        )
 
     async def encoded(self, data: bytes, config: ModelConfig) -> np.ndarray:
         return await self._run(prepare_encoded, data, config, self.limits)

@@ -26,7 +26,7 @@ into its response. Here, in order:
    others, so their decodes still waiting for a worker never start;
 7. the model version's batcher computes the logits.
 
-Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.calls`
+Errors leave as `server.errors` exceptions (the handler wrapper, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
 """
 
@@ -152,8 +152,8 @@ class RequestPath:
         self, request: Request[Parsed], request_id: str, served: ModelVersion, deadline: float
     ) -> Result[Parsed]:
         # held until answered: a version being unloaded finishes the requests it let in
-        with served.hold(), self._metrics.track_request(
-            served.name, served.version, request.images, deadline
+        with served.hold(), self._metrics.version(served.name, served.version).track_request(
+            request.images, deadline
         ):
             self._check_limit(request.images)
             inputs, parsed = request.read(served)
@@ -192,7 +192,7 @@ class RequestPath:
             for task in tasks:
                 task.cancel()
             raise
-        self._metrics.preprocess_duration.labels(served.name, served.version).observe(
+        self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )
         return np.stack(inputs)

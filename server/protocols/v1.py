@@ -109,20 +109,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
         indices, scores = top_k(result.logits, result.parsed)
         labels = result.served.labels
-        return pb.ClassifyResponse(
-            model=result.served.name,
-            version=result.served.version,
-            request_id=result.request_id,
-            results=[
-                pb.Classification(
-                    classes=[
-                        pb.ClassScore(index=int(i), label=labels[i], score=float(s))
-                        for i, s in zip(row_i, row_s, strict=True)
-                    ]
-                )
-                for row_i, row_s in zip(indices, scores, strict=True)
-            ],
+        response = pb.ClassifyResponse(
+            model=result.served.name, version=result.served.version, request_id=result.request_id
         )
+        for row_i, row_s in zip(indices.tolist(), scores.tolist(), strict=True):
+            classes = response.results.add().classes  # filled in place: no message per class
+            for i, s in zip(row_i, row_s, strict=True):
+                classes.add(index=i, label=labels[i], score=s)
+        return response
 
     def _read(self, request: pb.ClassifyRequest, model: ModelVersion) -> tuple[Inputs, int]:
         """The request's images and its top_k, checked against the model."""

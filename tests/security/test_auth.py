@@ -31,7 +31,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 from tritonclient.utils import InferenceServerException
 
 from bench import serving
-from server.auth import AuthInterceptor, TokenError, load_tokens
+from server.auth import TokenCheck, TokenError, load_tokens
 from server.config import Settings
 from server.metrics import Metrics
 from tests.reliability import images
@@ -174,11 +174,11 @@ def test_tokens_from_both_places(tmp_path: Path) -> None:
     ids=["bearer", "scheme-case", "spaces", "basic", "two-headers", "no-token", "other-header",
          "none"],
 )  # fmt: skip
-def test_the_interceptor_reads_one_bearer_header(
+def test_the_check_reads_one_bearer_header(
     metadata: tuple[tuple[str, str], ...], accepted: bool
 ) -> None:
-    interceptor = AuthInterceptor(["one", "two"], Metrics())
-    assert (interceptor.accepts(metadata) is None) is accepted
+    check = TokenCheck(["one", "two"], Metrics())
+    assert (check.accepts(metadata) is None) is accepted
 
 
 def test_a_flood_of_refused_calls_is_counted_and_logged_rate_limited(

@@ -1,4 +1,4 @@
-"""The error map on an in-process grpc.aio server: domain errors, unknown errors, draining."""
+"""The handler wrapper on an in-process grpc.aio server: domain errors, unknown errors, draining."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from server import drain
 from server.drain import Drain
 from server.errors import InvalidInput, QueueFull
-from server.interceptors import Calls, ErrorInterceptor
+from server.handlers import wrap_registrations
+from server.interceptors import Calls, Guard
 
 SERVICE = "test.Echo"
 
@@ -47,7 +48,8 @@ class Harness:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
     harness = Harness()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(harness.draining, harness.calls)])
+    server = grpc.aio.server()
+    wrap_registrations(server, Guard(harness.draining, harness.calls).wrap)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),

@@ -19,6 +19,7 @@ LAYERS = {
     "server.drain": 1,
     "server.postprocess": 1,
     "server.tls": 1,
+    "server.threads": 1,
     "server.metrics": 2,
     "server.sessions": 2,
     "server.preprocess": 2,

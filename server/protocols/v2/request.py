@@ -120,12 +120,13 @@ def fill_response(
 ) -> None:
     """Add each requested output of ``logits`` [N, classes] to ``response``."""
     for output in outputs:
-        if output.classes is None:
-            array = np.ascontiguousarray(logits, dtype=np.float32)
+        if output.classes is None:  # the logits' own bytes: float32 rows, as the session gave
+            array = np.ascontiguousarray(logits, dtype="<f4")
+            datatype, raw = "FP32", array.tobytes()
         else:
             array = tensors.classification(logits, output.classes, labels)
-        datatype, raw = tensors.encode_raw(array)
-        response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
+            datatype, raw = tensors.encode_raw(array)
+        response.outputs.add(name=output.name, datatype=datatype, shape=array.shape)
         response.raw_output_contents.append(raw)
 
 
@@ -170,6 +171,8 @@ def _classes(requested: Any) -> int | None:
 
 
 def _no_shared_memory(what: str, parameters: Any) -> None:
+    if not parameters:  # the usual case: no parameters at all
+        return
     used = [p for p in _SHARED_MEMORY if p in parameters]
     if used:
         raise TensorError(

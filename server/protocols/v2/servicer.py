@@ -4,7 +4,7 @@ Thin: requests are read by `server.protocols.v2.request`, described by
 `server.protocols.v2.describe`, counted by `server.protocols.v2.stats`. Inference
 goes through `server.request_path`, as ``Classify`` does (shared batches, one
 count of every request, the domain errors of `server.errors`, which the server's
-interceptor maps to status codes). ModelStreamInfer runs a stream's requests
+handler wrapper maps to status codes). ModelStreamInfer runs a stream's requests
 concurrently (so they batch together) and answers in request order
 (`server.protocols.calls`); a failed request is answered with ``error_message``
 and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
@@ -253,5 +253,8 @@ def _read(message: pb.ModelInferRequest, served: ModelVersion) -> tuple[Inputs, 
 
 def _declared_images(message: pb.ModelInferRequest) -> int:
     """The batch size the request declares (what the images counter adds on success)."""
-    shapes = [list(tensor.shape) for tensor in message.inputs]
-    return shapes[0][0] if len(shapes) == 1 and shapes[0] else 0
+    inputs = message.inputs
+    if len(inputs) != 1:
+        return 0
+    shape = inputs[0].shape
+    return shape[0] if shape else 0
