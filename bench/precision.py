@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from bench import photos, raw
+from bench.repository import link_or_copy
 from bench.serving import running
 
 HERE = Path(__file__).resolve().parent
@@ -129,9 +131,9 @@ def server_speed(repo: Path, name: str, args: argparse.Namespace) -> dict[str, A
 
     alone = args.work / "serve" / name
     alone.mkdir(parents=True, exist_ok=True)
-    link = alone / name
-    if not link.exists():
-        link.symlink_to((repo / name).resolve(), target_is_directory=True)
+    served = alone / name
+    if not served.exists():  # hard links: the server refuses links out of its repository
+        shutil.copytree(repo / name, served, copy_function=link_or_copy)
     rng = np.random.default_rng(0)
     batch = list(rng.standard_normal((args.images_per_request, 3, 224, 224), dtype=np.float32))
     with (

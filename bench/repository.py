@@ -4,11 +4,14 @@ The source repository (built by ``resnet-serve build``, or a test's) is never
 changed. The served one holds, for each benchmarked model, a copy of its
 ``config.json`` with the plan's batching settings, and beside it
 ``<name>-nobatch``: the same graph with ``max_batch_size`` 1, i.e. dynamic
-batching off. Model files are symlinked, not copied.
+batching off. Model files are hard-linked (copied where the two repositories are on
+different file systems), never symlinked: the server refuses a link out of its repository.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -105,4 +108,22 @@ def _link_model(
     config.model_copy(update={"name": name, "batching": batching}).dump(out)
     shutil.copy(model_dir / config.labels, out / config.labels)
     for file in (MODEL_FILE, VERIFICATION_FILE):
-        (out / version.name / file).symlink_to((version / file).resolve())
+        link_or_copy(version / file, out / version.name / file)
+
+
+# link(2) refuses across file systems (EXDEV), where the file system has no hard links
+# (EPERM, EOPNOTSUPP) and past the link limit (EMLINK): a copy serves as well there
+_NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK}
+
+
+def link_or_copy(source: Path, target: Path) -> Path:
+    """`target` as a hard link to `source` (its real file), or a copy where no link can be
+    made; shutil.copytree's ``copy_function`` signature."""
+    real = Path(source).resolve()
+    try:
+        os.link(real, target)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINK:
+            raise
+        shutil.copy2(real, target)
+    return Path(target)

@@ -184,13 +184,17 @@ def list_models(repo: Path) -> list[ModelEntry]:
     if not repo.is_dir():
         raise RepositoryError(f"model repository {repo} does not exist")
     for model_dir in [p for p in model_dirs(repo) if (p / CONFIG_FILE).is_file()]:
-        statuses = [check_version(version_dir) for version_dir in version_dirs(model_dir)]
         try:
             config = ModelConfig.load(model_dir)
         except ValueError as exc:  # pydantic's ValidationError, or JSON that does not parse
+            statuses = [check_version(version_dir) for version_dir in version_dirs(model_dir)]
             first_line = str(exc).splitlines()[0]
             entries.append(ModelEntry(model_dir.name, statuses, None, first_line))
             continue
+        statuses = [
+            check_version(version_dir, labels=config.labels)
+            for version_dir in version_dirs(model_dir)
+        ]
         servable = {status.version for status in statuses if status.servable}
         chosen = config.version_policy.select([s.version for s in statuses], servable.__contains__)
         serving = tuple(v for v in chosen if v in servable)

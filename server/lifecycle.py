@@ -337,7 +337,7 @@ class ModelLifecycle:
         files = fingerprint(path)
         cached = self._checks.get(path)
         if cached is None or cached[0] != files:
-            check = check_version(path)
+            check = check_version(path, labels=model.config.labels)
             cached = (files, check.servable, check.reason)
             self._checks[path] = cached
         return cached[1]

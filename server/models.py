@@ -19,9 +19,11 @@ images on the version's `Batcher` and returns the logits, one row per image.
 the UNAVAILABLE ones and why.
 
 A version is served only if `server.repository.check_version` says so
-(``verification.json`` exists, says ``"passed": true`` and its ``sha256``
-matches ``model.onnx``); otherwise it is UNAVAILABLE with the reason logged in
-one line, and the others still serve.
+(its files inside the repository, ``verification.json`` exists, says
+``"passed": true`` and its ``sha256`` matches ``model.onnx``); otherwise it is
+UNAVAILABLE with the reason logged in one line, and the others still serve.
+``model.onnx`` is read once, by the check: its sessions are created from the
+bytes that were hashed, never from the file again.
 
 Where each version runs: every instance's provider is recorded (`ModelVersion.providers`,
 the metric ``resnet_serve_execution_provider``). A version's instances all run on the
@@ -57,7 +59,6 @@ from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
 from server.repository import (
-    MODEL_FILE,
     InputSpec,
     ModelConfig,
     check_version,
@@ -212,8 +213,9 @@ class ModelRegistry:
         opener: Callable[..., Opened] = open_session,
         gpu_memory: Callable[[int], int | None] | None = None,
     ) -> None:
-        """`opener` opens one session (`server.sessions.open_session`'s signature) and
-        `gpu_memory(device_id)` says how many bytes a GPU has: both are injected in tests."""
+        """`opener` opens one session from a model's bytes (`server.sessions.open_session`'s
+        signature) and `gpu_memory(device_id)` says how many bytes a GPU has: both are
+        injected in tests."""
         self._settings = settings
         self._metrics = metrics
         self._models: dict[str, Model] = {}
@@ -342,10 +344,13 @@ class ModelRegistry:
         started = time.monotonic()
         batcher: Batcher | None = None
         try:
-            check = await asyncio.to_thread(check_version, mv.path)
-            if not check.servable:
+            check = await asyncio.to_thread(
+                check_version, mv.path, labels=mv.config.labels, keep_model=True
+            )
+            if not check.servable or check.model is None:
                 raise LoadError(check.reason)
-            runners = await asyncio.to_thread(self._open_runners, mv, self._settings)
+            model = check.model
+            runners = await asyncio.to_thread(self._open_runners, mv, model, self._settings)
             try:
                 batcher, sizes = await self._start(mv, runners)
             except Exception as exc:
@@ -357,7 +362,7 @@ class ModelRegistry:
                 log.warning("model %s version %s: %s; reopening it on the CPU",
                             mv.name, mv.version, why)  # fmt: skip
                 cpu = self._settings.model_copy(update={"device": "cpu"})
-                runners = await asyncio.to_thread(self._open_runners, mv, cpu)
+                runners = await asyncio.to_thread(self._open_runners, mv, model, cpu)
                 batcher, sizes = await self._start(mv, runners)
         except DeviceUnavailable:
             raise
@@ -406,16 +411,16 @@ class ModelRegistry:
             raise
         return batcher, sizes
 
-    def _open_runners(self, mv: ModelVersion, settings: Settings) -> list[Runner]:
-        """Every instance's session; all on the GPU or, with ``--device auto``, all on the CPU."""
+    def _open_runners(self, mv: ModelVersion, model: bytes, settings: Settings) -> list[Runner]:
+        """Every instance's session, from `model` (the verified bytes of model.onnx); all on
+        the GPU or, with ``--device auto``, all on the CPU."""
         count = settings.instances_for(mv.config.instances.count)
         intra_op = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
         opened = []
         for _ in range(count):
-            path = mv.path / MODEL_FILE
             with threads.opening("onnxruntime"):  # its intra-op pool: see server.threads
                 one = self._opener(
-                    path, settings, intra_op, config=mv.config, mem_limit=self._mem_limit
+                    model, settings, intra_op, config=mv.config, mem_limit=self._mem_limit
                 )
             opened.append(one)
             if opened[-1].provider == CPU and opened[0].provider != CPU:
@@ -424,7 +429,7 @@ class ModelRegistry:
                             "opening every instance on the CPU",
                             mv.name, mv.version, len(opened) - 1, opened[-1].reason)  # fmt: skip
                 cpu = settings.model_copy(update={"device": "cpu"})
-                return self._open_runners(mv, cpu)
+                return self._open_runners(mv, model, cpu)
         buckets = mv.config.batch_buckets()
         runners = [
             Runner(

@@ -245,7 +245,7 @@ class Opened:
 
 
 def open_session(
-    model_path: Path,
+    model: bytes | Path,
     settings: Settings,
     intra_op_threads: int,
     *,
@@ -258,13 +258,16 @@ def open_session(
 ) -> Opened:
     """Open one session on the device `settings.device` asks for (see the module docstring).
 
+    `model` is the graph itself (the server passes the bytes `check_version` hashed, so what
+    runs is what was verified) or, in tools, the path of a model.onnx.
     `config` (the model's config.json) brings the model's provider options; `mem_limit` is
     this session's share of the GPU's memory (`gpu_mem_limit`) unless ``--cuda-mem-limit``
     says otherwise.
     """
+    source = model if isinstance(model, bytes) else str(model)
     options = session_options(settings, intra_op_threads)
     if settings.device == "cpu":
-        return Opened(factory(str(model_path), options, providers=[CPU]), CPU, "--device cpu")
+        return Opened(factory(source, options, providers=[CPU]), CPU, "--device cpu")
     optimization = config.optimization if config is not None else _NO_OPTIMIZATION
     if CUDA not in available():
         reason = "this onnxruntime build has no CUDA provider (the cpu extra?)"
@@ -282,19 +285,20 @@ def open_session(
         session, reason = None, ""
         with _quiet_ort():
             try:
-                session = factory(str(model_path), options, providers=providers, enable_fallback=0)
+                session = factory(source, options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
                 reason = f"the CUDA session failed: {_one_line(exc)}"
         if session is not None:
             first = session.get_providers()[0]
             if first in GPU_PROVIDERS:
                 if providers[0][0] == TENSORRT and first != TENSORRT:
-                    log.warning("TensorRT did not come up for %s; running on CUDA", model_path)
+                    log.warning("TensorRT did not come up%s; running on CUDA",
+                                "" if isinstance(model, bytes) else f" for {model}")  # fmt: skip
                 return Opened(session, first, f"--device {settings.device}")
             reason = diagnose()
     if settings.device == "cuda":
         raise DeviceUnavailable(f"--device cuda, but {reason}")
-    return Opened(factory(str(model_path), options, providers=[CPU]), CPU, reason)
+    return Opened(factory(source, options, providers=[CPU]), CPU, reason)
 
 
 def graph_feed_dtype(session: Session) -> np.dtype | None:

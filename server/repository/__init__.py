@@ -11,7 +11,8 @@ Layout (Triton's, with JSON instead of pbtxt)::
 
 ``<version>`` is a positive integer in ASCII digits (layout.py); other entries of a model
 directory are not versions. A version is served only if `check_version` (check.py) says
-so: both files present, the record passed and its sha256 matches. Images become model
+so: its files inside the repository (no link out), both files present, the record passed
+and its sha256 matches. Images become model
 inputs by `transform` (transform.py), in the server and in the builder alike.
 Typed options objects become command-line flags by one rule, `flags` (flags.py), which
 ``resnet-serve serve`` (the server's Settings) and ``resnet-serve build`` (the builder's

@@ -5,7 +5,9 @@ Nothing here is timed or compared: the figures belong to ``make bench``.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,8 @@ from bench import histograms, perf_analyzer, profile, report
 from bench.__main__ import main
 from bench.load import VARIANTS
 from bench.plan import Knobs
-from bench.repository import NO_BATCH_SUFFIX, prepare
-from server.repository import ModelConfig
+from bench.repository import NO_BATCH_SUFFIX, link_or_copy, prepare
+from server.repository import MODEL_FILE, ModelConfig, check_version, latest_version
 
 MODEL = "cifar"  # resnet20 from the model_repo fixture: the fastest graph there
 CONCURRENCY = (1, 2)
@@ -97,6 +99,26 @@ def test_served_repository_adds_a_batching_off_twin(model_repo: Path, tmp_path: 
     assert (on.batching.max_batch_size, on.batching.max_queue_delay_us) == (8, 500)
     assert (off.batching.max_batch_size, off.name) == (1, served.nobatch)
     assert ModelConfig.load(model_repo / MODEL) != on  # the source is left as it was
+    # hard links, not symbolic ones: the server refuses links out of its repository
+    for name in (MODEL, served.nobatch):
+        version = latest_version(tmp_path / "repo" / name)
+        assert not (version / MODEL_FILE).is_symlink()
+        assert (version / MODEL_FILE).samefile(served.model_file)
+        assert check_version(version).servable
+
+
+def test_model_files_are_copied_where_no_hard_link_can_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source.onnx"
+    source.write_bytes(b"graph")
+
+    def cross_device(src: Path, dst: Path) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    copied = link_or_copy(source, tmp_path / "copy.onnx")
+    assert copied.read_bytes() == b"graph" and not copied.samefile(source)
 
 
 def test_histogram_difference_per_bucket() -> None:

@@ -15,6 +15,9 @@ A version whose sha256 matches but which ONNX Runtime cannot open is
 refused with one log line, callers see a reason without paths or runtime
 internals, and the other model serves.
 
+A version whose ``model.onnx`` is a link out of the repository is refused with the
+file named, in the server and in ``resnet-serve models``, while the other model serves.
+
 Refusing tampered (sha256), failed and never-verified versions while the
 other models serve, with their log lines: tests/server/test_lifecycle.py
 (test_refused_versions_full_queue_no_reflection_and_sigint).
@@ -133,3 +136,29 @@ def test_a_version_the_runtime_cannot_open_is_refused(
     (state,) = info.versions
     assert (state.state, state.reason) == (pb.VersionInfo.UNAVAILABLE, LOAD_FAILED)
     assert leaks(state.reason, repo) == []
+
+
+def test_a_version_linked_out_of_the_repository_is_refused(
+    model_repo: Path, tmp_path: Path, inprocess_factory: Callable[..., InProcessServer]
+) -> None:
+    repo = tmp_path / "repo"
+    derive(repo, model_repo / "cifar")
+    version = derive(repo, model_repo / "cifar", "linked") / "1"
+    (version / MODEL_FILE).unlink()  # the very graph, verified, but reached by a link out
+    (version / MODEL_FILE).symlink_to((model_repo / "cifar" / "1" / MODEL_FILE).resolve())
+    why = "1/model.onnx leads outside the model repository (a symbolic link); not served"
+
+    server = inprocess_factory(repo)
+    refused = [line for line in server.log().splitlines()
+               if "model linked version 1 refused:" in line]  # fmt: skip
+    assert len(refused) == 1 and refused[0].endswith(why), server.log()
+    assert server.health("linked") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.health("cifar") == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        info = stub.GetModel(pb.GetModelRequest(name="linked"), timeout=30)
+    (state,) = info.versions
+    assert (state.state, state.reason) == (pb.VersionInfo.UNAVAILABLE, why)
+    assert leaks(state.reason, repo) == []
+    row = next(line for line in models_listing(repo).splitlines() if line.startswith("linked "))
+    assert "outside repository" in row, row

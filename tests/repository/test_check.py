@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from server.repository import (
+    CONFIG_FILE,
+    LABELS_FILE,
     MODEL_FILE,
     VERIFICATION_FILE,
     Status,
@@ -129,3 +131,84 @@ def test_the_record_round_trips_and_ignores_fields_it_does_not_know(tmp_path: Pa
     (tmp_path / VERIFICATION_FILE).write_text(json.dumps(text | {"written_by": "a newer builder"}))
     assert Verification.load(tmp_path) == record
     assert record.failed_checks() == ["multiply_adds"]
+
+
+def served_repo(root: Path) -> Path:
+    """``root/repo/net``: a model directory with config.json, labels.txt and version 1."""
+    model_dir = root / "repo" / "net"
+    add_version(model_dir, "1")
+    (model_dir / CONFIG_FILE).write_text("{}")
+    (model_dir / LABELS_FILE).write_text("a\n")
+    return model_dir
+
+
+@pytest.mark.parametrize(
+    ("linked", "named"),
+    [
+        ("1/model.onnx", "1/model.onnx"),
+        ("1/verification.json", "1/verification.json"),
+        ("config.json", "config.json"),
+        ("labels.txt", "labels.txt"),
+        ("1", "version directory 1"),
+    ],
+)
+def test_a_link_out_of_the_repository_is_refused(tmp_path: Path, linked: str, named: str) -> None:
+    model_dir = served_repo(tmp_path)
+    outside = tmp_path / "elsewhere" / linked
+    outside.parent.mkdir(parents=True)
+    (model_dir / linked).rename(outside)  # the very file the hash and record are for
+    (model_dir / linked).symlink_to(outside, target_is_directory=outside.is_dir())
+    check = check_version(model_dir / "1")
+    assert (check.status, check.servable, check.record) == (Status.OUTSIDE, False, None)
+    assert check.reason == (
+        f"{named} leads outside the model repository (a symbolic link); not served"
+    )
+    assert str(tmp_path) not in check.reason  # callers see it: no path of the machine
+
+
+def test_the_labels_file_config_json_names_is_checked(tmp_path: Path) -> None:
+    model_dir = served_repo(tmp_path)
+    (model_dir / "names.txt").symlink_to("/etc/hostname")
+    assert check_version(model_dir / "1").servable  # labels.txt is what it looks at by default
+    check = check_version(model_dir / "1", labels="names.txt")
+    assert check.status is Status.OUTSIDE and check.reason.startswith("names.txt leads outside")
+
+
+def test_a_model_directory_linked_from_outside_and_a_dangling_link_are_refused(
+    tmp_path: Path,
+) -> None:
+    model_dir = served_repo(tmp_path / "source")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "net").symlink_to(model_dir, target_is_directory=True)
+    check = check_version(repo / "net" / "1")
+    assert check.status is Status.OUTSIDE
+    assert check.reason.startswith("model directory net leads outside")
+    (model_dir / "1" / MODEL_FILE).unlink()
+    (model_dir / "1" / MODEL_FILE).symlink_to(tmp_path / "gone.onnx")
+    assert check_version(model_dir / "1").status is Status.OUTSIDE
+
+
+def test_links_inside_the_repository_are_followed(tmp_path: Path) -> None:
+    model_dir = served_repo(tmp_path)
+    repo = model_dir.parent
+    # a model directory as an alias of another, files shared between versions
+    (repo / "latest").symlink_to("net", target_is_directory=True)
+    assert check_version(repo / "latest" / "1").servable
+    version = add_version(model_dir, "2")
+    (version / MODEL_FILE).unlink()
+    (version / MODEL_FILE).symlink_to("../1/model.onnx")
+    assert check_version(version).servable
+    # the repository reached through a link of its own is still the repository
+    (tmp_path / "alias").symlink_to(repo, target_is_directory=True)
+    assert check_version(tmp_path / "alias" / "net" / "2").servable
+
+
+def test_keep_model_hands_back_the_very_bytes_it_hashed(tmp_path: Path) -> None:
+    version_dir = add_version(tmp_path, "1")
+    check = check_version(version_dir, keep_model=True)
+    assert check.servable and check.model == GRAPH
+    assert check_version(version_dir).model is None  # not kept unless asked
+    (version_dir / MODEL_FILE).write_bytes(GRAPH + b"\0")
+    check = check_version(version_dir, keep_model=True)
+    assert check.status is Status.MODIFIED and check.model is None

@@ -9,6 +9,7 @@ start, every instance's provider in the metric, a session that leaves the GPU.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import subprocess
 import sys
@@ -144,6 +145,35 @@ async def test_auto_on_the_gpu_records_every_instance_and_warms_every_size(tmp_p
     }
     for session in factory.sessions:
         assert session.batches == [1, 2, 3, 4, 5, 6], "every size the batcher can form"
+    await found.close()
+
+
+class SwapsTheFile(FakeFactory):
+    """Replaces model.onnx on disk as each session is created: after the version check."""
+
+    def __init__(self, model_file: Path) -> None:
+        super().__init__()
+        self.model_file = model_file
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FakeSession:
+        self.model_file.write_bytes(b"swapped in between the check and the load")
+        return super().__call__(*args, **kwargs)
+
+
+async def test_sessions_run_the_very_bytes_that_were_verified(tmp_path: Path) -> None:
+    """model.onnx is read once, by the check; every session is created from those bytes, so
+    a file replaced between the check and the load is never what runs."""
+    repo = make_repo(tmp_path, {"net": with_instances(2)})
+    model_file = repo / "net" / "1" / MODEL_FILE
+    verified = model_file.read_bytes()
+    factory = SwapsTheFile(model_file)
+    found, _ = registry(repo, factory, device="cpu")
+    await load_all(found)
+    assert found.get("net").state is State.READY
+    assert factory.models == [verified, verified]
+    record = Verification.load(model_file.parent)
+    assert hashlib.sha256(factory.models[0]).hexdigest() == record.sha256  # type: ignore[arg-type]
+    assert model_file.read_bytes() != verified  # the file did change under the load
     await found.close()
 
 

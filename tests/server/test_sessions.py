@@ -66,10 +66,12 @@ class FakeFactory:
         self.tensorrt_comes_up = tensorrt_comes_up
         self.calls: list[list[Any]] = []
         self.kwargs: list[dict[str, Any]] = []
+        self.models: list[str | bytes] = []  # what each session was created from
 
     def __call__(
-        self, path: str, options: ort.SessionOptions, providers: list[Any], **kwargs: Any
+        self, model: str | bytes, options: ort.SessionOptions, providers: list[Any], **kwargs: Any
     ) -> FakeSession:
+        self.models.append(model)
         self.calls.append(providers)
         self.kwargs.append(kwargs)
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
