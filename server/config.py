@@ -36,8 +36,15 @@ class Settings(BaseSettings):
 
     # where and what
     repo: Path = Field(Path("models"), description="model repository directory")
-    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    host: str = Field("0.0.0.0", description="address the gRPC and HTTP servers bind")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (all services)")
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="HTTP/REST port (v2 protocol, health, image classify) on the same host; "
+        "0: no HTTP port",
+    )
     metrics_host: str = Field("0.0.0.0", description="address the /metrics HTTP server binds")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -61,7 +62,7 @@ def _guard_streaming(
 
 
 class Calls:
-    """Calls being answered (probes and refusals excluded)."""
+    """Calls being answered, gRPC and HTTP (probes and refusals excluded)."""
 
     def __init__(self) -> None:
         self.active = 0
@@ -91,6 +92,15 @@ class Calls:
                 self._exit()
 
         return counted
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count one call while the block runs (the HTTP adapter's calls count here too)."""
+        self._enter()
+        try:
+            yield
+        finally:
+            self._exit()
 
     def _enter(self) -> None:
         self.active += 1

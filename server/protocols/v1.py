@@ -22,7 +22,7 @@ from server.errors import InvalidInput
 from server.models import Model, ModelVersion, State
 from server.postprocess import top_k
 from server.protocols.calls import answer_in_order, deadline_of
-from server.request_path import Image, Inputs, Request, RequestPath
+from server.request_path import Image, Inputs, Request, RequestPath, Result
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -34,6 +34,33 @@ _STATES = {
     State.READY: pb.VersionInfo.READY,
     State.UNAVAILABLE: pb.VersionInfo.UNAVAILABLE,
 }
+
+
+def check_top_k(k: int, model: ModelVersion) -> int:
+    classes = model.config.num_classes
+    if not 1 <= k <= classes:
+        raise InvalidInput(f"top_k is {k}; allowed: 1 to {classes} (model {model.name})")
+    return k
+
+
+def classify_response(result: Result[int]) -> pb.ClassifyResponse:
+    """The top ``result.parsed`` classes of each image, best first, with their labels."""
+    indices, scores = top_k(result.logits, result.parsed)
+    labels = result.served.labels
+    return pb.ClassifyResponse(
+        model=result.served.name,
+        version=result.served.version,
+        request_id=result.request_id,
+        results=[
+            pb.Classification(
+                classes=[
+                    pb.ClassScore(index=int(i), label=labels[i], score=float(s))
+                    for i, s in zip(row_i, row_s, strict=True)
+                ]
+            )
+            for row_i, row_s in zip(indices, scores, strict=True)
+        ],
+    )
 
 
 def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
@@ -106,29 +133,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 read=functools.partial(self._read, request),
             )
         )
-        indices, scores = top_k(result.logits, result.parsed)
-        labels = result.served.labels
-        return pb.ClassifyResponse(
-            model=result.served.name,
-            version=result.served.version,
-            request_id=result.request_id,
-            results=[
-                pb.Classification(
-                    classes=[
-                        pb.ClassScore(index=int(i), label=labels[i], score=float(s))
-                        for i, s in zip(row_i, row_s, strict=True)
-                    ]
-                )
-                for row_i, row_s in zip(indices, scores, strict=True)
-            ],
-        )
+        return classify_response(result)
 
     def _read(self, request: pb.ClassifyRequest, model: ModelVersion) -> tuple[Inputs, int]:
         """The request's images and its top_k, checked against the model."""
-        k = request.top_k if request.HasField("top_k") else DEFAULT_TOP_K
-        classes = model.config.num_classes
-        if not 1 <= k <= classes:
-            raise InvalidInput(f"top_k is {k}; allowed: 1 to {classes} (model {model.name})")
+        k = check_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K, model)
         return Inputs(images=[self._image(image, model) for image in request.images]), k
 
     def _image(self, image: pb.Image, model: ModelVersion) -> Image:

@@ -16,6 +16,7 @@ All tensors of a response travel in ``raw_output_contents``, as Triton sends the
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,58 +52,97 @@ def describe_input(config: ModelConfig) -> str:
 def parse_images(request: Any, config: ModelConfig) -> Inputs:
     """The request's one input, decoded: the graph's own batch, or encoded images; the model
     checks a tensor's shape (as for Classify)."""
-    if len(request.inputs) != 1:
-        got = ", ".join(f"'{i.name}'" for i in request.inputs) or "none"
+    check_inputs([i.name for i in request.inputs], config)
+    tensor = request.inputs[0]
+    no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
+    return images_of(tensor.name, tensor.datatype, _decode(request, tensor), config)
+
+
+def check_inputs(names: list[str], config: ModelConfig) -> None:
+    """A request names exactly one input, the model's."""
+    if len(names) != 1:
+        got = ", ".join(f"'{n}'" for n in names) or "none"
         raise TensorError(
             f"model '{config.name}' takes exactly one input, {describe_input(config)}; got {got}"
         )
-    tensor = request.inputs[0]
-    if tensor.name != config.input.name:
+    if names[0] != config.input.name:
         raise TensorError(
-            f"unknown input '{tensor.name}'; model '{config.name}' takes {describe_input(config)}"
+            f"unknown input '{names[0]}'; model '{config.name}' takes {describe_input(config)}"
         )
-    _no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
-    array = _decode(request, tensor)
-    if tensor.datatype == BYTES:
-        return Inputs(images=_encoded_images(tensor.name, array))
+
+
+def images_of(name: str, datatype: str, array: np.ndarray, config: ModelConfig) -> Inputs:
+    """The decoded input as the request path takes it: encoded images (BYTES) or the
+    graph's own batch (its datatype, checked here)."""
+    if datatype == BYTES:
+        return Inputs(images=_encoded_images(name, array))
     expected = input_datatype(config)
-    if tensor.datatype != expected:
+    if datatype != expected:
         raise TensorError(
-            f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
-            f"{describe_input(config)}"
+            f"input '{name}' is {datatype}; model '{config.name}' takes {describe_input(config)}"
         )
     return Inputs(tensor=array)
 
 
 def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
     """The requested outputs; none requested means the model's output as a tensor."""
-    if not request.outputs:
-        return [Output(config.output.name)]
     outputs: list[Output] = []
     for requested in request.outputs:
-        if requested.name != config.output.name:
-            raise TensorError(
-                f"unknown output '{requested.name}'; model '{config.name}' has one output "
-                f"'{config.output.name}'"
-            )
-        if any(o.name == requested.name for o in outputs):
-            raise TensorError(f"output '{requested.name}' is requested more than once")
-        _no_shared_memory(f"output '{requested.name}'", requested.parameters)
+        check_output(requested.name, requested.parameters, outputs, config)
         outputs.append(Output(requested.name, _classes(requested)))
-    return outputs
+    return outputs or [Output(config.output.name)]
+
+
+def check_output(
+    name: str, parameters: Container[str], previous: list[Output], config: ModelConfig
+) -> None:
+    """A requested output is the model's, requested once, without shared memory."""
+    if name != config.output.name:
+        raise TensorError(
+            f"unknown output '{name}'; model '{config.name}' has one output "
+            f"'{config.output.name}'"
+        )
+    if any(o.name == name for o in previous):
+        raise TensorError(f"output '{name}' is requested more than once")
+    no_shared_memory(f"output '{name}'", parameters)
+
+
+def classification_count(output: str, count: object) -> int:
+    """The classification extension's k, checked: an integer >= 1."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TensorError(
+            f"output '{output}': parameter '{CLASSIFICATION}' must be an integer, "
+            f"got {type(count).__name__}"
+        )
+    if count < 1:
+        raise TensorError(
+            f"output '{output}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
+        )
+    return count
+
+
+def output_arrays(
+    outputs: list[Output], logits: np.ndarray, labels: list[str]
+) -> list[tuple[str, np.ndarray]]:
+    """Each requested output of ``logits`` [N, classes]: the logits as FP32, or the
+    classification extension's BYTES [N, k]."""
+    arrays = []
+    for output in outputs:
+        if output.classes is None:
+            array = np.ascontiguousarray(logits, dtype=np.float32)
+        else:
+            array = tensors.classification(logits, output.classes, labels)
+        arrays.append((output.name, array))
+    return arrays
 
 
 def fill_response(
     response: Any, outputs: list[Output], logits: np.ndarray, labels: list[str]
 ) -> None:
     """Add each requested output of ``logits`` [N, classes] to ``response``."""
-    for output in outputs:
-        if output.classes is None:
-            array = np.ascontiguousarray(logits, dtype=np.float32)
-        else:
-            array = tensors.classification(logits, output.classes, labels)
+    for name, array in output_arrays(outputs, logits, labels):
         datatype, raw = tensors.encode_raw(array)
-        response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
+        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(raw)
 
 
@@ -148,15 +188,10 @@ def _classes(requested: Any) -> int | None:
             f"output '{requested.name}': parameter '{CLASSIFICATION}' must be an integer, "
             f"got {kind or 'nothing'}"
         )
-    count = getattr(parameter, kind)
-    if count < 1:
-        raise TensorError(
-            f"output '{requested.name}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
-        )
-    return int(count)
+    return classification_count(requested.name, int(getattr(parameter, kind)))
 
 
-def _no_shared_memory(what: str, parameters: Any) -> None:
+def no_shared_memory(what: str, parameters: Any) -> None:
     used = [p for p in _SHARED_MEMORY if p in parameters]
     if used:
         raise TensorError(

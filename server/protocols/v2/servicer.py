@@ -14,7 +14,7 @@ implement answer UNIMPLEMENTED and say why.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -23,7 +23,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
 from server.errors import ServeError
-from server.models import Model, ModelVersion, State
+from server.models import ModelVersion
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.v2 import describe, stats
 from server.protocols.v2.request import Output, fill_response, parse_images, parse_outputs
@@ -118,28 +118,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            if request.version:
-                versions = [self._registry.get(request.name, request.version)]
-            else:
-                versions = self._ready_versions([self._registry.model(request.name)])
-        else:
-            versions = self._ready_versions(self._registry.models())
+        versions = stats.selected(self._registry, request.name, request.version)
         return stats.model_statistics(self._ctx.metrics, versions)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         """Every version of every model and its state; loading and unloading are not offered."""
-        entry = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(
-            models=[
-                entry(name=m.name, version=v.version, state=v.state.value, reason=v.reason)
-                for m in self._registry.models()
-                for v in sorted(m.versions.values(), key=lambda v: int(v.version))
-                if v.state is State.READY or not request.ready
-            ]
-        )
+        return describe.repository_index(self._registry, ready_only=request.ready)
 
     # inference
 
@@ -197,15 +183,6 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Whether grpc.health.v1 says SERVING for ``service`` ("" or a model name)."""
         status = await self._ctx.health.Check(HealthCheckRequest(service=service), context)
         return status.status == HealthCheckResponse.SERVING
-
-    @staticmethod
-    def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
-        return [
-            v
-            for m in models
-            for v in sorted(m.versions.values(), key=lambda v: int(v.version))
-            if v.state is State.READY
-        ]
 
 
 for _rpc, _extension in _UNSUPPORTED.items():
