@@ -321,7 +321,9 @@ def test_classify_route_takes_the_file_as_body(
     logits = grpc_logits(grpc_client, "resnet18", jpegs()[:1])[0]
     assert [c["index"] for c in result["classes"]] == list(np.argsort(-logits)[:3])
     labels = (model_repo / "resnet18" / "labels.txt").read_text().splitlines()
-    assert [c["label"] for c in result["classes"]] == [labels[c["index"]] for c in result["classes"]]
+    assert [c["label"] for c in result["classes"]] == [
+        labels[c["index"]] for c in result["classes"]
+    ]
     assert all(0 < c["score"] <= 1 for c in result["classes"])
 
 
@@ -330,13 +332,16 @@ def test_classify_route_versions_forms_and_errors(model_server: InProcessServer)
     status, _, body = call(f"{base}/versions/1/classify", JPEGS[1].read_bytes())
     assert status == 200 and len(json.loads(body)["results"][0]["classes"]) == 5
     boundary = "b0undary"
-    form = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{p.name}"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode()
-        + p.read_bytes()
-        + b"\r\n"
-        for p in JPEGS
-    ) + f"--{boundary}--\r\n".encode()
+    form = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{p.name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode()
+            + p.read_bytes()
+            + b"\r\n"
+            for p in JPEGS
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     status, _, body = call(
         f"{base}/classify", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
