@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +219,16 @@ async def test_start_serves_on_free_ports_and_stops_once(model_repo: Path, tmp_p
         url = f"http://{running.metrics_address}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
         assert b'resnet_serve_requests_total{code="OK",model="cifar",version="1"} 1.0' in text
+        # the metrics port is no health check: anything but /metrics is 404
+        for path in ("/", "/healthz", "/v2/health/ready", "/metrics/x"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(f"http://{running.metrics_address}{path}", timeout=10)
+            assert missing.value.code == 404, path
+        # the HTTP port's health is, for load balancers
+        ready = f"http://127.0.0.1:{running.http_port}/v2/health/ready"
+        answer = await asyncio.to_thread(urllib.request.urlopen, ready, timeout=10)
+        assert answer.status == 200
+        answer.close()
     finally:
         # drain and stop, each however often and from wherever, run once
         await asyncio.gather(running.drain(), running.stop(), running.drain())
