@@ -67,27 +67,38 @@ def unavailable() -> str | None:
 
 
 def measure(
-    address: str, model: str, concurrency: int, seconds: float, work: Path, inputs: dict[str, bytes]
+    address: str,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    work: Path,
+    inputs: dict[str, bytes] | None,
+    protocol: str = "grpc",
 ) -> LevelResult:
     """One measured slice at `concurrency`: every request of the stable windows.
 
     `inputs` maps each input name to the raw bytes of one image's tensor: the same data
     the SDK's v2 variant sends. perf_analyzer's own "zero" data is no stand-in (all-zero
     pixels ran ResNet-50 18 % slower in ONNX Runtime here), and its "random" bytes are
-    NaN and infinity as often as not in a float32 tensor.
+    NaN and infinity as often as not in a float32 tensor: what a user running it without
+    data flags sends (``inputs=None``), which the server computes like any other input.
+    `protocol`: ``grpc`` (`address` is the gRPC port) or ``http`` (the HTTP port).
     """
-    data = work / f"{model}-input"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, raw in inputs.items():
-        (data / name).write_bytes(raw)
-    export = work / f"{model}-c{concurrency}.json"
+    data_flags: list[str] = []
+    if inputs is not None:
+        data = work / f"{model}-input"
+        data.mkdir(parents=True, exist_ok=True)
+        for name, raw in inputs.items():
+            (data / name).write_bytes(raw)
+        data_flags = ["--input-data", str(data)]
+    export = work / f"{model}-{protocol}-c{concurrency}.json"
     export.unlink(missing_ok=True)
     window_ms = max(200, round(1000 * seconds / 3))
     command = [
-        str(BINARY), "-m", model, "-u", address, "-i", "grpc",
+        str(BINARY), "-m", model, "-u", address, "-i", protocol,
         "--concurrency-range", str(concurrency), "-b", "1",
         "--measurement-mode", "time_windows", "-p", str(window_ms), "-s", "90",
-        "--input-data", str(data), "--profile-export-file", str(export),
+        *data_flags, "--profile-export-file", str(export),
     ]  # fmt: skip
     cpu_before, started = _children_cpu(), time.monotonic()
     done = subprocess.run(

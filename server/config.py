@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, gt=0, description="images in one request")
     max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size, both directions")
+    reject_non_finite: bool = Field(
+        False,
+        description="refuse float tensors holding NaN or Inf with INVALID_ARGUMENT; off: "
+        "computed like any other input, as Triton does (docs/security.md)",
+    )
     max_decode_backlog: int = Field(
         128,
         gt=0,

@@ -16,7 +16,9 @@ into its response. Here, in order:
    here, a protocol's own per-image tensors by the reader it gave), each error naming the
    image's index, and the time is observed in the preprocess histogram; a request that
    sent the graph's own batch skips this step;
-7. the model version's batcher computes the logits.
+7. with ``reject_non_finite``, a float tensor the caller sent (not one decoded here)
+   holding NaN or Inf is refused; otherwise it is computed, as Triton does;
+8. the model version's batcher computes the logits.
 
 Errors leave as `server.errors` exceptions (the interceptor, or `server.protocols.streams`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
@@ -87,6 +89,7 @@ class RequestPath:
         metrics: Metrics,
     ) -> None:
         self._max_images = settings.max_images_per_request
+        self._reject_non_finite = settings.reject_non_finite
         self._registry = registry
         self._preprocessor = preprocessor
         self._metrics = metrics
@@ -103,6 +106,8 @@ class RequestPath:
             batch = inputs.tensor
             if batch is None:
                 batch = await self._prepare(inputs.images, served)
+            if self._reject_non_finite and _sent_tensors(inputs):
+                _check_finite(batch)
             logits = await served.infer(batch, deadline=request.deadline, request_id=request_id)
         return Result(served, request_id, logits, parsed)
 
@@ -130,3 +135,16 @@ class RequestPath:
             return await image()
         except InvalidInput as exc:
             raise InvalidInput(f"image {index}: {exc}") from None
+
+
+def _sent_tensors(inputs: Inputs) -> bool:
+    """Whether the request sent tensors (the graph's batch or per-image ones), not files."""
+    return inputs.tensor is not None or not all(isinstance(i, bytes) for i in inputs.images)
+
+
+def _check_finite(batch: np.ndarray) -> None:
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        raise InvalidInput(
+            "input holds NaN or Inf values; this server takes only finite values "
+            "(reject_non_finite)"
+        )

@@ -356,3 +356,16 @@ def test_classify_route_versions_forms_and_errors(model_server: InProcessServer)
         assert status == 400 and reason in json.loads(body)["error"], body
     status, _, body = call(f"{model_server.http_url}/v2/models/nope/classify", b"x")
     assert status == 404
+
+
+def test_non_finite_inputs_are_computed_by_default(
+    client: httpclient.InferenceServerClient, grpc_client: grpcclient.InferenceServerClient
+) -> None:
+    """As Triton does (perf_analyzer's random data holds NaN and Inf); --reject-non-finite
+    refuses them (tests/reliability/catalogue.py)."""
+    batch = normalized(1, size=32, seed=7)
+    batch[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    over_http = client.infer("cifar", [http_input(batch, "FP32")]).as_numpy("logits")
+    over_grpc = grpc_logits(grpc_client, "cifar", batch)
+    assert over_http.shape == over_grpc.shape == (1, 10)
+    np.testing.assert_array_equal(np.isnan(over_http), np.isnan(over_grpc))
