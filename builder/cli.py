@@ -204,19 +204,24 @@ def _models(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{args.repo}: no models")
         return 0
-    rows = [("model", "arch", "input", "classes", "version", "precision", "status")]
+    rows = [("model", "arch", "input", "classes", "version", "precision", "weights", "status")]
     for entry in entries:
         if entry.config is None:
             error = f"invalid config.json: {entry.config_error}"
-            rows.append((entry.name, "-", "-", "-", "-", "-", error))
+            rows.append((entry.name, "-", "-", "-", "-", "-", "-", error))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
         model = (entry.name, entry.config.arch, shape, str(entry.config.num_classes))
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
-            rows.append((*model, str(status.version), status.precision, status.status + detail))
+            weights = status.weights or "-"
+            if status.record is not None and status.record.random_weights:
+                weights += ", untrained"
+            rows.append(
+                (*model, str(status.version), status.precision, weights, status.status + detail)
+            )
         if not entry.versions:
-            rows.append((*model, "-", "-", "no versions"))
+            rows.append((*model, "-", "-", "-", "no versions"))
     print(format_table(rows))
     return 0

@@ -69,6 +69,8 @@ class ModelVersion:
     reason: str = ""
     provider: str = ""
     batcher: Batcher | None = None
+    weights: str = ""  # where the weights came from, as the build recorded it
+    random_weights: bool = False  # seeded random weights: an untrained model
 
     @property
     def input_dtype(self) -> np.dtype:
@@ -189,6 +191,8 @@ class ModelRegistry:
             check = await asyncio.to_thread(check_version, mv.path)
             if not check.servable:
                 raise LoadError(check.reason)
+            mv.weights = check.weights
+            mv.random_weights = check.record is not None and check.record.random_weights
             runners = await asyncio.to_thread(self._open_runners, mv)
             batcher = Batcher(mv.name, mv.version, runners, mv.config.batching, self._metrics)
             batcher.start()
@@ -211,9 +215,17 @@ class ModelRegistry:
         seconds = time.monotonic() - started
         self._metrics.load_seconds.labels(mv.name, mv.version).set(seconds)
         log.info(
-            "model %s version %s READY in %.1f s: %d instance(s) on %s, warmed at batch sizes %s",
+            "model %s version %s READY in %.1f s: %d instance(s) on %s, warmed at batch sizes %s, "
+            "weights: %s",
             mv.name, mv.version, seconds, len(runners), mv.provider, list(sizes),
+            mv.weights or "not recorded",
         )  # fmt: skip
+        if mv.random_weights:
+            log.warning(
+                "model %s version %s has RANDOM weights (%s): an untrained model whose classes "
+                "mean nothing; build it with --weights torchvision or a checkpoint",
+                mv.name, mv.version, mv.weights,
+            )  # fmt: skip
 
     def _open_runners(self, mv: ModelVersion) -> list[Runner]:
         settings = self._settings

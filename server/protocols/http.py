@@ -169,7 +169,10 @@ class HttpServer:
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._registry.get(request.match_info["model"], _version(request))
         message = describe.model_metadata(self._registry.model(served.name), served)
-        return _json(rest.message_json(message))
+        value = rest.message_json(message)
+        if served.weights:  # beside Triton's fields: "random (seed N)" is an untrained model
+            value["parameters"] = {"weights": served.weights}
+        return _json(value)
 
     async def model_config(self, request: web.Request) -> web.Response:
         served = self._registry.get(request.match_info["model"], _version(request))

@@ -200,7 +200,9 @@ def _model_info(model: Model, versions: list[ModelVersion]) -> pb.ModelInfo:
         ),
         max_batch_size=config.batching.max_batch_size,
         versions=[
-            pb.VersionInfo(version=v.version, state=_STATES[v.state], reason=v.reason)
+            pb.VersionInfo(
+                version=v.version, state=_STATES[v.state], reason=v.reason, weights=v.weights
+            )
             for v in versions
         ],
     )

@@ -62,13 +62,15 @@ def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
-        "model", "arch", "input", "classes", "version", "precision", "status"
+        "model", "arch", "input", "classes", "version", "precision", "weights", "status"
     ]  # fmt: skip
     rows = {line.split()[0]: line for line in lines[2:]}
     assert sorted(rows) == ["cifar", "resnet18", "resnet18_u8"]
     assert "uint8 NHWC 224" in rows["resnet18_u8"]
     assert all("verified" in row for row in rows.values())
     assert all(row.split()[7] == "fp32" for row in rows.values())
+    # the fixture's models have seeded random weights, and the listing says so
+    assert all("random (seed 0), untrained" in row for row in rows.values())
 
 
 def test_models_shows_failed_and_modified_versions(

@@ -6,6 +6,7 @@ typed (py.typed, the stubs' .pyi) and licensed; both distributions have one vers
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -66,8 +67,10 @@ def test_one_version_and_the_service_pins_its_sdk() -> None:
 
 
 def test_the_sdk_wheel_is_typed_and_licensed(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: setuptools leaves build/ beside what it builds
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path)]
-    subprocess.run([*command, str(CLIENT)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*command, str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("resnet_serve_client-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()

@@ -98,6 +98,7 @@ def test_metadata_matches_grpc(
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}],
+        "parameters": {"weights": "random (seed 0)"},
     }
     u8 = client.get_model_metadata("resnet18_u8", "1")
     assert u8["inputs"][0]["shape"] == [-1, 224, 224, 3]
@@ -369,3 +370,20 @@ def test_non_finite_inputs_are_computed_by_default(
     over_grpc = grpc_logits(grpc_client, "cifar", batch)
     assert over_http.shape == over_grpc.shape == (1, 10)
     np.testing.assert_array_equal(np.isnan(over_http), np.isnan(over_grpc))
+
+
+def test_random_weights_are_said_everywhere_a_user_looks(
+    client: httpclient.InferenceServerClient,
+    grpc_client: grpcclient.InferenceServerClient,
+    model_server: InProcessServer,
+) -> None:
+    """The fixture's models have seeded random weights: v2 metadata (HTTP), the model
+    configuration (both protocols) and the server's log say so."""
+    assert client.get_model_metadata("cifar")["parameters"] == {"weights": "random (seed 0)"}
+    config = client.get_model_config("cifar")
+    assert config["parameters"]["weights"] == {"string_value": "random (seed 0)"}
+    grpc_config = grpc_client.get_model_config("cifar").config
+    assert grpc_config.parameters["weights"].string_value == "random (seed 0)"
+    log = model_server.log()
+    assert "model cifar version 1 READY in" in log and "weights: random (seed 0)" in log
+    assert "model cifar version 1 has RANDOM weights (random (seed 0))" in log

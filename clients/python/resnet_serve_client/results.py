@@ -44,6 +44,13 @@ class VersionInfo:
     version: str
     state: ModelState
     reason: str
+    # where its weights came from: "random (seed N)" is an untrained model whose classes
+    # mean nothing; "torchvision <url>", a URL or a file; "" when the build did not say
+    weights: str = ""
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights.startswith("random")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,9 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         num_classes=message.num_classes,
         input=InputSpec(spec.name, spec.dtype, spec.layout, tuple(spec.shape)),
         max_batch_size=message.max_batch_size,
-        versions=tuple(VersionInfo(v.version, _state(v.state), v.reason) for v in message.versions),
+        versions=tuple(
+            VersionInfo(v.version, _state(v.state), v.reason, v.weights) for v in message.versions
+        ),
     )
 
 

@@ -105,6 +105,12 @@ def config_response(
                 )
             ],
             default_model_filename=MODEL_FILE,
+            # where the weights came from ("random (seed N)": an untrained model)
+            parameters=(
+                {"weights": mc.ModelParameter(string_value=served.weights)}
+                if served.weights
+                else {}
+            ),
             dynamic_batching=mc.ModelDynamicBatching(
                 preferred_batch_size=batching.preferred_batch_sizes,
                 max_queue_delay_microseconds=batching.max_queue_delay_us,
