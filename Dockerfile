@@ -61,7 +61,7 @@ COPY server/ server/
 # Install the builder; pack the service and the SDK as wheels for the runtime stages.
 # Local projects: their dependency ranges live in the two pyproject.toml files.
 # hadolint ignore=DL3013
-RUN pip install ./clients/python ".[builder]" \
+RUN pip install ./clients/python ".[builder,cpu]" \
     && pip wheel --no-deps --wheel-dir /wheels ./clients/python .
 
 # Export and verify. The build context is mounted (not copied) so that a checkpoint
@@ -94,13 +94,11 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The service's wheel asks for onnxruntime-gpu on Linux x86_64; a CPU-only image
-# swaps it for the CPU wheel of the same release (a tenth of the size).
+# The service's wheel names no ONNX Runtime (its cpu and gpu extras do); a CPU-only
+# image takes the CPU build (a tenth of the GPU wheel's size).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && pip install /wheels/*.whl \
-    && pip uninstall --yes onnxruntime-gpu \
-    && pip install "onnxruntime==${ORT_VERSION}" \
+    && pip install /wheels/*.whl "onnxruntime==${ORT_VERSION}" \
     && python -c "import onnxruntime, server.serve, resnet_serve_client"
 
 COPY --from=builder ${MODEL_REPO} /models

@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 MODEL  ?= resnet50
 
-.PHONY: venv run test lint protos bench clean deps-system
+.PHONY: venv run test lint protos bench clean deps-system gpu-check
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[builder,dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime-gpu 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[cpu,builder,dev]'
 	touch $@
 
 venv: $(STAMP)
@@ -44,6 +45,23 @@ deps-system:
 # bench/results/tmp/ on first use): JSON in bench/results/, report in docs/benchmarks.md.
 bench: $(STAMP) deps-system
 	$(BIN)/python -m bench run
+
+# The acceptance run on an NVIDIA GPU (bench/gpu_check.py): its own venv with the gpu extra
+# (CUDA, cuDNN and cuBLAS wheels; only the driver comes from the host), then builds, serves
+# with --device cuda, checks and measures. Exit 2 without a GPU. DEVICE=cpu: the small dry
+# run the test suite runs, in the ordinary venv.
+DEVICE ?= cuda
+GPU_VENV := .venv-gpu
+gpu-check:
+ifeq ($(DEVICE),cpu)
+	$(MAKE) venv
+	$(BIN)/python -m bench gpu_check --device cpu
+else
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -e ./clients/python -e '.[gpu,builder,dev]'
+	$(GPU_VENV)/bin/python -m bench gpu_check --device $(DEVICE)
+endif
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -6,6 +6,7 @@
 - ``python -m bench report RESULTS``: redraw the report from a saved run or sweep.
 - ``python -m bench precision``: int8 vs fp32 (`bench.precision`).
 - ``python -m bench spin``: ONNX Runtime's thread spinning, A/B in one process (`bench.spin`).
+- ``python -m bench gpu_check``: the acceptance run on an NVIDIA GPU (`bench.gpu_check`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import photos, precision, report, run, spin
+from bench import gpu_check, photos, precision, report, run, spin
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     precision.register(sub)
     spin.register(sub)
+    gpu_check.register(sub)
     return parser
 
 

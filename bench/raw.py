@@ -81,8 +81,13 @@ def random_batch(spec: InputSpec, batch: int, rng: np.random.Generator) -> np.nd
 class Raw:
     """One CPU session with ONNX Runtime's defaults, and random inputs per batch size."""
 
-    def __init__(self, model_file: Path, spec: InputSpec) -> None:
-        self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    def __init__(
+        self, model_file: Path, spec: InputSpec, providers: list[Any] | None = None
+    ) -> None:
+        """`providers`: ONNX Runtime's execution providers (default: the CPU alone)."""
+        self.session = ort.InferenceSession(
+            str(model_file), providers=providers or ["CPUExecutionProvider"]
+        )
         self.spec = spec
         self._rng = np.random.default_rng(0)
         self._feeds: dict[int, dict[str, np.ndarray]] = {}

@@ -17,7 +17,7 @@ from builder.precision import Precision
 from builder.registry import UnknownArchitectureError
 from builder.repository import RepositoryError, list_models
 from builder.tables import format_table
-from server.repository import flags
+from server.repository import ModelConfig, flags
 
 _DEFAULT_REPO = Path("models")
 
@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _missing_extra(exc: ImportError) -> int:
     print(
         f"error: this command needs the builder's dependencies ({exc.name} is not installed): "
-        "pip install 'resnet-serve[builder]'",
+        "pip install 'resnet-serve[builder,cpu]' (or [builder,gpu] on an NVIDIA GPU)",
         file=sys.stderr,
     )
     return 2
@@ -204,24 +204,53 @@ def _models(args: argparse.Namespace) -> int:
     if not entries:
         print(f"{args.repo}: no models")
         return 0
-    rows = [("model", "arch", "input", "classes", "version", "precision", "weights", "status")]
+    # Instances as config.json asks for them; the provider each runs on is the server's choice
+    # at start-up (--device), shown by GetModel, v2 ModelConfig and its /metrics.
+    rows = [
+        ("model", "arch", "input", "classes", "instances", "version", "precision", "weights",
+         "status", "serves")
+    ]  # fmt: skip
     for entry in entries:
         if entry.config is None:
             error = f"invalid config.json: {entry.config_error}"
-            rows.append((entry.name, "-", "-", "-", "-", "-", "-", error))
+            rows.append((entry.name, "-", "-", "-", "-", "-", "-", "-", error, "no"))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
-        model = (entry.name, entry.config.arch, shape, str(entry.config.num_classes))
+        model = (
+            entry.name,
+            entry.config.arch,
+            shape,
+            str(entry.config.num_classes),
+            _instances(entry.config),
+        )
         for status in entry.versions:
             detail = f" ({status.detail})" if status.detail else ""
+            why = entry.why_not_served(status)
+            serves = f"no: {why}" if why else "yes"
             weights = status.weights or "-"
             if status.record is not None and status.record.random_weights:
                 weights += ", untrained"
             rows.append(
-                (*model, str(status.version), status.precision, weights, status.status + detail)
-            )
+                (*model, str(status.version), status.precision, weights,
+                 status.status + detail, serves)
+            )  # fmt: skip
         if not entry.versions:
-            rows.append((*model, "-", "-", "-", "no versions"))
+            rows.append((*model, "-", "-", "-", "no versions", "no"))
     print(format_table(rows))
     return 0
+
+
+def _instances(config: ModelConfig) -> str:
+    """config.json's instance count and the GPU options it asks for, e.g. ``2 (tensorrt fp16)``."""
+    gpu = []
+    if config.optimization.tensorrt is not None:
+        gpu.append(f"tensorrt {config.optimization.tensorrt.precision}")
+    if config.optimization.cuda.graphs:
+        gpu.append("cuda graphs")
+    buckets = config.batch_buckets()
+    if buckets:
+        gpu.append("buckets " + ",".join(map(str, buckets)))
+    if config.optimization.cuda.use_tf32:
+        gpu.append("tf32")
+    return str(config.instances.count) + (f" ({'; '.join(gpu)})" if gpu else "")

@@ -25,6 +25,7 @@ from server.repository import (
     VersionCheck,
     check_version,
     labels_text,
+    model_dirs,
     version_dirs,
     versions,
 )
@@ -162,6 +163,16 @@ class ModelEntry:
     versions: list[VersionCheck]
     config: ModelConfig | None  # None when config.json does not parse
     config_error: str = ""
+    # the versions a server would serve: chosen by the version policy and passing the check
+    serving: tuple[int, ...] = ()
+
+    def why_not_served(self, check: VersionCheck) -> str:
+        """Empty when `check`'s version would serve, else why not (its status, or the policy)."""
+        if check.version in self.serving:
+            return ""
+        if not check.servable or self.config is None:
+            return check.status
+        return self.config.version_policy.excluded()
 
 
 def list_models(repo: Path) -> list[ModelEntry]:
@@ -169,7 +180,7 @@ def list_models(repo: Path) -> list[ModelEntry]:
     entries = []
     if not repo.is_dir():
         raise RepositoryError(f"model repository {repo} does not exist")
-    for model_dir in sorted(p for p in repo.iterdir() if (p / CONFIG_FILE).is_file()):
+    for model_dir in [p for p in model_dirs(repo) if (p / CONFIG_FILE).is_file()]:
         statuses = [check_version(version_dir) for version_dir in version_dirs(model_dir)]
         try:
             config = ModelConfig.load(model_dir)
@@ -177,5 +188,8 @@ def list_models(repo: Path) -> list[ModelEntry]:
             first_line = str(exc).splitlines()[0]
             entries.append(ModelEntry(model_dir.name, statuses, None, first_line))
             continue
-        entries.append(ModelEntry(model_dir.name, statuses, config))
+        servable = {status.version for status in statuses if status.servable}
+        chosen = config.version_policy.select([s.version for s in statuses], servable.__contains__)
+        serving = tuple(v for v in chosen if v in servable)
+        entries.append(ModelEntry(model_dir.name, statuses, config, serving=serving))
     return entries

@@ -6,6 +6,9 @@ and loads and warms every model in the background: SERVING per model name once
 it is ready, and overall ("") once loading is done and a model is ready. It
 returns a `Running` handle; a test starts a server in-process with it.
 
+After loading, `server.lifecycle` keeps the models in line with the repository as
+``--model-control-mode`` says (poll: a background task that `Running.drain` stops).
+
 `Running.drain()`: health NOT_SERVING for all, new calls UNAVAILABLE (answered
 by the interceptor while the port stays open, so balancers and clients see a
 status they retry elsewhere, not a cancelled call), open streams stop reading
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -39,11 +42,12 @@ from prometheus_client import disable_created_metrics
 
 from server import reflection_pool, tls
 from server.auth import AuthInterceptor, load_tokens
-from server.config import Settings
+from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
 from server.interceptors import Calls, ErrorInterceptor
+from server.lifecycle import NOT_SERVING, OVERALL, ModelLifecycle
 from server.metrics import Metrics
-from server.models import Model, ModelRegistry
+from server.models import ModelRegistry
 from server.preprocess import Preprocessor
 from server.protocols import v1
 from server.protocols.http import HttpServer
@@ -54,10 +58,6 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[grpc.aio.Server, ServingContext], str]
 
 SERVICES: tuple[Registrar, ...] = (v1.add_to_server, v2.add_to_server)
-
-OVERALL = ""
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class StartupError(Exception):
@@ -97,8 +97,9 @@ async def start(settings: Settings) -> Running:
     metrics_address = host_port(settings.metrics_host, http.server_port)
     preprocessor = Preprocessor(settings)
     health = health_aio.HealthServicer()
-    ctx = ServingContext(settings, registry, preprocessor, metrics, health)
-    calls = Calls()
+    lifecycle = ModelLifecycle(settings, registry, health)
+    ctx = ServingContext(settings, registry, preprocessor, metrics, health, lifecycle)
+    calls = Calls(settings.max_concurrent_calls)
     auth = AuthInterceptor(tokens) if tokens else None
     server = grpc.aio.server(
         interceptors=[
@@ -110,6 +111,8 @@ async def start(settings: Settings) -> Running:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            *settings.grpc_connection_options(),
         ],
     )
     names = [register(server, ctx) for register in SERVICES]
@@ -158,6 +161,14 @@ async def start(settings: Settings) -> Running:
         "gRPC and HTTP ports: %s, %s", tls.describe(settings),
         f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
     )  # fmt: skip
+    quota = cgroup_cpu_limit()
+    log.info(
+        "CPU: %d usable core(s)%s, %d decode worker(s)", available_cores(),
+        "" if quota is None else f" (cgroup CPU quota {quota:g})", settings.decode_threads(),
+    )  # fmt: skip
+    if settings.model_control_mode == "explicit" and not tokens:
+        log.warning("model control is explicit and the ports take no bearer token: "
+                    "anyone who reaches them can load and unload models")  # fmt: skip
     return Running(settings, ctx, server, calls, http, port, rest, http_port)
 
 
@@ -185,6 +196,7 @@ class Running:
         self.http_port = http_port  # None: no HTTP port
         self._ctx, self._server, self._calls, self._http = ctx, server, calls, http
         self._rest = rest
+        self._loaded = False
         self._loading = asyncio.ensure_future(self._load())
         self._draining: asyncio.Future[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -200,13 +212,19 @@ class Running:
 
     def ready(self) -> bool:
         """True once loading is done and a model is ready (health "" says SERVING)."""
-        return self._ctx.loaded.is_set()
+        return self._loaded and bool(self._ctx.lifecycle.serving())
 
     async def wait_loaded(self) -> bool:
         """Until every model has been loaded or refused (or the drain cut loading short);
         then `ready()`."""
         await asyncio.gather(asyncio.shield(self._loading), return_exceptions=True)
         return self.ready()
+
+    def load_error(self) -> BaseException | None:
+        """What ended loading (`DeviceUnavailable`: ``--device cuda`` and a model that cannot
+        run on the GPU), or None."""
+        loading = self._loading
+        return loading.exception() if loading.done() and not loading.cancelled() else None
 
     async def drain(self) -> None:
         """Stop taking calls, answer the accepted ones within the grace period, close the
@@ -228,6 +246,7 @@ class Running:
         grace_ends = loop.time() + settings.grace_period
         ctx.draining.begin()
         await ctx.health.enter_graceful_shutdown()
+        await ctx.lifecycle.stop()
         self._loading.cancel()
         await asyncio.gather(self._loading, return_exceptions=True)
         try:
@@ -250,30 +269,34 @@ class Running:
         self._http.server_close()
 
     async def _load(self) -> None:
-        registry, health = self._ctx.registry, self._ctx.health
-
-        async def ready(model: Model) -> None:
-            await health.set(model.name, SERVING)
-
-        await registry.load_all(ready)
-        ready_models = [m.name for m in registry.models() if m.latest_ready() is not None]
-        if ready_models:
-            await health.set(OVERALL, SERVING)
-            self._ctx.loaded.set()
+        lifecycle = self._ctx.lifecycle
+        await lifecycle.load_all()  # health per model as each is ready, then overall
+        self._loaded = True
+        if ready_models := lifecycle.serving():
             log.info("SERVING: %s", ", ".join(ready_models))
         else:
-            log.error("no model could be loaded from %s; health stays NOT_SERVING",
+            log.error("no model could be loaded from %s; health is NOT_SERVING",
                       self.settings.repo)  # fmt: skip
+        lifecycle.start_polling()
 
 
 async def run(settings: Settings) -> int:
-    """The serving process: start, serve until SIGTERM or SIGINT, drain, stop; exit code 0."""
+    """The serving process: start, serve until SIGTERM or SIGINT, drain, stop; exit code 0.
+    Raises `StartupError` when loading fails as a whole (``--device cuda`` off the GPU)."""
     running = await start(settings)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, signalled, settings.grace_period)
-    await signalled.wait()
+    loaded = asyncio.ensure_future(running.wait_loaded())
+    signal_wait = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait({loaded, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
+    error = running.load_error()
+    if error is not None:  # nothing was served: stop at once, exit non-zero with why
+        signal_wait.cancel()
+        await running.stop()
+        raise StartupError(str(error))
+    await signal_wait
     await running.stop()
     log.info("exiting")
     return 0

@@ -10,11 +10,12 @@ from there to the constructors that need it.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,12 +24,81 @@ from server.repository import flags
 ENV_PREFIX = "RESNET_SERVE_"
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS says)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _read(path: Path) -> str | None:
     try:
-        return len(os.sched_getaffinity(0))
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _v2_quota(directory: Path) -> float | None:
+    """CPUs allowed by ``cpu.max`` ("<quota> <period>" or "max <period>") in `directory`."""
+    text = _read(directory / "cpu.max")
+    if text is None:
+        return None
+    quota, _, period = text.partition(" ")
+    try:
+        return None if quota == "max" else int(quota) / int(period or 100_000)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(root: Path) -> float | None:
+    """CPUs allowed by cgroup v1's CFS quota (``cpu.cfs_quota_us`` -1: none)."""
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        quota, period = (_read(root / controller / f"cpu.cfs_{f}_us") for f in ("quota", "period"))
+        if quota is None or period is None:
+            continue
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            return None
+        return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """The CPUs this process's cgroup quota allows (4.0 for a pod with ``limits.cpu: 4``), or
+    None without a quota.
+
+    cgroup v2: the smallest ``cpu.max`` from the process's own cgroup (``/proc/self/cgroup``,
+    ``0::/path``) up to `root`; inside a container `root` is that cgroup itself. cgroup v1:
+    ``cpu.cfs_quota_us / cpu.cfs_period_us`` of the ``cpu`` controller mounted under `root`.
+    """
+    own = root
+    for line in (_read(proc_cgroup) or "").splitlines():
+        if line.startswith("0::"):
+            candidate = root / line[3:].lstrip("/")
+            if candidate.is_dir():
+                own = candidate
+    limits = []
+    directory = own
+    while True:
+        if (quota := _v2_quota(directory)) is not None:
+            limits.append(quota)
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    if limits:
+        return min(limits)
+    return _v1_quota(root)
+
+
+def available_cores(cgroup: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
+    """CPU cores this process may use: those it may run on (affinity), capped by the cgroup
+    CPU quota (rounded down, at least 1), so a 4-CPU pod on a 64-core node counts 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(cgroup, proc_cgroup)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return cores
 
 
 class Settings(BaseSettings):
@@ -61,10 +131,24 @@ class Settings(BaseSettings):
         "kNextPowerOfTwo", description="how the CUDA memory arena grows"
     )
     cuda_mem_limit: int | None = Field(
-        None, gt=0, description="CUDA arena limit in bytes per session; unset: no limit"
+        None,
+        gt=0,
+        description="CUDA arena limit in bytes per session; unset: 0.8 of the GPU's memory "
+        "divided between every session the repository's config.json files ask for",
     )
     io_binding: bool = Field(
         True, description="bind inputs/outputs with ONNX Runtime I/O binding on CUDA"
+    )
+    pinned_memory: bool = Field(
+        True,
+        description="with io_binding: stage each batch in page-locked host memory, reused "
+        "per batch shape, for a faster copy to the GPU; off: ONNX Runtime copies from the "
+        "batch's own (pageable) memory (bind_cpu_input)",
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None,
+        description="where TensorRT engines are cached for models whose config.json opts in "
+        "to TensorRT; unset: resnet-serve-tensorrt in the system's temporary directory",
     )
 
     # CPU threads
@@ -74,7 +158,8 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(
         None,
         ge=1,
-        description="ONNX Runtime threads per session; unset: config.json, else cores / instances",
+        description="ONNX Runtime threads per session; unset: config.json, else cores / "
+        "instances, cores capped by the container's cgroup CPU quota",
     )
     allow_spinning: bool = Field(
         True,
@@ -87,7 +172,7 @@ class Settings(BaseSettings):
         "stay hot inside a run and sleep between requests; 0: ONNX Runtime's own default",
     )
     decode_workers: int | None = Field(
-        None, ge=1, description="image decode threads; unset: one per core"
+        None, ge=1, description="image decode threads; unset: one per core (cgroup quota aware)"
     )
 
     # limits
@@ -96,7 +181,25 @@ class Settings(BaseSettings):
         40_000_000, gt=0, description="decoded pixels per image (width x height), from the header"
     )
     max_images_per_request: int = Field(64, gt=0, description="images in one request")
-    max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size, both directions")
+    max_message_bytes: int = Field(
+        40 << 20,
+        gt=0,
+        description="gRPC message size, both directions: 40 MiB holds the largest request the "
+        "other limits allow, 64 float32 224x224 images as a tensor (36.75 MiB), with room to "
+        "spare; raise it with max_images_per_request or larger inputs (an HTTP body too)",
+    )
+    max_concurrent_calls: int = Field(
+        512,
+        gt=0,
+        description="calls being answered at once, server-wide (an open stream is one call; "
+        "probes are not counted); more are answered RESOURCE_EXHAUSTED at once",
+    )
+    max_streams_per_connection: int = Field(
+        128,
+        gt=0,
+        description="HTTP/2 streams (calls) one client connection may have open at once; a "
+        "client's further calls wait on its side until one ends",
+    )
     reject_non_finite: bool = Field(
         False,
         description="refuse float tensors holding NaN or Inf with INVALID_ARGUMENT; off: "
@@ -109,9 +212,46 @@ class Settings(BaseSettings):
         "with RESOURCE_EXHAUSTED at once (at least max_images_per_request)",
     )
 
+    default_timeout: float = Field(
+        60.0, gt=0, description="seconds a call that carries no deadline may take (each message "
+        "of a stream without one); then DEADLINE_EXCEEDED, so nothing waits forever",
+    )
+
+    # connections (HTTP/2 keepalive and connection age)
+    keepalive_time: float = Field(
+        60.0, gt=0, description="seconds a connection may be quiet before the server pings the "
+        "client to see it is still there",
+    )
+    keepalive_timeout: float = Field(
+        20.0, gt=0, description="seconds to wait for the answer to that ping before the "
+        "connection is closed and its calls cancelled (a dead peer)",
+    )
+    min_ping_interval: float = Field(
+        10.0, gt=0, description="the shortest interval at which a client may ping, with or "
+        "without calls (the SDK pings every 60 s; more often gets GOAWAY too_many_pings)",
+    )
+    max_connection_age: float = Field(
+        600.0, ge=0, description="seconds after which a connection is asked to close (GOAWAY), "
+        "so clients behind an L4 load balancer reconnect and spread onto new replicas; 0: never",
+    )
+    max_connection_age_grace: float = Field(
+        60.0, ge=0, description="seconds the calls of a connection asked to close may still "
+        "take before they are cancelled",
+    )
+
     # lifecycle and observability
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: the models found at start serve until exit; poll: the repository "
+        "is rescanned every repository_poll_secs and new, removed and changed versions load "
+        "and unload without a restart; explicit: v2 RepositoryModelLoad and "
+        "RepositoryModelUnload load and unload models (behind the bearer token)",
+    )
+    repository_poll_secs: float = Field(
+        15.0, gt=0, description="seconds between rescans of the repository in poll mode"
     )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
@@ -135,6 +275,22 @@ class Settings(BaseSettings):
         None, description="file of accepted bearer tokens, one per line (# starts a comment)"
     )
 
+    @field_validator("port", "metrics_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: object, info: ValidationInfo) -> object:
+        """A Kubernetes Service named ``resnet-serve`` makes the kubelet inject
+        ``RESNET_SERVE_PORT=tcp://<cluster-ip>:8001`` into every pod of its namespace (and
+        ``resnet-serve-metrics`` would inject ``RESNET_SERVE_METRICS_PORT``): say so, rather
+        than a bare "not an integer"."""
+        if isinstance(value, str) and "://" in value:
+            name = env_var(info.field_name or "port")
+            raise ValueError(
+                f"{value!r} is not a port number; it looks like the service link a Kubernetes "
+                f"Service injects as {name}. Set enableServiceLinks: false in the pod spec, "
+                f"or {name} to the port number"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_decode_backlog < self.max_images_per_request:
@@ -149,12 +305,35 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         return self
 
+    def grpc_connection_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options for keepalive and connection age (milliseconds)."""
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        options = [
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_age:
+            options += [
+                ("grpc.max_connection_age_ms", ms(self.max_connection_age)),
+                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace)),
+            ]
+        return options
+
     def instances_for(self, configured: int) -> int:
         """Sessions per model version: flag/env, else the `configured` count of config.json."""
         return self.instances or configured
 
-    def threads_per_session(self, instances: int, configured: int | None) -> int:
-        """Intra-op threads for one session: flag/env, then config.json, then cores / instances.
+    def threads_per_session(
+        self, instances: int, configured: int | None, cores: int | None = None
+    ) -> int:
+        """Intra-op threads for one session: flag/env, then config.json, then cores / instances
+        (`cores`: `available_cores()`, the cgroup CPU quota where there is one).
 
         cores / instances keeps a model's sessions from competing for cores with each
         other. The decode workers share those cores too, which is why an idle ONNX
@@ -166,10 +345,11 @@ class Settings(BaseSettings):
             return self.intra_op_threads
         if configured is not None:
             return configured
-        return max(1, available_cores() // instances)
+        return max(1, (cores or available_cores()) // instances)
 
-    def decode_threads(self) -> int:
-        return self.decode_workers or available_cores()
+    def decode_threads(self, cores: int | None = None) -> int:
+        """Decode workers: flag/env, else one per usable core (`available_cores()`)."""
+        return self.decode_workers or cores or available_cores()
 
 
 def env_var(field: str) -> str:

@@ -50,6 +50,16 @@ class Unauthenticated(ServeError):
     """The call carries no bearer token, or one the server does not accept."""
 
 
+class NotOffered(ServeError):
+    """A call this server does not offer as configured (e.g. model load and unload with
+    ``--model-control-mode none``); the message says how to turn it on."""
+
+
+class ControlRefused(ServeError):
+    """A model load or unload that cannot be done: the model control mode does not allow it,
+    or the version asked for cannot be loaded (the message says which and why)."""
+
+
 _CODES: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -58,6 +68,8 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ControlRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    NotOffered: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 # gRPC's retry policy waits exactly this long before its next attempt (gRFC A6).

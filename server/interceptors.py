@@ -4,7 +4,8 @@ Domain errors (`server.errors`) keep their message; anything else is logged
 with its traceback and the caller gets INTERNAL with a generic message. While
 the server drains, new calls other than probes (`server.handlers.PROBES`) get
 UNAVAILABLE, and `Calls` counts the ones still being answered so shutdown can
-wait for them.
+wait for them; beyond ``max_concurrent_calls`` of them a new call is answered
+RESOURCE_EXHAUSTED at once (probes are never refused).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import grpc
 
 from server.drain import Drain
-from server.errors import Draining, to_status, to_trailers
+from server.errors import Draining, QueueFull, to_status, to_trailers
 from server.handlers import HandlerInterceptor, behavior, is_probe, replace_behavior
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ def _guard_streaming(
 
 
 class Calls:
-    """Calls being answered, gRPC and HTTP (probes and refusals excluded)."""
+    """Calls being answered, gRPC and HTTP (probes and refusals excluded), at most `limit`
+    at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -103,6 +106,11 @@ class Calls:
             self._exit()
 
     def _enter(self) -> None:
+        if self.limit is not None and self.active >= self.limit:
+            raise QueueFull(
+                f"the server is answering {self.active} calls, its limit "
+                f"(max_concurrent_calls {self.limit}); retry later or on another instance"
+            )
         self.active += 1
         self._idle.clear()
 

@@ -3,7 +3,10 @@
 All families live on one `CollectorRegistry` owned by a `Metrics` object, so
 several servers can run in one process (tests) without clashing. Labels:
 ``model`` and ``version`` everywhere, ``code`` (gRPC status name) on
-``resnet_serve_requests_total``.
+``resnet_serve_requests_total``, ``instance`` and ``provider`` on
+``resnet_serve_execution_provider``. A version that is unloaded for good loses its series
+(`Metrics.forget`), so versions that come and go leave no stale ones behind; the counts
+of loads and unloads stay.
 """
 
 from __future__ import annotations
@@ -107,6 +110,38 @@ class Metrics:
             "Time to load and warm up a model version.",
             _MV, registry=r,
         )  # fmt: skip
+        self.execution_provider = Gauge(
+            "resnet_serve_execution_provider",
+            "1 for the ONNX Runtime execution provider each instance (session) of a READY "
+            "model version runs on.",
+            (*_MV, "instance", "provider"), registry=r,
+        )  # fmt: skip
+        self.loads = Counter(
+            "resnet_serve_model_loads",
+            "Loads of a model version by outcome (ok, failed).",
+            (*_MV, "outcome"), registry=r,
+        )  # fmt: skip
+        self.unloads = Counter(
+            "resnet_serve_model_unloads",
+            "Unloads of a model version by reason (removed, policy, request).",
+            (*_MV, "reason"), registry=r,
+        )  # fmt: skip
+        # the families whose series belong to one loaded version, with their label names
+        self._per_version = (
+            (self.request_duration, _MV),
+            (self.queue_duration, _MV),
+            (self.preprocess_duration, _MV),
+            (self.inference_duration, _MV),
+            (self.batch_size, _MV),
+            (self.requests, (*_MV, "code")),
+            (self.images, _MV),
+            (self.request_seconds, (*_MV, "outcome")),
+            (self.last_success, _MV),
+            (self.queue_depth, _MV),
+            (self.inflight, _MV),
+            (self.load_seconds, _MV),
+            (self.execution_provider, (*_MV, "instance", "provider")),
+        )
         self.build = Info(
             "resnet_serve_build", "Versions of the server and its runtime.", registry=r
         )
@@ -150,6 +185,18 @@ class Metrics:
             if code == "OK":
                 self.images.labels(*labels).inc(images)
                 self.last_success.labels(*labels).set_to_current_time()
+
+    def forget(self, model: str, version: str) -> None:
+        """Remove every series of the version (it was unloaded and is not serving)."""
+        for family, names in self._per_version:
+            found = {
+                tuple(sample.labels[n] for n in names)
+                for metric in family.collect()
+                for sample in metric.samples
+                if sample.labels.get("model") == model and sample.labels.get("version") == version
+            }
+            for values in found:
+                family.remove(*values)
 
     def serve(self, host: str, port: int) -> WSGIServer:
         """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop.

@@ -3,7 +3,8 @@
 Internal API (used by every servicer)::
 
     registry = ModelRegistry(settings, metrics)
-    await registry.load_all(on_ready)          # verify, open sessions, warm up
+    registry.scan()                            # configs and version directories
+    await registry.load_version(mv, "at start-up")   # verify, open sessions, warm up
     registry.model("resnet18")                 # the Model, all versions, any state
     model = registry.get("resnet18")           # latest READY version, or
     model = registry.get("resnet18", "1")      # that version; raises ModelNotFound /
@@ -21,15 +22,30 @@ A version is served only if `server.repository.check_version` says so
 (``verification.json`` exists, says ``"passed": true`` and its ``sha256``
 matches ``model.onnx``); otherwise it is UNAVAILABLE with the reason logged in
 one line, and the others still serve.
+
+Where each version runs: every instance's provider is recorded (`ModelVersion.providers`,
+the metric ``resnet_serve_execution_provider``). A version's instances all run on the
+GPU or all on the CPU. With ``--device auto`` a version whose sessions or warm-up fail
+on the GPU is reopened on the CPU, and the log says why; with ``--device cuda`` that is
+`DeviceUnavailable`, which ends loading and so the server's start. A session that
+leaves the GPU while serving (`ProviderLost`) makes its version UNAVAILABLE.
+
+Which versions are loaded, and when, is decided by `server.lifecycle` (version policy,
+repository polling, explicit load and unload); here are the steps it takes:
+`load_version` (LOADING → READY or UNAVAILABLE) and `unload_version` (UNLOADING: no new
+requests, the ones holding the version finish, then the batcher closes). A request
+holds the version it was given from lookup to answer (`ModelVersion.hold`), so an
+unload never fails a request that was already let in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +55,27 @@ from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.metrics import Metrics
-from server.repository import MODEL_FILE, ModelConfig, check_version, read_labels, version_dirs
-from server.sessions import Runner, graph_feed_dtype, open_session
+from server.repository import (
+    MODEL_FILE,
+    InputSpec,
+    ModelConfig,
+    check_version,
+    model_dirs,
+    read_labels,
+    version_dirs,
+)
+from server.sessions import (
+    CPU,
+    DeviceUnavailable,
+    Opened,
+    ProviderLost,
+    Runner,
+    cuda_driver_present,
+    cuda_total_memory,
+    gpu_mem_limit,
+    graph_feed_dtype,
+    open_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +83,7 @@ log = logging.getLogger(__name__)
 class State(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
+    UNLOADING = "UNLOADING"  # no new requests; those holding it finish, then it closes
     UNAVAILABLE = "UNAVAILABLE"
 
 
@@ -67,36 +103,82 @@ class ModelVersion:
     path: Path
     state: State = State.LOADING
     reason: str = ""
-    provider: str = ""
+    providers: tuple[str, ...] = ()  # each instance's execution provider, once READY
     batcher: Batcher | None = None
     weights: str = ""  # where the weights came from, as the build recorded it
     random_weights: bool = False  # seeded random weights: an untrained model
+    on_lost: Callable[[ModelVersion, ProviderLost], None] | None = field(
+        default=None, repr=False
+    )
+
+    @property
+    def provider(self) -> str:
+        """The provider of the version's instances ("" before READY); they all share one."""
+        return self.providers[0] if self.providers else ""
+    _holders: int = field(default=0, init=False, repr=False)
+    _released: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     @property
     def input_dtype(self) -> np.dtype:
         return np.dtype(self.config.input.dtype)
 
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[ModelVersion]:
+        """Keep the version open while a request that looked it up is being answered."""
+        self._holders += 1
+        try:
+            yield self
+        finally:
+            self._holders -= 1
+            if self._holders == 0 and self._released is not None:
+                self._released.set()
+
+    async def released(self, timeout: float) -> bool:
+        """Wait until no request holds the version (at most `timeout` s); False if some do."""
+        if self._holders == 0:
+            return True
+        self._released = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._released.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def infer(
         self, batch: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray:
         """Logits for `batch` (see the module docstring); deadline is `time.monotonic()`."""
-        if self.state is not State.READY or self.batcher is None:
+        # UNLOADING: a request let in before the unload began still gets its answer
+        if self.state not in (State.READY, State.UNLOADING) or self.batcher is None:
             raise ModelNotReady(f"model {self.name} version {self.version} is {self.state.value}")
         self.check_input(batch)
-        return await self.batcher.submit(batch, deadline=deadline, request_id=request_id)
+        try:
+            return await self.batcher.submit(batch, deadline=deadline, request_id=request_id)
+        except ProviderLost as exc:
+            if self.on_lost is not None:
+                self.on_lost(self, exc)
+            raise ModelNotReady(
+                f"model {self.name} version {self.version} is {self.state.value}: {self.reason}"
+            ) from exc
 
     def check_input(self, batch: np.ndarray) -> None:
         spec = self.config.input
-        expected = spec.shape()
         if batch.dtype != self.input_dtype:
             raise InvalidInput(
                 f"model {self.name} takes {spec.dtype} input, got {batch.dtype.name}"
             )
-        if batch.ndim != 4 or list(batch.shape[1:]) != expected[1:] or len(batch) == 0:
-            raise InvalidInput(
-                f"model {self.name} takes input of shape {expected} ({spec.layout}, "
-                f"batch >= 1), got {list(batch.shape)}"
-            )
+        check_batch_shape(self.name, spec, batch.shape)
+
+
+def check_batch_shape(model: str, spec: InputSpec, shape: Sequence[int]) -> None:
+    """A batch of the graph's input: [N, *the model's dimensions] with N >= 1 (checked by the
+    protocols on a declared shape before they read any data, and on every batch here)."""
+    expected = spec.shape()
+    if len(shape) != 4 or list(shape[1:]) != expected[1:] or shape[0] < 1:
+        raise InvalidInput(
+            f"model {model} takes input of shape {expected} ({spec.layout}, "
+            f"batch >= 1), got {list(shape)}"
+        )
 
 
 @dataclass(eq=False)
@@ -121,10 +203,26 @@ class Model:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        opener: Callable[..., Opened] = open_session,
+        gpu_memory: Callable[[int], int | None] | None = None,
+    ) -> None:
+        """`opener` opens one session (`server.sessions.open_session`'s signature) and
+        `gpu_memory(device_id)` says how many bytes a GPU has: both are injected in tests."""
         self._settings = settings
         self._metrics = metrics
         self._models: dict[str, Model] = {}
+        self._opener = opener
+        self._gpu_memory = gpu_memory or _gpu_memory_if_driver
+        self._mem_limit: int | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
 
     def models(self) -> list[Model]:
         return sorted(self._models.values(), key=lambda m: m.name)
@@ -136,6 +234,9 @@ class ModelRegistry:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"unknown model {name!r}; models: {known}")
         return model
+
+    def find(self, name: str) -> Model | None:
+        return self._models.get(name)
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """A READY version: `version`, or the latest READY one when empty."""
@@ -156,7 +257,7 @@ class ModelRegistry:
         repo = self._settings.repo
         if not repo.is_dir():
             raise FileNotFoundError(f"model repository {repo} is not a directory")
-        for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
+        for model_dir in model_dirs(repo):
             try:
                 config = ModelConfig.load(model_dir)
                 labels = read_labels(model_dir, config)
@@ -170,19 +271,68 @@ class ModelRegistry:
                 )
             self._models[model.name] = model
 
-    async def load_all(self, on_ready: Callable[[Model], Awaitable[None]]) -> None:
-        """Load every version; `on_ready(model)` once a model has its first READY version."""
-        for model in self.models():
-            for version in model.versions.values():
-                await self._load(version)
-            if model.latest_ready() is not None:
-                await on_ready(model)
+    def session_mem_limit(self) -> int | None:
+        """Each GPU session's arena limit: its share of the GPU among every session the
+        repository asks for (each version of each model, times its instances)."""
+        if self._settings.device == "cpu" or self._settings.cuda_mem_limit is not None:
+            return None
+        sessions = sum(
+            len(model.versions) * self._settings.instances_for(model.config.instances.count)
+            for model in self.models()
+        )
+        return gpu_mem_limit(self._gpu_memory(self._settings.cuda_device_id), sessions)
+
+    async def plan_gpu_memory(self) -> None:
+        """Size each GPU session's arena for the models found at start; call before loading.
+
+        Loading raises `DeviceUnavailable` (``--device cuda`` and a version cannot run on
+        the GPU)."""
+        self._mem_limit = await asyncio.to_thread(self.session_mem_limit)
+
+    def add(self, model: Model) -> None:
+        self._models[model.name] = model
+
+    def remove(self, name: str) -> None:
+        self._models.pop(name, None)
 
     async def close(self) -> None:
-        for model in self._models.values():
-            for version in model.versions.values():
+        for model in list(self._models.values()):
+            for version in list(model.versions.values()):
                 if version.batcher is not None:
                     await version.batcher.close()
+
+    async def load_version(self, mv: ModelVersion, reason: str) -> bool:
+        """Load, check and warm `mv` (state LOADING meanwhile), logging why; True if READY."""
+        log.info("loading model %s version %s: %s", mv.name, mv.version, reason)
+        mv.state, mv.reason = State.LOADING, ""
+        await self._load(mv)
+        ready = mv.state is State.READY
+        self._metrics.loads.labels(mv.name, mv.version, "ok" if ready else "failed").inc()
+        return ready
+
+    async def unload_version(self, mv: ModelVersion, reason: str, kind: str) -> None:
+        """Stop giving `mv` to new requests, let the ones holding it finish (at most the
+        grace period), close its batcher, forget its metrics. `reason` is what listings show
+        and the log says; `kind` (removed, policy, request) labels the unloads counter."""
+        started = time.monotonic()
+        was_serving = mv.batcher is not None
+        mv.state, mv.reason = State.UNLOADING, reason
+        if not await mv.released(self._settings.grace_period):
+            log.warning(
+                "model %s version %s: requests still running after %.0f s; unloading anyway",
+                mv.name, mv.version, self._settings.grace_period,
+            )  # fmt: skip
+        batcher, mv.batcher = mv.batcher, None
+        if batcher is not None:
+            await batcher.close()
+        mv.state = State.UNAVAILABLE
+        if was_serving:
+            self._metrics.unloads.labels(mv.name, mv.version, kind).inc()
+            self._metrics.forget(mv.name, mv.version)
+            log.info(
+                "model %s version %s unloaded in %.1f s: %s",
+                mv.name, mv.version, time.monotonic() - started, reason,
+            )  # fmt: skip
 
     async def _load(self, mv: ModelVersion) -> None:
         started = time.monotonic()
@@ -193,12 +343,22 @@ class ModelRegistry:
                 raise LoadError(check.reason)
             mv.weights = check.weights
             mv.random_weights = check.record is not None and check.record.random_weights
-            runners = await asyncio.to_thread(self._open_runners, mv)
-            batcher = Batcher(mv.name, mv.version, runners, mv.config.batching, self._metrics)
-            batcher.start()
-            sizes = warmup_sizes(mv)
-            for size in sizes:
-                await batcher.run_direct(np.zeros(mv.config.input.shape(size), mv.input_dtype))
+            runners = await asyncio.to_thread(self._open_runners, mv, self._settings)
+            try:
+                batcher, sizes = await self._start(mv, runners)
+            except Exception as exc:
+                if runners[0].provider == CPU:
+                    raise
+                why = f"warm-up on {runners[0].provider} failed: {_one_line(exc)}"
+                if self._settings.device == "cuda":
+                    raise DeviceUnavailable(f"--device cuda, but {why}") from exc
+                log.warning("model %s version %s: %s; reopening it on the CPU",
+                            mv.name, mv.version, why)  # fmt: skip
+                cpu = self._settings.model_copy(update={"device": "cpu"})
+                runners = await asyncio.to_thread(self._open_runners, mv, cpu)
+                batcher, sizes = await self._start(mv, runners)
+        except DeviceUnavailable:
+            raise
         # Whatever the reason (ONNX Runtime's own exceptions are not RuntimeErrors), one
         # version that cannot load is refused and logged; the others still load.
         except Exception as exc:
@@ -211,13 +371,19 @@ class ModelRegistry:
             if batcher is not None:  # warm-up failed: stop its scheduler and threads
                 await batcher.close()
             return
-        mv.batcher, mv.provider, mv.state = batcher, runners[0].provider, State.READY
+        mv.batcher, mv.state = batcher, State.READY
+        mv.providers = tuple(r.provider for r in runners)
+        mv.on_lost = self._provider_lost
+        for runner in runners:
+            self._metrics.execution_provider.labels(
+                mv.name, mv.version, str(runner.instance), runner.provider
+            ).set(1)
         seconds = time.monotonic() - started
         self._metrics.load_seconds.labels(mv.name, mv.version).set(seconds)
         log.info(
             "model %s version %s READY in %.1f s: %d instance(s) on %s, warmed at batch sizes %s, "
             "weights: %s",
-            mv.name, mv.version, seconds, len(runners), mv.provider, list(sizes),
+            mv.name, mv.version, seconds, len(runners), mv.provider, _ranges(sizes),
             mv.weights or "not recorded",
         )  # fmt: skip
         if mv.random_weights:
@@ -227,38 +393,106 @@ class ModelRegistry:
                 mv.name, mv.version, mv.weights,
             )  # fmt: skip
 
-    def _open_runners(self, mv: ModelVersion) -> list[Runner]:
-        settings = self._settings
+    async def _start(self, mv: ModelVersion, runners: list[Runner]) -> tuple[Batcher, list[int]]:
+        """A started batcher over `runners`, each instance warmed at every size it will see."""
+        batcher = Batcher(mv.name, mv.version, runners, mv.config.batching, self._metrics)
+        batcher.start()
+        sizes = warmup_sizes(mv.config, runners[0])
+        try:
+            for size in sizes:
+                await batcher.run_direct(np.zeros(mv.config.input.shape(size), mv.input_dtype))
+        except BaseException:
+            await batcher.close()  # stop its scheduler and threads
+            raise
+        return batcher, sizes
+
+    def _open_runners(self, mv: ModelVersion, settings: Settings) -> list[Runner]:
+        """Every instance's session; all on the GPU or, with ``--device auto``, all on the CPU."""
         count = settings.instances_for(mv.config.instances.count)
         threads = settings.threads_per_session(count, mv.config.instances.intra_op_threads)
-        runners = []
+        opened = []
         for _ in range(count):
-            opened = open_session(mv.path / MODEL_FILE, settings, threads)
-            runners.append(
-                Runner(
-                    opened,
-                    mv.config.input.name,
-                    mv.config.output.name,
-                    io_binding=settings.io_binding,
-                    device_id=settings.cuda_device_id,
-                    feed_dtype=graph_feed_dtype(opened.session),
-                )
+            path = mv.path / MODEL_FILE
+            opened.append(
+                self._opener(path, settings, threads, config=mv.config, mem_limit=self._mem_limit)
             )
+            if opened[-1].provider == CPU and opened[0].provider != CPU:
+                # a later instance did not come up on the GPU: one device for all of them
+                log.warning("model %s version %s: instance %d not on the GPU (%s); "
+                            "opening every instance on the CPU",
+                            mv.name, mv.version, len(opened) - 1, opened[-1].reason)  # fmt: skip
+                cpu = settings.model_copy(update={"device": "cpu"})
+                return self._open_runners(mv, cpu)
+        buckets = mv.config.batch_buckets()
+        runners = [
+            Runner(
+                one,
+                mv.config.input.name,
+                mv.config.output.name,
+                io_binding=settings.io_binding,
+                device_id=settings.cuda_device_id,
+                feed_dtype=graph_feed_dtype(one.session),
+                buckets=buckets,
+                pinned=settings.pinned_memory,
+                graphs=mv.config.optimization.cuda.graphs,
+                instance=index,
+            )
+            for index, one in enumerate(opened)
+        ]
+        first = opened[0]
         log.info(
-            "model %s version %s runs on %s (%s), %d intra-op thread(s) per session",
-            mv.name, mv.version, opened.provider, opened.reason, threads,
+            "model %s version %s runs on %s (%s), %d instance(s), %d intra-op thread(s) each",
+            mv.name, mv.version, first.provider, first.reason, count, threads,
         )  # fmt: skip
         return runners
 
+    def _provider_lost(self, mv: ModelVersion, exc: ProviderLost) -> None:
+        """A session left the GPU while serving: the version stops serving, and says why."""
+        if mv.state is not State.READY:
+            return
+        mv.state = State.UNAVAILABLE
+        mv.reason = "a session left the GPU it was opened on; the server log says more"
+        log.error("model %s version %s UNAVAILABLE: %s", mv.name, mv.version, _one_line(exc))
+        for instance, provider in enumerate(mv.providers):
+            self._metrics.execution_provider.remove(mv.name, mv.version, str(instance), provider)
 
-def warmup_sizes(mv: ModelVersion) -> tuple[int, ...]:
-    """Batch sizes run before READY: 1, 2, 4, … below the maximum, each preferred size, the
-    maximum — what a batcher aiming at preferred sizes sends, and a spread of the sizes that
-    dynamic batching forms in between (warming all of 1…max would multiply start-up time).
+
+def warmup_sizes(config: ModelConfig, runner: Runner | None = None) -> list[int]:
+    """Batch sizes run on each instance before READY.
+
+    - GPU with bucket sizes (config.json ``optimization.cuda.batch_buckets``): the buckets,
+      the only shapes the session will see.
+    - GPU without: every size 1..max_batch_size. Each new input shape costs a cuDNN
+      algorithm choice (and with EXHAUSTIVE search, a search) on first use; warming them
+      all keeps that off the request path, at one run per size (32 by default).
+    - CPU: 1, 2, 4, … below the maximum, each preferred size, the maximum — what a batcher
+      aiming at preferred sizes sends, and a spread of the sizes dynamic batching forms in
+      between (the CPU provider has no per-shape search; all of 1…max would multiply
+      start-up time for little).
     """
-    batching = mv.config.batching
+    batching = config.batching
+    if runner is not None and runner.provider != CPU:
+        return list(runner.buckets or range(1, batching.max_batch_size + 1))
     powers = {1 << i for i in range(batching.max_batch_size.bit_length())}
-    return tuple(sorted({*powers, *batching.preferred_batch_sizes, batching.max_batch_size}))
+    return sorted({*powers, *batching.preferred_batch_sizes, batching.max_batch_size})
+
+
+def _gpu_memory_if_driver(device_id: int) -> int | None:
+    return cuda_total_memory(device_id) if cuda_driver_present() else None
+
+
+def _ranges(sizes: list[int]) -> str:
+    """``[1, 2, 3, 4, 8]`` as ``1-4, 8``: the log line stays short when every size is warmed."""
+    parts: list[str] = []
+    start = prev = sizes[0]
+    for size in [*sizes[1:], None]:
+        if size is not None and size == prev + 1:
+            prev = size
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if size is not None:
+            start = prev = size
+    return ", ".join(parts)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ API for servicers::
     pre = Preprocessor(settings)
     chw = await pre.encoded(jpeg_bytes, model.config)   # InvalidInput on bad images
     chw = await pre.pixels(hwc_uint8_array, model.config)
+    batch = await pre.read(reader)                      # a blocking reader, on a worker
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class Preprocessor:
         if cropped is not None:
             return cropped
         return await self._run(prepare_pixels, pixels, config)
+
+    async def read(self, function: Callable[[], np.ndarray]) -> np.ndarray:
+        """A tensor that takes work to read (v2 typed contents), read on a worker; it counts
+        as one image of the backlog."""
+        return await self._run(function)
 
     async def _run(self, function: Callable[..., np.ndarray], *args: object) -> np.ndarray:
         if self.backlog >= self.max_backlog:

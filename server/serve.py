@@ -34,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"resnet-serve serve: invalid settings\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
-    from server import app  # onnxruntime loads only once settings are valid
+    try:  # onnxruntime loads only once settings are valid
+        from server import app
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        install = "pip install 'resnet-serve[cpu]', or 'resnet-serve[gpu]' on an NVIDIA GPU"
+        print(f"resnet-serve serve: onnxruntime is not installed: {install}", file=sys.stderr)
+        return 2
 
     try:
         return asyncio.run(app.run(settings))

@@ -3,22 +3,36 @@
 `open_session` is the one place that picks an execution provider:
 
 - ``cpu``: the CPU provider, nothing else is tried.
-- ``cuda``: the CUDA provider or a `DeviceUnavailable` error.
-- ``auto``: CUDA when the CUDA provider is built in, a CUDA driver loads, and
-  the session really comes up on it (``session.get_providers()``); else CPU.
+- ``cuda``: the CUDA provider (TensorRT first where config.json opts in), or a
+  `DeviceUnavailable` error naming the reason.
+- ``auto``: as ``cuda``, but where CUDA does not come up the session is opened on
+  the CPU, and `Opened.reason` says why.
 
-onnxruntime-gpu prints errors when it fails to load its CUDA libraries, so
-``auto`` asks for CUDA only where a driver is present and keeps ONNX
-Runtime's default logger at FATAL while it tries. Both the session factory
-and the driver probe are parameters, so the choice is unit-tested on CPU.
+ONNX Runtime's own fallback is off on every GPU session (``enable_fallback=0``):
+its constructor would otherwise retry on the CPU by itself and its ``run`` would
+move a session to the CPU for good after a CUDA failure, printing to stdout. When
+the CUDA provider library cannot load, ONNX Runtime opens the session on the CPU
+anyway and says why only in its own log, which is kept quiet here; `why_no_cuda`
+finds the reason again (the library and the symbol or file it misses) so that it
+is logged in one line. The session factory, the driver probe and that diagnosis
+are parameters, so the choice is unit-tested on CPU.
+
+`Runner` runs batches on one session. On CUDA it pads each batch to the model's
+bucket sizes when config.json asks for them (CUDA graphs need fixed shapes), and
+checks after every run that the session still runs on the provider it was opened
+on (`ProviderLost` otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import importlib.util
+import io
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,19 +41,31 @@ import numpy as np
 import onnxruntime as ort
 
 from server.config import Settings
+from server.repository import ModelConfig, Optimization
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (TENSORRT, CUDA)
 
 _ORT_WARNING = 2
 _ORT_ERROR = 3
 _ORT_FATAL = 4
 
+# The share of a GPU's memory the sessions of one server divide between them when
+# --cuda-mem-limit is unset; the rest is left to the CUDA context, cuDNN/cuBLAS
+# handles and workspaces that live outside ONNX Runtime's arena.
+GPU_MEMORY_SHARE = 0.8
+
 
 class DeviceUnavailable(RuntimeError):
-    """``--device cuda`` was asked for and no session comes up on CUDA."""
+    """``--device cuda`` was asked for and a session does not come up (or run) on the GPU."""
+
+
+class ProviderLost(RuntimeError):
+    """A session opened on the GPU no longer runs there."""
 
 
 class Session(Protocol):
@@ -47,9 +73,10 @@ class Session(Protocol):
 
     def get_providers(self) -> list[str]: ...
     def get_inputs(self) -> list[Any]: ...
+    def get_outputs(self) -> list[Any]: ...
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any]) -> list[Any]: ...
     def io_binding(self) -> Any: ...
-    def run_with_iobinding(self, iobinding: Any) -> None: ...
+    def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None: ...
 
 
 SessionFactory = Callable[..., Session]
@@ -62,6 +89,69 @@ def cuda_driver_present() -> bool:
     except OSError:
         return False
     return True
+
+
+def cuda_total_memory(device_id: int) -> int | None:
+    """Bytes of memory on GPU `device_id`, from the driver API; None where it cannot say."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, total = ctypes.c_int(), ctypes.c_size_t()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), device_id):
+            return None
+        if cuda.cuDeviceTotalMem_v2(ctypes.byref(total), device):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return total.value
+
+
+def gpu_mem_limit(total: int | None, sessions: int) -> int | None:
+    """The CUDA arena limit of one session when ``sessions`` share a GPU of ``total`` bytes."""
+    if total is None or sessions < 1:
+        return None
+    return int(total * GPU_MEMORY_SHARE) // sessions
+
+
+def _provider_library() -> Path:
+    return Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+
+
+def why_no_cuda() -> str:
+    """Why the CUDA provider library does not load: the dynamic loader's own words."""
+    library = _provider_library()
+    if not library.is_file():
+        return f"{library.name} is not installed (the CPU onnxruntime package?)"
+    try:
+        ctypes.CDLL(str(library), mode=os.RTLD_LAZY)
+    except OSError as exc:
+        if "Provider_GetHost" not in str(exc):  # a symbol ONNX Runtime itself provides
+            return f"{library.name} does not load: {_one_line(exc)}"
+    return "the CUDA provider loads but did not come up (ONNX Runtime's log at WARNING says why)"
+
+
+_preloaded = False
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA, cuBLAS and cuDNN from the ``gpu`` extra's NVIDIA wheels, once.
+
+    The CUDA provider library has no run path to those wheels' directories; ONNX
+    Runtime's `preload_dlls` loads them by full path first, so the provider finds them.
+    Where the wheels are absent (the CUDA base image) the system's libraries serve and
+    nothing is done. What `preload_dlls` prints goes to the debug log, not stdout.
+    """
+    global _preloaded
+    if _preloaded or importlib.util.find_spec("nvidia") is None:
+        return
+    _preloaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        preload()
+    for line in printed.getvalue().splitlines():
+        log.debug("onnxruntime.preload_dlls: %s", line)
 
 
 def session_options(settings: Settings, intra_op_threads: int) -> ort.SessionOptions:
@@ -81,20 +171,59 @@ def session_options(settings: Settings, intra_op_threads: int) -> ort.SessionOpt
     return options
 
 
-def cuda_provider_options(settings: Settings) -> dict[str, str]:
+_NO_OPTIMIZATION = Optimization()
+
+
+def cuda_provider_options(
+    settings: Settings, optimization: Optimization = _NO_OPTIMIZATION, mem_limit: int | None = None
+) -> dict[str, str]:
+    """The CUDA provider's options: the server's (device, cuDNN search, arena) and the
+    model's (TF32, CUDA graphs); `mem_limit` is this session's share when the flag is unset."""
+    cuda = optimization.cuda
     options = {
         "device_id": str(settings.cuda_device_id),
         "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
         "arena_extend_strategy": settings.cuda_arena_extend_strategy,
         # one stream per session; outputs are copied to the host anyway
         "do_copy_in_default_stream": "1",
+        "use_tf32": "1" if cuda.use_tf32 else "0",
     }
-    if settings.cuda_mem_limit is not None:
-        options["gpu_mem_limit"] = str(settings.cuda_mem_limit)
+    limit = settings.cuda_mem_limit or mem_limit
+    if limit is not None:
+        options["gpu_mem_limit"] = str(limit)
+    if cuda.graphs:
+        options["enable_cuda_graph"] = "1"
     return options
 
 
-@contextmanager
+def tensorrt_provider_options(settings: Settings, config: ModelConfig) -> dict[str, str]:
+    """TensorRT's options: engines for batch sizes 1..max_batch_size, cached on disk."""
+    trt = config.optimization.tensorrt
+    assert trt is not None
+    cache = settings.tensorrt_cache_dir or Path(tempfile.gettempdir()) / "resnet-serve-tensorrt"
+    name = config.input.name
+
+    def shape(batch: int) -> str:
+        return f"{name}:" + "x".join(str(d) for d in config.input.shape(batch))
+
+    options = {
+        "device_id": str(settings.cuda_device_id),
+        "trt_fp16_enable": "1" if trt.precision == "fp16" else "0",
+        "trt_max_workspace_size": str(trt.max_workspace_bytes),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(config.batching.max_batch_size),
+        "trt_profile_max_shapes": shape(config.batching.max_batch_size),
+    }
+    if config.optimization.cuda.graphs:
+        options["trt_cuda_graph_enable"] = "1"
+    return options
+
+
+@contextlib.contextmanager
 def _quiet_ort() -> Any:
     """Silence ONNX Runtime's process-wide logger while a provider is tried."""
     ort.set_default_logger_severity(_ORT_FATAL)
@@ -107,8 +236,12 @@ def _quiet_ort() -> Any:
 @dataclass(frozen=True)
 class Opened:
     session: Session
-    provider: str
+    provider: str  # the provider the session's nodes run on first: TensorRT, CUDA or CPU
     reason: str  # why this provider, for the one log line
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider in GPU_PROVIDERS
 
 
 def open_session(
@@ -116,29 +249,49 @@ def open_session(
     settings: Settings,
     intra_op_threads: int,
     *,
+    config: ModelConfig | None = None,
+    mem_limit: int | None = None,
     factory: SessionFactory = ort.InferenceSession,
     driver_present: Callable[[], bool] = cuda_driver_present,
     available: Callable[[], list[str]] = ort.get_available_providers,
+    diagnose: Callable[[], str] = why_no_cuda,
 ) -> Opened:
-    """Open one session on the device `settings.device` asks for (see the module docstring)."""
+    """Open one session on the device `settings.device` asks for (see the module docstring).
+
+    `config` (the model's config.json) brings the model's provider options; `mem_limit` is
+    this session's share of the GPU's memory (`gpu_mem_limit`) unless ``--cuda-mem-limit``
+    says otherwise.
+    """
     options = session_options(settings, intra_op_threads)
     if settings.device == "cpu":
         return Opened(factory(str(model_path), options, providers=[CPU]), CPU, "--device cpu")
+    optimization = config.optimization if config is not None else _NO_OPTIMIZATION
     if CUDA not in available():
-        reason = "this onnxruntime build has no CUDA provider"
+        reason = "this onnxruntime build has no CUDA provider (the cpu extra?)"
     elif not driver_present():
-        reason = "no CUDA driver found"
+        reason = "no CUDA driver found (libcuda.so.1 does not load: no NVIDIA GPU here?)"
     else:
-        providers = [(CUDA, cuda_provider_options(settings)), CPU]
+        preload_cuda_libraries()
+        providers: list[Any] = [(CUDA, cuda_provider_options(settings, optimization, mem_limit))]
+        if config is not None and optimization.tensorrt is not None:
+            if TENSORRT in available():
+                providers.insert(0, (TENSORRT, tensorrt_provider_options(settings, config)))
+            else:
+                log.warning("TensorRT asked for in config.json, but this onnxruntime build has "
+                            "no TensorRT provider; trying CUDA")  # fmt: skip
+        session, reason = None, ""
         with _quiet_ort():
             try:
-                session = factory(str(model_path), options, providers=providers)
+                session = factory(str(model_path), options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
-                session, reason = None, f"CUDA session failed: {exc}"
+                reason = f"the CUDA session failed: {_one_line(exc)}"
         if session is not None:
-            if session.get_providers()[0] == CUDA:
-                return Opened(session, CUDA, f"--device {settings.device}")
-            reason = "the CUDA provider did not come up (missing CUDA/cuDNN libraries?)"
+            first = session.get_providers()[0]
+            if first in GPU_PROVIDERS:
+                if providers[0][0] == TENSORRT and first != TENSORRT:
+                    log.warning("TensorRT did not come up for %s; running on CUDA", model_path)
+                return Opened(session, first, f"--device {settings.device}")
+            reason = diagnose()
     if settings.device == "cuda":
         raise DeviceUnavailable(f"--device cuda, but {reason}")
     return Opened(factory(str(model_path), options, providers=[CPU]), CPU, reason)
@@ -152,11 +305,22 @@ def graph_feed_dtype(session: Session) -> np.dtype | None:
     return None
 
 
+def bucket_for(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `size` images (buckets sorted, the last the maximum)."""
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    raise ValueError(f"a batch of {size} is above the largest bucket {buckets[-1]}")
+
+
 class Runner:
-    """Runs batches on one session; on CUDA through I/O binding when configured.
+    """Runs batches on one session; on the GPU through I/O binding when configured.
 
     ``feed_dtype`` (see `graph_feed_dtype`): cast each batch to it before running; the
-    logits always come back as float32.
+    logits always come back as float32. ``buckets`` (GPU only): pad each batch to the
+    smallest of these sizes and cut the logits back. ``pinned``: stage inputs in
+    page-locked host memory before they are copied to the GPU. ``graphs``: replay one
+    CUDA graph per bucket (inputs and outputs bound to fixed device buffers).
     """
 
     def __init__(
@@ -168,28 +332,93 @@ class Runner:
         io_binding: bool,
         device_id: int,
         feed_dtype: np.dtype | None = None,
+        buckets: Sequence[int] = (),
+        pinned: bool = False,
+        graphs: bool = False,
+        instance: int = 0,
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
+        self.instance = instance
         self._input = input_name
         self._output = output_name
-        self._bind = io_binding and opened.provider == CUDA
+        on_gpu = opened.on_gpu
+        self._bind = io_binding and on_gpu
         self._device_id = device_id
         self._feed_dtype = feed_dtype
+        self.buckets = tuple(buckets) if on_gpu else ()
+        self._pinned = pinned and self._bind
+        self._graphs = graphs and on_gpu and bool(self.buckets)
+        self._staging: dict[tuple[int, ...], Any] = {}  # shape → pinned or device OrtValue
+        self._graph_bindings: dict[int, tuple[Any, Any, Any]] = {}  # bucket → binding, out, opts
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Blocking: call from an executor thread, never on the event loop."""
+        size = len(batch)
+        if self.buckets:
+            bucket = bucket_for(size, self.buckets)
+            if bucket != size:
+                pad = np.zeros((bucket - size, *batch.shape[1:]), batch.dtype)
+                batch = np.concatenate([batch, pad])
         if self._feed_dtype is not None:
             batch = batch.astype(self._feed_dtype)
-            return self._run(batch).astype(np.float32)
-        return self._run(batch)
+        logits = self._run(batch)
+        if self.provider != CPU and self.session.get_providers()[0] != self.provider:
+            raise ProviderLost(
+                f"instance {self.instance} was opened on {self.provider} and now runs on "
+                f"{self.session.get_providers()[0]}"
+            )
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return logits[:size]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self._graphs:
+            return self._run_graph(batch)
         if not self._bind:
             return self.session.run([self._output], {self._input: batch})[0]
         binding = self.session.io_binding()
-        on_device = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", self._device_id)
-        binding.bind_ortvalue_input(self._input, on_device)
+        if self._pinned:
+            binding.bind_ortvalue_input(self._input, self._staged(batch, "cuda_pinned"))
+        else:
+            binding.bind_cpu_input(self._input, batch)
         binding.bind_output(self._output, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+    def _staged(self, batch: np.ndarray, device: str) -> Any:
+        """A buffer of `batch`'s shape on `device`, reused across runs, holding `batch`."""
+        value = self._staging.get(batch.shape)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                batch.shape, batch.dtype, device, self._device_id
+            )
+            self._staging[batch.shape] = value
+        value.update_inplace(np.ascontiguousarray(batch))
+        return value
+
+    def _run_graph(self, batch: np.ndarray) -> np.ndarray:
+        """One CUDA graph per bucket: fixed input and output buffers, captured on first run."""
+        bucket = len(batch)
+        found = self._graph_bindings.get(bucket)
+        if found is None:
+            classes = self.session.get_outputs()[0].shape[1:]
+            output = ort.OrtValue.ortvalue_from_shape_and_type(
+                (bucket, *classes), np.float32, "cuda", self._device_id
+            )
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(self._input, self._staged(batch, "cuda"))
+            binding.bind_ortvalue_output(self._output, output)
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(bucket) + 1))
+            found = (binding, output, run_options)
+            self._graph_bindings[bucket] = found
+        else:
+            self._staged(batch, "cuda")  # the same device buffer, new contents
+        binding, output, run_options = found
+        self.session.run_with_iobinding(binding, run_options)
+        return output.numpy()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

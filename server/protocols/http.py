@@ -164,7 +164,9 @@ class HttpServer:
         return web.Response()
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json(rest.message_json(describe.server_metadata()))
+        return _json(
+            rest.message_json(describe.server_metadata(self._ctx.settings.model_control_mode))
+        )
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._registry.get(request.match_info["model"], _version(request))
@@ -176,9 +178,7 @@ class HttpServer:
 
     async def model_config(self, request: web.Request) -> web.Response:
         served = self._registry.get(request.match_info["model"], _version(request))
-        settings = self._ctx.settings
-        instances = settings.instances_for(served.config.instances.count)
-        message = describe.config_response(served, instances, settings.cuda_device_id)
+        message = describe.config_response(served, self._ctx.settings.cuda_device_id)
         return _json(rest.message_json(message)["config"])
 
     async def statistics(self, request: web.Request) -> web.Response:

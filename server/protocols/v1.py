@@ -32,6 +32,7 @@ STREAM_WINDOW = 32
 _STATES = {
     State.LOADING: pb.VersionInfo.LOADING,
     State.READY: pb.VersionInfo.READY,
+    State.UNLOADING: pb.VersionInfo.UNAVAILABLE,  # takes no new requests; the reason says why
     State.UNAVAILABLE: pb.VersionInfo.UNAVAILABLE,
 }
 
@@ -201,7 +202,11 @@ def _model_info(model: Model, versions: list[ModelVersion]) -> pb.ModelInfo:
         max_batch_size=config.batching.max_batch_size,
         versions=[
             pb.VersionInfo(
-                version=v.version, state=_STATES[v.state], reason=v.reason, weights=v.weights
+                version=v.version,
+                state=_STATES[v.state],
+                reason=v.reason,
+                providers=v.providers if v.state is State.READY else (),
+                weights=v.weights,
             )
             for v in versions
         ],

@@ -2,7 +2,8 @@
 
 Layout (Triton's, with JSON instead of pbtxt)::
 
-    <repo>/<name>/config.json                   ModelConfig (config.py)
+    <repo>/<name>/config.json                   ModelConfig (config.py), with the version
+                                                policy saying which versions serve
     <repo>/<name>/labels.txt                    one class name per line (labels.py)
     <repo>/<name>/<version>/model.onnx          the graph ONNX Runtime runs
     <repo>/<name>/<version>/verification.json   Verification (verification.py): the builder's
@@ -27,12 +28,20 @@ from server.repository.config import (
     CIFAR_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SERVE_ALL,
+    AllVersions,
     Batching,
+    CudaOptions,
     InputSpec,
     Instances,
+    LatestVersions,
     ModelConfig,
+    Optimization,
     OutputSpec,
     Preprocessing,
+    SpecificVersions,
+    TensorRT,
+    VersionPolicy,
 )
 from server.repository.labels import labels_text, read_labels
 from server.repository.layout import (
@@ -40,8 +49,10 @@ from server.repository.layout import (
     LABELS_FILE,
     MODEL_FILE,
     VERIFICATION_FILE,
+    is_model_name,
     is_version_name,
     latest_version,
+    model_dirs,
     version_dirs,
     versions,
 )
@@ -63,24 +74,34 @@ __all__ = [
     "IMAGENET_STD",
     "LABELS_FILE",
     "MODEL_FILE",
+    "SERVE_ALL",
     "VERIFICATION_FILE",
+    "AllVersions",
     "Batching",
     "CheckRecord",
+    "CudaOptions",
     "ImageError",
     "ImageLimits",
     "InputSpec",
     "Instances",
+    "LatestVersions",
     "ModelConfig",
+    "Optimization",
     "OutputSpec",
     "Preprocessing",
+    "SpecificVersions",
     "Status",
+    "TensorRT",
     "Verification",
     "VersionCheck",
+    "VersionPolicy",
     "check_version",
     "crop_only",
+    "is_model_name",
     "is_version_name",
     "labels_text",
     "latest_version",
+    "model_dirs",
     "prepare_encoded",
     "prepare_pixels",
     "read_labels",

@@ -14,7 +14,14 @@ import pytest
 from builder import build as build_module
 from builder.__main__ import main
 from builder.checks import Check
-from server.repository import MODEL_FILE, VERIFICATION_FILE
+from server.repository import (
+    MODEL_FILE,
+    VERIFICATION_FILE,
+    CudaOptions,
+    ModelConfig,
+    Optimization,
+    TensorRT,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +57,7 @@ def test_build_without_torch_says_what_to_install(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "torch is not installed" in result.stderr
-    assert "pip install 'resnet-serve[builder]'" in result.stderr
+    assert "pip install 'resnet-serve[builder,cpu]'" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -62,13 +69,16 @@ def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
-        "model", "arch", "input", "classes", "version", "precision", "weights", "status"
+        "model", "arch", "input", "classes", "instances", "version", "precision", "weights",
+        "status", "serves",
     ]  # fmt: skip
     rows = {line.split()[0]: line for line in lines[2:]}
     assert sorted(rows) == ["cifar", "resnet18", "resnet18_u8"]
     assert "uint8 NHWC 224" in rows["resnet18_u8"]
     assert all("verified" in row for row in rows.values())
-    assert all(row.split()[7] == "fp32" for row in rows.values())
+    assert all(row.split()[8] == "fp32" for row in rows.values())
+    assert all(row.split()[6] == "1" for row in rows.values()), "config.json's instance count"
+    assert all(row.endswith(" yes") for row in rows.values())
     # the fixture's models have seeded random weights, and the listing says so
     assert all("random (seed 0), untrained" in row for row in rows.values())
 
@@ -94,6 +104,20 @@ def test_models_shows_failed_and_modified_versions(
     assert "FAILED (onnx_checker)" in rows["cifar"]
     assert "verified" in rows["resnet18_u8"]
     assert "invalid config.json: 2 validation errors for ModelConfig" in rows["broken"]
+
+
+def test_models_shows_the_gpu_options_config_json_asks_for(
+    model_repo_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = model_repo_copy / "resnet18"
+    config = ModelConfig.load(model_dir)
+    optimization = Optimization(
+        cuda=CudaOptions(batch_buckets=(8,), graphs=True), tensorrt=TensorRT(precision="fp16")
+    )
+    config.model_copy(update={"optimization": optimization}).dump(model_dir)
+    assert main(["models", "--repo", str(model_repo_copy)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "1 (tensorrt fp16; cuda graphs; buckets 8,32)" in rows["resnet18"]
 
 
 def test_build_prints_the_checks_and_counts_versions(

@@ -218,6 +218,7 @@ def test_kserve_inferenceservice() -> None:
         "containers", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout",
         "containerConcurrency", "canaryTrafficPercent", "serviceAccountName", "nodeSelector",
         "tolerations", "affinity", "volumes", "securityContext", "annotations", "labels",
+        "enableServiceLinks",
     }  # fmt: skip
     assert set(predictor) <= known, f"unknown predictor fields {set(predictor) - known}"
     assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from resnet_serve_client import bytes_tensor
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 
 from tests.reliability import images
@@ -129,6 +130,24 @@ def _bad_prefix() -> bytes:
     return b"\x03\x00\x00\x00ab"  # declares 3 bytes, carries 2
 
 
+# Many elements in a message under the limit: 250000 empty BYTES elements are 1 MB raw.
+# Splitting them all took seconds of the event loop (every other call waited); each is
+# refused from what the request declares, or at the first element past its shape.
+MANY = 250_000
+
+
+def _many_empty() -> bytes:
+    return bytes_tensor.serialize([b""] * MANY)
+
+
+def typed(model: str, datatype: str, shape: list[int], field: str, values: list) -> Request:
+    """A v2 request whose input travels in typed ``contents`` (``field``)."""
+    request = v2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="images", datatype=datatype, shape=shape)
+    getattr(tensor.contents, field).extend(values)
+    return request
+
+
 CLASSIFY_CASES = [
     Case("second-image-undecodable", "classify",
          lambda: classify(MODEL, images.one_pixel(), b"no image"), INVALID,
@@ -174,6 +193,10 @@ CLASSIFY_CASES = [
     Case("too-many-images", "classify",
          lambda: classify(MODEL, *[images.one_pixel()] * (MAX_IMAGES + 1)), INVALID,
          f"request has {MAX_IMAGES + 1} images; at most {MAX_IMAGES} are allowed"),
+    # (protobuf unpacks each empty Image into an object of its own before the server sees
+    # the request: a count far smaller than MANY, which would cost ~60 MB of RSS alone)
+    Case("many-empty-images", "classify", lambda: classify(MODEL, *[pb.Image()] * 20_000),
+         INVALID, f"request has 20000 images; at most {MAX_IMAGES} are allowed"),
     Case("over-the-message-limit", "classify",
          lambda: classify(MODEL, images.random_bytes(MAX_MESSAGE_BYTES + 1000)), EXHAUSTED,
          f"vs. {MAX_MESSAGE_BYTES})"),
@@ -243,6 +266,30 @@ V2_CASES = [
     Case("too-many-images", "v2",
          lambda: infer_images(MODEL, *[images.one_pixel()] * (MAX_IMAGES + 1)), INVALID,
          f"request has {MAX_IMAGES + 1} images; at most {MAX_IMAGES} are allowed"),
+    Case("bytes-many-empty-elements", "v2",
+         lambda: infer(MODEL, datatype="BYTES", shape=[MANY], raw=_many_empty()), INVALID,
+         f"request has {MANY} images; at most {MAX_IMAGES} are allowed"),
+    Case("bytes-elements-past-the-shape", "v2",
+         lambda: infer(MODEL, datatype="BYTES", shape=[1], raw=_many_empty()), INVALID,
+         "has shape [1] (1 elements) but its raw contents hold more than 1 BYTES elements"),
+    Case("bytes-count-in-the-second-dimension", "v2",
+         lambda: infer(MODEL, datatype="BYTES", shape=[1, MANY], raw=_many_empty()), INVALID,
+         f"has shape [1, {MANY}]; encoded images go in shape [N] or [N, 1]"),
+    Case("typed-bytes-many-empty-elements", "v2",
+         lambda: typed(MODEL, "BYTES", [MANY], "bytes_contents", [b""] * MANY), INVALID,
+         f"request has {MANY} images; at most {MAX_IMAGES} are allowed"),
+    Case("typed-fp32-count-vs-shape", "v2",
+         lambda: typed(MODEL, "FP32", [1, 3, 32, 32], "fp32_contents", [0.0] * MANY), INVALID,
+         f"has shape [1, 3, 32, 32] (3072 elements) but 'fp32_contents' holds {MANY}"),
+    Case("fp32-shape-before-its-data", "v2",
+         lambda: infer(MODEL, datatype="FP32", shape=[64, 3, 224, 224], raw=b""), INVALID,
+         "takes input of shape [-1, 3, 32, 32] (NCHW, batch >= 1), got [64, 3, 224, 224]"),
+    Case("typed-fp32-contents", "v2",
+         lambda: typed(MODEL, "FP32", [1, 3, 32, 32], "fp32_contents", [0.5] * 3072), OK),
+    Case("typed-uint8-out-of-range", "v2",
+         lambda: typed(UINT8_MODEL, "UINT8", [1, 224, 224, 3], "uint_contents",
+                       [256] * (224 * 224 * 3)), INVALID,
+         "input 'images' has values outside the range of UINT8"),
     Case("over-the-message-limit", "v2",
          lambda: infer_images(MODEL, images.random_bytes(MAX_MESSAGE_BYTES + 1000)), EXHAUSTED,
          f"vs. {MAX_MESSAGE_BYTES})"),

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import serving
-from tests.reliability import images
+from tests.reliability import images, wire
 from tests.reliability.catalogue import (
     CASES,
     IMAGE_CASES,
@@ -99,6 +99,35 @@ def test_catalogue(
             reference = call(channel, case.same_as())
             assert reference[0] is grpc.StatusCode.OK, reference[1]
             np.testing.assert_allclose(answer(response), answer(reference[2]), rtol=1e-5)
+    still_healthy(server, channel, baseline)
+
+
+# Refused from what they declare: a message of a stream gets the same answer, and the
+# stream goes on with the next message.
+STREAMED = [c for c in CASES if c.name in (
+    "many-empty-images", "bytes-many-empty-elements", "bytes-elements-past-the-shape",
+    "typed-bytes-many-empty-elements", "typed-fp32-count-vs-shape",
+)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", STREAMED, ids=[c.id for c in STREAMED])
+def test_stream_messages_are_bounded_alike(
+    server: serving.Server, channel: grpc.Channel, baseline: int, case: Case
+) -> None:
+    valid = {r.DESCRIPTOR.name: r for r in valid_requests()}
+    if case.api == "classify":
+        stub = wire.pb_grpc.ClassifierStub(channel)
+        messages = [case.request(), valid["ClassifyRequest"]]
+        first, second = stub.ClassifyStream(iter(messages), timeout=wire.CALL_TIMEOUT)
+        assert first.error.code == case.code.value[0], first.error
+        assert case.fragment in first.error.message, first.error.message
+        assert second.WhichOneof("result") == "response" and answered(second.response) == 1
+    else:
+        stub = wire.v2_grpc.GRPCInferenceServiceStub(channel)
+        messages = [case.request(), valid["ModelInferRequest"]]
+        first, second = stub.ModelStreamInfer(iter(messages), timeout=wire.CALL_TIMEOUT)
+        assert case.fragment in first.error_message, first.error_message
+        assert second.error_message == "" and answered(second.infer_response) == 1
     still_healthy(server, channel, baseline)
 
 

@@ -40,6 +40,7 @@ from server.repository import (
     Preprocessing,
     prepare_encoded,
 )
+from server.request_path import Unread
 from tests.reliability import images
 
 DEADLINE = timedelta(seconds=10)
@@ -192,6 +193,8 @@ def test_any_infer_request_parses_or_is_invalid(request: v2.ModelInferRequest) -
     try:
         parsed = v2_request.parse_images(request, CIFAR)
         outputs = v2_request.parse_outputs(request, CIFAR)
+        if isinstance(parsed.tensor, Unread):  # typed contents: read later, on a worker
+            assert parsed.tensor.read().shape[0] == parsed.tensor.images
     except InvalidInput:
         return
     assert parsed.tensor is not None or parsed.images

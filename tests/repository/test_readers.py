@@ -6,10 +6,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from grpc_health.v1.health import aio as health_aio
 
 from bench.repository import prepare
 from builder.repository import list_models
 from server.config import Settings
+from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry, State
 from server.repository import LABELS_FILE, MODEL_FILE, ModelConfig, Status, labels_text
@@ -30,13 +32,14 @@ def repo(tmp_path: Path) -> Path:
 
 
 def test_the_server_loads_only_versions_and_refuses_the_modified_one(repo: Path) -> None:
-    registry = ModelRegistry(Settings(repo=repo), Metrics())
+    settings = Settings(repo=repo)
+    registry = ModelRegistry(settings, Metrics())
     registry.scan()
     model = registry.model("m")
     assert list(model.versions) == ["1", "2"]
 
     async def load() -> None:
-        await registry.load_all(lambda _: asyncio.sleep(0))
+        await ModelLifecycle(settings, registry, health_aio.HealthServicer()).load_all()
         await registry.close()
 
     asyncio.run(load())

@@ -56,3 +56,69 @@ def test_invalid_values_are_refused(argv: list[str]) -> None:
 def test_choices_come_from_the_literals() -> None:
     with pytest.raises(SystemExit):
         _parse("--device", "tpu")
+
+
+# --- CPUs from the container's cgroup quota -------------------------------------------------
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str], own: str = "/") -> tuple[Path, Path]:
+    """A cgroup tree under tmp_path with `files` (path → content) and a /proc/self/cgroup
+    naming `own` as the process's cgroup v2."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(f"0::{own}\n")
+    return root, proc
+
+
+HOST = config.available_cores(Path("/nonexistent"), Path("/nonexistent"))
+
+
+@pytest.mark.parametrize(
+    ("files", "own", "limit"),
+    [
+        ({"cpu.max": "400000 100000"}, "/", 4.0),  # a pod with limits.cpu: 4
+        ({"cpu.max": "50000 100000"}, "/", 0.5),
+        ({"cpu.max": "max 100000"}, "/", None),  # no quota
+        ({}, "/", None),  # no cpu controller
+        ({"cpu.max": "garbage"}, "/", None),
+        # the process's own cgroup and its parents: the smallest quota wins
+        ({"kubepods/cpu.max": "200000 100000", "kubepods/pod/cpu.max": "max 100000"},
+         "/kubepods/pod", 2.0),
+        ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, "/", 3.0),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"},
+         "/", None),  # v1 without a quota
+    ],
+)  # fmt: skip
+def test_cgroup_cpu_limit(tmp_path: Path, files: dict[str, str], own: str, limit: float) -> None:
+    root, proc = _cgroup(tmp_path, files, own)
+    assert config.cgroup_cpu_limit(root, proc) == limit
+
+
+def test_threads_and_decode_workers_follow_the_quota(tmp_path: Path) -> None:
+    """A 4-CPU pod on a bigger node: 4 intra-op threads and 4 decode workers, not one per
+    host core; a half-CPU pod gets 1."""
+    root, proc = _cgroup(tmp_path, {"cpu.max": "400000 100000"})
+    cores = config.available_cores(root, proc)
+    assert cores == min(4, HOST)
+    settings = Settings()
+    assert settings.threads_per_session(1, None, cores) == cores
+    assert settings.threads_per_session(2, None, cores) == max(1, cores // 2)
+    assert settings.decode_threads(cores) == cores
+    assert Settings(decode_workers=7).decode_threads(cores) == 7  # explicit settings win
+    assert settings.threads_per_session(1, 3, cores) == 3  # and so does config.json
+    (root / "cpu.max").write_text("50000 100000\n")
+    assert config.available_cores(root, proc) == 1
+    (root / "cpu.max").write_text("max 100000\n")
+    assert config.available_cores(root, proc) == HOST
+
+
+def test_the_default_message_size_fits_the_largest_request() -> None:
+    """64 float32 224x224 images as one v2 tensor, the largest request the other default
+    limits let through, with its framing."""
+    settings = Settings()
+    tensor = settings.max_images_per_request * 3 * 224 * 224 * 4
+    assert tensor + (64 << 10) < settings.max_message_bytes < 64 << 20

@@ -5,69 +5,132 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from server import sessions
 from server.config import Settings
-from server.sessions import CPU, CUDA, DeviceUnavailable, Runner, open_session, session_options
+from server.repository import CudaOptions, InputSpec, ModelConfig, Optimization, TensorRT
+from server.sessions import (
+    CPU,
+    CUDA,
+    GPU_MEMORY_SHARE,
+    TENSORRT,
+    DeviceUnavailable,
+    Opened,
+    ProviderLost,
+    Runner,
+    bucket_for,
+    cuda_provider_options,
+    gpu_mem_limit,
+    open_session,
+    session_options,
+    tensorrt_provider_options,
+    why_no_cuda,
+)
 
 
 class FakeSession:
-    def __init__(self, providers: list[str]) -> None:
+    """Comes up on `providers`; runs return zero logits of `classes` columns."""
+
+    def __init__(self, providers: list[str], classes: int = 3) -> None:
         self._providers = providers
+        self.classes = classes
+        self.batches: list[int] = []
 
     def get_providers(self) -> list[str]:
         return self._providers
 
+    def get_inputs(self) -> list[Any]:
+        return [SimpleNamespace(name="images", type="tensor(float)")]
+
+    def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (batch,) = feed.values()
+        self.batches.append(len(batch))
+        return [np.arange(len(batch) * self.classes, dtype=np.float32).reshape(len(batch), -1)]
+
 
 class FakeFactory:
-    """Records the providers asked for; `cuda_comes_up` decides what a CUDA request gets."""
+    """Records what each session was asked for; `cuda_comes_up` decides what a GPU request
+    gets, `cuda_raises` makes it raise, `tensorrt_comes_up` whether TensorRT is first."""
 
-    def __init__(self, cuda_comes_up: bool = True, cuda_raises: bool = False) -> None:
+    def __init__(
+        self, cuda_comes_up: bool = True, cuda_raises: bool = False, tensorrt_comes_up: bool = True
+    ) -> None:
         self.cuda_comes_up = cuda_comes_up
         self.cuda_raises = cuda_raises
+        self.tensorrt_comes_up = tensorrt_comes_up
         self.calls: list[list[Any]] = []
+        self.kwargs: list[dict[str, Any]] = []
 
-    def __call__(self, path: str, options: ort.SessionOptions, providers: list[Any]) -> FakeSession:
+    def __call__(
+        self, path: str, options: ort.SessionOptions, providers: list[Any], **kwargs: Any
+    ) -> FakeSession:
         self.calls.append(providers)
+        self.kwargs.append(kwargs)
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
         if CUDA in names:
             if self.cuda_raises:
                 raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
-            return FakeSession([CUDA, CPU] if self.cuda_comes_up else [CPU])
+            if not self.cuda_comes_up:
+                return FakeSession([CPU])
+            if TENSORRT in names and self.tensorrt_comes_up:
+                return FakeSession([TENSORRT, CUDA, CPU])
+            return FakeSession([CUDA, CPU])
         return FakeSession([CPU])
 
 
-def _open(device: str, factory: FakeFactory, *, driver: bool = True, **settings: Any) -> Any:
+def _open(
+    device: str,
+    factory: FakeFactory,
+    *,
+    driver: bool = True,
+    config: ModelConfig | None = None,
+    providers: tuple[str, ...] = (TENSORRT, CUDA, CPU),
+    mem_limit: int | None = None,
+    **settings: Any,
+) -> Any:
     return open_session(
         Path("model.onnx"),
         Settings(device=device, **settings),
         2,
+        config=config,
+        mem_limit=mem_limit,
         factory=factory,
         driver_present=lambda: driver,
-        available=lambda: [CUDA, CPU],
+        available=lambda: list(providers),
+        diagnose=lambda: "libonnxruntime_providers_cuda.so does not load: libcublasLt.so.13",
     )
+
+
+CONFIG = ModelConfig(name="net", arch="resnet20", num_classes=3, input=InputSpec(size=4))
+
+
+def _with(**optimization: Any) -> ModelConfig:
+    return CONFIG.model_copy(update={"optimization": Optimization(**optimization)})
 
 
 def test_auto_uses_cuda_when_the_session_comes_up_on_it() -> None:
     factory = FakeFactory()
     opened = _open("auto", factory, cuda_device_id=1, cuda_mem_limit=1 << 30)
-    assert opened.provider == CUDA
-    (name, options), cpu = factory.calls[0]
-    assert (name, cpu) == (CUDA, CPU)
+    assert opened.provider == CUDA and opened.on_gpu
+    [(name, options)] = factory.calls[0]
+    assert name == CUDA
     assert options["device_id"] == "1"
     assert options["gpu_mem_limit"] == str(1 << 30)
     assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert factory.kwargs[0] == {"enable_fallback": 0}, "ONNX Runtime's own fallback is off"
 
 
-def test_auto_falls_back_when_cuda_does_not_come_up() -> None:
+def test_auto_falls_back_when_cuda_does_not_come_up_and_says_why() -> None:
     factory = FakeFactory(cuda_comes_up=False)
     opened = _open("auto", factory)
     assert opened.provider == CPU
-    assert "did not come up" in opened.reason
+    assert "libcublasLt.so.13" in opened.reason, "the diagnosis, not a guess"
     assert factory.calls[-1] == [CPU]
 
 
@@ -79,7 +142,7 @@ def test_auto_falls_back_when_the_cuda_session_raises() -> None:
 def test_auto_without_a_driver_never_tries_cuda() -> None:
     factory = FakeFactory()
     opened = _open("auto", factory, driver=False)
-    assert opened.provider == CPU and opened.reason == "no CUDA driver found"
+    assert opened.provider == CPU and opened.reason.startswith("no CUDA driver found")
     assert factory.calls == [[CPU]]
 
 
@@ -98,10 +161,130 @@ def test_cpu_never_tries_cuda() -> None:
     assert factory.calls == [[CPU]]
 
 
-@pytest.mark.parametrize(("driver", "comes_up"), [(False, True), (True, False)])
-def test_cuda_demanded_but_unavailable_raises(driver: bool, comes_up: bool) -> None:
-    with pytest.raises(DeviceUnavailable, match="--device cuda, but"):
-        _open("cuda", FakeFactory(cuda_comes_up=comes_up), driver=driver)
+@pytest.mark.parametrize(
+    ("driver", "comes_up", "raises", "why"),
+    [
+        (False, True, False, "no CUDA driver found"),
+        (True, False, False, "libcublasLt.so.13"),
+        (True, True, True, "no CUDA-capable device"),
+    ],
+)
+def test_cuda_demanded_but_unavailable_raises_with_the_reason(
+    driver: bool, comes_up: bool, raises: bool, why: str
+) -> None:
+    factory = FakeFactory(cuda_comes_up=comes_up, cuda_raises=raises)
+    with pytest.raises(DeviceUnavailable, match=f"--device cuda, but .*{why}"):
+        _open("cuda", factory, driver=driver)
+    assert all(call != [CPU] for call in factory.calls), "never opened on the CPU"
+
+
+def test_tf32_is_off_unless_config_json_turns_it_on() -> None:
+    assert cuda_provider_options(Settings())["use_tf32"] == "0"
+    options = cuda_provider_options(Settings(), _with(cuda=CudaOptions(use_tf32=True)).optimization)
+    assert options["use_tf32"] == "1"
+
+
+def test_gpu_mem_limit_is_the_share_unless_the_flag_says_otherwise() -> None:
+    assert "gpu_mem_limit" not in cuda_provider_options(Settings())
+    assert cuda_provider_options(Settings(), mem_limit=5)["gpu_mem_limit"] == "5"
+    assert cuda_provider_options(Settings(cuda_mem_limit=7), mem_limit=5)["gpu_mem_limit"] == "7"
+    factory = FakeFactory()
+    _open("auto", factory, mem_limit=3 << 30)
+    assert factory.calls[0][0][1]["gpu_mem_limit"] == str(3 << 30)
+
+
+def test_gpu_mem_limit_divides_a_share_of_the_gpu_between_the_sessions() -> None:
+    eighty_gb = 80 * 10**9
+    assert gpu_mem_limit(eighty_gb, 4) == int(eighty_gb * GPU_MEMORY_SHARE) // 4
+    assert gpu_mem_limit(None, 4) is None
+    assert gpu_mem_limit(eighty_gb, 0) is None
+
+
+def test_cuda_graphs_turn_on_the_providers_graph_capture() -> None:
+    assert "enable_cuda_graph" not in cuda_provider_options(Settings())
+    options = cuda_provider_options(Settings(), _with(cuda=CudaOptions(graphs=True)).optimization)
+    assert options["enable_cuda_graph"] == "1"
+
+
+def test_tensorrt_is_tried_first_with_its_cache_and_shapes(tmp_path: Path) -> None:
+    factory = FakeFactory()
+    config = _with(tensorrt=TensorRT(precision="fp16"))
+    opened = _open("cuda", factory, config=config, tensorrt_cache_dir=tmp_path)
+    assert opened.provider == TENSORRT and opened.on_gpu
+    (trt, trt_options), (cuda, _) = factory.calls[0]
+    assert (trt, cuda) == (TENSORRT, CUDA), "CUDA behind TensorRT takes what it cannot run"
+    assert trt_options["trt_fp16_enable"] == "1"
+    assert trt_options["trt_engine_cache_enable"] == "1"
+    assert trt_options["trt_engine_cache_path"] == str(tmp_path)
+    assert trt_options["trt_profile_min_shapes"] == "images:1x3x4x4"
+    assert trt_options["trt_profile_max_shapes"] == "images:32x3x4x4"
+    fp32 = tensorrt_provider_options(Settings(), _with(tensorrt=TensorRT(precision="fp32")))
+    assert fp32["trt_fp16_enable"] == "0"
+    assert fp32["trt_engine_cache_path"].endswith("resnet-serve-tensorrt")
+
+
+def test_tensorrt_falls_back_to_cuda() -> None:
+    config = _with(tensorrt=TensorRT())
+    # TensorRT does not come up: CUDA does
+    assert _open("cuda", FakeFactory(tensorrt_comes_up=False), config=config).provider == CUDA
+    # a build without the TensorRT provider: only CUDA is asked for
+    factory = FakeFactory()
+    opened = _open("cuda", factory, config=config, providers=(CUDA, CPU))
+    assert opened.provider == CUDA and [p[0] for p in factory.calls[0]] == [CUDA]
+
+
+def test_tensorrt_is_never_tried_unless_config_json_asks() -> None:
+    factory = FakeFactory()
+    _open("cuda", factory, config=CONFIG)
+    assert [p[0] for p in factory.calls[0]] == [CUDA]
+
+
+def test_why_no_cuda_gives_the_loaders_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "libonnxruntime_providers_cuda.so"
+    monkeypatch.setattr(sessions, "_provider_library", lambda: missing)
+    assert "is not installed" in why_no_cuda()
+    missing.write_bytes(b"not an ELF file")
+    assert "does not load:" in why_no_cuda() and "file too short" in why_no_cuda()
+
+
+def _runner(session: FakeSession, provider: str = CUDA, **options: Any) -> Runner:
+    return Runner(
+        Opened(session, provider, "test"), "images", "logits",
+        io_binding=False, device_id=0, **options,
+    )  # fmt: skip
+
+
+def test_gpu_runner_pads_to_the_bucket_and_cuts_the_logits_back() -> None:
+    session = FakeSession([CUDA, CPU])
+    runner = _runner(session, buckets=(4, 8))
+    logits = runner.run(np.ones((3, 3, 4, 4), np.float32))
+    assert session.batches == [4] and logits.shape == (3, 3)
+    runner.run(np.ones((5, 3, 4, 4), np.float32))
+    assert session.batches == [4, 8]
+    with pytest.raises(ValueError, match="above the largest bucket 8"):
+        runner.run(np.ones((9, 3, 4, 4), np.float32))
+
+
+def test_cpu_runner_never_pads() -> None:
+    session = FakeSession([CPU])
+    runner = _runner(session, CPU, buckets=(4, 8))
+    runner.run(np.ones((3, 3, 4, 4), np.float32))
+    assert session.batches == [3] and runner.buckets == ()
+
+
+def test_a_session_that_leaves_the_gpu_is_caught_on_its_next_run() -> None:
+    session = FakeSession([CUDA, CPU])
+    runner = _runner(session, instance=1)
+    runner.run(np.ones((1, 3, 4, 4), np.float32))
+    session._providers = [CPU]  # what ONNX Runtime's run-time fallback does to a session
+    with pytest.raises(ProviderLost, match="instance 1 was opened on CUDAExecutionProvider"):
+        runner.run(np.ones((1, 3, 4, 4), np.float32))
+
+
+def test_bucket_for() -> None:
+    assert [bucket_for(n, (2, 8, 32)) for n in (1, 2, 3, 8, 9, 32)] == [2, 2, 8, 8, 32, 32]
 
 
 def test_threads_default_to_cores_per_instance() -> None:

@@ -13,7 +13,7 @@ from server.models import Model, ModelVersion, State
 from server.protocols.v2 import describe as v2_describe
 from server.protocols.v2 import stats as v2_stats
 from server.repository import Batching, InputSpec, ModelConfig
-from server.sessions import CPU, CUDA
+from server.sessions import CPU, CUDA, TENSORRT
 
 CONFIG = ModelConfig(
     name="net",
@@ -24,9 +24,11 @@ CONFIG = ModelConfig(
 )
 
 
-def version(number: str, state: State = State.READY, provider: str = CPU) -> ModelVersion:
+def version(
+    number: str, state: State = State.READY, providers: tuple[str, ...] = (CPU,)
+) -> ModelVersion:
     return ModelVersion(
-        "net", number, CONFIG, list("abcde"), Path(number), state, provider=provider
+        "net", number, CONFIG, list("abcde"), Path(number), state, providers=providers
     )
 
 
@@ -40,10 +42,11 @@ def test_metadata_lists_ready_versions_and_batched_shapes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("provider", "kind", "gpus"), [(CPU, "KIND_CPU", []), (CUDA, "KIND_GPU", [1])]
+    ("provider", "kind", "gpus"),
+    [(CPU, "KIND_CPU", []), (CUDA, "KIND_GPU", [1]), (TENSORRT, "KIND_GPU", [1])],
 )
 def test_config(provider: str, kind: str, gpus: list[int]) -> None:
-    config = v2_describe.config_response(version("1", provider=provider), 2, 1).config
+    config = v2_describe.config_response(version("1", providers=(provider,) * 2), 1).config
     assert (config.max_batch_size, config.platform, config.backend) == (
         4,
         "onnxruntime_onnx",
@@ -63,6 +66,14 @@ def test_config(provider: str, kind: str, gpus: list[int]) -> None:
         kind,
         gpus,
     )
+
+
+def test_config_has_one_instance_group_per_provider_the_instances_run_on() -> None:
+    served = version("1", providers=(CUDA, CUDA, CPU))
+    groups = v2_describe.config_response(served, 0).config.instance_group
+    kind = mc.ModelInstanceGroup.Kind.Name
+    kinds = [(g.name, g.count, kind(g.kind), list(g.gpus)) for g in groups]
+    assert kinds == [("net_0", 2, "KIND_GPU", [0]), ("net_1", 1, "KIND_CPU", [])]
 
 
 def test_statistics_from_the_metrics() -> None:

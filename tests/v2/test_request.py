@@ -14,6 +14,7 @@ from tritonclient.utils import deserialize_bytes_tensor
 from server.errors import InvalidInput
 from server.protocols.v2 import request as v2_request
 from server.repository import InputSpec, ModelConfig
+from server.request_path import Unread
 
 FLOAT = ModelConfig(name="tiny", arch="resnet20", num_classes=3, input=InputSpec(size=4))
 UINT8 = ModelConfig(
@@ -88,12 +89,43 @@ def test_typed_contents() -> None:
     tensor = request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 4, 4])
     tensor.contents.fp32_contents.extend([0.5] * 48)
     images = v2_request.parse_images(request, FLOAT)
-    assert images.tensor is not None and float(images.tensor.sum()) == 24.0
+    # checked now, read later on a worker: the values are not touched on the event loop
+    assert isinstance(images.tensor, Unread) and images.tensor.images == 1 and len(images) == 1
+    assert float(images.tensor.read().sum()) == 24.0
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "message"),
+    [
+        ("BYTES", [1, 1000000], r"shape \[1, 1000000\]; encoded images go in shape \[N\]"),
+        ("BYTES", [0], r"shape \[0\]; encoded images go in shape \[N\] or \[N, 1\] with N >= 1"),
+        ("FP32", [1, 3, 224, 224], r"takes input of shape \[-1, 3, 4, 4\] \(NCHW, batch >= 1\)"),
+        ("FP32", [0, 3, 4, 4], r"got \[0, 3, 4, 4\]"),
+        ("INT32", [1, 3, 4, 4], r"input 'images' is INT32; model 'tiny' takes"),
+        ("FP8", [1], r"unknown datatype 'FP8'"),
+        ("FP32", [-1, 3, 4, 4], r"dimensions must be >= 0"),
+    ],
+)
+def test_the_declared_shape_is_checked_before_the_data(
+    datatype: str, shape: list[int], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def untouchable(*_: object) -> None:
+        raise AssertionError("the data was read before the declared shape was checked")
+
+    monkeypatch.setattr(v2_request, "_data", untouchable)
+    with pytest.raises(InvalidInput, match=message):
+        v2_request.parse_images(_request(datatype, shape, b""), FLOAT)
+
+
+def test_bytes_are_split_no_further_than_the_shape() -> None:
+    raw = serialize_bytes([b""] * 100_000)
+    with pytest.raises(InvalidInput, match=r"hold more than 2 BYTES elements"):
+        v2_request.parse_images(_request("BYTES", [2], raw), FLOAT)
 
 
 def test_no_data_and_mixed_data() -> None:
     request = pb.ModelInferRequest(model_name="tiny")
-    request.inputs.add(name="images", datatype="FP32", shape=[1])
+    request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 4, 4])
     with pytest.raises(InvalidInput, match="carries no data"):
         v2_request.parse_images(request, FLOAT)
     request.inputs[0].contents.fp32_contents.append(1.0)

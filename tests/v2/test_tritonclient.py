@@ -334,13 +334,18 @@ def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> 
     for call in (
         client.get_system_shared_memory_status,
         client.get_cuda_shared_memory_status,
-        lambda: client.load_model("resnet18"),
         client.get_trace_settings,
         client.get_log_settings,
     ):
         error = _status(call)
         assert error.status() == "StatusCode.UNIMPLEMENTED"
         assert "is not supported by this server" in error.message()
+    # model control is off (--model-control-mode none): unimplemented, saying how to turn it on
+    # (tests/server/test_model_control.py runs it on)
+    for call in (lambda: client.load_model("resnet18"), lambda: client.unload_model("resnet18")):
+        error = _status(call)
+        assert error.status() == "StatusCode.UNIMPLEMENTED"
+        assert "--model-control-mode none" in error.message()
 
 
 # statistics and shared accounting

@@ -9,7 +9,7 @@ Plain bytes in and out; imports neither grpc nor numpy.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _LENGTH = struct.Struct("<I")
 
@@ -22,22 +22,28 @@ def serialize(elements: Iterable[bytes]) -> bytes:
 def deserialize(raw: bytes) -> list[bytes]:
     """Split a raw BYTES buffer into its elements; `ValueError` when a length prefix is cut
     off or runs past the end (the message says which element and by how much)."""
-    elements: list[bytes] = []
+    return list(elements(raw))
+
+
+def elements(raw: bytes) -> Iterator[bytes]:
+    """The elements of a raw BYTES buffer one by one, so a reader can stop at the count it
+    expects instead of splitting a buffer of a million elements; errors as `deserialize`."""
     view = memoryview(raw)
     offset = 0
+    index = 0
     while offset < len(view):
         if offset + _LENGTH.size > len(view):
             raise ValueError(
-                f"BYTES element {len(elements)} starts at byte {offset} but only "
+                f"BYTES element {index} starts at byte {offset} but only "
                 f"{len(view) - offset} bytes remain for its 4-byte length prefix"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += _LENGTH.size
         if offset + length > len(view):
             raise ValueError(
-                f"BYTES element {len(elements)} declares {length} bytes but only "
+                f"BYTES element {index} declares {length} bytes but only "
                 f"{len(view) - offset} remain"
             )
-        elements.append(bytes(view[offset : offset + length]))
+        yield bytes(view[offset : offset + length])
         offset += length
-    return elements
+        index += 1

@@ -304,7 +304,8 @@ def _model_json(model: ModelInfo) -> dict[str, Any]:
         "input": {"name": model.input.name, "dtype": model.input.dtype,
                   "layout": model.input.layout, "shape": list(model.input.shape)},
         "versions": [{"version": v.version, "state": v.state.value, "reason": v.reason,
-                      "weights": v.weights} for v in model.versions],
+                      "providers": list(v.providers), "weights": v.weights}
+                     for v in model.versions],
     }
 
 

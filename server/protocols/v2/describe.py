@@ -3,11 +3,13 @@
 The model configuration is what Triton would report for the same ONNX model
 with a ``config.pbtxt``: shapes without the batch dimension (``max_batch_size``
 > 0), the input's layout in ``format`` (image clients read it to choose CHW or
-HWC), the labels file on the output, dynamic batching and instance groups.
+HWC), the labels file on the output, dynamic batching and instance groups (one per
+execution provider the instances really run on).
 """
 
 from __future__ import annotations
 
+import itertools
 from importlib.metadata import version
 
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
@@ -16,19 +18,27 @@ from resnet_serve_client.proto.inference import model_config_pb2 as mc
 from server.models import Model, ModelRegistry, ModelVersion, State
 from server.protocols.v2.request import input_datatype
 from server.repository import MODEL_FILE, ModelConfig
-from server.sessions import CUDA
+from server.sessions import GPU_PROVIDERS
 
 SERVER_NAME = "resnet-serve"
-# Protocol extensions, as Triton names them, that this server implements.
+# Protocol extensions, as Triton names them, that this server implements; with a model
+# control mode other than none, MODEL_REPOSITORY too (load and unload).
 EXTENSIONS = ("classification", "model_configuration", "statistics")
+MODEL_REPOSITORY = "model_repository"
 BACKEND = "onnxruntime"
 _CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8}
 _FORMATS = {"NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
 
 
-def server_metadata() -> pb.ServerMetadataResponse:
+def extensions(model_control_mode: str) -> tuple[str, ...]:
+    return (*EXTENSIONS, MODEL_REPOSITORY) if model_control_mode != "none" else EXTENSIONS
+
+
+def server_metadata(model_control_mode: str) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(
-        name=SERVER_NAME, version=version("resnet-serve"), extensions=EXTENSIONS
+        name=SERVER_NAME,
+        version=version("resnet-serve"),
+        extensions=extensions(model_control_mode),
     )
 
 
@@ -65,15 +75,29 @@ def repository_index(registry: ModelRegistry, ready_only: bool) -> pb.Repository
     )
 
 
-def config_response(
-    served: ModelVersion, instances: int, cuda_device: int
-) -> pb.ModelConfigResponse:
-    """The ModelConfig RPC's answer for ``served``. ``instances``: sessions per version;
-    ``cuda_device``: the GPU they use when on CUDA."""
+def instance_groups(served: ModelVersion, cuda_device: int) -> list[mc.ModelInstanceGroup]:
+    """Triton's instance groups for ``served``: one per execution provider its instances
+    really run on (KIND_GPU with the device for CUDA and TensorRT, KIND_CPU), in order."""
+    group = mc.ModelInstanceGroup
+    groups: list[mc.ModelInstanceGroup] = []
+    for provider, run in itertools.groupby(served.providers):
+        on_gpu = provider in GPU_PROVIDERS
+        groups.append(
+            group(
+                name=f"{served.name}_{len(groups)}",
+                count=len(list(run)),
+                kind=group.KIND_GPU if on_gpu else group.KIND_CPU,
+                gpus=[cuda_device] if on_gpu else [],
+            )
+        )
+    return groups
+
+
+def config_response(served: ModelVersion, cuda_device: int) -> pb.ModelConfigResponse:
+    """The ModelConfig RPC's answer for ``served``; ``cuda_device``: the GPU its instances
+    use when they run on one."""
     config: ModelConfig = served.config
     batching = config.batching
-    on_gpu = served.provider == CUDA
-    group = mc.ModelInstanceGroup
     return pb.ModelConfigResponse(
         config=mc.ModelConfig(
             name=served.name,
@@ -96,14 +120,7 @@ def config_response(
                     label_filename=config.labels,
                 )
             ],
-            instance_group=[
-                group(
-                    name=served.name,
-                    count=instances,
-                    kind=group.KIND_GPU if on_gpu else group.KIND_CPU,
-                    gpus=[cuda_device] if on_gpu else [],
-                )
-            ],
+            instance_group=instance_groups(served, cuda_device),
             default_model_filename=MODEL_FILE,
             # where the weights came from ("random (seed N)": an untrained model)
             parameters=(

@@ -12,20 +12,28 @@ Every model here has one input and one output (`server.repository.config`):
   ``"<value>:<index>:<label>"``, the value being the logit.
 
 All tensors of a response travel in ``raw_output_contents``, as Triton sends them.
+
+Limits come before work: the request path has checked the declared batch (the input's
+first dimension) against ``max_images_per_request``; here the datatype and the whole
+shape are checked against the model — BYTES ``[N]``/``[N, 1]``, the graph's
+``[N, *dims]`` — before any data is read, so what is read is bounded by the declared
+batch. A BYTES buffer is split no further than one element past the shape, and typed
+``contents`` are read into an array on the preprocessing pool (`Unread`), not here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from server.models import check_batch_shape
 from server.protocols.v2 import tensors
 from server.protocols.v2.tensors import BYTES, TensorError
 from server.repository import ModelConfig
-from server.request_path import Inputs
+from server.request_path import Inputs, Unread
 
 GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 CLASSIFICATION = "classification"
@@ -50,12 +58,12 @@ def describe_input(config: ModelConfig) -> str:
 
 
 def parse_images(request: Any, config: ModelConfig) -> Inputs:
-    """The request's one input, decoded: the graph's own batch, or encoded images; the model
-    checks a tensor's shape (as for Classify)."""
+    """The request's one input: the graph's own batch (its typed contents still `Unread`),
+    or encoded images; everything declared is checked before any data is read."""
     check_inputs([i.name for i in request.inputs], config)
     tensor = request.inputs[0]
-    no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
-    return images_of(tensor.name, tensor.datatype, _decode(request, tensor), config)
+    shape = check_declared(tensor.name, tensor.datatype, tensor.shape, tensor.parameters, config)
+    return images_of(tensor.name, tensor.datatype, shape, _data(request, tensor))
 
 
 def check_inputs(names: list[str], config: ModelConfig) -> None:
@@ -71,17 +79,50 @@ def check_inputs(names: list[str], config: ModelConfig) -> None:
         )
 
 
-def images_of(name: str, datatype: str, array: np.ndarray, config: ModelConfig) -> Inputs:
-    """The decoded input as the request path takes it: encoded images (BYTES) or the
-    graph's own batch (its datatype, checked here)."""
+def check_declared(
+    name: str,
+    datatype: str,
+    declared: Sequence[int],
+    parameters: Container[str],
+    config: ModelConfig,
+) -> tuple[int, ...]:
+    """What the request declares for the input, checked before any data is read: no shared
+    memory, a known datatype, BYTES ``[N]``/``[N, 1]`` or the graph's own ``[N, *dims]``.
+    The shape."""
+    no_shared_memory(f"input '{name}'", parameters)
+    tensors.datatype(datatype)
+    shape = tensors.check_shape(name, declared)
     if datatype == BYTES:
-        return Inputs(images=_encoded_images(name, array))
-    expected = input_datatype(config)
-    if datatype != expected:
-        raise TensorError(
-            f"input '{name}' is {datatype}; model '{config.name}' takes {describe_input(config)}"
-        )
-    return Inputs(tensor=array)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
+            raise TensorError(
+                f"input '{name}' (BYTES) has shape {list(shape)}; encoded images go in "
+                f"shape [N] or [N, 1] with N >= 1"
+            )
+    else:
+        if datatype != input_datatype(config):
+            raise TensorError(
+                f"input '{name}' is {datatype}; model '{config.name}' takes "
+                f"{describe_input(config)}"
+            )
+        check_batch_shape(config.name, config.input, shape)
+    return shape
+
+
+def images_of(
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    data: bytes | memoryview | Callable[[], np.ndarray],
+) -> Inputs:
+    """The checked input as the request path takes it: encoded images (BYTES), or the graph's
+    own batch from raw bytes or, still `Unread`, from a reader of typed contents."""
+    if datatype == BYTES:
+        # N elements, N within max_images_per_request (checked by the request path): cheap
+        array = data() if callable(data) else tensors.decode_raw(name, BYTES, shape, data)
+        return Inputs(images=tuple(array.ravel().tolist()))
+    if callable(data):
+        return Inputs(tensor=Unread(shape[0], data))
+    return Inputs(tensor=tensors.decode_raw(name, datatype, shape, data))
 
 
 def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
@@ -146,7 +187,8 @@ def fill_response(
         response.raw_output_contents.append(raw)
 
 
-def _decode(request: Any, tensor: Any) -> np.ndarray:
+def _data(request: Any, tensor: Any) -> bytes | Callable[[], np.ndarray]:
+    """The input's raw contents, or the reader of its typed contents (checked, not read)."""
     has_contents = tensor.HasField("contents")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
@@ -159,23 +201,12 @@ def _decode(request: Any, tensor: Any) -> np.ndarray:
                 f"input '{tensor.name}' sets contents while the request uses raw_input_contents; "
                 f"use one or the other"
             )
-        return tensors.decode_raw(
-            tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0]
-        )
+        return request.raw_input_contents[0]
     if not has_contents:
         raise TensorError(
             f"input '{tensor.name}' carries no data; send it in raw_input_contents or contents"
         )
-    return tensors.decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
-
-
-def _encoded_images(name: str, array: np.ndarray) -> tuple[bytes, ...]:
-    if array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[1] != 1) or array.size == 0:
-        raise TensorError(
-            f"input '{name}' (BYTES) has shape {list(array.shape)}; encoded images go in "
-            f"shape [N] or [N, 1] with N >= 1"
-        )
-    return tuple(array.ravel().tolist())
+    return tensors.contents_reader(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
 
 
 def _classes(requested: Any) -> int | None:

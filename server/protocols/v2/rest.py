@@ -21,6 +21,7 @@ Errors are `TensorError` (INVALID_ARGUMENT, HTTP 400) saying what was wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,11 +35,11 @@ from server.protocols.v2 import tensors
 from server.protocols.v2.request import (
     CLASSIFICATION,
     Output,
+    check_declared,
     check_inputs,
     check_output,
     classification_count,
     images_of,
-    no_shared_memory,
 )
 from server.protocols.v2.tensors import BYTES, TensorError
 from server.repository import ModelConfig
@@ -66,11 +67,6 @@ class Tensor:
     binary: memoryview | None = None  # its bytes after the JSON (binary-tensor extension)
     data: Any = None  # its JSON ``data``
 
-    def decode(self) -> np.ndarray:
-        if self.binary is not None:
-            return tensors.decode_raw(self.name, self.datatype, self.shape, self.binary)
-        return decode_json(self.name, self.datatype, self.shape, self.data)
-
 
 @dataclass(frozen=True)
 class InferBody:
@@ -87,11 +83,18 @@ class InferBody:
         return self.inputs[0].shape[0] if len(self.inputs) == 1 and self.inputs[0].shape else 0
 
     def images(self, config: ModelConfig) -> Inputs:
-        """The one input as the request path takes it (checked as the gRPC adapter does)."""
+        """The one input as the request path takes it, checked as the gRPC adapter checks it
+        before any data is read; JSON ``data`` is read on the preprocessing pool."""
         check_inputs([t.name for t in self.inputs], config)
-        tensor = self.inputs[0]
-        no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
-        return images_of(tensor.name, tensor.datatype, tensor.decode(), config)
+        t = self.inputs[0]
+        shape = check_declared(t.name, t.datatype, t.shape, t.parameters, config)
+        data = t.binary
+        if data is None:
+            return images_of(
+                t.name, t.datatype, shape,
+                functools.partial(decode_json, t.name, t.datatype, list(shape), t.data),
+            )  # fmt: skip
+        return images_of(t.name, t.datatype, shape, data)
 
     def requested(self, config: ModelConfig) -> list[tuple[Output, bool]]:
         """Each requested output, and whether it goes in binary; none requested: the

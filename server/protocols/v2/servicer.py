@@ -7,8 +7,10 @@ count of every request, the domain errors of `server.errors`, which the server's
 interceptor maps to status codes). ModelStreamInfer runs a stream's requests
 concurrently (so they batch together) and answers in request order
 (`server.protocols.calls`); a failed request is answered with ``error_message``
-and the stream goes on. Triton RPCs this server does not
-implement answer UNIMPLEMENTED and say why.
+and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
+`server.lifecycle`, which offers them as ``--model-control-mode`` says (UNIMPLEMENTED,
+naming the switch, when it is none; unload only when it is explicit). Triton RPCs this
+server does not implement answer UNIMPLEMENTED and say why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
-from server.errors import ServeError
+from server.errors import InvalidInput, ServeError
 from server.models import ModelVersion
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.v2 import describe, stats
@@ -37,8 +39,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 STREAM_WINDOW = 64
 
 _UNSUPPORTED = {
-    "RepositoryModelLoad": "the model-repository extension",
-    "RepositoryModelUnload": "the model-repository extension",
     "SystemSharedMemoryStatus": "the system-shared-memory extension",
     "SystemSharedMemoryRegister": "the system-shared-memory extension",
     "SystemSharedMemoryUnregister": "the system-shared-memory extension",
@@ -55,7 +55,8 @@ def _unsupported(rpc: str, extension: str) -> Callable[..., Awaitable[None]]:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{rpc} ({extension}) is not supported by this server; its extensions are "
-            f"{', '.join(describe.EXTENSIONS)} (see ServerMetadata)",
+            f"{', '.join(describe.extensions(self._ctx.settings.model_control_mode))} "
+            "(see ServerMetadata)",
         )
 
     handler.__name__ = rpc
@@ -99,7 +100,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return describe.server_metadata()
+        return describe.server_metadata(self._ctx.settings.model_control_mode)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
@@ -111,9 +112,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
         served = self._registry.get(request.name, request.version)
-        settings = self._ctx.settings
-        instances = settings.instances_for(served.config.instances.count)
-        return describe.config_response(served, instances, settings.cuda_device_id)
+        return describe.config_response(served, self._ctx.settings.cuda_device_id)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
@@ -124,8 +123,27 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        """Every version of every model and its state; loading and unloading are not offered."""
+        """Every version of every model known to the server, its state and why."""
         return describe.repository_index(self._registry, ready_only=request.ready)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        """Load the model (again) from the repository by its version policy; the answer comes
+        once its versions are READY, or says which could not be loaded and why."""
+        _check_control_request(request, known=())
+        await self._ctx.lifecycle.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload every version of the model; the answer comes once they have finished the
+        requests they took and closed."""
+        # Triton's flag for ensembles; this server has none, so there are no dependents
+        _check_control_request(request, known=("unload_dependents",))
+        await self._ctx.lifecycle.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # inference
 
@@ -187,6 +205,23 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
 for _rpc, _extension in _UNSUPPORTED.items():
     setattr(V2Servicer, _rpc, _unsupported(_rpc, _extension))
+
+
+def _check_control_request(
+    request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+    known: tuple[str, ...],
+) -> None:
+    if not request.model_name:
+        raise InvalidInput("model_name is empty; RepositoryIndex lists the models")
+    if request.repository_name:
+        raise InvalidInput(
+            f"repository_name is {request.repository_name!r}; this server has one "
+            "repository: leave it empty"
+        )
+    unknown = sorted(set(request.parameters) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise InvalidInput(f"parameters {unknown} are not supported; allowed: {allowed}")
 
 
 def _read(message: pb.ModelInferRequest, served: ModelVersion) -> tuple[Inputs, list[Output]]:

@@ -1,0 +1,45 @@
+"""``make gpu-check``: without a GPU it exits 2 and says why; its CPU dry run passes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.shared_data import PHOTOS
+
+
+def _gpu_check(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "gpu_check", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_without_a_gpu_it_exits_2_and_says_why(tmp_path: Path) -> None:
+    result = _gpu_check("--work", str(tmp_path), "--out", str(tmp_path), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "gpu-check: no GPU to check:" in result.stderr
+    assert not list(tmp_path.iterdir()), "nothing built or written"
+
+
+@pytest.mark.timeout(900)  # about 95 s of CPU: builds, 1 training epoch, short windows
+def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _gpu_check(
+        "--device", "cpu", "--epochs", "1", "--concurrency", "1,4", "--seconds", "0.5",
+        "--photos", str(PHOTOS), "--work", str(tmp_path / "work"), "--out", str(out),
+        timeout=880,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((out / "gpu-check.json").read_text())
+    assert results["passed"] and results["providers"]["passed"]
+    assert set(results["providers"]["get_model"]) == {
+        "resnet20_fp32", "resnet20_fp16", "digits", "digits_fp16"
+    }  # fmt: skip
+    assert {"fp32_random", "fp32_photos", "fp16_photos", "fp16_digits"} == set(results["logits"])
+    assert [row["concurrency"] for row in results["speed"]["server"]] == [1, 4]
+    assert "PASSED" in (out / "gpu-check.md").read_text()
