@@ -239,40 +239,38 @@ def test_wrong_datatype_and_shape_are_400(client: httpclient.InferenceServerClie
     assert error.status() == "400" and "takes input of shape" in error.message()
 
 
+CIFAR_SHAPE = [1, 3, 32, 32]
+
+
+def body(data: object, shape: list[int] = CIFAR_SHAPE, **more: object) -> bytes:
+    tensor = {"name": "images", "datatype": "FP32", "shape": shape, "data": data}
+    return json.dumps({"inputs": [tensor], **more}).encode()
+
+
+BINARY_HEADER = (
+    b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1,3,32,32],'
+    b'"parameters":{"binary_data_size":12288}}]}'
+)
 BAD_BODIES = [
     (b"{not json", {}, "not valid JSON"),
     (b"[]", {}, "must be a JSON object"),
     (b'{"inputs": []}', {}, "takes exactly one input"),
     (
-        b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1,3,32,32],'
-        b'"parameters":{"binary_data_size":12288}}]}',
+        BINARY_HEADER,
         {"Inference-Header-Content-Length": "500"},
         "Inference-Header-Content-Length is 500 but the body has",
     ),
-    (
-        b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1,3,32,32],'
-        b'"parameters":{"binary_data_size":12288}}]}',
-        {},
-        "declares 12288 bytes of binary data",
-    ),
-    (
-        b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1,2],"data":["a","b"]}]}',
-        {},
-        "is FP32 but its 'data' holds strings",
-    ),
-    (
-        b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1,3],"data":[1,2]}]}',
-        {},
-        "has shape [1, 3] (3 elements) but 'data' holds 2",
-    ),
+    (BINARY_HEADER, {}, "declares 12288 bytes of binary data"),
+    (body(["a"] * 3072), {}, "is FP32 but its 'data' holds strings"),
+    (body([1, 2]), {}, "has shape [1, 3, 32, 32] (3072 elements) but 'data' holds 2"),
+    (body([1, 2], shape=[1, 2]), {}, "takes input of shape [-1, 3, 32, 32]"),
     (
         b'{"inputs":[{"name":"images","datatype":"FLOAT","shape":[1],"data":[1]}]}',
         {},
         "unknown datatype 'FLOAT'",
     ),
     (
-        b'{"inputs":[{"name":"images","datatype":"FP32","shape":[1],"data":[0]}],'
-        b'"outputs":[{"name":"logits","parameters":{"classification":"3"}}]}',
+        body([0] * 3072, outputs=[{"name": "logits", "parameters": {"classification": "3"}}]),
         {},
         "parameter 'classification' must be an integer",
     ),
