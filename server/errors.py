@@ -96,6 +96,7 @@ def to_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
 # full queue too, with Retry-After); codes not listed are 500.
 HTTP_STATUSES: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # a load or unload the repository refuses
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.UNIMPLEMENTED: 501,

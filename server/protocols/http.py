@@ -9,6 +9,8 @@ Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
   ``GET /v2/models/<name>{v}/config``: the model configuration;
 - ``GET /v2/models/stats``, ``GET /v2/models/<name>{v}/stats``: statistics;
 - ``POST /v2/repository/index``: every model version and its state;
+  ``POST /v2/repository/models/<name>/load`` and ``/unload``: model control (with
+  ``--model-control-mode explicit``; otherwise 501, as gRPC answers UNIMPLEMENTED);
 - ``POST /v2/models/<name>{v}/infer``: inference, JSON tensors or Triton's
   binary-tensor extension (`server.protocols.v2.rest`), the classification extension;
 - ``POST`` (or ``PUT``, as ``curl -T`` sends) ``/v2/models/<name>{v}/classify``: the
@@ -48,6 +50,7 @@ from server.interceptors import Calls
 from server.models import State
 from server.protocols import v1
 from server.protocols.v2 import describe, rest, stats
+from server.protocols.v2 import servicer as v2_servicer
 from server.protocols.v2.request import output_arrays
 from server.request_path import Inputs, Request, RequestPath
 
@@ -85,6 +88,8 @@ class HttpServer:
         get("/v2", self.server_metadata)
         get("/v2/models/stats", self.statistics)
         post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load_model)
+        post("/v2/repository/models/{model}/unload", self.unload_model)
         for base, suffix in ((_MODEL, ""), (_VERSION, "-version")):
             get(f"{base}/ready", self.model_ready, name=f"{PROBE}-model{suffix}")
             get(base, self.model_metadata)
@@ -195,6 +200,25 @@ class HttpServer:
             raise InvalidInput("'ready' must be true or false")
         index = describe.repository_index(self._registry, ready_only=ready)
         return _json(rest.message_json(index)["models"])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        """Load (again) by the model's version policy (``--model-control-mode explicit``)."""
+        await self._control(request, ())
+        await self._ctx.lifecycle.load(request.match_info["model"])
+        return web.Response()
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        await self._control(request, v2_servicer.UNLOAD_PARAMETERS)
+        await self._ctx.lifecycle.unload(request.match_info["model"])
+        return web.Response()
+
+    async def _control(self, request: web.Request, known: tuple[str, ...]) -> None:
+        body = await request.read()
+        options = rest.parse_object(body) if body.strip() else {}
+        parameters = options.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        v2_servicer.check_control(request.match_info["model"], "", parameters, known)
 
     # inference
 

@@ -16,7 +16,7 @@ server does not implement answer UNIMPLEMENTED and say why.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -34,6 +34,9 @@ from server.request_path import Inputs, Request, RequestPath
 Context = grpc.aio.ServicerContext
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+# Triton's flag for ensembles on unload; this server has none, so there are no dependents.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 
 # Requests of one stream being worked on at once; the stream is read no further ahead.
 STREAM_WINDOW = 64
@@ -141,7 +144,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Unload every version of the model; the answer comes once they have finished the
         requests they took and closed."""
         # Triton's flag for ensembles; this server has none, so there are no dependents
-        _check_control_request(request, known=("unload_dependents",))
+        _check_control_request(request, known=UNLOAD_PARAMETERS)
         await self._ctx.lifecycle.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -211,14 +214,22 @@ def _check_control_request(
     request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
     known: tuple[str, ...],
 ) -> None:
-    if not request.model_name:
+    check_control(request.model_name, request.repository_name, request.parameters, known)
+
+
+def check_control(
+    model_name: str, repository_name: str, parameters: Iterable[str], known: tuple[str, ...]
+) -> None:
+    """A load or unload request (gRPC or HTTP) names a model, no other repository, and only
+    the parameters `known`."""
+    if not model_name:
         raise InvalidInput("model_name is empty; RepositoryIndex lists the models")
-    if request.repository_name:
+    if repository_name:
         raise InvalidInput(
-            f"repository_name is {request.repository_name!r}; this server has one "
+            f"repository_name is {repository_name!r}; this server has one "
             "repository: leave it empty"
         )
-    unknown = sorted(set(request.parameters) - set(known))
+    unknown = sorted(set(parameters) - set(known))
     if unknown:
         allowed = ", ".join(known) or "none"
         raise InvalidInput(f"parameters {unknown} are not supported; allowed: {allowed}")
