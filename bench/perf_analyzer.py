@@ -2,7 +2,7 @@
 
 The SDK's load generator is Python: at concurrency 1 it spends about a
 millisecond of CPU per request on the same two cores, and that time is part of
-every latency it reports. perf_analyzer (shipped in the ``tritonclient`` wheel)
+every latency it reports. perf_analyzer (shipped in ``tritonclient`` wheels up to 2.49)
 is the client Triton users measure with, so the bench runs it too, for the v2
 variant, to show the server's latency with a client that costs little.
 
@@ -31,7 +31,20 @@ from pathlib import Path
 
 from resnet_serve_client.bench import LevelResult
 
-BINARY = Path(sys.executable).with_name("perf_analyzer")
+# tritonclient's wheels carried the binary up to 2.49; `make venv` installs 2.41's (2.49's
+# writes an empty profile export) apart from the venv's packages, which keep the current
+# tritonclient (without it).
+BINARY = next(
+    (
+        path
+        for path in (
+            Path(sys.executable).with_name("perf_analyzer"),
+            Path(sys.prefix) / "perf-analyzer" / "bin" / "perf_analyzer",
+        )
+        if path.is_file()
+    ),
+    Path(sys.prefix) / "perf-analyzer" / "bin" / "perf_analyzer",
+)
 TIMEOUT_MARGIN = 120.0  # seconds beyond the windows: start-up, metadata, a retried window
 
 
@@ -53,7 +66,7 @@ def _environment() -> dict[str, str]:
 def unavailable() -> str | None:
     """Why perf_analyzer cannot run here, or None when it can."""
     if not BINARY.is_file():
-        return f"no {BINARY.name} next to {sys.executable} (install the dev extra: tritonclient)"
+        return f"no {BINARY} (make venv installs it from the tritonclient 2.41 wheel)"
     try:
         done = subprocess.run(
             [str(BINARY), "--version"], env=_environment(), capture_output=True, text=True,
