@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[cpu,builder,dev]'
 	# perf_analyzer (C++) left the tritonclient wheel after 2.49 (2.49's writes an empty profile
 	# export, 2.52+ need glibc 2.38): 2.41's binary, apart from the venv's current tritonclient.
-	$(BIN)/python -m pip install --quiet --no-deps --prefix $(VENV)/perf-analyzer 'tritonclient==2.41.0'
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/perf-analyzer 'tritonclient==2.41.0'
 	touch $@
 
 venv: $(STAMP)
