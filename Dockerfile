@@ -140,13 +140,14 @@ USER 10001:10001
 # Every server setting is also a RESNET_SERVE_* variable (`resnet-serve serve --help`).
 ENV RESNET_SERVE_REPO=/models \
     RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_HTTP_PORT=8000 \
     RESNET_SERVE_PORT=8001 \
     RESNET_SERVE_METRICS_PORT=8002 \
     RESNET_SERVE_DEVICE=cpu \
     RESNET_SERVE_GRACE_PERIOD=30 \
     RESNET_SERVE_LOG_FORMAT=json
 
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 # One grpc.health.v1 Check from a module that imports grpc and the health stubs only.
 # Shell form on purpose, so the probe follows RESNET_SERVE_PORT; a probe gets no signals.
@@ -199,6 +200,7 @@ USER 10001:10001
 # device auto: CUDA when a session really comes up on it (a GPU is passed in), else CPU.
 ENV RESNET_SERVE_REPO=/models \
     RESNET_SERVE_HOST=0.0.0.0 \
+    RESNET_SERVE_HTTP_PORT=8000 \
     RESNET_SERVE_PORT=8001 \
     RESNET_SERVE_METRICS_PORT=8002 \
     RESNET_SERVE_DEVICE=auto \
@@ -207,7 +209,7 @@ ENV RESNET_SERVE_REPO=/models \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 # One grpc.health.v1 Check from a module that imports grpc and the health stubs only.
 # Shell form on purpose, so the probe follows RESNET_SERVE_PORT; a probe gets no signals.

@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime-gpu 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[cpu,builder,dev]'
+	# perf_analyzer (C++) left the tritonclient wheel after 2.49 (2.49's writes an empty profile
+	# export, 2.52+ need glibc 2.38): 2.41's binary, apart from the venv's current tritonclient.
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/perf-analyzer 'tritonclient==2.41.0'
 	touch $@
 
 venv: $(STAMP)

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--metrics-host", help="ignored: the floor has no metrics")
     parser.add_argument("--metrics-port", help="ignored: the floor has no metrics")
+    parser.add_argument("--http-port", help="ignored: the floor has no HTTP port")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.repo, f"{args.host}:{args.port}"))

@@ -2,7 +2,7 @@
 
 The SDK's load generator is Python: at concurrency 1 it spends about a
 millisecond of CPU per request on the same two cores, and that time is part of
-every latency it reports. perf_analyzer (shipped in the ``tritonclient`` wheel)
+every latency it reports. perf_analyzer (shipped in ``tritonclient`` wheels up to 2.49)
 is the client Triton users measure with, so the bench runs it too, for the v2
 variant, to show the server's latency with a client that costs little.
 
@@ -31,7 +31,20 @@ from pathlib import Path
 
 from resnet_serve_client.bench import LevelResult
 
-BINARY = Path(sys.executable).with_name("perf_analyzer")
+# tritonclient's wheels carried the binary up to 2.49; `make venv` installs 2.41's (2.49's
+# writes an empty profile export) apart from the venv's packages, which keep the current
+# tritonclient (without it).
+BINARY = next(
+    (
+        path
+        for path in (
+            Path(sys.executable).with_name("perf_analyzer"),
+            Path(sys.prefix) / "perf-analyzer" / "bin" / "perf_analyzer",
+        )
+        if path.is_file()
+    ),
+    Path(sys.prefix) / "perf-analyzer" / "bin" / "perf_analyzer",
+)
 TIMEOUT_MARGIN = 120.0  # seconds beyond the windows: start-up, metadata, a retried window
 
 
@@ -53,7 +66,7 @@ def _environment() -> dict[str, str]:
 def unavailable() -> str | None:
     """Why perf_analyzer cannot run here, or None when it can."""
     if not BINARY.is_file():
-        return f"no {BINARY.name} next to {sys.executable} (install the dev extra: tritonclient)"
+        return f"no {BINARY} (make venv installs it from the tritonclient 2.41 wheel)"
     try:
         done = subprocess.run(
             [str(BINARY), "--version"], env=_environment(), capture_output=True, text=True,
@@ -67,27 +80,38 @@ def unavailable() -> str | None:
 
 
 def measure(
-    address: str, model: str, concurrency: int, seconds: float, work: Path, inputs: dict[str, bytes]
+    address: str,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    work: Path,
+    inputs: dict[str, bytes] | None,
+    protocol: str = "grpc",
 ) -> LevelResult:
     """One measured slice at `concurrency`: every request of the stable windows.
 
     `inputs` maps each input name to the raw bytes of one image's tensor: the same data
     the SDK's v2 variant sends. perf_analyzer's own "zero" data is no stand-in (all-zero
     pixels ran ResNet-50 18 % slower in ONNX Runtime here), and its "random" bytes are
-    NaN and infinity as often as not in a float32 tensor.
+    NaN and infinity as often as not in a float32 tensor: what a user running it without
+    data flags sends (``inputs=None``), which the server computes like any other input.
+    `protocol`: ``grpc`` (`address` is the gRPC port) or ``http`` (the HTTP port).
     """
-    data = work / f"{model}-input"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, raw in inputs.items():
-        (data / name).write_bytes(raw)
-    export = work / f"{model}-c{concurrency}.json"
+    data_flags: list[str] = []
+    if inputs is not None:
+        data = work / f"{model}-input"
+        data.mkdir(parents=True, exist_ok=True)
+        for name, raw in inputs.items():
+            (data / name).write_bytes(raw)
+        data_flags = ["--input-data", str(data)]
+    export = work / f"{model}-{protocol}-c{concurrency}.json"
     export.unlink(missing_ok=True)
     window_ms = max(200, round(1000 * seconds / 3))
     command = [
-        str(BINARY), "-m", model, "-u", address, "-i", "grpc",
+        str(BINARY), "-m", model, "-u", address, "-i", protocol,
         "--concurrency-range", str(concurrency), "-b", "1",
         "--measurement-mode", "time_windows", "-p", str(window_ms), "-s", "90",
-        "--input-data", str(data), "--profile-export-file", str(export),
+        *data_flags, "--profile-export-file", str(export),
     ]  # fmt: skip
     cpu_before, started = _children_cpu(), time.monotonic()
     done = subprocess.run(

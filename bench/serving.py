@@ -51,6 +51,7 @@ class Endpoints:
     address: str
     metrics_url: str
     credentials: grpc.ChannelCredentials | None = None
+    http_url: str | None = None  # the HTTP/REST port's base URL, ``http://host:port``
 
     def channel(self) -> grpc.Channel:
         if self.credentials is None:
@@ -111,6 +112,7 @@ def start(
     *,
     port: int | None = None,
     metrics_port: int | None = None,
+    http_port: int | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     env: dict[str, str] | None = None,
     attempts: int = 3,
@@ -121,18 +123,20 @@ def start(
     With ``serving=False`` it returns as soon as the port answers health, whatever it says
     (models may still be loading).
 
-    Ports not given are free ones, chosen again (up to `attempts` times) if another
-    process took one first. ``env`` adds variables (``RESNET_SERVE_*`` settings) to
-    this process's environment. ``command`` is the program given these flags (the bench's
-    floor server, `bench.floor`, takes them too). Raises `StartError`.
+    Ports not given (gRPC, metrics, HTTP) are free ones, chosen again (up to `attempts`
+    times) if another process took one first. ``env`` adds variables (``RESNET_SERVE_*``
+    settings) to this process's environment. ``command`` is the program given these flags
+    (the bench's floor server, `bench.floor`, takes them too). Raises `StartError`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
-        grpc_port, http_port = port or free_port(), metrics_port or free_port()
+        grpc_port, scrape_port = port or free_port(), metrics_port or free_port()
+        rest_port = http_port or free_port()
         argv = [
             *command, "--repo", str(repo),
             "--host", "127.0.0.1", "--port", str(grpc_port),
-            "--metrics-host", "127.0.0.1", "--metrics-port", str(http_port),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(scrape_port),
+            "--http-port", str(rest_port),
             *flags,
         ]  # fmt: skip
         with log_path.open("wb") as log_file:
@@ -144,7 +148,8 @@ def start(
             )
         server = Server(
             address=f"127.0.0.1:{grpc_port}",
-            metrics_url=f"http://127.0.0.1:{http_port}/metrics",
+            metrics_url=f"http://127.0.0.1:{scrape_port}/metrics",
+            http_url=f"{'http' if credentials is None else 'https'}://127.0.0.1:{rest_port}",
             credentials=credentials,
             process=process,
             log_path=log_path,
@@ -155,7 +160,7 @@ def start(
             process.kill()
             process.wait()
             raise StartError(f"server not SERVING after {START_TIMEOUT:.0f} s:\n{server.log()}")
-        chosen = port is None or metrics_port is None
+        chosen = port is None or metrics_port is None or http_port is None
         if not chosen or attempt == attempts - 1 or "bind" not in server.log().lower():
             raise StartError(f"server exited with {process.returncode}:\n{server.log()}")
     raise AssertionError("unreachable")

@@ -58,7 +58,7 @@ from builder.repository import (
     remove_abandoned_staging,
     staging_dir,
 )
-from builder.weights import weights_source
+from builder.weights import resolve_weights
 from server.repository import (
     MODEL_FILE,
     VERIFICATION_FILE,
@@ -236,7 +236,7 @@ def build(options: BuildOptions, thresholds: Thresholds | None = None) -> BuildR
         if options.precision is Precision.INT8
         else None
     )
-    weights = None if options.weights is None else weights_source(options.weights)
+    weights = None if options.weights is None else resolve_weights(options.weights, arch.name)
     recipe = Recipe.model_validate(
         options.model_dump()
         | {
@@ -245,6 +245,7 @@ def build(options: BuildOptions, thresholds: Thresholds | None = None) -> BuildR
             "num_classes": num_classes,
             "weights": None if weights is None else weights.path,
             "weights_sha256": None if weights is None else weights.sha256,
+            "weights_origin": None if weights is None else weights.origin,
             "calibration": None if options.calibration is None else options.calibration.resolve(),
         }
     )

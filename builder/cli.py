@@ -207,13 +207,13 @@ def _models(args: argparse.Namespace) -> int:
     # Instances as config.json asks for them; the provider each runs on is the server's choice
     # at start-up (--device), shown by GetModel, v2 ModelConfig and its /metrics.
     rows = [
-        ("model", "arch", "input", "classes", "instances", "version", "precision", "status",
-         "serves")
+        ("model", "arch", "input", "classes", "instances", "version", "precision", "weights",
+         "status", "serves")
     ]  # fmt: skip
     for entry in entries:
         if entry.config is None:
             error = f"invalid config.json: {entry.config_error}"
-            rows.append((entry.name, "-", "-", "-", "-", "-", "-", error, "no"))
+            rows.append((entry.name, "-", "-", "-", "-", "-", "-", "-", error, "no"))
             continue
         spec = entry.config.input
         shape = f"{spec.dtype} {spec.layout} {spec.size}"
@@ -228,11 +228,15 @@ def _models(args: argparse.Namespace) -> int:
             detail = f" ({status.detail})" if status.detail else ""
             why = entry.why_not_served(status)
             serves = f"no: {why}" if why else "yes"
+            weights = status.weights or "-"
+            if status.record is not None and status.record.random_weights:
+                weights += ", untrained"
             rows.append(
-                (*model, str(status.version), status.precision, status.status + detail, serves)
-            )
+                (*model, str(status.version), status.precision, weights,
+                 status.status + detail, serves)
+            )  # fmt: skip
         if not entry.versions:
-            rows.append((*model, "-", "-", "no versions", "no"))
+            rows.append((*model, "-", "-", "-", "no versions", "no"))
     print(format_table(rows))
     return 0
 

@@ -82,10 +82,12 @@ class BuildOptions(ModelOptions):
     arch: Annotated[
         str, AfterValidator(canonical_arch), Flag(positional=True, read=architecture_argument)
     ] = Field(description=f"one of: {', '.join(REGISTRY.names())}")
-    weights: Path | None = Field(
+    weights: Annotated[str | Path | None, Flag(metavar="FILE|URL|torchvision")] = Field(
         None,
-        description="torchvision-format checkpoint (.pth, .safetensors); default: seeded "
-        "random weights",
+        description="torchvision-format checkpoint (.pth, .safetensors): a file, a URL "
+        "(fetched into the torch hub cache), or 'torchvision' for torchvision's ImageNet "
+        "weights of ARCH (from the torch hub cache, else fetched); default: seeded random "
+        "weights, which classify nothing",
     )
     repo: Path = Field(Path("models"), description="model repository")
     name: str | None = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,8 +54,14 @@ class Recipe(BuildOptions):
     num_classes: int = Field(ge=1, description="size of the head")
     name: str = Field(description="model name in the repository")
     version: int = Field(ge=1, description="version number")
+    weights: Path | None = Field(  # type: ignore[assignment]
+        None, description="the checkpoint read, as a local file; None: random weights"
+    )
     weights_sha256: str | None = Field(
         None, description="sha256 of the checkpoint at build time; None: random weights"
+    )
+    weights_origin: str | None = Field(
+        None, description="what --weights named: 'torchvision <url>', a URL, or the file"
     )
 
     @model_validator(mode="before")

@@ -1,4 +1,5 @@
-"""The server's lifecycle: one gRPC port with every service, /metrics, drain, stop.
+"""The server's lifecycle: one gRPC port with every service, the HTTP/REST port, /metrics,
+drain, stop.
 
 `start(settings)` scans the repository, binds, starts serving (health NOT_SERVING)
 and loads and warms every model in the background: SERVING per model name once
@@ -13,7 +14,9 @@ by the handler wrapper while the port stays open, so balancers and clients see a
 status they retry elsewhere, not a cancelled call), open streams stop reading
 and end with UNAVAILABLE, queued and in-flight calls finish; then, once refused
 callers have been pushed back past it (`server.drain`), the port closes. All
-within the grace period. `Running.stop()` drains if that has not begun, then
+within the grace period. The HTTP port drains alike: 503 with Retry-After for new
+requests (probes answered), then it closes once the accepted ones are answered.
+`Running.stop()` drains if that has not begun, then
 closes the models, the decode workers and /metrics.
 
 `run(settings)` is the process: start, then SIGTERM/SIGINT → drain and stop; exit 0.
@@ -48,6 +51,7 @@ from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.preprocess import Preprocessor
 from server.protocols import v1
+from server.protocols.http import HttpServer
 from server.protocols.v2 import servicer as v2
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,7 @@ async def start(settings: Settings) -> Running:
     try:
         tokens = load_tokens(settings)
         credentials = tls.server_credentials(settings)
+        ssl_context = tls.ssl_context(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
     try:
@@ -107,7 +112,8 @@ async def start(settings: Settings) -> Running:
             *settings.grpc_connection_options(),
         ],
     )
-    guard = Guard(ctx.draining, calls, TokenCheck(tokens, metrics) if tokens else None)
+    auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
+    guard = Guard(ctx.draining, calls, auth)
     wrap_registrations(server, guard.wrap)  # every service below, reflection included
     names = [register(server, ctx) for register in SERVICES]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -127,15 +133,32 @@ async def start(settings: Settings) -> Running:
         http.shutdown()
         raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
     address = host_port(settings.host, port)
+    rest: HttpServer | None = None
+    http_port: int | None = None
+    if settings.http_port:
+        rest = HttpServer(ctx, calls, auth)
+        try:
+            http_port = await rest.start(settings.host, settings.http_port, ssl_context)
+        except OSError as exc:
+            preprocessor.close()
+            http.shutdown()
+            http_address = host_port(settings.host, settings.http_port)
+            raise StartupError(f"cannot bind the HTTP port {http_address}: {exc}") from exc
     for name in (OVERALL, *(m.name for m in registry.models())):
         await health.set(name, NOT_SERVING)
     await server.start()
+    scheme = "http" if ssl_context is None else "https"
+    rest_line = (
+        f"HTTP/REST on {scheme}://{host_port(settings.host, http_port)}/v2"
+        if http_port is not None
+        else "no HTTP/REST port"
+    )
     log.info(
-        "listening on %s (%s), metrics on http://%s/metrics",
-        address, ", ".join(names), metrics_address,
+        "listening on %s (%s), %s, metrics on http://%s/metrics",
+        address, ", ".join(names), rest_line, metrics_address,
     )  # fmt: skip
     log.info(
-        "gRPC port: %s, %s", tls.describe(settings),
+        "gRPC and HTTP ports: %s, %s", tls.describe(settings),
         f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
     )  # fmt: skip
     quota = cgroup_cpu_limit()
@@ -144,9 +167,9 @@ async def start(settings: Settings) -> Running:
         "" if quota is None else f" (cgroup CPU quota {quota:g})", settings.decode_threads(),
     )  # fmt: skip
     if settings.model_control_mode == "explicit" and not tokens:
-        log.warning("model control is explicit and the gRPC port takes no bearer token: "
-                    "anyone who reaches it can load and unload models")  # fmt: skip
-    return Running(settings, ctx, server, calls, http, port)
+        log.warning("model control is explicit and the ports take no bearer token: "
+                    "anyone who reaches them can load and unload models")  # fmt: skip
+    return Running(settings, ctx, server, calls, http, port, rest, http_port)
 
 
 class Running:
@@ -163,12 +186,16 @@ class Running:
         calls: Calls,
         http: WSGIServer,
         port: int,
+        rest: HttpServer | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.settings = settings
         # the ports bound: the free ones chosen where the settings say 0
         self.port = port
         self.metrics_port: int = http.server_port
+        self.http_port = http_port  # None: no HTTP port
         self._ctx, self._server, self._calls, self._http = ctx, server, calls, http
+        self._rest = rest
         self._loaded = False
         self._loading = asyncio.ensure_future(self._load())
         self._draining: asyncio.Future[None] | None = None
@@ -228,7 +255,10 @@ class Running:
             await ctx.draining.settle(grace_ends - loop.time())
         except TimeoutError:
             log.warning("grace period over with %d calls unanswered; cancelling them", calls.active)
-        await self._server.stop(max(0.0, grace_ends - loop.time()))
+        closing = [self._server.stop(max(0.0, grace_ends - loop.time()))]
+        if self._rest is not None:
+            closing.append(self._rest.close())
+        await asyncio.gather(*closing)
 
     async def _stop(self) -> None:
         await self.drain()

@@ -106,8 +106,15 @@ class Settings(BaseSettings):
 
     # where and what
     repo: Path = Field(Path("models"), description="model repository directory")
-    host: str = Field("0.0.0.0", description="address the gRPC server binds")
+    host: str = Field("0.0.0.0", description="address the gRPC and HTTP servers bind")
     port: int = Field(8001, ge=0, le=65535, description="gRPC port (all services)")
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="HTTP/REST port (v2 protocol, health, image classify) on the same host; "
+        "0: no HTTP port",
+    )
     metrics_host: str = Field("0.0.0.0", description="address the /metrics HTTP server binds")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port")
 
@@ -179,7 +186,7 @@ class Settings(BaseSettings):
         gt=0,
         description="gRPC message size, both directions: 40 MiB holds the largest request the "
         "other limits allow, 64 float32 224x224 images as a tensor (36.75 MiB), with room to "
-        "spare; raise it with max_images_per_request or larger inputs",
+        "spare; raise it with max_images_per_request or larger inputs (an HTTP body too)",
     )
     max_concurrent_calls: int = Field(
         512,
@@ -192,6 +199,11 @@ class Settings(BaseSettings):
         gt=0,
         description="HTTP/2 streams (calls) one client connection may have open at once; a "
         "client's further calls wait on its side until one ends",
+    )
+    reject_non_finite: bool = Field(
+        False,
+        description="refuse float tensors holding NaN or Inf with INVALID_ARGUMENT; off: "
+        "computed like any other input, as Triton does (docs/security.md)",
     )
     max_decode_backlog: int = Field(
         128,

@@ -24,3 +24,8 @@ class ServingContext:
     lifecycle: ModelLifecycle
     # Begun once when the server starts draining; create the context inside the running loop.
     draining: Drain = field(default_factory=Drain)
+
+    def ready(self) -> bool:
+        """The server's readiness, as overall health says it: loaded, a model READY, and
+        not draining."""
+        return self.lifecycle.ready() and not self.draining.is_set()

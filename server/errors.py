@@ -2,8 +2,10 @@
 
 Servicers and the model layer raise these; `server.interceptors` turns them
 into statuses (and the per-request metrics use the same map for their `code`
-label). Messages are written for the caller: what was wrong and what is
-allowed. Any other exception becomes INTERNAL with a generic message.
+label). The HTTP/REST adapter answers the same status as an HTTP one, from the
+one table `HTTP_STATUSES`, as Triton does (queue full and draining are 503).
+Messages are written for the caller: what was wrong and what is allowed. Any
+other exception becomes INTERNAL with a generic message.
 """
 
 from __future__ import annotations
@@ -88,3 +90,23 @@ def to_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """Trailing metadata that goes with the status: the retry pushback, when there is one."""
     pushback = exc.pushback_ms if isinstance(exc, Draining) else None
     return () if pushback is None else ((PUSHBACK_KEY, str(pushback)),)
+
+
+# The HTTP status for each gRPC status, as Triton's HTTP front end answers them (503 for a
+# full queue too, with Retry-After); codes not listed are 500.
+HTTP_STATUSES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # a load or unload the repository refuses
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def to_http(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message for an exception (`to_status`, then `HTTP_STATUSES`)."""
+    code, message = to_status(exc)
+    return HTTP_STATUSES.get(code, 500), message

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -44,7 +45,8 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
 
 
 class Calls:
-    """Calls being answered (probes and refusals excluded), at most `limit` at once."""
+    """Calls being answered, gRPC and HTTP (probes and refusals excluded), at most `limit`
+    at once."""
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
@@ -54,6 +56,15 @@ class Calls:
 
     async def idle(self) -> None:
         await self._idle.wait()
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count one call while the block runs (the HTTP adapter's calls count here too)."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.exit()
 
     def enter(self) -> None:
         if self.limit is not None and self.active >= self.limit:

@@ -115,6 +115,10 @@ class ModelLifecycle:
         """Names of the models with a READY version."""
         return [m.name for m in self._registry.models() if m.latest_ready() is not None]
 
+    def ready(self) -> bool:
+        """Start-up loading is done and a model is READY: what overall health publishes."""
+        return self._loaded and bool(self.serving())
+
     # start-up, polling, stop
 
     async def load_all(self) -> None:

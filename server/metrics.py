@@ -12,10 +12,13 @@ of loads and unloads stay.
 from __future__ import annotations
 
 import platform
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import onnxruntime as ort
 from prometheus_client import (
@@ -24,8 +27,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -38,6 +42,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+METRICS_PATH = "/metrics"
 
 _MV = ("model", "version")
 # gRPC's deadline timer and time.monotonic() may disagree by a few milliseconds.
@@ -82,9 +87,7 @@ class Metrics:
             "Classification requests by outcome (gRPC status code name).",
             (*_MV, "code"), registry=r,
         )  # fmt: skip
-        self.images = Counter(
-            "resnet_serve_images", "Images classified.", _MV, registry=r
-        )
+        self.images = Counter("resnet_serve_images", "Images classified.", _MV, registry=r)
         self.request_seconds = Counter(
             "resnet_serve_request_seconds",
             "Summed request durations by outcome (ok, failed); the v2 ModelStatistics reads it.",
@@ -189,8 +192,25 @@ class Metrics:
                 family.remove(*values)
 
     def serve(self, host: str, port: int) -> WSGIServer:
-        """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop."""
-        http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop.
+
+        Every other path answers 404, so a load balancer's health check pointed at this
+        port by mistake fails instead of seeing a healthy server (health is on the HTTP
+        and gRPC ports)."""
+        exposition = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == METRICS_PATH:
+                return exposition(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found; the metrics are at {METRICS_PATH}\n".encode()]
+
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type(
+            "MetricsServer", (ThreadingWSGIServer,), {"address_family": family[0][0]}
+        )
+        http = make_server(host, port, app, server_class, handler_class=_Quiet)
+        threading.Thread(target=http.serve_forever, name="metrics", daemon=True).start()
         return http
 
 
@@ -256,3 +276,10 @@ class _Tracked:
         if code == "OK":
             children.images.inc(self._images)
             children.last_success.set_to_current_time()
+
+
+class _Quiet(WSGIRequestHandler):
+    """No line per scrape in the server's log."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -107,6 +107,8 @@ class ModelVersion:
     reason: str = ""
     providers: tuple[str, ...] = ()  # each instance's execution provider, once READY
     batcher: Batcher | None = None
+    weights: str = ""  # where the weights came from, as the build recorded it
+    random_weights: bool = False  # seeded random weights: an untrained model
     on_lost: Callable[[ModelVersion, ProviderLost], None] | None = field(
         default=None, repr=False
     )
@@ -168,8 +170,6 @@ class ModelVersion:
                 f"model {self.name} takes {spec.dtype} input, got {batch.dtype.name}"
             )
         check_batch_shape(self.name, spec, batch.shape)
-        if batch.dtype.kind == "f" and not np.isfinite(batch).all():
-            raise InvalidInput("input holds NaN or Inf values; only finite values are allowed")
 
 
 def check_batch_shape(model: str, spec: InputSpec, shape: Sequence[int]) -> None:
@@ -349,6 +349,8 @@ class ModelRegistry:
             )
             if not check.servable or check.model is None:
                 raise LoadError(check.reason)
+            mv.weights = check.weights
+            mv.random_weights = check.record is not None and check.record.random_weights
             model = check.model
             runners = await asyncio.to_thread(self._open_runners, mv, model, self._settings)
             try:
@@ -388,9 +390,17 @@ class ModelRegistry:
         seconds = time.monotonic() - started
         self._metrics.load_seconds.labels(mv.name, mv.version).set(seconds)
         log.info(
-            "model %s version %s READY in %.1f s: %d instance(s) on %s, warmed at batch sizes %s",
+            "model %s version %s READY in %.1f s: %d instance(s) on %s, warmed at batch sizes %s, "
+            "weights: %s",
             mv.name, mv.version, seconds, len(runners), mv.provider, _ranges(sizes),
+            mv.weights or "not recorded",
         )  # fmt: skip
+        if mv.random_weights:
+            log.warning(
+                "model %s version %s has RANDOM weights (%s): an untrained model whose classes "
+                "mean nothing; build it with --weights torchvision or a checkpoint",
+                mv.name, mv.version, mv.weights,
+            )  # fmt: skip
 
     async def _start(self, mv: ModelVersion, runners: list[Runner]) -> tuple[Batcher, list[int]]:
         """A started batcher over `runners`, each instance warmed at every size it will see."""

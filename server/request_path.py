@@ -24,7 +24,9 @@ into its response. Here, in order:
    sent the graph's own batch skips this step (a batch still `Unread` is read on the
    preprocessing pool, off the event loop); the first image that fails cancels the
    others, so their decodes still waiting for a worker never start;
-7. the model version's batcher computes the logits.
+7. with ``reject_non_finite``, a float tensor the caller sent (not one decoded here)
+   holding NaN or Inf is refused; otherwise it is computed, as Triton does;
+8. the model version's batcher computes the logits.
 
 Errors leave as `server.errors` exceptions (the handler wrapper, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
@@ -126,6 +128,7 @@ class RequestPath:
         metrics: Metrics,
     ) -> None:
         self._max_images = settings.max_images_per_request
+        self._reject_non_finite = settings.reject_non_finite
         self._default_timeout = settings.default_timeout
         self._registry = registry
         self._preprocessor = preprocessor
@@ -163,6 +166,8 @@ class RequestPath:
                 batch = await self._preprocessor.read(batch.read)
             elif batch is None:
                 batch = await self._prepare(inputs.images, served)
+            if self._reject_non_finite and _sent_tensors(inputs):
+                _check_finite(batch)
             logits = await served.infer(batch, deadline=deadline, request_id=request_id)
         return Result(served, request_id, logits, parsed)
 
@@ -204,3 +209,16 @@ class RequestPath:
             return await image()
         except InvalidInput as exc:
             raise InvalidInput(f"image {index}: {exc}") from None
+
+
+def _sent_tensors(inputs: Inputs) -> bool:
+    """Whether the request sent tensors (the graph's batch or per-image ones), not files."""
+    return inputs.tensor is not None or not all(isinstance(i, bytes) for i in inputs.images)
+
+
+def _check_finite(batch: np.ndarray) -> None:
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        raise InvalidInput(
+            "input holds NaN or Inf values; this server takes only finite values "
+            "(reject_non_finite)"
+        )

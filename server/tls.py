@@ -1,6 +1,7 @@
-"""TLS and mutual TLS for the gRPC port, from `Settings.tls_cert`, `tls_key`, `tls_client_ca`.
+"""TLS and mutual TLS for the gRPC and HTTP ports, from `Settings.tls_cert`, `tls_key`,
+`tls_client_ca`.
 
-With ``tls_cert`` and ``tls_key`` the port speaks TLS only; adding
+With ``tls_cert`` and ``tls_key`` both ports speak TLS only; adding
 ``tls_client_ca`` makes it require a client certificate that chains to that
 CA (mutual TLS). The files are read once at start-up; a file that cannot be
 read or holds no PEM block stops the server with one line naming it.
@@ -8,6 +9,7 @@ read or holds no PEM block stops the server with one line naming it.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -48,3 +50,21 @@ def describe(settings: Settings) -> str:
     if settings.tls_cert is None:
         return "plaintext"
     return "mutual TLS" if settings.tls_client_ca is not None else "TLS"
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The same certificate, key and client CA for the HTTP port; None when TLS is off."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    _pem("tls_cert", settings.tls_cert)
+    _pem("tls_key", settings.tls_key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca is not None:
+            _pem("tls_client_ca", settings.tls_client_ca)
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as exc:
+        raise TLSError(f"cannot use tls_cert/tls_key/tls_client_ca: {exc}") from None
+    return context

@@ -22,7 +22,7 @@ from server.errors import InvalidInput
 from server.models import Model, ModelVersion, State
 from server.postprocess import top_k
 from server.protocols.calls import answer_in_order, deadline_of
-from server.request_path import Image, Inputs, Request, RequestPath
+from server.request_path import Image, Inputs, Request, RequestPath, Result
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -35,6 +35,27 @@ _STATES = {
     State.UNLOADING: pb.VersionInfo.UNAVAILABLE,  # takes no new requests; the reason says why
     State.UNAVAILABLE: pb.VersionInfo.UNAVAILABLE,
 }
+
+
+def check_top_k(k: int, model: ModelVersion) -> int:
+    classes = model.config.num_classes
+    if not 1 <= k <= classes:
+        raise InvalidInput(f"top_k is {k}; allowed: 1 to {classes} (model {model.name})")
+    return k
+
+
+def classify_response(result: Result[int]) -> pb.ClassifyResponse:
+    """The top ``result.parsed`` classes of each image, best first, with their labels."""
+    indices, scores = top_k(result.logits, result.parsed)
+    labels = result.served.labels
+    response = pb.ClassifyResponse(
+        model=result.served.name, version=result.served.version, request_id=result.request_id
+    )
+    for row_i, row_s in zip(indices.tolist(), scores.tolist(), strict=True):
+        classes = response.results.add().classes  # filled in place: no message per class
+        for i, s in zip(row_i, row_s, strict=True):
+            classes.add(index=i, label=labels[i], score=s)
+    return response
 
 
 def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
@@ -107,23 +128,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 read=functools.partial(self._read, request),
             )
         )
-        indices, scores = top_k(result.logits, result.parsed)
-        labels = result.served.labels
-        response = pb.ClassifyResponse(
-            model=result.served.name, version=result.served.version, request_id=result.request_id
-        )
-        for row_i, row_s in zip(indices.tolist(), scores.tolist(), strict=True):
-            classes = response.results.add().classes  # filled in place: no message per class
-            for i, s in zip(row_i, row_s, strict=True):
-                classes.add(index=i, label=labels[i], score=s)
-        return response
+        return classify_response(result)
 
     def _read(self, request: pb.ClassifyRequest, model: ModelVersion) -> tuple[Inputs, int]:
         """The request's images and its top_k, checked against the model."""
-        k = request.top_k if request.HasField("top_k") else DEFAULT_TOP_K
-        classes = model.config.num_classes
-        if not 1 <= k <= classes:
-            raise InvalidInput(f"top_k is {k}; allowed: 1 to {classes} (model {model.name})")
+        k = check_top_k(request.top_k if request.HasField("top_k") else DEFAULT_TOP_K, model)
         return Inputs(images=[self._image(image, model) for image in request.images]), k
 
     def _image(self, image: pb.Image, model: ModelVersion) -> Image:
@@ -157,8 +166,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     f"float32 tensor shape is {shape}; model {model.name} takes {expected} (CHW)"
                 )
             array = _from_bytes(tensor.data, np.dtype("<f4"), shape)
-            if not np.isfinite(array).all():
-                raise InvalidInput("float32 tensor holds NaN or Inf; only finite values allowed")
             return array.astype(np.float32, copy=False)
         raise InvalidInput("tensor dtype is unset; use UINT8 (HWC) or FLOAT32 (CHW)")
 
@@ -193,6 +200,7 @@ def _model_info(model: Model, versions: list[ModelVersion]) -> pb.ModelInfo:
                 state=_STATES[v.state],
                 reason=v.reason,
                 providers=v.providers if v.state is State.READY else (),
+                weights=v.weights,
             )
             for v in versions
         ],

@@ -63,6 +63,11 @@ class VersionCheck:
         return self.status is Status.VERIFIED
 
     @property
+    def weights(self) -> str:
+        """Where the weights came from (`Verification.weights`); "" without a record."""
+        return "" if self.record is None else self.record.weights()
+
+    @property
     def detail(self) -> str:
         """What a listing shows beside the status: the scope, the failed checks, or why."""
         if self.record is not None and self.status is Status.VERIFIED:

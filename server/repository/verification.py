@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from server.repository.layout import MODEL_FILE, VERIFICATION_FILE
 
 Precision = Literal["fp32", "fp16", "int8"]
+RANDOM_WEIGHTS = "random"
 
 
 class _Record(BaseModel):
@@ -51,6 +52,20 @@ class Verification(_Record):
     software: dict[str, str] = Field(default_factory=dict)
     checks: list[CheckRecord] = Field(default_factory=list)
     seconds: dict[str, float] = Field(default_factory=dict, description="wall time per stage")
+
+    @property
+    def random_weights(self) -> bool:
+        """The build used seeded random weights: an untrained model."""
+        return self.recipe is not None and self.recipe.get("weights") is None
+
+    def weights(self) -> str:
+        """Where the weights came from, for listings and logs: ``random (seed N)``, what
+        ``--weights`` named (``torchvision <url>``, a URL, a file), or "" without a recipe."""
+        if self.recipe is None:
+            return ""
+        if self.random_weights:
+            return f"{RANDOM_WEIGHTS} (seed {self.recipe.get('seed', 0)})"
+        return str(self.recipe.get("weights_origin") or self.recipe.get("weights"))
 
     def failed_checks(self) -> list[str]:
         return [check.name for check in self.checks if not check.passed]

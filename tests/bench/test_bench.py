@@ -21,6 +21,7 @@ from bench.load import VARIANTS
 from bench.plan import Knobs
 from bench.repository import NO_BATCH_SUFFIX, link_or_copy, prepare
 from server.repository import MODEL_FILE, ModelConfig, check_version, latest_version
+from tests.fixtures.servers import InProcessServer
 
 MODEL = "cifar"  # resnet20 from the model_repo fixture: the fastest graph there
 CONCURRENCY = (1, 2)
@@ -247,3 +248,20 @@ def test_perf_analyzer_failure_is_an_error_row_not_a_crash(tmp_path: Path) -> No
     assert result.ok == 0 and result.seconds > 0
     ((message, count),) = result.errors.items()
     assert count == 1 and "perf_analyzer exit" in message and "connect" in message
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stock_perf_analyzer_with_its_default_data_has_no_errors(
+    model_server: InProcessServer, protocol: str, tmp_path: Path
+) -> None:
+    """perf_analyzer as a Triton user runs it, without data flags: its random float32 data
+    holds NaN and Inf, which the server computes like Triton does (docs/security.md)."""
+    if (reason := perf_analyzer.unavailable()) is not None:
+        pytest.skip(reason)
+    assert model_server.http_url is not None
+    address = {
+        "grpc": model_server.address,
+        "http": model_server.http_url.removeprefix("http://"),
+    }[protocol]
+    result = perf_analyzer.measure(address, "resnet18", 1, 0.6, tmp_path, None, protocol)
+    assert not result.errors and result.ok > 0, result.errors

@@ -69,8 +69,8 @@ def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == [
-        "model", "arch", "input", "classes", "instances", "version", "precision", "status",
-        "serves",
+        "model", "arch", "input", "classes", "instances", "version", "precision", "weights",
+        "status", "serves",
     ]  # fmt: skip
     rows = {line.split()[0]: line for line in lines[2:]}
     assert sorted(rows) == ["cifar", "resnet18", "resnet18_u8"]
@@ -79,6 +79,8 @@ def test_models_lists_versions_without_torch(model_repo: Path) -> None:
     assert all(row.split()[8] == "fp32" for row in rows.values())
     assert all(row.split()[6] == "1" for row in rows.values()), "config.json's instance count"
     assert all(row.endswith(" yes") for row in rows.values())
+    # the fixture's models have seeded random weights, and the listing says so
+    assert all("random (seed 0), untrained" in row for row in rows.values())
 
 
 def test_models_shows_failed_and_modified_versions(

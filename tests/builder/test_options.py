@@ -62,7 +62,7 @@ def test_round_trip_through_the_flags_and_the_recipe(tmp_path: Path) -> None:
     options = parse_build(*argv)
     assert options == BuildOptions(
         arch="resnet20",
-        weights=tmp_path / "ckpt.pth",
+        weights=str(tmp_path / "ckpt.pth"),  # a file, a URL or "torchvision": resolved at build
         repo=tmp_path / "repo",
         name="tiny",
         version=3,
@@ -96,7 +96,13 @@ def test_round_trip_through_the_flags_and_the_recipe(tmp_path: Path) -> None:
     again = Recipe.model_validate(json.loads(json.dumps(recipe.model_dump(mode="json"))))
     assert again == recipe
     assert again.bn_statistics is None  # weights were given: no BatchNorm statistics set
-    assert all(getattr(again, name) == getattr(options, name) for name in BuildOptions.model_fields)
+    # the recipe records the checkpoint as a local file (what --weights named, resolved)
+    assert again.weights == Path(str(options.weights))
+    assert all(
+        getattr(again, name) == getattr(options, name)
+        for name in BuildOptions.model_fields
+        if name != "weights"
+    )
 
 
 def test_flag_defaults_are_the_fields_defaults() -> None:

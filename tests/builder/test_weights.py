@@ -14,8 +14,15 @@ from builder.build import build
 from builder.checks import cpu_session
 from builder.options import BuildOptions, ModelOptions
 from builder.resnet import ResNet, create_model
-from builder.weights import WeightsError, load_weights, read_state_dict
-from server.repository import MODEL_FILE
+from builder.weights import (
+    WeightsError,
+    fetch,
+    hub_checkpoints,
+    load_weights,
+    read_state_dict,
+    resolve_weights,
+)
+from server.repository import MODEL_FILE, Verification, sha256_file
 
 
 def trained_like(name: str, seed: int) -> ResNet:
@@ -173,3 +180,50 @@ def test_cli_reports_a_missing_checkpoint(
     )
     assert code == 2
     assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_weights_from_a_file_url_are_fetched_into_the_hub_cache(
+    tmp_path: Path, source: ResNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL (here file://, nothing leaves the machine) is fetched into the torch hub cache
+    as torchvision does, its name's hash prefix checked, and recorded in the recipe."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = tmp_path / "published" / "resnet20.pth"
+    path.parent.mkdir()
+    torch.save(source.state_dict(), path)
+    named = path.with_name(f"resnet20-{sha256_file(path)[:8]}.pth")
+    path.rename(named)
+    result = build(BuildOptions(arch="resnet20", repo=tmp_path / "repo", weights=named.as_uri()))
+    cached = hub_checkpoints() / named.name
+    assert cached.is_file() and cached.parent == tmp_path / "torch" / "hub" / "checkpoints"
+    recipe = Verification.load(result.version_dir).recipe
+    assert recipe is not None
+    assert recipe["weights"] == str(cached) and recipe["weights_origin"] == named.as_uri()
+    images = np.random.default_rng(2).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    (logits,) = cpu_session(result.version_dir / MODEL_FILE).run(None, {"images": images})
+    with torch.no_grad():
+        expected = source(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    wrong = named.with_name("resnet20-00000000.pth")
+    named.rename(wrong)
+    with pytest.raises(WeightsError, match="cannot fetch weights from file://"):
+        fetch(wrong.as_uri())
+    assert not (hub_checkpoints() / wrong.name).exists()
+
+
+def test_torchvision_weights_come_from_the_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    older = cache / "resnet50-0676ba61.pth"  # IMAGENET1K_V1: used when it is the one cached
+    older.write_bytes(b"v1")
+    found = resolve_weights("torchvision", "resnet50")
+    assert found.path == older and found.origin.startswith("torchvision https://")
+    default = cache / "resnet50-11ad3fa6.pth"  # IMAGENET1K_V2, torchvision's DEFAULT
+    default.write_bytes(b"v2")
+    assert resolve_weights("torchvision", "resnet50").path == default
+    with pytest.raises(WeightsError, match="torchvision has no ImageNet checkpoint for resnet20"):
+        resolve_weights("torchvision", "resnet20")
+    assert resolve_weights(str(default), "resnet50").origin == str(default)

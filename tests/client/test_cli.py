@@ -31,6 +31,10 @@ def test_classify_a_folder_with_the_installed_command(server: str, photos: Path)
     assert header.split() == ["PATH", "SCORE", "CLASS"]
     assert [row.split()[0] for row in rows] == [str(p) for p in sorted(photos.iterdir())]
     assert "classified 10 of 10 images with resnet18" in done.stderr
+    # the fixture's models are untrained, and the command says so
+    assert "note: resnet18 version 1 has random (seed 0) weights: an untrained model" in (
+        done.stderr
+    )
 
 
 def test_classify_reports_each_failure_and_exits_non_zero(

@@ -1,12 +1,17 @@
 """`pip install ./clients/python` in a fresh venv pulls the SDK's few dependencies, no
 torch and no onnxruntime. Resolved with `pip install --dry-run --report`: the same
-resolution a real install does, without the download and unpack."""
+resolution a real install does, without the download and unpack. The SDK's wheel is
+typed (py.typed, the stubs' .pyi) and licensed; both distributions have one version."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -45,3 +50,37 @@ def test_extras_pull_no_torch_or_onnxruntime(fresh_pip: list[str], tmp_path: Pat
     resolved = _resolve(fresh_pip, f"{CLIENT}[resize,plot]", tmp_path / "extras.json")
     assert {"pillow", "matplotlib"} <= resolved
     assert not resolved & set(NEVER)
+
+
+ROOT = CLIENT.parents[1]
+
+
+def test_one_version_and_the_service_pins_its_sdk() -> None:
+    """clients/python/VERSION is the version of both distributions, and the service
+    depends on exactly that SDK version."""
+    wanted = (CLIENT / "VERSION").read_text().strip()
+    assert metadata.version("resnet-serve") == metadata.version("resnet-serve-client") == wanted
+    service = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = [d.split("#")[0].strip() for d in service["dependencies"]
+            if d.startswith("resnet-serve-client")]  # fmt: skip
+    assert pins == [f"resnet-serve-client=={wanted}"]
+
+
+def test_the_sdk_wheel_is_typed_and_licensed(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: setuptools leaves build/ beside what it builds
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path)]
+    subprocess.run([*command, str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("resnet_serve_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "resnet_serve_client/py.typed" in names
+    assert "resnet_serve_client/proto/inference/grpc_service_pb2.pyi" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: Apache-2.0" in meta
+    assert (CLIENT / "LICENSE").read_bytes() == (ROOT / "LICENSE").read_bytes()
+    for project in (ROOT, CLIENT):
+        config = tomllib.loads((project / "pyproject.toml").read_text())
+        (setuptools,) = config["build-system"]["requires"]
+        assert setuptools == "setuptools>=77", project  # builds the `license` expression

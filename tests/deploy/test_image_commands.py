@@ -127,6 +127,7 @@ def test_entrypoint_serves_what_the_builder_built(
         "RESNET_SERVE_REPO": str(built_repo),
         "RESNET_SERVE_PORT": str(grpc_port),
         "RESNET_SERVE_METRICS_PORT": str(metrics_port),
+        "RESNET_SERVE_HTTP_PORT": str(serving.free_port()),
         # loopback only, here
         "RESNET_SERVE_HOST": "127.0.0.1",
         "RESNET_SERVE_METRICS_HOST": "127.0.0.1",

@@ -41,7 +41,8 @@ MAX_IMAGE_BYTES = 1_000_000
 MAX_IMAGE_PIXELS = 40_000_000  # the default
 MAX_IMAGES = 64  # the default
 SERVER_FLAGS = ("--max-message-bytes", str(MAX_MESSAGE_BYTES),
-                "--max-image-bytes", str(MAX_IMAGE_BYTES))  # fmt: skip
+                "--max-image-bytes", str(MAX_IMAGE_BYTES), "--reject-non-finite")  # fmt: skip
+NON_FINITE = "input holds NaN or Inf values; this server takes only finite values"
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -203,9 +204,9 @@ CLASSIFY_CASES = [
          lambda: classify(UINT8_MODEL, float_image(np.zeros((3, 224, 224), np.float32))),
          INVALID, f"model {UINT8_MODEL} takes uint8 pixels"),
     Case("float-tensor-nan", "classify", lambda: classify(MODEL, float_image(_filled(np.nan))),
-         INVALID, "float32 tensor holds NaN or Inf; only finite values allowed"),
+         INVALID, NON_FINITE),
     Case("float-tensor-inf", "classify", lambda: classify(MODEL, float_image(_filled(np.inf))),
-         INVALID, "float32 tensor holds NaN or Inf; only finite values allowed"),
+         INVALID, NON_FINITE),
     Case("top-k-zero", "classify", lambda: classify(MODEL, images.one_pixel(), top_k=0),
          INVALID, "top_k is 0; allowed: 1 to 10 (model cifar)"),
     Case("top-k-negative", "classify", lambda: classify(MODEL, images.one_pixel(), top_k=-3),
@@ -256,9 +257,9 @@ V2_CASES = [
          lambda: infer(MODEL, datatype="BOOL", shape=[0, 2030, 67401218, 67410251], raw=b""),
          INVALID, "its non-zero dimensions may multiply to at most 1099511627776"),
     Case("fp32-nan", "v2", lambda: infer_floats(MODEL, _filled(np.nan)[None]), INVALID,
-         "input holds NaN or Inf values; only finite values are allowed"),
+         NON_FINITE),
     Case("fp32-inf", "v2", lambda: infer_floats(MODEL, -_filled(np.inf)[None]), INVALID,
-         "input holds NaN or Inf values; only finite values are allowed"),
+         NON_FINITE),
     Case("bytes-length-prefix-past-the-end", "v2",
          lambda: infer(MODEL, datatype="BYTES", shape=[1], raw=_bad_prefix()), INVALID,
          "BYTES element 0 declares 3 bytes but only 2 remain"),

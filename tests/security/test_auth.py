@@ -6,7 +6,8 @@ as metadata), tritonclient (``headers``) and the CLI (``RESNET_SERVE_TOKEN``);
 a missing or wrong one is UNAUTHENTICATED on Classify, ClassifyStream,
 ListModels, v2 ModelInfer and reflection; grpc.health.v1 and the v2 probes
 (ServerLive, ServerReady, ModelReady) answer without one. No token reaches
-the log. Token-over-TLS is in test_tls.py.
+the log. The HTTP port takes the same tokens (401 without one, probes open).
+Token-over-TLS is in test_tls.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -204,3 +208,32 @@ def test_a_flood_of_refused_calls_is_counted_and_logged_rate_limited(
     with sdk(server, ENV_TOKEN) as client:
         assert [m.name for m in client.list_models()] == ["cifar"]
         assert client.health() is HealthStatus.SERVING
+
+
+def test_the_http_port_takes_the_same_tokens(server: serving.Server) -> None:
+    """tritonclient.http with each token gets in; without one or with a wrong one, 401 with
+    the reason; the probes (health, model ready) stay open for load balancers."""
+    assert server.http_url is not None
+    triton = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    try:
+        assert triton.is_server_live() and triton.is_server_ready()
+        assert triton.is_model_ready("cifar")
+        tensor = httpclient.InferInput("images", [1, 3, 32, 32], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        for token in (ENV_TOKEN, *FILE_TOKENS):
+            answer = triton.infer("cifar", [tensor], headers=headers(token))
+            assert answer.as_numpy("logits").shape == (1, 10)
+        for token, message in ((None, "missing bearer token"), ("wrong", "not accepted")):
+            with pytest.raises(InferenceServerException) as refused:
+                triton.infer("cifar", [tensor], headers=headers(token))
+            assert refused.value.status() == "401" and message in refused.value.message()
+            with pytest.raises(InferenceServerException) as refused:
+                triton.get_model_metadata("cifar", headers=headers(token))
+            assert refused.value.status() == "401"
+    finally:
+        triton.close()
+    request = urllib.request.Request(f"{server.http_url}/v2/models/cifar/classify", data=b"x")
+    with pytest.raises(urllib.error.HTTPError) as refused_curl:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused_curl.value.code == 401
+    assert refused_curl.value.headers["WWW-Authenticate"] == "Bearer"

@@ -1,4 +1,5 @@
-"""TLS and mutual TLS on the gRPC port, through the real SDK and CLI, certificates made here.
+"""TLS and mutual TLS on the gRPC and HTTP ports, through the real SDK, CLI and urllib,
+certificates made here.
 
 Two servers over the one-model ``cifar`` repository:
 
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +104,7 @@ def test_sdk_over_tls_with_a_token(tls_server: serving.Server, pki: PKI, photo: 
         (result,) = sdk.classify(photo)
         assert len(result.classes) == 5
         assert sdk.health() is HealthStatus.SERVING
-    assert "gRPC port: TLS, bearer tokens required (1 accepted)" in tls_server.log()
+    assert "gRPC and HTTP ports: TLS, bearer tokens required (1 accepted)" in tls_server.log()
 
 
 def test_tls_port_refuses_plaintext_and_unknown_servers(
@@ -122,6 +126,46 @@ def test_token_over_tls_is_checked_and_health_stays_open(
             assert sdk.health() is HealthStatus.SERVING
 
 
+def https_context(pki: PKI) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=pki.ca)
+
+
+def https(
+    server: serving.Server,
+    path: str,
+    context: ssl.SSLContext,
+    body: bytes | None = None,
+    token: str | None = None,
+) -> tuple[int, bytes]:
+    assert server.http_url is not None and server.http_url.startswith("https://")
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(server.http_url + path, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_the_http_port_speaks_tls_with_the_same_token(
+    tls_server: serving.Server, pki: PKI, photo: Path
+) -> None:
+    context = https_context(pki)
+    assert https(tls_server, "/v2/health/ready", context) == (200, b"")
+    status, body = https(tls_server, "/v2/models/cifar/classify", context, photo.read_bytes())
+    assert status == 401 and b"missing bearer token" in body
+    route = "/v2/models/cifar/classify"
+    status, body = https(tls_server, route, context, photo.read_bytes(), TOKEN)
+    assert status == 200 and b'"classes"' in body
+    assert tls_server.http_url is not None
+    plaintext = tls_server.http_url.replace("https://", "http://")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(plaintext + "/v2/health/ready", timeout=30)
+    rogue = ssl.create_default_context(cafile=pki.rogue_ca)
+    with pytest.raises(urllib.error.URLError):
+        https(tls_server, "/v2/health/ready", rogue)
+
+
 def test_cli_over_tls(tls_server: serving.Server, pki: PKI, photo: Path) -> None:
     ran = cli(tls_server, "--ca", str(pki.ca), "--token", TOKEN, "classify", str(photo),
               "--model", "cifar", "--no-progress")  # fmt: skip
@@ -139,12 +183,18 @@ def test_sdk_with_a_client_certificate(mtls_server: serving.Server, pki: PKI, ph
     with client(mtls_server, tls) as sdk:
         (result,) = sdk.classify(photo)
         assert len(result.classes) == 5
-    assert "gRPC port: mutual TLS, no authentication" in mtls_server.log()
+    context = https_context(pki)
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    status, _ = https(mtls_server, "/v2/models/cifar/classify", context, photo.read_bytes())
+    assert status == 200
+    assert "gRPC and HTTP ports: mutual TLS, no authentication" in mtls_server.log()
 
 
 def test_mtls_refuses_clients_without_a_trusted_certificate(
     mtls_server: serving.Server, pki: PKI, photo: Path
 ) -> None:
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        https(mtls_server, "/v2/health/ready", https_context(pki))
     for tls in (
         TLS(root_certificates=pki.ca),
         TLS(root_certificates=pki.ca, certificate_chain=pki.rogue_cert, private_key=pki.rogue_key),
@@ -205,7 +255,7 @@ def test_an_unusable_tls_file_stops_the_server_with_one_line(
 ) -> None:
     missing = tmp_path / "missing.pem"
     command = [*serving.SERVE, "--repo", str(cifar_repo), "--host", "127.0.0.1", "--port", "0",
-               "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+               "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--http-port", "0",
                "--tls-cert", str(missing), "--tls-key", str(pki.server_key)]  # fmt: skip
     ran = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 1, ran.stderr

@@ -109,6 +109,7 @@ def test_list_and_get_models(stub: pb_grpc.ClassifierStub) -> None:
     assert [(v.version, v.state) for v in u8.versions] == [("1", pb.VersionInfo.READY)]
     info = stub.GetModel(pb.GetModelRequest(name="cifar"), timeout=10)
     assert (info.arch, info.num_classes, info.max_batch_size) == ("resnet20", 10, 32)
+    assert [v.weights for v in info.versions] == ["random (seed 0)"]  # an untrained model
     with pytest.raises(grpc.RpcError) as error:
         stub.GetModel(pb.GetModelRequest(name="cifar", version="7"), timeout=10)
     assert error.value.code() is CODE.NOT_FOUND

@@ -9,13 +9,17 @@ import os
 import shutil
 import signal
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -137,8 +141,10 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
         await stream.write(pb.ClassifyRequest(model="resnet18", images=[encoded(CHELSEA)]))
         assert (await stream.read()).response.version == "1"  # then left open, idle
         calls = [stub.Classify(request, timeout=300) for request in requests]
+        http = aiohttp.ClientSession(str(server.http_url), timeout=aiohttp.ClientTimeout(300))
+        rest_calls = [asyncio.ensure_future(_http_infer(http, f"h{i}")) for i in range(2)]
         labels = {"model": "resnet18", "version": "1"}
-        await _poll(server, "resnet_serve_inflight_requests", 6, **labels)
+        await _poll(server, "resnet_serve_inflight_requests", 8, **labels)
 
         server.process.send_signal(signal.SIGTERM)
         for _ in range(600):
@@ -161,8 +167,18 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stream.read()
         assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+        # the HTTP port: not ready for balancers, new requests 503 with Retry-After
+        async with http.get("/v2/health/ready") as ready:
+            assert ready.status == 503
+        late_rest = await _http_infer(http, "late")
+        assert late_rest[0] == 503 and "shutting down" in late_rest[1]["error"]
+        assert int(late_rest[2]["Retry-After"]) >= 1
 
         responses = await asyncio.gather(*calls)
+        answered = await asyncio.gather(*rest_calls)
+        await http.close()
+    assert [(status, body["id"]) for status, body, _ in answered] == [(200, "h0"), (200, "h1")]
+    assert all(body["outputs"][0]["shape"] == [8, 1000] for _, body, _ in answered)
     assert [r.request_id for r in responses] == [f"d{i}" for i in range(6)]
     assert all(len(r.results) == 8 for r in responses)
     assert await asyncio.to_thread(server.process.wait, 60) == 0
@@ -171,6 +187,21 @@ async def test_drain_answers_everything_in_flight_then_exits_0(
     assert any(m.startswith("SIGTERM received: draining") for m in messages)
     assert "every accepted call answered; closing the port" in messages
     assert messages[-1] == "exiting"
+
+
+async def _http_infer(
+    session: aiohttp.ClientSession, request_id: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A v2 infer of 8 JPEGs over HTTP, outputs as JSON: (status, body, headers)."""
+    tensor = httpclient.InferInput("images", [8], "BYTES")
+    tensor.set_data_from_numpy(np.array([CHELSEA] * 8, dtype=np.object_))
+    output = httpclient.InferRequestedOutput("logits", binary_data=False)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [tensor], [output], request_id=request_id
+    )
+    headers = {"Inference-Header-Content-Length": str(json_size)}
+    async with session.post("/v2/models/resnet18/infer", data=body, headers=headers) as response:
+        return response.status, await response.json(), dict(response.headers)
 
 
 async def test_start_serves_on_free_ports_and_stops_once(model_repo: Path, tmp_path: Path) -> None:
@@ -188,10 +219,21 @@ async def test_start_serves_on_free_ports_and_stops_once(model_repo: Path, tmp_p
         url = f"http://{running.metrics_address}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
         assert b'resnet_serve_requests_total{code="OK",model="cifar",version="1"} 1.0' in text
+        # the metrics port is no health check: anything but /metrics is 404
+        for path in ("/", "/healthz", "/v2/health/ready", "/metrics/x"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(f"http://{running.metrics_address}{path}", timeout=10)
+            assert missing.value.code == 404, path
+        # the HTTP port's health is, for load balancers
+        ready = f"http://127.0.0.1:{running.http_port}/v2/health/ready"
+        answer = await asyncio.to_thread(urllib.request.urlopen, ready, timeout=10)
+        assert answer.status == 200
+        answer.close()
     finally:
         # drain and stop, each however often and from wherever, run once
         await asyncio.gather(running.drain(), running.stop(), running.drain())
         await running.stop()
-    for port in (running.port, running.metrics_port):
+    assert running.http_port is not None
+    for port in (running.port, running.metrics_port, running.http_port):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.inference import grpc_service_pb2 as v2
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
@@ -422,3 +423,34 @@ def _healthy(server: serving.Server, name: str) -> bool:
         return server.health(name) == SERVING
     except grpc.RpcError:  # NOT_FOUND before the model's health is set
         return False
+
+
+def test_http_load_and_unload(
+    model_repo: Path, tmp_path: Path, inprocess_factory: Callable[..., InProcessServer]
+) -> None:
+    """The same model control on the HTTP port, through tritonclient.http; off (501) in the
+    default mode."""
+    repo = cifar_repo(model_repo, tmp_path)
+    server = inprocess_factory(repo, "--model-control-mode", "explicit")
+    assert server.http_url is not None
+    triton = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    try:
+        triton.unload_model("cifar")
+        assert not triton.is_model_ready("cifar") and server.health("cifar") == NOT_SERVING
+        publish(repo / "cifar", 2)
+        triton.load_model("cifar")
+        assert triton.is_model_ready("cifar", "2")
+        with pytest.raises(InferenceServerException) as error:
+            triton.load_model("cifar", config='{"max_batch_size": 1}')
+        assert error.value.status() == "400" and "not supported" in error.value.message()
+    finally:
+        triton.close()
+    fixed = inprocess_factory(cifar_repo(model_repo, tmp_path / "none"))
+    assert fixed.http_url is not None
+    triton = httpclient.InferenceServerClient(fixed.http_url.removeprefix("http://"))
+    try:
+        with pytest.raises(InferenceServerException) as error:
+            triton.unload_model("cifar")
+        assert error.value.status() == "501"
+    finally:
+        triton.close()

@@ -185,6 +185,7 @@ def classify_command(args: argparse.Namespace) -> int:
                     resize=resize)
     with client:
         model = args.model or only_model(client.list_models())
+        _warn_if_untrained(client, model, args.version)
         results = client.classify_many(
             files, model=model, version=args.version, top_k=args.top_k,
             concurrency=args.concurrency, return_exceptions=True,
@@ -204,6 +205,18 @@ def classify_command(args: argparse.Namespace) -> int:
                f"({done / seconds:.1f} images/s)")
     print(summary + (f"; {failed} failed" if failed else ""), file=sys.stderr)
     return EXIT_FAILED if failed else 0
+
+
+def _warn_if_untrained(client: Client, model: str, version: str) -> None:
+    """One line on stderr when the version that will answer has random weights."""
+    try:
+        info = client.get_model(model, version)
+    except ResnetServeError:
+        return  # the classify calls report what is wrong
+    for v in info.versions:
+        if v.random_weights:
+            print(f"note: {model} version {v.version} has {v.weights} weights: an untrained "
+                  f"model, its classes mean nothing", file=sys.stderr)  # fmt: skip
 
 
 class _Writer:
@@ -278,6 +291,7 @@ def models_command(args: argparse.Namespace) -> int:
     for m in models:
         spec = f"{m.input.dtype} {m.input.layout} {list(m.input.shape)}"
         versions = ", ".join(f"{v.version} {v.state.value}" + (f" ({v.reason})" if v.reason else "")
+                             + (f" [weights: {v.weights}]" if v.weights else "")
                              for v in m.versions)
         print(f"{m.name:<20} {m.arch:<18} {spec:<32} {m.max_batch_size:>5}  {versions}")
     return 0
@@ -290,7 +304,7 @@ def _model_json(model: ModelInfo) -> dict[str, Any]:
         "input": {"name": model.input.name, "dtype": model.input.dtype,
                   "layout": model.input.layout, "shape": list(model.input.shape)},
         "versions": [{"version": v.version, "state": v.state.value, "reason": v.reason,
-                      "providers": list(v.providers)}
+                      "providers": list(v.providers), "weights": v.weights}
                      for v in model.versions],
     }
 

@@ -45,6 +45,13 @@ class VersionInfo:
     state: ModelState
     reason: str
     providers: tuple[str, ...] = ()  # each instance's execution provider, once READY
+    # where its weights came from: "random (seed N)" is an untrained model whose classes
+    # mean nothing; "torchvision <url>", a URL or a file; "" when the build did not say
+    weights: str = ""
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights.startswith("random")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +105,7 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         input=InputSpec(spec.name, spec.dtype, spec.layout, tuple(spec.shape)),
         max_batch_size=message.max_batch_size,
         versions=tuple(
-            VersionInfo(v.version, _state(v.state), v.reason, tuple(v.providers))
+            VersionInfo(v.version, _state(v.state), v.reason, tuple(v.providers), v.weights)
             for v in message.versions
         ),
     )

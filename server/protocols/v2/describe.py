@@ -15,7 +15,7 @@ from importlib.metadata import version
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
-from server.models import Model, ModelVersion, State
+from server.models import Model, ModelRegistry, ModelVersion, State
 from server.protocols.v2.request import input_datatype
 from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import GPU_PROVIDERS
@@ -59,6 +59,19 @@ def model_metadata(model: Model, served: ModelVersion) -> pb.ModelMetadataRespon
             )
         ],
         outputs=[tensor(name=config.output.name, datatype="FP32", shape=[-1, config.num_classes])],
+    )
+
+
+def repository_index(registry: ModelRegistry, ready_only: bool) -> pb.RepositoryIndexResponse:
+    """Every version of every model and its state (only the READY ones if ``ready_only``)."""
+    entry = pb.RepositoryIndexResponse.ModelIndex
+    return pb.RepositoryIndexResponse(
+        models=[
+            entry(name=m.name, version=v.version, state=v.state.value, reason=v.reason)
+            for m in registry.models()
+            for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+            if v.state is State.READY or not ready_only
+        ]
     )
 
 
@@ -109,6 +122,12 @@ def config_response(served: ModelVersion, cuda_device: int) -> pb.ModelConfigRes
             ],
             instance_group=instance_groups(served, cuda_device),
             default_model_filename=MODEL_FILE,
+            # where the weights came from ("random (seed N)": an untrained model)
+            parameters=(
+                {"weights": mc.ModelParameter(string_value=served.weights)}
+                if served.weights
+                else {}
+            ),
             dynamic_batching=mc.ModelDynamicBatching(
                 preferred_batch_size=batching.preferred_batch_sizes,
                 max_queue_delay_microseconds=batching.max_queue_delay_us,

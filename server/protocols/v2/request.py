@@ -23,7 +23,7 @@ batch. A BYTES buffer is split no further than one element past the shape, and t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,73 +60,130 @@ def describe_input(config: ModelConfig) -> str:
 def parse_images(request: Any, config: ModelConfig) -> Inputs:
     """The request's one input: the graph's own batch (its typed contents still `Unread`),
     or encoded images; everything declared is checked before any data is read."""
-    if len(request.inputs) != 1:
-        got = ", ".join(f"'{i.name}'" for i in request.inputs) or "none"
+    check_inputs([i.name for i in request.inputs], config)
+    tensor = request.inputs[0]
+    shape = check_declared(tensor.name, tensor.datatype, tensor.shape, tensor.parameters, config)
+    return images_of(tensor.name, tensor.datatype, shape, _data(request, tensor))
+
+
+def check_inputs(names: list[str], config: ModelConfig) -> None:
+    """A request names exactly one input, the model's."""
+    if len(names) != 1:
+        got = ", ".join(f"'{n}'" for n in names) or "none"
         raise TensorError(
             f"model '{config.name}' takes exactly one input, {describe_input(config)}; got {got}"
         )
-    tensor = request.inputs[0]
-    if tensor.name != config.input.name:
+    if names[0] != config.input.name:
         raise TensorError(
-            f"unknown input '{tensor.name}'; model '{config.name}' takes {describe_input(config)}"
+            f"unknown input '{names[0]}'; model '{config.name}' takes {describe_input(config)}"
         )
-    _no_shared_memory(f"input '{tensor.name}'", tensor.parameters)
-    # what is declared, before any data is read
-    tensors.datatype(tensor.datatype)
-    shape = tensors.check_shape(tensor.name, tensor.shape)
-    if tensor.datatype == BYTES:
+
+
+def check_declared(
+    name: str,
+    datatype: str,
+    declared: Sequence[int],
+    parameters: Container[str],
+    config: ModelConfig,
+) -> tuple[int, ...]:
+    """What the request declares for the input, checked before any data is read: no shared
+    memory, a known datatype, BYTES ``[N]``/``[N, 1]`` or the graph's own ``[N, *dims]``.
+    The shape."""
+    no_shared_memory(f"input '{name}'", parameters)
+    tensors.datatype(datatype)
+    shape = tensors.check_shape(name, declared)
+    if datatype == BYTES:
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 1:
             raise TensorError(
-                f"input '{tensor.name}' (BYTES) has shape {list(shape)}; encoded images go in "
+                f"input '{name}' (BYTES) has shape {list(shape)}; encoded images go in "
                 f"shape [N] or [N, 1] with N >= 1"
             )
     else:
-        if tensor.datatype != input_datatype(config):
+        if datatype != input_datatype(config):
             raise TensorError(
-                f"input '{tensor.name}' is {tensor.datatype}; model '{config.name}' takes "
+                f"input '{name}' is {datatype}; model '{config.name}' takes "
                 f"{describe_input(config)}"
             )
         check_batch_shape(config.name, config.input, shape)
-    data = _data(request, tensor)
-    if tensor.datatype == BYTES:
+    return shape
+
+
+def images_of(
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    data: bytes | memoryview | Callable[[], np.ndarray],
+) -> Inputs:
+    """The checked input as the request path takes it: encoded images (BYTES), or the graph's
+    own batch from raw bytes or, still `Unread`, from a reader of typed contents."""
+    if datatype == BYTES:
         # N elements, N within max_images_per_request (checked by the request path): cheap
-        array = data() if callable(data) else tensors.decode_raw(tensor.name, BYTES, shape, data)
+        array = data() if callable(data) else tensors.decode_raw(name, BYTES, shape, data)
         return Inputs(images=tuple(array.ravel().tolist()))
     if callable(data):
         return Inputs(tensor=Unread(shape[0], data))
-    return Inputs(tensor=tensors.decode_raw(tensor.name, tensor.datatype, shape, data))
+    return Inputs(tensor=tensors.decode_raw(name, datatype, shape, data))
 
 
 def parse_outputs(request: Any, config: ModelConfig) -> list[Output]:
     """The requested outputs; none requested means the model's output as a tensor."""
-    if not request.outputs:
-        return [Output(config.output.name)]
     outputs: list[Output] = []
     for requested in request.outputs:
-        if requested.name != config.output.name:
-            raise TensorError(
-                f"unknown output '{requested.name}'; model '{config.name}' has one output "
-                f"'{config.output.name}'"
-            )
-        if any(o.name == requested.name for o in outputs):
-            raise TensorError(f"output '{requested.name}' is requested more than once")
-        _no_shared_memory(f"output '{requested.name}'", requested.parameters)
+        check_output(requested.name, requested.parameters, outputs, config)
         outputs.append(Output(requested.name, _classes(requested)))
-    return outputs
+    return outputs or [Output(config.output.name)]
+
+
+def check_output(
+    name: str, parameters: Container[str], previous: list[Output], config: ModelConfig
+) -> None:
+    """A requested output is the model's, requested once, without shared memory."""
+    if name != config.output.name:
+        raise TensorError(
+            f"unknown output '{name}'; model '{config.name}' has one output "
+            f"'{config.output.name}'"
+        )
+    if any(o.name == name for o in previous):
+        raise TensorError(f"output '{name}' is requested more than once")
+    no_shared_memory(f"output '{name}'", parameters)
+
+
+def classification_count(output: str, count: object) -> int:
+    """The classification extension's k, checked: an integer >= 1."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TensorError(
+            f"output '{output}': parameter '{CLASSIFICATION}' must be an integer, "
+            f"got {type(count).__name__}"
+        )
+    if count < 1:
+        raise TensorError(
+            f"output '{output}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
+        )
+    return count
+
+
+def output_arrays(
+    outputs: list[Output], logits: np.ndarray, labels: list[str]
+) -> list[tuple[str, np.ndarray]]:
+    """Each requested output of ``logits`` [N, classes]: the logits as FP32, or the
+    classification extension's BYTES [N, k]."""
+    arrays = []
+    for output in outputs:
+        if output.classes is None:
+            array = np.ascontiguousarray(logits, dtype=np.float32)
+        else:
+            array = tensors.classification(logits, output.classes, labels)
+        arrays.append((output.name, array))
+    return arrays
 
 
 def fill_response(
     response: Any, outputs: list[Output], logits: np.ndarray, labels: list[str]
 ) -> None:
     """Add each requested output of ``logits`` [N, classes] to ``response``."""
-    for output in outputs:
-        if output.classes is None:  # the logits' own bytes: float32 rows, as the session gave
-            array = np.ascontiguousarray(logits, dtype="<f4")
-            datatype, raw = "FP32", array.tobytes()
-        else:
-            array = tensors.classification(logits, output.classes, labels)
-            datatype, raw = tensors.encode_raw(array)
-        response.outputs.add(name=output.name, datatype=datatype, shape=array.shape)
+    for name, array in output_arrays(outputs, logits, labels):
+        datatype, raw = tensors.encode_raw(array)
+        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         response.raw_output_contents.append(raw)
 
 
@@ -162,15 +219,10 @@ def _classes(requested: Any) -> int | None:
             f"output '{requested.name}': parameter '{CLASSIFICATION}' must be an integer, "
             f"got {kind or 'nothing'}"
         )
-    count = getattr(parameter, kind)
-    if count < 1:
-        raise TensorError(
-            f"output '{requested.name}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
-        )
-    return int(count)
+    return classification_count(requested.name, int(getattr(parameter, kind)))
 
 
-def _no_shared_memory(what: str, parameters: Any) -> None:
+def no_shared_memory(what: str, parameters: Any) -> None:
     if not parameters:  # the usual case: no parameters at all
         return
     used = [p for p in _SHARED_MEMORY if p in parameters]

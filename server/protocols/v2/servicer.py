@@ -25,7 +25,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
 from server.errors import InvalidInput, ServeError
-from server.models import Model, ModelVersion, State
+from server.models import ModelVersion
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.v2 import describe, stats
 from server.protocols.v2.request import Output, fill_response, parse_images, parse_outputs
@@ -34,6 +34,9 @@ from server.request_path import Inputs, Request, RequestPath
 Context = grpc.aio.ServicerContext
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+# Triton's flag for ensembles on unload; this server has none, so there are no dependents.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 
 # Requests of one stream being worked on at once; the stream is read no further ahead.
 STREAM_WINDOW = 64
@@ -117,28 +120,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            if request.version:
-                versions = [self._registry.get(request.name, request.version)]
-            else:
-                versions = self._ready_versions([self._registry.model(request.name)])
-        else:
-            versions = self._ready_versions(self._registry.models())
+        versions = stats.selected(self._registry, request.name, request.version)
         return stats.model_statistics(self._ctx.metrics, versions)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         """Every version of every model known to the server, its state and why."""
-        entry = pb.RepositoryIndexResponse.ModelIndex
-        return pb.RepositoryIndexResponse(
-            models=[
-                entry(name=m.name, version=v.version, state=v.state.value, reason=v.reason)
-                for m in self._registry.models()
-                for v in sorted(m.versions.values(), key=lambda v: int(v.version))
-                if v.state is State.READY or not request.ready
-            ]
-        )
+        return describe.repository_index(self._registry, ready_only=request.ready)
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
@@ -155,7 +144,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Unload every version of the model; the answer comes once they have finished the
         requests they took and closed."""
         # Triton's flag for ensembles; this server has none, so there are no dependents
-        _check_control_request(request, known=("unload_dependents",))
+        _check_control_request(request, known=UNLOAD_PARAMETERS)
         await self._ctx.lifecycle.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -216,15 +205,6 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         status = await self._ctx.health.Check(HealthCheckRequest(service=service), context)
         return status.status == HealthCheckResponse.SERVING
 
-    @staticmethod
-    def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
-        return [
-            v
-            for m in models
-            for v in sorted(m.versions.values(), key=lambda v: int(v.version))
-            if v.state is State.READY
-        ]
-
 
 for _rpc, _extension in _UNSUPPORTED.items():
     setattr(V2Servicer, _rpc, _unsupported(_rpc, _extension))
@@ -234,14 +214,22 @@ def _check_control_request(
     request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
     known: tuple[str, ...],
 ) -> None:
-    if not request.model_name:
+    check_control(request.model_name, request.repository_name, request.parameters, known)
+
+
+def check_control(
+    model_name: str, repository_name: str, parameters: Iterable[str], known: tuple[str, ...]
+) -> None:
+    """A load or unload request (gRPC or HTTP) names a model, no other repository, and only
+    the parameters `known`."""
+    if not model_name:
         raise InvalidInput("model_name is empty; RepositoryIndex lists the models")
-    if request.repository_name:
+    if repository_name:
         raise InvalidInput(
-            f"repository_name is {request.repository_name!r}; this server has one "
+            f"repository_name is {repository_name!r}; this server has one "
             "repository: leave it empty"
         )
-    unknown = sorted(set(request.parameters) - set(known))
+    unknown = sorted(set(parameters) - set(known))
     if unknown:
         allowed = ", ".join(known) or "none"
         raise InvalidInput(f"parameters {unknown} are not supported; allowed: {allowed}")

@@ -22,9 +22,27 @@ from prometheus_client.metrics import MetricWrapperBase
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 
 from server.metrics import Metrics
-from server.models import ModelVersion
+from server.models import Model, ModelRegistry, ModelVersion, State
 
 _NS = 1_000_000_000
+
+
+def selected(registry: ModelRegistry, name: str, version: str) -> list[ModelVersion]:
+    """The versions a statistics request asks for: that version (READY), every READY
+    version of the model, or of every model when no name is given."""
+    if name and version:
+        return [registry.get(name, version)]
+    models = [registry.model(name)] if name else registry.models()
+    return _ready_versions(models)
+
+
+def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
+    return [
+        v
+        for m in models
+        for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+        if v.state is State.READY
+    ]
 
 
 def model_statistics(

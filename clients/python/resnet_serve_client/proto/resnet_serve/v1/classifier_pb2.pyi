@@ -124,7 +124,7 @@ class InputSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "state", "reason", "providers")
+    __slots__ = ("version", "state", "reason", "providers", "weights")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VersionInfo.State]
@@ -139,11 +139,13 @@ class VersionInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: VersionInfo.State
     reason: str
     providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[_Union[VersionInfo.State, str]] = ..., reason: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    weights: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[_Union[VersionInfo.State, str]] = ..., reason: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "arch", "platform", "num_classes", "input", "max_batch_size", "versions")

@@ -5,7 +5,7 @@ import warnings
 
 from ...resnet_serve.v1 import classifier_pb2 as resnet__serve_dot_v1_dot_classifier__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ClassifierStub:
+class ClassifierStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class ClassifierStub:
                 _registered_method=True)
 
 
-class ClassifierServicer:
+class ClassifierServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
@@ -120,7 +120,7 @@ def add_ClassifierServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Classifier:
+class Classifier(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,0 +1,349 @@
+"""HTTP/REST on the HTTP port (8000): the Open Inference Protocol v2 as Triton serves it,
+health for load balancers, and an image ``classify`` route for curl and browsers.
+
+Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
+
+- ``GET /v2/health/live``, ``GET /v2/health/ready``: 200, or 503 while loading or
+  draining; ``GET /v2/models/<name>{v}/ready``: 200, or 503 (404 for an unknown model);
+- ``GET /v2``: server metadata; ``GET /v2/models/<name>{v}``: model metadata;
+  ``GET /v2/models/<name>{v}/config``: the model configuration;
+- ``GET /v2/models/stats``, ``GET /v2/models/<name>{v}/stats``: statistics;
+- ``POST /v2/repository/index``: every model version and its state;
+  ``POST /v2/repository/models/<name>/load`` and ``/unload``: model control (with
+  ``--model-control-mode explicit``; otherwise 501, as gRPC answers UNIMPLEMENTED);
+- ``POST /v2/models/<name>{v}/infer``: inference, JSON tensors or Triton's
+  binary-tensor extension (`server.protocols.v2.rest`), the classification extension;
+- ``POST`` (or ``PUT``, as ``curl -T`` sends) ``/v2/models/<name>{v}/classify``: the
+  body is an image file (or a ``multipart/form-data`` form of them); the answer is
+  ``Classify``'s as JSON, top ``?top_k=`` (default 5) classes with labels.
+
+Thin, like the gRPC adapters: inference goes through `server.request_path` (shared
+batches, one count of every request, the same limits), the metadata, statistics and
+configuration are the gRPC adapter's messages written as JSON. What the gRPC
+interceptors do, one middleware does here: errors answered as ``{"error": "..."}``
+with the HTTP status of `server.errors.to_http`; while draining, every route but the
+probes 503 with ``Retry-After``; bearer tokens checked (`server.auth`, probes open);
+calls counted in the server's `Calls` so the drain waits for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from server.auth import TokenCheck
+from server.context import ServingContext
+from server.errors import (
+    INTERNAL_MESSAGE,
+    Draining,
+    InvalidInput,
+    ModelNotReady,
+    Unauthenticated,
+    to_http,
+)
+from server.interceptors import Calls
+from server.models import State
+from server.protocols import v1
+from server.protocols.v2 import describe, rest, stats
+from server.protocols.v2 import servicer as v2_servicer
+from server.protocols.v2.request import output_arrays
+from server.request_path import Inputs, Request, RequestPath
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Route names of the probes: open without a token and answered while draining.
+PROBE = "probe"
+_MODEL = "/v2/models/{model}"
+_VERSION = "/v2/models/{model}/versions/{version}"
+REQUEST_ID_HEADER = "X-Request-ID"
+CLOSE_TIMEOUT = 1.0
+
+
+class HttpServer:
+    """The HTTP port: `start` binds and serves, `close` stops taking connections and
+    answers those in flight. Create it inside the running loop."""
+
+    def __init__(self, ctx: ServingContext, calls: Calls, auth: TokenCheck | None) -> None:
+        self._ctx = ctx
+        self._calls = calls
+        self._auth = auth
+        self._registry = ctx.registry
+        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
+        self._runner: web.AppRunner | None = None
+
+    def application(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=self._ctx.settings.max_message_bytes
+        )
+        get, post = app.router.add_get, app.router.add_post
+        get("/v2/health/live", self.live, name=f"{PROBE}-live", allow_head=True)
+        get("/v2/health/ready", self.ready, name=f"{PROBE}-ready", allow_head=True)
+        get("/v2", self.server_metadata)
+        get("/v2/models/stats", self.statistics)
+        post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load_model)
+        post("/v2/repository/models/{model}/unload", self.unload_model)
+        for base, suffix in ((_MODEL, ""), (_VERSION, "-version")):
+            get(f"{base}/ready", self.model_ready, name=f"{PROBE}-model{suffix}")
+            get(base, self.model_metadata)
+            get(f"{base}/config", self.model_config)
+            get(f"{base}/stats", self.statistics)
+            post(f"{base}/infer", self.infer)
+            post(f"{base}/classify", self.classify)
+            app.router.add_put(f"{base}/classify", self.classify)
+        return app
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
+        """Bind ``host:port`` (OSError when it cannot be bound) and serve; the port bound."""
+        runner = web.AppRunner(
+            self.application(),
+            access_log=None,
+            handle_signals=False,
+            # `close` comes once the drain has seen every call answered (or its grace end)
+            shutdown_timeout=CLOSE_TIMEOUT,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        return int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        """Stop listening, close idle connections, wait for the requests being answered."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # what the gRPC interceptors do: errors, drain, tokens, counting
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        probe = (request.match_info.route.name or "").startswith(PROBE)
+        try:
+            if probe:
+                return await handler(request)
+            if self._ctx.draining.is_set():
+                raise Draining(
+                    "server is shutting down; retry on another instance",
+                    self._ctx.draining.pushback_ms(),
+                )
+            if self._auth is not None:
+                tokens = request.headers.getall("Authorization", [])
+                refusal = self._auth.accepts([("authorization", t) for t in tokens])
+                if refusal is not None:
+                    self._auth.refused(f"{request.method} {request.path}", refusal)
+                    raise Unauthenticated(refusal.replace("metadata", "header"))
+            with self._calls.counting():
+                return await handler(request)
+        except web.HTTPException as exc:  # no such route, method not allowed, body too large
+            if exc.status < 400:
+                raise
+            return _error(exc.status, f"{request.method} {request.path}: {exc.reason}", exc.headers)
+        except Exception as exc:
+            return _failure(request, exc)
+
+    # health and metadata
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self._ctx.ready():
+            return web.Response()
+        why = "draining" if self._ctx.draining.is_set() else "models are loading or none loaded"
+        return _error(503, f"server is not ready: {why}")
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        served = self._registry.get(request.match_info["model"], _version(request))
+        if served.state is not State.READY or self._ctx.draining.is_set():
+            raise ModelNotReady(f"model {served.name!r} version {served.version} is not ready")
+        return web.Response()
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json(
+            rest.message_json(describe.server_metadata(self._ctx.settings.model_control_mode))
+        )
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        served = self._registry.get(request.match_info["model"], _version(request))
+        message = describe.model_metadata(self._registry.model(served.name), served)
+        value = rest.message_json(message)
+        if served.weights:  # beside Triton's fields: "random (seed N)" is an untrained model
+            value["parameters"] = {"weights": served.weights}
+        return _json(value)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        served = self._registry.get(request.match_info["model"], _version(request))
+        message = describe.config_response(served, self._ctx.settings.cuda_device_id)
+        return _json(rest.message_json(message)["config"])
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        versions = stats.selected(
+            self._registry, request.match_info.get("model", ""), _version(request)
+        )
+        return _json(rest.message_json(stats.model_statistics(self._ctx.metrics, versions)))
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        options = rest.parse_object(body) if body.strip() else {}
+        ready = options.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput("'ready' must be true or false")
+        index = describe.repository_index(self._registry, ready_only=ready)
+        return _json(rest.message_json(index)["models"])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        """Load (again) by the model's version policy (``--model-control-mode explicit``)."""
+        await self._control(request, ())
+        await self._ctx.lifecycle.load(request.match_info["model"])
+        return web.Response()
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        await self._control(request, v2_servicer.UNLOAD_PARAMETERS)
+        await self._ctx.lifecycle.unload(request.match_info["model"])
+        return web.Response()
+
+    async def _control(self, request: web.Request, known: tuple[str, ...]) -> None:
+        body = await request.read()
+        options = rest.parse_object(body) if body.strip() else {}
+        parameters = options.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        v2_servicer.check_control(request.match_info["model"], "", parameters, known)
+
+    # inference
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = rest.parse_infer(await request.read(), request.headers.get(rest.HEADER_LENGTH))
+
+        def read(served: Any) -> tuple[Inputs, list[tuple[Any, bool]]]:
+            return body.images(served.config), body.requested(served.config)
+
+        result = await self._path.infer(
+            Request(
+                model=request.match_info["model"],
+                version=_version(request),
+                request_id=body.id,
+                deadline=None,
+                images=body.declared_images(),
+                read=read,
+            )
+        )
+        served, requested = result.served, result.parsed
+        arrays = output_arrays([o for o, _ in requested], result.logits, served.labels)
+        outputs = [
+            (name, array, binary)
+            for (name, array), (_, binary) in zip(arrays, requested, strict=True)
+        ]
+        payload, header_length = rest.write_infer(served.name, served.version, body.id, outputs)
+        if header_length is None:
+            response = web.Response(body=payload, content_type=rest.JSON_TYPE)
+        else:
+            response = web.Response(
+                body=payload,
+                content_type=rest.BINARY_TYPE,
+                headers={rest.HEADER_LENGTH: str(header_length)},
+            )
+        response.enable_compression()  # when the client's Accept-Encoding asks for it
+        return response
+
+    async def classify(self, request: web.Request) -> web.Response:
+        images = await _image_files(request, self._ctx.settings.max_message_bytes)
+        k = _top_k(request)
+
+        def read(served: Any) -> tuple[Inputs, int]:
+            return Inputs(images=images), v1.check_top_k(k, served)
+
+        result = await self._path.infer(
+            Request(
+                model=request.match_info["model"],
+                version=_version(request),
+                request_id=request.headers.get(REQUEST_ID_HEADER, ""),
+                deadline=None,
+                images=len(images),
+                read=read,
+            )
+        )
+        return _json(rest.message_json(v1.classify_response(result)))
+
+
+def _version(request: web.Request) -> str:
+    return request.match_info.get("version", "")
+
+
+def _top_k(request: web.Request) -> int:
+    text = request.query.get("top_k")
+    if text is None:
+        return v1.DEFAULT_TOP_K
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInput(f"top_k is {text!r}; give a whole number, e.g. ?top_k=5") from None
+
+
+async def _image_files(request: web.Request, limit: int) -> list[bytes]:
+    """The body as one image file, or each file of a ``multipart/form-data`` form (at most
+    ``limit`` bytes in all, as for any body)."""
+    if not request.content_type.startswith("multipart/"):
+        body = await request.read()
+        if not body:
+            raise InvalidInput(
+                "the body is empty; send the image file as the body "
+                "(curl --data-binary @photo.jpg URL)"
+            )
+        return [body]
+    images: list[bytes] = []
+    total = 0
+    async for part in await request.multipart():
+        if not isinstance(part, BodyPartReader):
+            raise InvalidInput("nested multipart forms are not supported; send files as fields")
+        chunks = []
+        while chunk := await part.read_chunk():
+            total += len(chunk)
+            if total > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+            chunks.append(chunk)
+        images.append(b"".join(chunks))
+    if not images:
+        raise InvalidInput("the form holds no file; send each image as a form field")
+    return images
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=rest.dumps(value), status=status, content_type=rest.JSON_TYPE)
+
+
+def _error(status: int, message: str, headers: Any = None) -> web.Response:
+    response = _json({"error": message}, status)
+    for key in ("Allow", "Retry-After", "WWW-Authenticate", "Connection"):
+        if headers is not None and key in headers:
+            response.headers[key] = headers[key]
+    return response
+
+
+def _failure(request: web.Request, exc: Exception) -> web.Response:
+    status, message = to_http(exc)
+    where = f"{request.method} {request.path}"
+    if status == 500:
+        log.error("%s failed", where, exc_info=exc)
+        message = INTERNAL_MESSAGE
+    else:
+        log.info("%s -> %d: %s", where, status, message)
+    headers: dict[str, str] = {}
+    if isinstance(exc, Draining):
+        pushback = exc.pushback_ms if exc.pushback_ms is not None else 1000
+        headers["Retry-After"] = str(max(1, math.ceil(pushback / 1000)))
+        headers["Connection"] = "close"
+    elif isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error(status, message, headers)

@@ -1,0 +1,350 @@
+"""The v2 protocol's HTTP/REST bodies: an inference request read, its response written, and
+the metadata messages as Triton's JSON.
+
+An inference request is a JSON object, optionally followed by binary tensor data
+(Triton's binary-tensor extension): the header ``Inference-Header-Content-Length``
+says how many bytes of the body are JSON; each input whose ``parameters`` hold
+``binary_data_size`` takes that many bytes of what follows, in the order of the
+inputs. An input without it carries its elements in ``data`` (row-major, flat or
+nested; BYTES elements as strings).
+
+The response puts an output in binary when the request asks for it (the output's
+``binary_data`` parameter, else the request's ``binary_data_output``), else in
+JSON ``data``; with any binary output, ``Inference-Header-Content-Length`` tells
+the client where the JSON ends.
+
+The checks and decoding that do not depend on the wire (one input, its datatype,
+the classification extension's count, BYTES framing, raw tensor sizes) are the
+gRPC adapter's (`server.protocols.v2.request`, `server.protocols.v2.tensors`).
+Errors are `TensorError` (INVALID_ARGUMENT, HTTP 400) saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor, json_format
+from google.protobuf.message import Message
+
+from server.protocols.v2 import tensors
+from server.protocols.v2.request import (
+    CLASSIFICATION,
+    Output,
+    check_declared,
+    check_inputs,
+    check_output,
+    classification_count,
+    images_of,
+)
+from server.protocols.v2.tensors import BYTES, TensorError
+from server.repository import ModelConfig
+from server.request_path import Inputs
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_SIZE = "binary_data_size"
+BINARY_OUTPUT = "binary_data_output"
+BINARY_DATA = "binary_data"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+# numpy kinds a JSON array may decode to, per datatype kind: a float tensor takes integers too
+_JSON_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input of a request, its data still as sent."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any]
+    binary: memoryview | None = None  # its bytes after the JSON (binary-tensor extension)
+    data: Any = None  # its JSON ``data``
+
+
+@dataclass(frozen=True)
+class InferBody:
+    """An inference request's body, read: its id, inputs and requested outputs."""
+
+    id: str
+    inputs: list[Tensor]
+    outputs: list[dict[str, Any]]
+    binary_output: bool  # the request's ``binary_data_output``: the default for every output
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def declared_images(self) -> int:
+        """The batch size the request declares (what the images counter adds on success)."""
+        return self.inputs[0].shape[0] if len(self.inputs) == 1 and self.inputs[0].shape else 0
+
+    def images(self, config: ModelConfig) -> Inputs:
+        """The one input as the request path takes it, checked as the gRPC adapter checks it
+        before any data is read; JSON ``data`` is read on the preprocessing pool."""
+        check_inputs([t.name for t in self.inputs], config)
+        t = self.inputs[0]
+        shape = check_declared(t.name, t.datatype, t.shape, t.parameters, config)
+        data = t.binary
+        if data is None:
+            return images_of(
+                t.name, t.datatype, shape,
+                functools.partial(decode_json, t.name, t.datatype, list(shape), t.data),
+            )  # fmt: skip
+        return images_of(t.name, t.datatype, shape, data)
+
+    def requested(self, config: ModelConfig) -> list[tuple[Output, bool]]:
+        """Each requested output, and whether it goes in binary; none requested: the
+        model's output as a tensor."""
+        outputs: list[Output] = []
+        binary: list[bool] = []
+        for requested in self.outputs:
+            name = _string(requested, "name", "output")
+            parameters = _object(requested.get("parameters", {}), f"output '{name}' parameters")
+            check_output(name, parameters, outputs, config)
+            classes = parameters.get(CLASSIFICATION)
+            if classes is not None:
+                classes = classification_count(name, classes)
+            outputs.append(Output(name, classes))
+            binary.append(_flag(parameters, BINARY_DATA, self.binary_output, f"output '{name}'"))
+        if not outputs:
+            return [(Output(config.output.name), self.binary_output)]
+        return list(zip(outputs, binary, strict=True))
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferBody:
+    """Read an inference request's body; ``header_length`` is the value of the
+    ``Inference-Header-Content-Length`` header (None: the whole body is JSON)."""
+    view = memoryview(body)
+    json_end = len(view)
+    if header_length is not None:
+        try:
+            json_end = int(header_length)
+        except ValueError:
+            raise TensorError(
+                f"{HEADER_LENGTH} is {header_length!r}; it must be a byte count"
+            ) from None
+        if not 0 <= json_end <= len(view):
+            raise TensorError(f"{HEADER_LENGTH} is {json_end} but the body has {len(view)} bytes")
+    header = _object(_json(view[:json_end]), "the request body")
+    parameters = _object(header.get("parameters", {}), "request parameters")
+    binary_output = _flag(parameters, BINARY_OUTPUT, False, "the request")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise TensorError("the request body needs 'inputs', a list of tensors")
+    binary = view[json_end:]
+    offset = 0
+    inputs = []
+    for index, item in enumerate(raw_inputs):
+        tensor = _object(item, f"input {index}")
+        name = _string(tensor, "name", f"input {index}")
+        datatype = _string(tensor, "datatype", f"input '{name}'")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise TensorError(f"input '{name}': 'shape' must be a list of integers")
+        tensor_parameters = _object(tensor.get("parameters", {}), f"input '{name}' parameters")
+        size = tensor_parameters.get(BINARY_SIZE)
+        if size is None:
+            if "data" not in tensor:
+                raise TensorError(
+                    f"input '{name}' carries no data; send it in 'data' or as binary data "
+                    f"with the parameter '{BINARY_SIZE}'"
+                )
+            inputs.append(Tensor(name, datatype, shape, tensor_parameters, data=tensor["data"]))
+            continue
+        if not _is_int(size) or size < 0:
+            raise TensorError(f"input '{name}': '{BINARY_SIZE}' must be an integer >= 0")
+        if "data" in tensor:
+            raise TensorError(f"input '{name}' has both 'data' and '{BINARY_SIZE}'; send one")
+        if offset + size > len(binary):
+            raise TensorError(
+                f"input '{name}' declares {size} bytes of binary data at byte {offset} after "
+                f"the JSON, but only {len(binary) - offset} remain"
+            )
+        chunk = binary[offset : offset + size]
+        offset += size
+        inputs.append(Tensor(name, datatype, shape, tensor_parameters, binary=chunk))
+    if offset != len(binary):
+        raise TensorError(
+            f"{len(binary)} bytes follow the JSON but the inputs declare {offset} "
+            f"({HEADER_LENGTH} counts the JSON alone)"
+        )
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise TensorError("'outputs' must be a list")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise TensorError("'id' must be a string")
+    return InferBody(request_id, inputs, outputs, binary_output, parameters)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """A body that must be one JSON object."""
+    return _object(_json(memoryview(body)), "the request body")
+
+
+def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``shape``."""
+    dt = tensors.datatype(datatype)
+    dims = tensors.check_shape(name, shape)
+    count = math.prod(dims)
+    if not isinstance(data, list):
+        data = [data]
+    if dt.name == BYTES:
+        elements = list(_flatten(data))
+        if not all(isinstance(e, str) for e in elements):
+            raise TensorError(f"input '{name}' is BYTES; its 'data' must hold strings")
+        array = np.empty(len(elements), dtype=object)
+        array[:] = [e.encode() for e in elements]
+    else:
+        try:
+            array = np.asarray(data)
+        except ValueError:
+            raise TensorError(
+                f"input '{name}': 'data' is not a regular array (nested lists of unequal lengths)"
+            ) from None
+        allowed = _JSON_KINDS.get(dt.dtype.kind, "")
+        if array.size and array.dtype.kind not in allowed:
+            raise TensorError(
+                f"input '{name}' is {dt.name} but its 'data' holds {_kind_name(array.dtype.kind)}"
+            )
+        if array.size and dt.dtype.kind in "iu":
+            info = np.iinfo(dt.dtype)
+            if array.min() < info.min or array.max() > info.max:
+                raise TensorError(f"input '{name}' has values outside the range of {dt.name}")
+        array = array.astype(dt.dtype).ravel()
+    if array.size != count:
+        raise TensorError(
+            f"input '{name}' has shape {list(dims)} ({count} elements) but 'data' holds "
+            f"{array.size}"
+        )
+    return array.reshape(dims)
+
+
+def write_infer(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: list[tuple[str, np.ndarray, bool]],
+) -> tuple[bytes, int | None]:
+    """The response body for ``(name, array, binary)`` outputs, and the JSON's length
+    when binary data follows it (for ``Inference-Header-Content-Length``)."""
+    described = []
+    chunks = []
+    for name, array, binary in outputs:
+        datatype, raw = tensors.encode_raw(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            entry["parameters"] = {BINARY_SIZE: len(raw)}
+            chunks.append(raw)
+        elif datatype == BYTES:
+            entry["data"] = [e.decode("utf-8", "replace") for e in array.ravel().tolist()]
+        else:
+            entry["data"] = array.ravel().tolist()
+        described.append(entry)
+    response: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id:
+        response["id"] = request_id
+    response["outputs"] = described
+    header = dumps(response)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A v2 response message as Triton's HTTP JSON: field names as in the .proto, every
+    field present, 64-bit integers as numbers (protobuf's JSON writes them as strings)."""
+    value = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _numbers(message.DESCRIPTOR, value)
+    return value
+
+
+_INT64 = {
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+}
+
+
+def _numbers(message: descriptor.Descriptor, value: dict[str, Any]) -> None:
+    for f in message.fields:
+        if f.name not in value:
+            continue
+        item = value[f.name]
+        entry = f.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            mapped = entry.fields_by_name["value"]
+            for key, element in item.items():
+                if mapped.message_type is not None:
+                    _numbers(mapped.message_type, element)
+                elif mapped.type in _INT64:
+                    item[key] = int(element)
+        elif entry is not None:
+            for element in item if isinstance(item, list) else [item]:
+                if isinstance(element, dict):
+                    _numbers(entry, element)
+        elif f.type in _INT64:
+            value[f.name] = [int(e) for e in item] if isinstance(item, list) else int(item)
+
+
+def _json(data: memoryview) -> Any:
+    try:
+        return json.loads(bytes(data))
+    except UnicodeDecodeError:
+        raise TensorError(
+            "the request's JSON is not UTF-8 (binary data without "
+            f"{HEADER_LENGTH} saying where the JSON ends?)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise TensorError(f"the request body is not valid JSON: {exc}") from None
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TensorError(f"{what} must be a JSON object")
+    return value
+
+
+def _string(value: dict[str, Any], key: str, what: str) -> str:
+    found = value.get(key)
+    if not isinstance(found, str):
+        raise TensorError(f"{what} needs '{key}', a string")
+    return found
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, what: str) -> bool:
+    found = parameters.get(key, default)
+    if not isinstance(found, bool):
+        raise TensorError(f"{what}: parameter '{key}' must be true or false")
+    return found
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flatten(data: list[Any]) -> Any:
+    for element in data:
+        if isinstance(element, list):
+            yield from _flatten(element)
+        else:
+            yield element
+
+
+def _kind_name(kind: str) -> str:
+    return {
+        "b": "booleans", "f": "floating-point numbers", "i": "integers", "u": "integers",
+        "U": "strings", "O": "mixed values",
+    }.get(kind, "values of another type")  # fmt: skip
