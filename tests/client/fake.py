@@ -5,6 +5,7 @@ backends behind one target. Everything else is tested against the real server.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine
@@ -102,6 +103,9 @@ def _model() -> pb.ModelInfo:
     )
 
 
+STOP_TIMEOUT = 10.0
+
+
 class FakeServer:
     """The fake on its own event loop in a thread, so blocking clients can call it too."""
 
@@ -132,6 +136,11 @@ class FakeServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self._run(self._server.stop(None))
+        # grpc.aio's Server.stop has been seen to hang here, once in a full run (a TLS
+        # test); the fake is only the tests' stand-in, so its stop is bounded and its
+        # daemon thread left behind rather than the run held for pytest's timeout.
+        stopping = asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop)
+        with contextlib.suppress(TimeoutError):
+            stopping.result(timeout=STOP_TIMEOUT)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
+        self._thread.join(STOP_TIMEOUT)
