@@ -109,7 +109,7 @@ def test_int8_calibrates_on_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["models", "--repo", str(tmp_path / "repo")]) == 0
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
               if line.startswith("resnet20 ")]  # fmt: skip
-    assert row[7:10] == ["1", "int8", "verified"], row
+    assert row[7:9] == ["1", "int8"] and "verified" in row, row
     calibration = record_of(version_dir)["calibration"]
     assert calibration["source"] == "folder" and calibration["path"] == str(folder.resolve())
     assert (calibration["images"], calibration["held_out"]) == (8, 2)

@@ -108,7 +108,7 @@ def test_build_killed_midway_leaves_no_version(tmp_path: Path) -> None:
     assert f"removed {staged.parent}, left by a build" in (tmp_path / "build.log").read_text()
     row = next(line.split() for line in models_listing(repo).splitlines()
                if line.startswith(f"{NAME} "))  # fmt: skip
-    assert row[1] == "resnet20" and row[7:10] == ["1", "fp32", "verified"], row
+    assert row[1] == "resnet20" and row[7:9] == ["1", "fp32"] and "verified" in row, row
 
 
 def test_a_version_the_runtime_cannot_open_is_refused(
