@@ -78,6 +78,7 @@ def image(docker: images.Docker, tmp_path_factory: pytest.TempPathFactory) -> st
 class Container:
     name: str
     port: int
+    http_port: int
     metrics_port: int
 
     @property
@@ -104,11 +105,13 @@ def replicas(docker: images.Docker, image: str) -> Iterator[list[Container]]:
     try:
         for index in range(3):
             container = Container(f"resnet-serve-test-{os.getpid()}-{index}",
-                                  serving.free_port(), serving.free_port())  # fmt: skip
+                                  serving.free_port(), serving.free_port(),
+                                  serving.free_port())  # fmt: skip
             docker.run(
                 "run", "--detach", "--name", container.name, "--network", "host",
                 "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
                 "--env", f"RESNET_SERVE_PORT={container.port}",
+                "--env", f"RESNET_SERVE_HTTP_PORT={container.http_port}",
                 "--env", f"RESNET_SERVE_METRICS_PORT={container.metrics_port}",
                 "--env", "RESNET_SERVE_HOST=127.0.0.1",
                 "--env", "RESNET_SERVE_METRICS_HOST=127.0.0.1",
