@@ -264,12 +264,7 @@ class Measured:
         executions: int,
         run_seconds: float,
     ) -> None:
-        total = self.result
-        total.seconds += result.seconds
-        total.ok += result.ok
-        total.errors.update(result.errors)
-        total.latencies += result.latencies
-        total.cpu_seconds += result.cpu_seconds
+        self.result.add(result)
         self.process_cpu += cpu
         for group, seconds in threads.items():
             self.threads[group] = self.threads.get(group, 0.0) + seconds

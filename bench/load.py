@@ -133,12 +133,7 @@ class Accumulated:
         machine_cpu: float,
         differences: dict[str, histograms.Histogram],
     ) -> None:
-        total = self.result
-        total.seconds += result.seconds
-        total.ok += result.ok
-        total.errors.update(result.errors)
-        total.latencies += result.latencies
-        total.cpu_seconds += result.cpu_seconds
+        self.result.add(result)
         self.server_cpu += server_cpu
         self.machine_cpu += machine_cpu
         for name, histogram in differences.items():

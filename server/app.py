@@ -45,7 +45,7 @@ from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
 from server.handlers import wrap_registrations
-from server.interceptors import Calls, Guard
+from server.interceptors import Admission, Calls, Guard
 from server.lifecycle import NOT_SERVING, OVERALL, ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry
@@ -113,7 +113,8 @@ async def start(settings: Settings) -> Running:
         ],
     )
     auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
-    guard = Guard(ctx.draining, calls, auth)
+    admission = Admission(ctx.draining, calls, auth)  # one rule for gRPC and HTTP
+    guard = Guard(admission)
     wrap_registrations(server, guard.wrap)  # every service below, reflection included
     names = [register(server, ctx) for register in SERVICES]
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -136,7 +137,7 @@ async def start(settings: Settings) -> Running:
     rest: HttpServer | None = None
     http_port: int | None = None
     if settings.http_port:
-        rest = HttpServer(ctx, calls, auth)
+        rest = HttpServer(ctx, admission)
         try:
             http_port = await rest.start(settings.host, settings.http_port, ssl_context)
         except OSError as exc:

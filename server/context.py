@@ -12,6 +12,7 @@ from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.preprocess import Preprocessor
+from server.request_path import RequestPath
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,12 @@ class ServingContext:
     lifecycle: ModelLifecycle
     # Begun once when the server starts draining; create the context inside the running loop.
     draining: Drain = field(default_factory=Drain)
+    # The one request path every adapter calls.
+    path: RequestPath = field(init=False)
+
+    def __post_init__(self) -> None:
+        path = RequestPath(self.settings, self.registry, self.preprocessor, self.metrics)
+        object.__setattr__(self, "path", path)  # frozen
 
     def ready(self) -> bool:
         """The server's readiness, as overall health says it: loaded, a model READY, and

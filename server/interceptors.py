@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,7 +39,7 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
     code, message = to_status(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=exc)
-    else:
+    elif not isinstance(exc, Unauthenticated):  # those are logged rate-limited (TokenCheck)
         log.info("%s -> %s: %s", method, code.name, message)
     await context.abort(code, message, trailing_metadata=to_trailers(exc))
 
@@ -81,93 +81,91 @@ class Calls:
             self._idle.set()
 
 
+class Admission:
+    """Whether a call (gRPC or HTTP) may start, the one rule for both: refused while
+    draining (UNAVAILABLE, with a pushback), without an accepted token when tokens are
+    set (UNAUTHENTICATED, counted and logged rate-limited by `TokenCheck.refused`), and
+    beyond the concurrent-call limit (RESOURCE_EXHAUSTED); else counted in `Calls`
+    until `done`. Probes never come here."""
+
+    def __init__(self, draining: Drain, calls: Calls, tokens: TokenCheck | None = None) -> None:
+        self.draining = draining
+        self.calls = calls
+        self.tokens = tokens
+
+    def admit(self, method: str, metadata: Callable[[], Sequence[tuple[str, Any]] | None]) -> None:
+        """Count the call in, or raise why it is refused. `metadata` is called only when
+        tokens are checked."""
+        if self.draining.is_set():
+            raise Draining(
+                "server is shutting down; retry on another instance", self.draining.pushback_ms()
+            )
+        if self.tokens is not None:
+            refusal = self.tokens.accepts(metadata())
+            if refusal is not None:
+                self.tokens.refused(method, refusal)
+                raise Unauthenticated(refusal)
+        self.calls.enter()
+
+    def done(self) -> None:
+        self.calls.exit()
+
+
 class Guard:
     """Wraps every handler (see the module docstring)."""
 
-    def __init__(self, draining: Drain, calls: Calls, tokens: TokenCheck | None = None) -> None:
-        self._draining = draining
-        self._calls = calls
-        self._tokens = tokens
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         answer = behavior(handler)
-        probe = is_probe(method)  # answered while draining too: balancers poll them to see it
-        check = None if probe else self._tokens
+        # probes are answered while draining too: balancers poll them to see it
+        admit = None if is_probe(method) else self._admission
         if inspect.isasyncgenfunction(answer):
-            return replace_behavior(handler, self._streaming(answer, method, probe, check))
-        return replace_behavior(handler, self._unary(answer, method, probe, check))
+            return replace_behavior(handler, _streaming(answer, method, admit))
+        return replace_behavior(handler, _unary(answer, method, admit))
 
-    def _admit(self) -> Exception | None:
-        """Count the call in, or why it is refused: draining, or too many calls."""
-        if self._draining.is_set():
-            return Draining(
-                "server is shutting down; retry on another instance", self._draining.pushback_ms()
-            )
+
+def _unary(
+    answer: Callable[..., Awaitable[Any]], method: str, admission: Admission | None
+) -> Callable[..., Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if admission is not None:
+            try:
+                admission.admit(method, context.invocation_metadata)
+            except Exception as exc:
+                await abort_with(context, method, exc)
         try:
-            self._calls.enter()
-        except QueueFull as exc:
-            return exc
-        return None
+            return await answer(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, method, exc)
+        finally:
+            if admission is not None:
+                admission.done()
 
-    def _unary(
-        self,
-        answer: Callable[..., Awaitable[Any]],
-        method: str,
-        probe: bool,
-        check: TokenCheck | None,
-    ) -> Callable[..., Awaitable[Any]]:
-        calls = self._calls
+    return guarded
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not probe and (refused := self._admit()) is not None:
-                await abort_with(context, method, refused)
+
+def _streaming(
+    answer: Callable[..., AsyncIterator[Any]], method: str, admission: Admission | None
+) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if admission is not None:
             try:
-                if check is not None:
-                    await _authenticate(context, check, method)
-                return await answer(request, context)
-            except grpc.aio.AbortError:
-                raise
+                admission.admit(method, context.invocation_metadata)
             except Exception as exc:
                 await abort_with(context, method, exc)
-            finally:
-                if not probe:
-                    calls.exit()
+        try:
+            async for response in answer(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with(context, method, exc)
+        finally:
+            if admission is not None:
+                admission.done()
 
-        return guarded
-
-    def _streaming(
-        self,
-        answer: Callable[..., AsyncIterator[Any]],
-        method: str,
-        probe: bool,
-        check: TokenCheck | None,
-    ) -> Callable[..., AsyncIterator[Any]]:
-        calls = self._calls
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if not probe and (refused := self._admit()) is not None:
-                await abort_with(context, method, refused)
-            try:
-                if check is not None:
-                    await _authenticate(context, check, method)
-                async for response in answer(request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort_with(context, method, exc)
-            finally:
-                if not probe:
-                    calls.exit()
-
-        return guarded
-
-
-async def _authenticate(context: grpc.aio.ServicerContext, tokens: TokenCheck, method: str) -> None:
-    """UNAUTHENTICATED unless the call carries an accepted token (counted and logged by
-    `TokenCheck.refused`); the status comes from the one error map."""
-    refusal = tokens.accepts(context.invocation_metadata())
-    if refusal is not None:
-        tokens.refused(method, refusal)
-        code, details = to_status(Unauthenticated(refusal))
-        await context.abort(code, details)
+    return guarded

@@ -20,10 +20,11 @@ Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
 Thin, like the gRPC adapters: inference goes through `server.request_path` (shared
 batches, one count of every request, the same limits), the metadata, statistics and
 configuration are the gRPC adapter's messages written as JSON. What the gRPC
-interceptors do, one middleware does here: errors answered as ``{"error": "..."}``
-with the HTTP status of `server.errors.to_http`; while draining, every route but the
-probes 503 with ``Retry-After``; bearer tokens checked (`server.auth`, probes open);
-calls counted in the server's `Calls` so the drain waits for them.
+handler wrapper does, one middleware does here, with the same
+`server.interceptors.Admission`: errors answered as ``{"error": "..."}`` with the
+HTTP status of `server.errors.to_http`; while draining, every route but the probes
+503 with ``Retry-After``; bearer tokens checked (probes open); calls counted in the
+server's `Calls` so the drain waits for them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from server.auth import TokenCheck
 from server.context import ServingContext
 from server.errors import (
     INTERNAL_MESSAGE,
@@ -46,13 +46,13 @@ from server.errors import (
     Unauthenticated,
     to_http,
 )
-from server.interceptors import Calls
+from server.interceptors import Admission
 from server.models import State
 from server.protocols import v1
 from server.protocols.v2 import describe, rest, stats
 from server.protocols.v2 import servicer as v2_servicer
 from server.protocols.v2.request import output_arrays
-from server.request_path import Inputs, Request, RequestPath
+from server.request_path import Inputs, Request
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,11 @@ class HttpServer:
     """The HTTP port: `start` binds and serves, `close` stops taking connections and
     answers those in flight. Create it inside the running loop."""
 
-    def __init__(self, ctx: ServingContext, calls: Calls, auth: TokenCheck | None) -> None:
+    def __init__(self, ctx: ServingContext, admission: Admission) -> None:
         self._ctx = ctx
-        self._calls = calls
-        self._auth = auth
+        self._admission = admission
         self._registry = ctx.registry
-        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
+        self._path = ctx.path
         self._runner: web.AppRunner | None = None
 
     def application(self) -> web.Application:
@@ -124,7 +123,7 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    # what the gRPC interceptors do: errors, drain, tokens, counting
+    # what the gRPC handler wrapper does: errors, and the one Admission (drain, tokens, calls)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -132,19 +131,15 @@ class HttpServer:
         try:
             if probe:
                 return await handler(request)
-            if self._ctx.draining.is_set():
-                raise Draining(
-                    "server is shutting down; retry on another instance",
-                    self._ctx.draining.pushback_ms(),
-                )
-            if self._auth is not None:
-                tokens = request.headers.getall("Authorization", [])
-                refusal = self._auth.accepts([("authorization", t) for t in tokens])
-                if refusal is not None:
-                    self._auth.refused(f"{request.method} {request.path}", refusal)
-                    raise Unauthenticated(refusal.replace("metadata", "header"))
-            with self._calls.counting():
+            where = f"{request.method} {request.path}"
+            try:
+                self._admission.admit(where, lambda: _authorization(request))
+            except Unauthenticated as exc:  # the same reasons, in HTTP's words
+                raise Unauthenticated(str(exc).replace("metadata", "header")) from None
+            try:
                 return await handler(request)
+            finally:
+                self._admission.done()
         except web.HTTPException as exc:  # no such route, method not allowed, body too large
             if exc.status < 400:
                 raise
@@ -331,13 +326,18 @@ def _error(status: int, message: str, headers: Any = None) -> web.Response:
     return response
 
 
+def _authorization(request: web.Request) -> list[tuple[str, str]]:
+    """The Authorization headers as the token check reads gRPC metadata."""
+    return [("authorization", value) for value in request.headers.getall("Authorization", [])]
+
+
 def _failure(request: web.Request, exc: Exception) -> web.Response:
     status, message = to_http(exc)
     where = f"{request.method} {request.path}"
     if status == 500:
         log.error("%s failed", where, exc_info=exc)
         message = INTERNAL_MESSAGE
-    else:
+    elif not isinstance(exc, Unauthenticated):  # those are logged rate-limited (TokenCheck)
         log.info("%s -> %d: %s", where, status, message)
     headers: dict[str, str] = {}
     if isinstance(exc, Draining):

@@ -22,7 +22,7 @@ from server.errors import InvalidInput
 from server.models import Model, ModelVersion, State
 from server.postprocess import top_k
 from server.protocols.calls import answer_in_order, deadline_of
-from server.request_path import Image, Inputs, Request, RequestPath, Result
+from server.request_path import Image, Inputs, Request, Result
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -66,7 +66,7 @@ def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
-        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
+        self._path = ctx.path
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext

@@ -201,10 +201,19 @@ def test_a_flood_of_refused_calls_is_counted_and_logged_rate_limited(
             with pytest.raises(grpc.RpcError) as error:
                 stub.ListModels(pb.ListModelsRequest(), timeout=30)
             assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    assert refused() - before == flood
-    # at most one line per 10 s: the flood (well under a minute) writes a handful at most
-    lines = server.log().count("refused UNAUTHENTICATED") - lines_before
-    assert lines <= 6, server.log()
+    assert server.http_url is not None  # the HTTP port's refusals are the same rule's
+    for _ in range(flood):
+        request = urllib.request.Request(f"{server.http_url}/v2/models/cifar")
+        with pytest.raises(urllib.error.HTTPError) as http_error:
+            urllib.request.urlopen(request, timeout=30)
+        assert http_error.value.code == 401
+    assert refused() - before == 2 * flood
+    # at most one line per 10 s: the flood (well under a minute) writes a handful at most,
+    # and no line per refused call
+    log = server.log()
+    lines = log.count("refused UNAUTHENTICATED") - lines_before
+    assert lines <= 6, log
+    assert "-> UNAUTHENTICATED" not in log and "-> 401" not in log, log
     with sdk(server, ENV_TOKEN) as client:
         assert [m.name for m in client.list_models()] == ["cifar"]
         assert client.health() is HealthStatus.SERVING

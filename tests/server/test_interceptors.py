@@ -13,7 +13,7 @@ from server import drain
 from server.drain import Drain
 from server.errors import InvalidInput, QueueFull
 from server.handlers import wrap_registrations
-from server.interceptors import Calls, Guard
+from server.interceptors import Admission, Calls, Guard
 
 SERVICE = "test.Echo"
 
@@ -49,7 +49,7 @@ class Harness:
 async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
     harness = Harness()
     server = grpc.aio.server()
-    wrap_registrations(server, Guard(harness.draining, harness.calls).wrap)
+    wrap_registrations(server, Guard(Admission(harness.draining, harness.calls)).wrap)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),

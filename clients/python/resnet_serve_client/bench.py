@@ -84,6 +84,14 @@ class LevelResult:
         else:
             self.errors[code] += 1
 
+    def add(self, other: LevelResult) -> None:
+        """Sum another measurement of the same level into this one (slices of a level)."""
+        self.seconds += other.seconds
+        self.ok += other.ok
+        self.errors.update(other.errors)
+        self.latencies += other.latencies
+        self.cpu_seconds += other.cpu_seconds
+
 
 async def run_level(
     call: Call, level: Level, stop: Stop, *, warmup: float, images_per_request: int

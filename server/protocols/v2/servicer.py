@@ -29,7 +29,7 @@ from server.models import ModelVersion
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.v2 import describe, stats
 from server.protocols.v2.request import Output, fill_response, parse_images, parse_outputs
-from server.request_path import Inputs, Request, RequestPath
+from server.request_path import Inputs, Request
 
 Context = grpc.aio.ServicerContext
 
@@ -75,7 +75,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
         self._registry = ctx.registry
-        self._path = RequestPath(ctx.settings, ctx.registry, ctx.preprocessor, ctx.metrics)
+        self._path = ctx.path
 
     # health and metadata
 
