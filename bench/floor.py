@@ -17,7 +17,10 @@ one-image request.
 
 Run as ``python -m bench.floor --repo REPO --host H --port P`` (``--metrics-host`` and
 ``--metrics-port`` are accepted, so the one harness starts it like the server, and
-ignored: the floor has no metrics).
+ignored: the floor has no metrics). ``--processes N`` runs N such processes sharing the
+port (``SO_REUSEPORT``; the kernel spreads connections over them): what more front-end
+processes give on a machine, at the floor of the stack (docs/architecture.md, "Front
+end: one process or several").
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -141,11 +146,11 @@ def _top1(config: ModelConfig) -> pb.ModelInferResponse:
     return response
 
 
-async def serve(repo: Path, address: str) -> None:
+async def serve(repo: Path, address: str, reuse_port: bool = False) -> None:
     configs = {
         p.name: ModelConfig.load(p) for p in sorted(repo.iterdir()) if (p / "config.json").is_file()
     }
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(configs), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -164,9 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-host", help="ignored: the floor has no metrics")
     parser.add_argument("--metrics-port", help="ignored: the floor has no metrics")
     parser.add_argument("--http-port", help="ignored: the floor has no HTTP port")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes sharing the port with SO_REUSEPORT (default 1)")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.repo, f"{args.host}:{args.port}"))
+    address = f"{args.host}:{args.port}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the others stop with this one
+    others = [
+        subprocess.Popen([*COMMAND, "--repo", str(args.repo), "--host", args.host,
+                          "--port", str(args.port), "--reuse-port"])
+        for _ in range(args.processes - 1)
+    ]  # fmt: skip
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.repo, address, args.reuse_port or bool(others)))
+    finally:
+        for other in others:
+            other.terminate()
+        for other in others:
+            other.wait(timeout=30)
     return 0
 
 
