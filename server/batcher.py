@@ -8,14 +8,19 @@ largest reachable one), otherwise it waits at most ``max_queue_delay_us``
 from the oldest item's arrival for more.
 
 With delay 0 (the default), batches grow by themselves while every instance
-is busy, and an instance that has just run a batch of n images waits for n
-images to queue again, for at most ``refill_wait`` × that batch's run time.
-Without that wait, a closed loop of n clients splits into alternating
-batches of 1 and n − 1: the first request back after a batch runs alone
-while the others arrive, and a batch of 1 is the least efficient run there
-is. A lone client (n = 1) never waits, and nothing waits while another
-instance is idle; when traffic drops, one wait of at most that fraction is
-lost before the target follows it down.
+is busy, and an instance that has just answered a batch of n images, with q
+more queued by then, waits for n + q images to queue (at most a full batch)
+for at most ``refill_wait`` × that batch's run time: the n callers it has
+just answered are expected back. Without a wait, a closed loop of n clients
+splits into alternating batches of 1 and n − 1: the first request back after
+a batch runs alone while the others arrive, and a batch of 1 is the least
+efficient run there is. Waiting for n alone is not enough either: a loop
+split evenly (8 + 8 of 16 clients) stays split, since the 8 queued when one
+half's run ends are already as many as it ran, and every request then waits
+for two runs where one would do (a p99 twice the p50). A lone client (n = 1)
+never waits, and nothing waits while another instance is idle; when traffic
+drops, one wait of at most that fraction is lost before the target follows
+it down.
 
 - The queue is bounded in images: `submit` raises `QueueFull` at once.
 - Items whose caller cancelled or whose deadline passed are dropped before
@@ -96,7 +101,9 @@ class Batcher:
             initargs=("inference",),
         )
         self._running: set[asyncio.Future[None]] = set()  # runs and retries in flight
-        self._last_run: dict[int, tuple[int, float]] = {}  # id(runner) → images, seconds
+        # id(runner) → (images expected back: those it answered and those queued by then,
+        # its run's seconds)
+        self._last_run: dict[int, tuple[int, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._free: asyncio.Queue[Runner] | None = None
@@ -222,7 +229,8 @@ class Batcher:
             await self._wakeup.wait()
 
     async def _wait_for_refill(self, runner: Runner) -> None:
-        """Wait until as many images are queued as `runner` ran last time, or its time is up.
+        """Wait until as many images are queued as `runner` answered last time plus those
+        queued by then (at most a full batch), or its time is up.
 
         Never while another instance is idle: the wait keeps one instance's batches
         whole, and holding work back from an idle instance would cost more than it saves.
@@ -350,7 +358,7 @@ class Batcher:
             self._failed_in_a_row = 0
             seconds = self._loop.time() - started  # type: ignore[union-attr]
             self._metrics.inference_duration.observe(seconds)
-            self._last_run[id(runner)] = (size, seconds)
+            self._last_run[id(runner)] = (size + self._queued, seconds)
             offset = 0
             for item in live:
                 if not item.future.done():

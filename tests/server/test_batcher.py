@@ -202,6 +202,26 @@ async def test_closed_loop_splits_without_the_refill_wait() -> None:
     assert 1 in runner.batches[2:], runner.batches  # the first one back runs alone
 
 
+async def test_an_even_split_closed_loop_merges_into_whole_batches() -> None:
+    """Half of six clients start while the other half's batch runs: waiting only for the
+    batch's own 3 to come back, the 3 queued meanwhile would run alone, and the split would
+    last; waiting for those answered plus those queued, the batches merge."""
+    runner = SlowRunner(0.05)
+    batcher = await _started(runner, max_batch_size=8, refill_wait=0.5)
+
+    async def client(i: int, start: float) -> None:
+        await asyncio.sleep(start)
+        for r in range(8):
+            out = await batcher.submit(_images(100 * i + r))
+            assert out[0, 0] == 100 * i + r
+            await asyncio.sleep(0.003)  # the round trip back to the client and in again
+
+    await asyncio.gather(*(client(i, 0.0 if i < 3 else 0.01) for i in range(6)))
+    await batcher.close()
+    # the late half's last round runs alone: the early half has finished
+    assert runner.batches == [3] + [6] * 7 + [3], runner.batches
+
+
 def _record_holds(batcher: Batcher, monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The timeout of every wait the scheduler makes for more requests, from now on."""
     holds: list[float] = []
