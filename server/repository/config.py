@@ -84,8 +84,9 @@ class Batching(_Strict):
         0.1,
         ge=0,
         le=1,
-        description="with max_queue_delay_us 0: after a batch of n images, wait at most this "
-        "fraction of its run time for n images to queue again (0: off)",
+        description="with max_queue_delay_us 0: after a batch of n images, with q more "
+        "queued by then, wait at most this fraction of its run time for n + q images to queue "
+        "(0: off)",
     )
     max_queue_size: int = Field(256, ge=1, description="images queued before RESOURCE_EXHAUSTED")
 
