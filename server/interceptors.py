@@ -126,15 +126,20 @@ class Guard:
         return replace_behavior(handler, _unary(answer, method, admit))
 
 
+async def _admit(admission: Admission, method: str, context: grpc.aio.ServicerContext) -> None:
+    """Count the call in, or abort it with why it is refused."""
+    try:
+        admission.admit(method, context.invocation_metadata)
+    except Exception as exc:
+        await abort_with(context, method, exc)
+
+
 def _unary(
     answer: Callable[..., Awaitable[Any]], method: str, admission: Admission | None
 ) -> Callable[..., Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if admission is not None:
-            try:
-                admission.admit(method, context.invocation_metadata)
-            except Exception as exc:
-                await abort_with(context, method, exc)
+            await _admit(admission, method, context)
         try:
             return await answer(request, context)
         except grpc.aio.AbortError:
@@ -153,10 +158,7 @@ def _streaming(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if admission is not None:
-            try:
-                admission.admit(method, context.invocation_metadata)
-            except Exception as exc:
-                await abort_with(context, method, exc)
+            await _admit(admission, method, context)
         try:
             async for response in answer(request, context):
                 yield response
