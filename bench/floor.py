@@ -158,7 +158,10 @@ async def serve(repo: Path, address: str, reuse_port: bool = False) -> None:
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     print(f"floor listening on {address}: {', '.join(configs)}", flush=True)
-    await server.wait_for_termination()
+    stop = asyncio.Event()  # SIGTERM: stop serving, then (in main) the other processes
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     address = f"{args.host}:{args.port}"
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the others stop with this one
     others = [
         subprocess.Popen([*COMMAND, "--repo", str(args.repo), "--host", args.host,
                           "--port", str(args.port), "--reuse-port"])
