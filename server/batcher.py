@@ -26,7 +26,11 @@ it down.
 - Items whose caller cancelled or whose deadline passed are dropped before
   compute (the latter fail with `DeadlineExceeded`).
 - A failing batch is retried item by item, so one bad request fails alone.
-- ``session.run`` runs in an executor thread; the event loop never blocks.
+- ``session.run`` runs in the instance's own inference thread, and its outputs
+  come back to the event loop in one ``call_soon_threadsafe``; the event loop
+  never blocks. (An executor's hand-off, a concurrent future chained to an
+  asyncio one, cost several loop callbacks per batch: on a fast model, paid
+  per request, it was the largest piece of the loop's own time.)
 - asyncio objects are made in `start()`, inside the running loop.
 - Health: `on_unhealthy(reason)` is called once when the scheduler task dies,
   when ``max_failed_batches`` session runs fail in a row, or when one session run
@@ -39,10 +43,13 @@ Deadlines are absolute `time.monotonic()` values (the event loop's clock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +74,60 @@ class _Item:
 
     def __post_init__(self) -> None:
         self.size = len(self.inputs)
+
+
+# What an inference thread hands back: the outputs, or the run's exception.
+Done = Callable[[np.ndarray | None, BaseException | None], None]
+
+
+class _Worker:
+    """One instance's inference thread: runs the batches given to it in order and hands
+    each result to `done` on the event loop given with it. Started on first use."""
+
+    def __init__(self, runner: Runner, name: str) -> None:
+        self.runner = runner
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[np.ndarray, asyncio.AbstractEventLoop, Done] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, inputs: np.ndarray, loop: asyncio.AbstractEventLoop, done: Done) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((inputs, loop, done))
+
+    def stop(self) -> None:
+        """End the thread once its queued runs are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _work(self) -> None:
+        threads.name_current("inference")
+        while (job := self._jobs.get()) is not None:
+            inputs, loop, done = job
+            outputs: np.ndarray | None = None
+            error: BaseException | None = None
+            try:
+                outputs = self.runner.run(inputs)
+            except BaseException as exc:  # the loop's callback decides; the thread goes on
+                error = exc
+            # RuntimeError: the loop has closed, nobody waits for this run any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(done, outputs, error)
+            del job, inputs, outputs, error
+
+
+def _settle(future: asyncio.Future[np.ndarray], outputs: np.ndarray | None,
+            error: BaseException | None) -> None:  # fmt: skip
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outputs)  # type: ignore[arg-type]
 
 
 class Batcher:
@@ -94,12 +155,10 @@ class Batcher:
         self._metrics = metrics.version(model, version)
         self._queue: deque[_Item] = deque()
         self._queued = 0  # images
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(self._runners),
-            thread_name_prefix=f"infer-{model}-{version}",
-            initializer=threads.name_current,
-            initargs=("inference",),
-        )
+        self._workers = {
+            id(runner): _Worker(runner, f"infer-{model}-{version}_{i}")
+            for i, runner in enumerate(self._runners)
+        }
         self._running: set[asyncio.Future[None]] = set()  # runs and retries in flight
         # id(runner) → (images expected back: those it answered and those queued by then,
         # its run's seconds)
@@ -135,15 +194,17 @@ class Batcher:
             item.future.cancel()
         self._queue.clear()
         self._set_queued(0)
-        self._executor.shutdown(wait=True)
+        for worker in self._workers.values():
+            worker.stop()
 
     async def run_direct(self, batch: np.ndarray) -> np.ndarray:
         """Run one batch on every instance, bypassing the queue (warm-up)."""
         loop = asyncio.get_running_loop()
-        outputs = [
-            await loop.run_in_executor(self._executor, runner.run, batch)
-            for runner in self._runners
-        ]
+        outputs = []
+        for runner in self._runners:
+            ran: asyncio.Future[np.ndarray] = loop.create_future()
+            self._workers[id(runner)].submit(batch, loop, functools.partial(_settle, ran))
+            outputs.append(await ran)
         return outputs[0]
 
     # the caller's side
@@ -302,8 +363,8 @@ class Batcher:
             self._set_queued(sum(item.size for item in kept))
 
     def _dispatch(self, runner: Runner, batch: list[_Item]) -> None:
-        """Send `batch` to `runner` on the executor; the outputs are delivered by a callback
-        (no task per batch). A batch that fails is retried item by item in a task."""
+        """Send `batch` to `runner`'s inference thread; the outputs are delivered by a
+        callback (no task per batch). A batch that fails is retried item by item in a task."""
         assert self._loop is not None
         now = self._loop.time()
         for item in batch:
@@ -333,17 +394,16 @@ class Batcher:
             self._run_timeout, self._report,
             f"a session run has taken more than {self._run_timeout:g} s (session_run_timeout)",
         )  # fmt: skip
-        ran = self._loop.run_in_executor(self._executor, runner.run, inputs)
         delivered = self._loop.create_future()
         self._running.add(delivered)
         delivered.add_done_callback(self._running.discard)
 
-        def deliver(ran: asyncio.Future[np.ndarray]) -> None:
+        def deliver(outputs: np.ndarray | None, error: BaseException | None) -> None:
             watch.cancel()
             try:
-                if ran.cancelled():
-                    raise RuntimeError("the session run was cancelled")
-                outputs = ran.result()
+                if error is not None:
+                    raise error
+                assert outputs is not None
                 if len(outputs) != size:
                     raise RuntimeError(
                         f"session returned {len(outputs)} rows for a batch of {size}"
@@ -366,7 +426,7 @@ class Batcher:
                 offset += item.size
             delivered.set_result(None)
 
-        ran.add_done_callback(deliver)
+        self._workers[id(runner)].submit(inputs, self._loop, deliver)
         return delivered
 
     def _finish_run(self, runner: Runner, batch: list[_Item], done: asyncio.Future[None]) -> None:
