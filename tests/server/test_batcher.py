@@ -267,3 +267,29 @@ async def test_no_refill_wait_while_another_instance_is_idle(
     assert out[0, 0] == 9
     assert holds == [], "a request waited for company while an instance sat idle"
     await batcher.close()
+
+
+async def test_a_run_past_its_bound_is_reported_even_when_its_answer_comes_first() -> None:
+    """The run ends past `run_timeout` while the loop is busy, so its answer is queued on the
+    loop before the watchdog's timer: the overrun is still reported, once, and the caller
+    still gets the answer."""
+    started = threading.Event()
+
+    class Marking(SlowRunner):
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            started.set()
+            return super().run(batch)
+
+    runner = Marking(0.02)
+    reasons: list[str] = []
+    batcher = Batcher("m", "1", [runner], Batching(max_batch_size=1), Metrics(),
+                      on_unhealthy=reasons.append, run_timeout=0.01)  # fmt: skip
+    batcher.start()
+    call = asyncio.ensure_future(batcher.submit(_images(7)))
+    while not started.is_set():  # well within the 10 ms: the run has begun
+        await asyncio.sleep(0)
+    time.sleep(0.05)  # the loop is busy until well after the run ended
+    out = await call
+    assert out[0, 0] == 7
+    assert reasons == ["a session run has taken more than 0.01 s (session_run_timeout)"]
+    await batcher.close()
