@@ -6,13 +6,17 @@ STAMP  := $(VENV)/.installed
 REPO   ?= models
 MODEL  ?= resnet50
 
-.PHONY: venv run test lint protos bench clean deps-system gpu-check images
+# Every environment installs the versions requirements/constraints.txt pins (pip-compile's
+# lock of all extras); `make lock` moves them forward (requirements/README.md).
+LOCK   := requirements/constraints.txt
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+.PHONY: venv run test lint protos bench clean deps-system gpu-check images lock
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --upgrade pip
 	$(BIN)/python -m pip uninstall --quiet --yes onnxruntime-gpu 2>/dev/null || true
-	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[cpu,builder,dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ./clients/python -e '.[cpu,builder,dev]'
 	# perf_analyzer (C++) left the tritonclient wheel after 2.49 (2.49's writes an empty profile
 	# export, 2.52+ need glibc 2.38): 2.41's binary, apart from the venv's current tritonclient.
 	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/perf-analyzer 'tritonclient==2.41.0'
@@ -70,10 +74,20 @@ ifeq ($(DEVICE),cpu)
 	$(BIN)/python -m bench gpu_check --device cpu
 else
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(GPU_VENV)/bin/python -m pip install --quiet -e ./clients/python -e '.[gpu,builder,dev]'
+	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ./clients/python -e '.[gpu,builder,dev]'
 	$(GPU_VENV)/bin/python -m bench gpu_check --device $(DEVICE)
 endif
+
+# Re-resolve the lock from pyproject.toml's ranges: every package to its newest release
+# (UPGRADE=grpcio: that package only; UPGRADE=: none, only what the ranges now demand).
+UPGRADE ?= all
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+		--annotation-style line --unsafe-package torch --unsafe-package resnet-serve \
+		--unsafe-package resnet-serve-client --unsafe-package setuptools \
+		$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))) \
+		--output-file $(LOCK) requirements/constraints.in
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -309,10 +309,7 @@ async def _levels(
         levels: dict[tuple[str, str], Measured] = {}
         samples = {b: raw.Samples(b) for b in batches}
         for round_ in range(plan.rounds):
-            for batch in batches:
-                session.measure(
-                    batch, plan.reference_seconds, samples[batch], warmup_runs=1, min_runs=3
-                )
+            raw.reference_round(session, samples, plan.reference_seconds)
             last = round_ == plan.rounds - 1
             for name, server in servers.items():
                 for client in plan.clients:

@@ -8,8 +8,9 @@ One command, from a fresh clone on a bare GPU machine (``make gpu-check`` instal
 3. asserts every instance of every model runs on DEVICE's provider (the metric
    ``resnet_serve_execution_provider`` and GetModel's providers agree);
 4. compares the served logits (v2 ModelInfer) with CPU ONNX Runtime on the same inputs:
-   fp32 within the build's tolerance (verification.json), fp16 top-1 equal on the digits'
-   held-out images and the shared photos;
+   fp32 within the build's tolerance (verification.json), fp16's top-1 on the digits'
+   held-out images and the shared photos as the build judges precision: equal wherever
+   fp32's top-1 margin exceeds twice fp16's error bound (near-ties are counted, not failed);
 5. measures raw ONNX Runtime on DEVICE (batch 1 and max_batch_size) and the server
    (Classify, uint8, the bench's load generator) at each concurrency;
 6. writes ``gpu-check.json`` and ``gpu-check.md`` into --out.
@@ -46,6 +47,7 @@ from server.repository import (
     Verification,
     latest_version,
     prepare_encoded,
+    top1_agreement,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -159,7 +161,8 @@ def provider_check(server: serving.Server, names: list[str], expected: str) -> d
 
 
 def logits_check(address: str, repo: Path, names: dict[str, str], photos: Path | None) -> dict:
-    """fp32 within the build's tolerance; fp16 top-1 equal to CPU fp32 on real images."""
+    """fp32 within the build's tolerance; fp16's top-1 judged against CPU fp32 on real images
+    as the build judges precision (`top1_agreement`: near-ties may flip, nothing else)."""
     out: dict[str, Any] = {}
     fp32_config = ModelConfig.load(repo / names["fp32"])
     record = Verification.load(latest_version(repo / names["fp32"]))
@@ -195,10 +198,9 @@ def logits_check(address: str, repo: Path, names: dict[str, str], photos: Path |
             served_logits(address, names[fp16], config, part)
             for part in np.array_split(batch, max(1, len(batch) // 32))
         ])  # fmt: skip
-        same = reference.argmax(1) == served.argmax(1)
-        out[f"fp16_{source}"] = {
-            "images": len(batch), "top1_equal": int(same.sum()), "passed": bool(same.all()),
-        }  # fmt: skip
+        bound = Verification.load(latest_version(repo / names[fp16])).thresholds
+        agreement = top1_agreement(reference, served, float(bound.get("max_abs_error", 0.25)))
+        out[f"fp16_{source}"] = agreement.as_dict()
     return out
 
 
@@ -245,8 +247,7 @@ def markdown(results: dict[str, Any]) -> str:
         if "skipped" in value:
             lines.append(f"| {key} | - | skipped: {value['skipped']} |")
         elif "top1_equal" in value:
-            lines.append(f"| {key} | {value['images']} | top-1 equal {value['top1_equal']}"
-                         f"/{value['images']} |")  # fmt: skip
+            lines.append(f"| {key} | {value['images']} | {value['summary']} |")
         else:
             error = f"max abs {value['max_abs_error']:.2e}, rel {value['max_rel_error']:.2e}"
             lines.append(f"| {key} | {value['images']} | {error} (limits {value['limits']}) |")

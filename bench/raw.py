@@ -140,3 +140,10 @@ def sweep(
 def _cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def reference_round(session: Raw, samples: dict[int, Samples], seconds: float) -> None:
+    """One round of raw ORT next to a level: each batch size of `samples` (in its order),
+    briefly, added to its samples."""
+    for batch, into in samples.items():
+        session.measure(batch, seconds, into, warmup_runs=1, min_runs=3)

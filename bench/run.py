@@ -245,10 +245,7 @@ async def _server_levels(
         levels: dict[str, load.Accumulated] = {}
         samples = {batch: raw.Samples(batch) for batch in reference_batches}
         for round_ in range(plan.rounds):
-            for batch in reference_batches:
-                session.measure(
-                    batch, plan.reference_seconds, samples[batch], warmup_runs=1, min_runs=3
-                )
+            raw.reference_round(session, samples, plan.reference_seconds)
             last = round_ == plan.rounds - 1
             for variant in (v for v in variants if v.runs_at(concurrency)):
                 levels[variant.key] = await load.run_variant(

@@ -27,7 +27,7 @@ from onnx import shape_inference
 from builder.architectures import ArchSpec, Layout
 from builder.flops import count_macs
 from builder.tables import format_table
-from server.repository import InputSpec, ModelConfig
+from server.repository import InputSpec, ModelConfig, top1_agreement
 
 Reference = Callable[[np.ndarray], np.ndarray]
 
@@ -243,11 +243,12 @@ def check_agreement(
         detail = f"{len(held_out)} held-out inputs: finite, no fp32 model to compare with"
         return Check("top1_agreement", True, {"images": len(held_out)}, limits, detail)
     expected = np.concatenate([reference(b) for b in batches])
-    agreement = float((logits.argmax(1) == expected.argmax(1)).mean())
+    judged = top1_agreement(expected, logits, error_bound=0.0)
+    agreement = judged.rate
     figures = {
         "images": len(held_out),
         "agreement": agreement,
-        "max_abs_error": float(np.abs(logits - expected).max()),
+        "max_abs_error": judged.max_abs_error,
         "max_abs_logit": float(np.abs(expected).max()),
     }
     passed = agreement >= minimum

@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -56,15 +55,6 @@ class Calls:
 
     async def idle(self) -> None:
         await self._idle.wait()
-
-    @contextmanager
-    def counting(self) -> Iterator[None]:
-        """Count one call while the block runs (the HTTP adapter's calls count here too)."""
-        self.enter()
-        try:
-            yield
-        finally:
-            self.exit()
 
     def enter(self) -> None:
         if self.limit is not None and self.active >= self.limit:

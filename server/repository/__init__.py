@@ -65,7 +65,13 @@ from server.repository.transform import (
     prepare_pixels,
     transform,
 )
-from server.repository.verification import CheckRecord, Verification, sha256_file
+from server.repository.verification import (
+    Agreement,
+    CheckRecord,
+    Verification,
+    sha256_file,
+    top1_agreement,
+)
 
 __all__ = [
     "CIFAR_MEAN",
@@ -77,6 +83,7 @@ __all__ = [
     "MODEL_FILE",
     "SERVE_ALL",
     "VERIFICATION_FILE",
+    "Agreement",
     "AllVersions",
     "Batching",
     "CheckRecord",
@@ -107,6 +114,7 @@ __all__ = [
     "prepare_pixels",
     "read_labels",
     "sha256_file",
+    "top1_agreement",
     "transform",
     "version_dirs",
     "versions",

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from server.repository.layout import MODEL_FILE, VERIFICATION_FILE
@@ -88,3 +90,59 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Top-1 of a lower-precision graph against its fp32 reference, judged as the builder
+    judges precision: a flip counts against the graph only where the reference's top-1
+    margin (its largest logit minus the next) exceeds twice the graph's error bound (each
+    of the two logits may move by the bound). Below that the input is a near-tie: rounding
+    may flip it by design, so it is counted, never failed. The argument holds only while
+    the bound does, so a larger error than the bound fails too."""
+
+    images: int
+    equal: int
+    near_ties: int
+    decisive_flips: int
+    error_bound: float
+    max_abs_error: float
+
+    @property
+    def rate(self) -> float:
+        return self.equal / self.images if self.images else 1.0
+
+    @property
+    def passed(self) -> bool:
+        return self.decisive_flips == 0 and self.max_abs_error <= self.error_bound
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images, "top1_equal": self.equal, "agreement": self.rate,
+            "near_ties": self.near_ties, "decisive_flips": self.decisive_flips,
+            "error_bound": self.error_bound, "max_abs_error": self.max_abs_error,
+            "passed": self.passed, "summary": self.summary(),
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        return (
+            f"top-1 equal {self.equal}/{self.images}; {self.near_ties} near-ties "
+            f"(fp32 margin <= 2 x {self.error_bound:g}), {self.decisive_flips} decisive flips; "
+            f"max abs error {self.max_abs_error:.2g} (<= {self.error_bound:g})"
+        )
+
+
+def top1_agreement(reference: np.ndarray, logits: np.ndarray, error_bound: float) -> Agreement:
+    """`Agreement` of `logits` with `reference`, both [images, classes]."""
+    reference = np.asarray(reference, dtype=np.float32)
+    logits = np.asarray(logits, dtype=np.float32)
+    same = reference.argmax(1) == logits.argmax(1)
+    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else None
+    margin = top2[:, 1] - top2[:, 0] if top2 is not None else np.full(len(reference), np.inf)
+    near = margin <= 2 * error_bound
+    error = float(np.abs(logits - reference).max()) if reference.size else 0.0
+    return Agreement(
+        images=len(reference), equal=int(same.sum()), near_ties=int(near.sum()),
+        decisive_flips=int((~same & ~near).sum()), error_bound=float(error_bound),
+        max_abs_error=error,
+    )  # fmt: skip

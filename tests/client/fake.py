@@ -1,15 +1,19 @@
 """A small in-process Classifier for the behaviour a real server cannot be made to show on
 demand: scripted failures (for retries and the typed errors), TLS, auth headers, two
-backends behind one target. Everything else is tested against the real server."""
+backends behind one target. Everything else is tested against the real server.
+
+Each fake runs in a child process (`FakeServer`), so nothing grpcio does at shutdown can
+hold the test process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+import multiprocessing
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
@@ -106,41 +110,127 @@ def _model() -> pb.ModelInfo:
 STOP_TIMEOUT = 10.0
 
 
+@dataclass(frozen=True)
+class FakeTLS:
+    """PEM bytes for the fake's TLS port (credentials objects don't cross processes)."""
+
+    key: bytes
+    certificate: bytes
+    client_ca: bytes | None = None
+    require_client_auth: bool = False
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.certificate)], root_certificates=self.client_ca,
+            require_client_auth=self.require_client_auth,
+        )  # fmt: skip
+
+
 class FakeServer:
-    """The fake on its own event loop in a thread, so blocking clients can call it too."""
+    """The fake in a child process of its own, its script read and written over a pipe.
 
-    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
-        self.script = Script()
-        self._credentials = credentials
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.port = self._run(self._start())
+    A child process, because grpcio's shutdown can deadlock while holding the GIL (seen in
+    ``grpc.aio.Server.stop`` with a metadata-plugin client): in the test process that
+    freezes every thread, pytest-timeout's included; in a child it costs a kill."""
 
-    def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    def __init__(self, tls: FakeTLS | None = None) -> None:
+        self._conn, child = _CONTEXT.Pipe()
+        self._process = _CONTEXT.Process(target=_serve, args=(child, tls), daemon=True)
+        self._process.start()
+        child.close()
+        self.port: int = self._ask("port")
+        self.script = RemoteScript(self._ask)
 
-    async def _start(self) -> int:
-        self._server = grpc.aio.server()
-        pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(self.script), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), self._server)
-        if self._credentials is None:
-            port = self._server.add_insecure_port("127.0.0.1:0")
-        else:
-            port = self._server.add_secure_port("127.0.0.1:0", self._credentials)
-        await self._server.start()
-        return port
+    def _ask(self, *command: Any) -> Any:
+        self._conn.send(command)
+        if not self._conn.poll(STOP_TIMEOUT):
+            raise TimeoutError(f"the fake did not answer {command[0]!r}")
+        return self._conn.recv()
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        # grpc.aio's Server.stop has been seen to hang here, once in a full run (a TLS
-        # test); the fake is only the tests' stand-in, so its stop is bounded and its
-        # daemon thread left behind rather than the run held for pytest's timeout.
-        stopping = asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop)
-        with contextlib.suppress(TimeoutError):
-            stopping.result(timeout=STOP_TIMEOUT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(STOP_TIMEOUT)
+        with contextlib.suppress(OSError, EOFError, TimeoutError):
+            self._ask("stop")
+        self._process.join(STOP_TIMEOUT)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+
+class RemoteScript:
+    """`Script`'s fields as the tests use them, read and written in the fake's process."""
+
+    def __init__(self, ask: Callable[..., Any]) -> None:
+        self._ask = ask
+        self.failures = _RemoteFailures(ask)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._ask("get", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name == "failures":
+            object.__setattr__(self, name, value)
+        else:
+            self._ask("set", name, value)
+
+
+class _RemoteFailures:
+    def __init__(self, ask: Callable[..., Any]) -> None:
+        self._ask = ask
+
+    def append(self, failure: tuple[Any, ...]) -> None:
+        self.extend([failure])
+
+    def extend(self, failures: list[tuple[Any, ...]]) -> None:
+        self._ask("fail", list(failures))
+
+
+# forkserver: children fork from a process that imported grpc but never started it, fast
+# and fork-safe; the test process's own grpc threads are never forked.
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload([__name__])
+
+
+def _serve(conn: Connection, tls: FakeTLS | None) -> None:
+    asyncio.run(_serving(conn, tls))
+
+
+async def _serving(conn: Connection, tls: FakeTLS | None) -> None:
+    script = Script()
+    server = grpc.aio.server()
+    pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(script), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", tls.credentials())
+    await server.start()
+    stopped = asyncio.Event()
+
+    def answer() -> None:
+        try:
+            command, *args = conn.recv()
+        except EOFError:  # the test process went away
+            command, args = "stop", []
+        if command == "port":
+            conn.send(port)
+        elif command == "get":
+            conn.send(getattr(script, args[0]))
+        elif command == "set":
+            setattr(script, args[0], args[1])
+            conn.send(None)
+        elif command == "fail":
+            script.failures.extend(args[0])
+            conn.send(None)
+        elif command == "stop":
+            stopped.set()
+
+    asyncio.get_running_loop().add_reader(conn.fileno(), answer)
+    await stopped.wait()
+    await server.stop(None)
+    with contextlib.suppress(OSError):
+        conn.send(None)

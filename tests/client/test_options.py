@@ -12,7 +12,7 @@ import pytest
 import resnet_serve_client as rsc
 from resnet_serve_client.options.channel import normalize_target
 
-from tests.client.fake import MODEL, FakeServer
+from tests.client.fake import MODEL, FakeServer, FakeTLS
 
 
 def test_token_travels_as_bearer_metadata_in_plaintext(fake: FakeServer) -> None:
@@ -48,15 +48,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tls_fake(pki: Path, require_client_auth: bool) -> FakeServer:
-    credentials = grpc.ssl_server_credentials(
-        [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
-        root_certificates=(pki / "ca.pem").read_bytes(),
-        require_client_auth=require_client_auth,
-    )
-    return FakeServer(credentials)
+    return FakeServer(FakeTLS(
+        key=(pki / "server.key").read_bytes(), certificate=(pki / "server.pem").read_bytes(),
+        client_ca=(pki / "ca.pem").read_bytes(), require_client_auth=require_client_auth,
+    ))  # fmt: skip
 
 
-def test_tls_with_token_as_call_credentials(pki: Path) -> None:
+def test_tls_with_token_as_call_metadata(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token rides as static metadata: grpcio's metadata plugins (which
+    access_token_call_credentials is) can deadlock a channel's or server's shutdown."""
+    for plugin in ("access_token_call_credentials", "metadata_call_credentials"):
+        monkeypatch.setattr(grpc, plugin, _no_plugin)
     server = _tls_fake(pki, require_client_auth=False)
     try:
         tls = rsc.TLS(root_certificates=pki / "ca.pem")
@@ -66,6 +70,10 @@ def test_tls_with_token_as_call_credentials(pki: Path) -> None:
         assert server.script.metadata[0]["authorization"] == "Bearer s3cret"
     finally:
         server.stop()
+
+
+def _no_plugin(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the SDK built a gRPC metadata plugin")
 
 
 def test_mutual_tls_needs_the_client_certificate(pki: Path) -> None:

@@ -4,7 +4,7 @@ certificates made here.
 Two servers over the one-model ``cifar`` repository:
 
 - ``tls``: ``--tls-cert/--tls-key`` and a bearer token (env var), so the
-  SDK's token travels as call credentials over TLS;
+  SDK's token travels as call metadata over TLS;
 - ``mtls``: adds ``--tls-client-ca``: only clients with a certificate from
   that CA get in.
 

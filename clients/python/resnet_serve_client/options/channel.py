@@ -27,8 +27,9 @@ class ChannelOptions:
 
     tls: ``TLS(...)`` for an encrypted (optionally mutual-TLS) connection;
     ``None`` for plaintext. token: a bearer token sent as
-    ``authorization: Bearer <token>`` with every call (as call credentials
-    over TLS, as metadata in plaintext). retry: the retry policy, ``None``
+    ``authorization: Bearer <token>`` with every call, as static call metadata
+    (over TLS and plaintext alike; no metadata plugin, whose callbacks can deadlock
+    grpcio's shutdown). retry: the retry policy, ``None``
     for none. keepalive: HTTP/2 keepalive pings, ``None`` for gRPC's default
     (off). load_balancing: gRPC policy across the target's resolved
     addresses; with ``dns:///host:port`` and ``round_robin`` every address
@@ -79,19 +80,13 @@ class ChannelOptions:
         return [arg for arg in args if arg[0] not in overridden] + list(self.channel_args)
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Headers for every call; the token rides here only on plaintext channels."""
-        if self.token and self.tls is None:
+        """Headers for every call, the bearer token first."""
+        if self.token:
             return (("authorization", f"Bearer {self.token}"), *self.metadata)
         return self.metadata
 
     def credentials(self) -> grpc.ChannelCredentials | None:
-        if self.tls is None:
-            return None
-        credentials = self.tls.credentials()
-        if self.token:
-            token = grpc.access_token_call_credentials(self.token)
-            credentials = grpc.composite_channel_credentials(credentials, token)
-        return credentials
+        return None if self.tls is None else self.tls.credentials()
 
 
 def normalize_target(target: str) -> str:
