@@ -151,14 +151,17 @@ class FakeServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the fake; False when it had to be killed (its shutdown hung)."""
         with contextlib.suppress(OSError, EOFError, TimeoutError):
             self._ask("stop")
         self._process.join(STOP_TIMEOUT)
+        clean = not self._process.is_alive() and self._process.exitcode == 0
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
         self._conn.close()
+        return clean
 
 
 class RemoteScript:
