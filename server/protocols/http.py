@@ -48,11 +48,11 @@ from server.errors import (
 )
 from server.interceptors import Admission
 from server.models import State
-from server.protocols import v1
+from server.protocols.shared import UNLOAD_PARAMETERS, check_control, classify_response
 from server.protocols.v2 import describe, rest, stats
-from server.protocols.v2 import servicer as v2_servicer
 from server.protocols.v2.request import output_arrays
-from server.request_path import Inputs, Request
+from server.request import InferRequest
+from server.validation import DEFAULT_TOP_K
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class HttpServer:
         return web.Response()
 
     async def unload_model(self, request: web.Request) -> web.Response:
-        await self._control(request, v2_servicer.UNLOAD_PARAMETERS)
+        await self._control(request, UNLOAD_PARAMETERS)
         await self._ctx.lifecycle.unload(request.match_info["model"])
         return web.Response()
 
@@ -214,31 +214,20 @@ class HttpServer:
         parameters = options.get("parameters", {})
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
-        v2_servicer.check_control(request.match_info["model"], "", parameters, known)
+        check_control(request.match_info["model"], "", parameters, known)
 
     # inference
 
     async def infer(self, request: web.Request) -> web.Response:
         body = rest.parse_infer(await request.read(), request.headers.get(rest.HEADER_LENGTH))
-
-        def read(served: Any) -> tuple[Inputs, list[tuple[Any, bool]]]:
-            return body.images(served.config), body.requested(served.config)
-
         result = await self._path.infer(
-            Request(
-                model=request.match_info["model"],
-                version=_version(request),
-                request_id=body.id,
-                deadline=None,
-                images=body.declared_images(),
-                read=read,
-            )
+            body.request(request.match_info["model"], _version(request))
         )
-        served, requested = result.served, result.parsed
-        arrays = output_arrays([o for o, _ in requested], result.logits, served.labels)
+        served, requested = result.served, result.checked.outputs
+        arrays = output_arrays(requested, result.logits, served.labels)
         outputs = [
             (name, array, binary)
-            for (name, array), (_, binary) in zip(arrays, requested, strict=True)
+            for (name, array), binary in zip(arrays, body.binary(requested), strict=True)
         ]
         payload, header_length = rest.write_infer(served.name, served.version, body.id, outputs)
         if header_length is None:
@@ -254,22 +243,16 @@ class HttpServer:
 
     async def classify(self, request: web.Request) -> web.Response:
         images = await _image_files(request, self._ctx.settings.max_message_bytes)
-        k = _top_k(request)
-
-        def read(served: Any) -> tuple[Inputs, int]:
-            return Inputs(images=images), v1.check_top_k(k, served)
-
         result = await self._path.infer(
-            Request(
+            InferRequest(
                 model=request.match_info["model"],
                 version=_version(request),
-                request_id=request.headers.get(REQUEST_ID_HEADER, ""),
-                deadline=None,
-                images=len(images),
-                read=read,
+                id=request.headers.get(REQUEST_ID_HEADER, ""),
+                images=tuple(images),
+                top_k=_top_k(request),
             )
         )
-        return _json(rest.message_json(v1.classify_response(result)))
+        return _json(rest.message_json(classify_response(result)))
 
 
 def _version(request: web.Request) -> str:
@@ -279,7 +262,7 @@ def _version(request: web.Request) -> str:
 def _top_k(request: web.Request) -> int:
     text = request.query.get("top_k")
     if text is None:
-        return v1.DEFAULT_TOP_K
+        return DEFAULT_TOP_K
     try:
         return int(text)
     except ValueError:

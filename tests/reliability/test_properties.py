@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from resnet_serve_client import bytes_tensor
 from tritonclient.grpc import service_pb2 as v2
 
+from server import validation
 from server.errors import InvalidInput
 from server.protocols.v2 import request as v2_request
 from server.protocols.v2 import tensors as v2_tensors
@@ -40,7 +41,7 @@ from server.repository import (
     Preprocessing,
     prepare_encoded,
 )
-from server.request_path import Unread
+from server.validation import Unread
 from tests.reliability import images
 
 DEADLINE = timedelta(seconds=10)
@@ -191,8 +192,8 @@ def infer_requests(draw: st.DrawFn) -> v2.ModelInferRequest:
 @given(request=infer_requests())
 def test_any_infer_request_parses_or_is_invalid(request: v2.ModelInferRequest) -> None:
     try:
-        parsed = v2_request.parse_images(request, CIFAR)
-        outputs = v2_request.parse_outputs(request, CIFAR)
+        parsed = validation.tensor_inputs(v2_request.inputs(request), CIFAR)
+        outputs = validation.check_outputs(v2_request.outputs(request), CIFAR)
         if isinstance(parsed.tensor, Unread):  # typed contents: read later, on a worker
             assert parsed.tensor.read().shape[0] == parsed.tensor.images
     except InvalidInput:

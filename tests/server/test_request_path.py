@@ -34,13 +34,13 @@ async def test_a_failed_image_cancels_the_decodes_of_its_siblings(tmp_path: Path
         time.sleep(DECODE_SECONDS)
         return np.zeros((3, 2, 2), np.float32)
 
-    async def bad() -> np.ndarray:
-        raise InvalidInput("not an image")
-
-    async def good() -> np.ndarray:
+    async def encoded(data: bytes, config: object) -> np.ndarray:
+        if data == b"bad":
+            raise InvalidInput("not an image")
         return await preprocessor.read(decode)
 
-    images: list[Any] = [good, bad, *[good] * SIBLINGS]
+    preprocessor.encoded = encoded  # type: ignore[method-assign]
+    images: list[Any] = [b"good", b"bad", *[b"good"] * SIBLINGS]
     path = RequestPath(settings, None, preprocessor, None)  # type: ignore[arg-type]
     served = SimpleNamespace(name="m", version="1", config=None)
     try:

@@ -11,10 +11,12 @@ from resnet_serve_client.bytes_tensor import serialize as serialize_bytes
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor
 
+from server import tensors, validation
 from server.errors import InvalidInput
 from server.protocols.v2 import request as v2_request
 from server.repository import InputSpec, ModelConfig
-from server.request_path import Unread
+from server.request import Output
+from server.validation import Inputs, Unread
 
 FLOAT = ModelConfig(name="tiny", arch="resnet20", num_classes=3, input=InputSpec(size=4))
 UINT8 = ModelConfig(
@@ -23,6 +25,15 @@ UINT8 = ModelConfig(
     num_classes=3,
     input=InputSpec(dtype="uint8", layout="NHWC", size=4),
 )
+
+
+def parse_images(message: pb.ModelInferRequest, config: ModelConfig) -> Inputs:
+    """The message decoded (the codec) and its input accepted (validation)."""
+    return validation.tensor_inputs(v2_request.inputs(message), config)
+
+
+def parse_outputs(message: pb.ModelInferRequest, config: ModelConfig) -> list[Output]:
+    return list(validation.check_outputs(v2_request.outputs(message), config))
 
 
 def _request(
@@ -36,28 +47,28 @@ def _request(
 
 def test_fp32_tensor() -> None:
     x = np.ones((2, 3, 4, 4), np.float32)
-    images = v2_request.parse_images(_request("FP32", [2, 3, 4, 4], x.tobytes()), FLOAT)
+    images = parse_images(_request("FP32", [2, 3, 4, 4], x.tobytes()), FLOAT)
     assert images.tensor is not None and images.tensor.shape == (2, 3, 4, 4) and len(images) == 2
 
 
 def test_uint8_tensor() -> None:
     x = np.zeros((1, 4, 4, 3), np.uint8)
-    images = v2_request.parse_images(_request("UINT8", [1, 4, 4, 3], x.tobytes()), UINT8)
+    images = parse_images(_request("UINT8", [1, 4, 4, 3], x.tobytes()), UINT8)
     assert images.tensor is not None and images.tensor.dtype == np.uint8
 
 
 def test_bytes_of_encoded_images() -> None:
     raw = serialize_bytes([b"jpeg-1", b"jpeg-2"])
-    images = v2_request.parse_images(_request("BYTES", [2], raw), FLOAT)
+    images = parse_images(_request("BYTES", [2], raw), FLOAT)
     assert images.images == (b"jpeg-1", b"jpeg-2") and len(images) == 2
-    column = v2_request.parse_images(_request("BYTES", [2, 1], raw), FLOAT)
+    column = parse_images(_request("BYTES", [2, 1], raw), FLOAT)
     assert column.images == images.images
 
 
 def test_bytes_shape_must_be_a_list_of_images() -> None:
     raw = serialize_bytes([b"a", b"b"])
     with pytest.raises(InvalidInput, match=r"shape \[1, 2\]; encoded images go in shape \[N\]"):
-        v2_request.parse_images(_request("BYTES", [1, 2], raw), FLOAT)
+        parse_images(_request("BYTES", [1, 2], raw), FLOAT)
 
 
 def test_wrong_datatype_names_what_the_model_takes() -> None:
@@ -66,12 +77,12 @@ def test_wrong_datatype_names_what_the_model_takes() -> None:
         match=r"input 'images' is FP64; model 'tiny' takes 'images' as FP32 \[-1, 3, 4, 4\] "
         r"\(NCHW\) or BYTES \[-1\] of encoded images",
     ):
-        v2_request.parse_images(_request("FP64", [1], bytes(8)), FLOAT)
+        parse_images(_request("FP64", [1], bytes(8)), FLOAT)
 
 
 def test_unknown_input_name() -> None:
     with pytest.raises(InvalidInput, match=r"unknown input 'INPUT0'; model 'tiny' takes 'images'"):
-        v2_request.parse_images(_request("FP32", [1], bytes(4), name="INPUT0"), FLOAT)
+        parse_images(_request("FP32", [1], bytes(4), name="INPUT0"), FLOAT)
 
 
 def test_exactly_one_input() -> None:
@@ -79,16 +90,16 @@ def test_exactly_one_input() -> None:
     request.inputs.add(name="other", datatype="FP32", shape=[1])
     request.raw_input_contents.append(bytes(4))
     with pytest.raises(InvalidInput, match=r"exactly one input.*got 'images', 'other'"):
-        v2_request.parse_images(request, FLOAT)
+        parse_images(request, FLOAT)
     with pytest.raises(InvalidInput, match=r"exactly one input.*got none"):
-        v2_request.parse_images(pb.ModelInferRequest(model_name="tiny"), FLOAT)
+        parse_images(pb.ModelInferRequest(model_name="tiny"), FLOAT)
 
 
 def test_typed_contents() -> None:
     request = pb.ModelInferRequest(model_name="tiny")
     tensor = request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 4, 4])
     tensor.contents.fp32_contents.extend([0.5] * 48)
-    images = v2_request.parse_images(request, FLOAT)
+    images = parse_images(request, FLOAT)
     # checked now, read later on a worker: the values are not touched on the event loop
     assert isinstance(images.tensor, Unread) and images.tensor.images == 1 and len(images) == 1
     assert float(images.tensor.read().sum()) == 24.0
@@ -112,40 +123,41 @@ def test_the_declared_shape_is_checked_before_the_data(
     def untouchable(*_: object) -> None:
         raise AssertionError("the data was read before the declared shape was checked")
 
-    monkeypatch.setattr(v2_request, "_data", untouchable)
+    monkeypatch.setattr(tensors, "decode_raw", untouchable)
+    monkeypatch.setattr(tensors, "decode_elements", untouchable)
     with pytest.raises(InvalidInput, match=message):
-        v2_request.parse_images(_request(datatype, shape, b""), FLOAT)
+        parse_images(_request(datatype, shape, b""), FLOAT)
 
 
 def test_bytes_are_split_no_further_than_the_shape() -> None:
     raw = serialize_bytes([b""] * 100_000)
     with pytest.raises(InvalidInput, match=r"hold more than 2 BYTES elements"):
-        v2_request.parse_images(_request("BYTES", [2], raw), FLOAT)
+        parse_images(_request("BYTES", [2], raw), FLOAT)
 
 
 def test_no_data_and_mixed_data() -> None:
     request = pb.ModelInferRequest(model_name="tiny")
     request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 4, 4])
     with pytest.raises(InvalidInput, match="carries no data"):
-        v2_request.parse_images(request, FLOAT)
+        parse_images(request, FLOAT)
     request.inputs[0].contents.fp32_contents.append(1.0)
     request.raw_input_contents.append(bytes(4))
     with pytest.raises(InvalidInput, match="use one or the other"):
-        v2_request.parse_images(request, FLOAT)
+        parse_images(request, FLOAT)
 
 
 def test_shared_memory_is_refused_clearly() -> None:
     request = _request("FP32", [1], bytes(4))
     request.inputs[0].parameters["shared_memory_region"].string_param = "region0"
     with pytest.raises(InvalidInput, match="does not support the shared-memory extension"):
-        v2_request.parse_images(request, FLOAT)
+        parse_images(request, FLOAT)
 
 
 def test_outputs_default_and_classification() -> None:
     request = pb.ModelInferRequest(model_name="tiny")
-    assert v2_request.parse_outputs(request, FLOAT) == [v2_request.Output("logits")]
+    assert parse_outputs(request, FLOAT) == [Output("logits")]
     request.outputs.add(name="logits").parameters["classification"].int64_param = 2
-    assert v2_request.parse_outputs(request, FLOAT) == [v2_request.Output("logits", 2)]
+    assert parse_outputs(request, FLOAT) == [Output("logits", 2)]
 
 
 @pytest.mark.parametrize(
@@ -166,7 +178,7 @@ def test_bad_outputs(setup: Callable[[Any], None], message: str) -> None:
     request = pb.ModelInferRequest(model_name="tiny")
     setup(request.outputs.add(name="logits"))
     with pytest.raises(InvalidInput, match=message):
-        v2_request.parse_outputs(request, FLOAT)
+        parse_outputs(request, FLOAT)
 
 
 def test_output_requested_twice() -> None:
@@ -174,19 +186,19 @@ def test_output_requested_twice() -> None:
     request.outputs.add(name="logits")
     request.outputs.add(name="logits")
     with pytest.raises(InvalidInput, match="requested more than once"):
-        v2_request.parse_outputs(request, FLOAT)
+        parse_outputs(request, FLOAT)
 
 
 def test_fill_response_tensor_and_classification() -> None:
     logits = np.array([[0.1, 2.0, -1.0], [3.0, 0.0, 1.0]], np.float32)
     response = pb.ModelInferResponse()
-    v2_request.fill_response(response, [v2_request.Output("logits")], logits, ["a", "b", "c"])
+    v2_request.fill_response(response, (Output("logits"),), logits, ["a", "b", "c"])
     assert response.outputs[0].datatype == "FP32" and list(response.outputs[0].shape) == [2, 3]
     np.testing.assert_array_equal(
         np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 3), logits
     )
     response = pb.ModelInferResponse()
-    v2_request.fill_response(response, [v2_request.Output("logits", 2)], logits, ["a", "b", "c"])
+    v2_request.fill_response(response, (Output("logits", 2),), logits, ["a", "b", "c"])
     assert response.outputs[0].datatype == "BYTES" and list(response.outputs[0].shape) == [2, 2]
     assert deserialize_bytes_tensor(response.raw_output_contents[0]).tolist() == [
         b"2.000000:1:b",

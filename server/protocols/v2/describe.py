@@ -16,9 +16,9 @@ from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
 from server.models import Model, ModelRegistry, ModelVersion, State
-from server.protocols.v2.request import input_datatype
 from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import GPU_PROVIDERS
+from server.validation import input_datatype
 
 SERVER_NAME = "resnet-serve"
 # Protocol extensions, as Triton names them, that this server implements; with a model

@@ -13,17 +13,16 @@ The response puts an output in binary when the request asks for it (the output's
 JSON ``data``; with any binary output, ``Inference-Header-Content-Length`` tells
 the client where the JSON ends.
 
-The checks and decoding that do not depend on the wire (one input, its datatype,
-the classification extension's count, BYTES framing, raw tensor sizes) are the
-gRPC adapter's (`server.protocols.v2.request`, `server.protocols.v2.tensors`).
-Errors are `TensorError` (INVALID_ARGUMENT, HTTP 400) saying what was wrong.
+A body is decoded into the neutral `server.request.InferRequest` (binary data as its
+bytes, JSON ``data`` as elements); what a model accepts (one input, its datatype and
+shape, the classification extension's count, BYTES framing, raw tensor sizes) is
+`server.validation`'s. Errors are `TensorError` (INVALID_ARGUMENT, HTTP 400) saying
+what was wrong.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,18 +31,10 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
 from server.protocols.v2 import tensors
-from server.protocols.v2.request import (
-    CLASSIFICATION,
-    Output,
-    check_declared,
-    check_inputs,
-    check_output,
-    classification_count,
-    images_of,
-)
 from server.protocols.v2.tensors import BYTES, TensorError
-from server.repository import ModelConfig
-from server.request_path import Inputs
+from server.request import Elements, InferRequest, Invalid, Output, TensorData
+from server.request import Tensor as NeutralTensor
+from server.validation import CLASSIFICATION
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_SIZE = "binary_data_size"
@@ -51,9 +42,6 @@ BINARY_OUTPUT = "binary_data_output"
 BINARY_DATA = "binary_data"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
-
-# numpy kinds a JSON array may decode to, per datatype kind: a float tensor takes integers too
-_JSON_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 
 @dataclass(frozen=True)
@@ -78,41 +66,44 @@ class InferBody:
     binary_output: bool  # the request's ``binary_data_output``: the default for every output
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    def declared_images(self) -> int:
-        """The batch size the request declares (what the images counter adds on success)."""
-        return self.inputs[0].shape[0] if len(self.inputs) == 1 and self.inputs[0].shape else 0
+    def request(self, model: str, version: str) -> InferRequest:
+        """The body as the neutral request (nothing checked against a model; JSON ``data``
+        stays elements, read on the preprocessing pool)."""
+        return InferRequest(
+            model=model,
+            version=version,
+            id=self.id,
+            inputs=tuple(
+                NeutralTensor(t.name, t.datatype, tuple(t.shape), _tensor_data(t),
+                              frozenset(t.parameters))
+                for t in self.inputs
+            ),
+            outputs=tuple(self._output(requested) for requested in self.outputs),
+        )  # fmt: skip
 
-    def images(self, config: ModelConfig) -> Inputs:
-        """The one input as the request path takes it, checked as the gRPC adapter checks it
-        before any data is read; JSON ``data`` is read on the preprocessing pool."""
-        check_inputs([t.name for t in self.inputs], config)
-        t = self.inputs[0]
-        shape = check_declared(t.name, t.datatype, t.shape, t.parameters, config)
-        data = t.binary
-        if data is None:
-            return images_of(
-                t.name, t.datatype, shape,
-                functools.partial(decode_json, t.name, t.datatype, list(shape), t.data),
-            )  # fmt: skip
-        return images_of(t.name, t.datatype, shape, data)
+    def binary(self, outputs: tuple[Output, ...]) -> list[bool]:
+        """Whether each output goes back in binary (the request's default for the model's
+        output when none was asked)."""
+        return [o.binary for o in outputs] if self.outputs else [self.binary_output]
 
-    def requested(self, config: ModelConfig) -> list[tuple[Output, bool]]:
-        """Each requested output, and whether it goes in binary; none requested: the
-        model's output as a tensor."""
-        outputs: list[Output] = []
-        binary: list[bool] = []
-        for requested in self.outputs:
-            name = _string(requested, "name", "output")
+    def _output(self, requested: Any) -> Output:
+        try:
+            name = _string(requested if isinstance(requested, dict) else {}, "name", "output")
+        except TensorError as exc:
+            return Output("", invalid=Invalid(str(exc)))
+        try:
             parameters = _object(requested.get("parameters", {}), f"output '{name}' parameters")
-            check_output(name, parameters, outputs, config)
-            classes = parameters.get(CLASSIFICATION)
-            if classes is not None:
-                classes = classification_count(name, classes)
-            outputs.append(Output(name, classes))
-            binary.append(_flag(parameters, BINARY_DATA, self.binary_output, f"output '{name}'"))
-        if not outputs:
-            return [(Output(config.output.name), self.binary_output)]
-        return list(zip(outputs, binary, strict=True))
+            binary = _flag(parameters, BINARY_DATA, self.binary_output, f"output '{name}'")
+        except TensorError as exc:
+            return Output(name, invalid=Invalid(str(exc)))
+        return Output(name, parameters.get(CLASSIFICATION), binary, frozenset(parameters))
+
+
+def _tensor_data(tensor: Tensor) -> TensorData:
+    if tensor.binary is not None:
+        return tensor.binary
+    data = tensor.data
+    return Elements(data if isinstance(data, list) else [data], "'data'")
 
 
 def parse_infer(body: bytes, header_length: str | None) -> InferBody:
@@ -184,44 +175,6 @@ def parse_infer(body: bytes, header_length: str | None) -> InferBody:
 def parse_object(body: bytes) -> dict[str, Any]:
     """A body that must be one JSON object."""
     return _object(_json(memoryview(body)), "the request body")
-
-
-def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
-    """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``shape``."""
-    dt = tensors.datatype(datatype)
-    dims = tensors.check_shape(name, shape)
-    count = math.prod(dims)
-    if not isinstance(data, list):
-        data = [data]
-    if dt.name == BYTES:
-        elements = list(_flatten(data))
-        if not all(isinstance(e, str) for e in elements):
-            raise TensorError(f"input '{name}' is BYTES; its 'data' must hold strings")
-        array = np.empty(len(elements), dtype=object)
-        array[:] = [e.encode() for e in elements]
-    else:
-        try:
-            array = np.asarray(data)
-        except ValueError:
-            raise TensorError(
-                f"input '{name}': 'data' is not a regular array (nested lists of unequal lengths)"
-            ) from None
-        allowed = _JSON_KINDS.get(dt.dtype.kind, "")
-        if array.size and array.dtype.kind not in allowed:
-            raise TensorError(
-                f"input '{name}' is {dt.name} but its 'data' holds {_kind_name(array.dtype.kind)}"
-            )
-        if array.size and dt.dtype.kind in "iu":
-            info = np.iinfo(dt.dtype)
-            if array.min() < info.min or array.max() > info.max:
-                raise TensorError(f"input '{name}' has values outside the range of {dt.name}")
-        array = array.astype(dt.dtype).ravel()
-    if array.size != count:
-        raise TensorError(
-            f"input '{name}' has shape {list(dims)} ({count} elements) but 'data' holds "
-            f"{array.size}"
-        )
-    return array.reshape(dims)
 
 
 def write_infer(
@@ -333,18 +286,3 @@ def _flag(parameters: dict[str, Any], key: str, default: bool, what: str) -> boo
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _flatten(data: list[Any]) -> Any:
-    for element in data:
-        if isinstance(element, list):
-            yield from _flatten(element)
-        else:
-            yield element
-
-
-def _kind_name(kind: str) -> str:
-    return {
-        "b": "booleans", "f": "floating-point numbers", "i": "integers", "u": "integers",
-        "U": "strings", "O": "mixed values",
-    }.get(kind, "values of another type")  # fmt: skip

@@ -1,6 +1,6 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol v2 on the server's port.
 
-Thin: requests are read by `server.protocols.v2.request`, described by
+Thin: requests are decoded by `server.protocols.v2.request` into the neutral request, described by
 `server.protocols.v2.describe`, counted by `server.protocols.v2.stats`. Inference
 goes through `server.request_path`, as ``Classify`` does (shared batches, one
 count of every request, the domain errors of `server.errors`, which the server's
@@ -15,8 +15,7 @@ server does not implement answer UNIMPLEMENTED and say why.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
@@ -24,19 +23,15 @@ from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
-from server.errors import InvalidInput, ServeError
-from server.models import ModelVersion
+from server.errors import ServeError
 from server.protocols.calls import answer_in_order, deadline_of
+from server.protocols.shared import UNLOAD_PARAMETERS, check_control
 from server.protocols.v2 import describe, stats
-from server.protocols.v2.request import Output, fill_response, parse_images, parse_outputs
-from server.request_path import Inputs, Request
+from server.protocols.v2.request import fill_response, infer_request
 
 Context = grpc.aio.ServicerContext
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-
-# Triton's flag for ensembles on unload; this server has none, so there are no dependents.
-UNLOAD_PARAMETERS = ("unload_dependents",)
 
 # Requests of one stream being worked on at once; the stream is read no further ahead.
 STREAM_WINDOW = 64
@@ -183,21 +178,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, message: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
-        result = await self._path.infer(
-            Request(
-                model=message.model_name,
-                version=message.model_version,
-                request_id=message.id,
-                deadline=deadline,
-                images=_declared_images(message),
-                read=functools.partial(_read, message),
-            )
-        )
+        result = await self._path.infer(infer_request(message, deadline))
         served = result.served
         response = pb.ModelInferResponse(
             model_name=served.name, model_version=served.version, id=message.id
         )
-        fill_response(response, result.parsed, result.logits, served.labels)
+        fill_response(response, result.checked.outputs, result.logits, served.labels)
         return response
 
     async def _serving(self, service: str, context: Context) -> bool:
@@ -215,34 +201,3 @@ def _check_control_request(
     known: tuple[str, ...],
 ) -> None:
     check_control(request.model_name, request.repository_name, request.parameters, known)
-
-
-def check_control(
-    model_name: str, repository_name: str, parameters: Iterable[str], known: tuple[str, ...]
-) -> None:
-    """A load or unload request (gRPC or HTTP) names a model, no other repository, and only
-    the parameters `known`."""
-    if not model_name:
-        raise InvalidInput("model_name is empty; RepositoryIndex lists the models")
-    if repository_name:
-        raise InvalidInput(
-            f"repository_name is {repository_name!r}; this server has one "
-            "repository: leave it empty"
-        )
-    unknown = sorted(set(parameters) - set(known))
-    if unknown:
-        allowed = ", ".join(known) or "none"
-        raise InvalidInput(f"parameters {unknown} are not supported; allowed: {allowed}")
-
-
-def _read(message: pb.ModelInferRequest, served: ModelVersion) -> tuple[Inputs, list[Output]]:
-    return parse_images(message, served.config), parse_outputs(message, served.config)
-
-
-def _declared_images(message: pb.ModelInferRequest) -> int:
-    """The batch size the request declares (what the images counter adds on success)."""
-    inputs = message.inputs
-    if len(inputs) != 1:
-        return 0
-    shape = inputs[0].shape
-    return shape[0] if shape else 0

@@ -1,0 +1,50 @@
+"""The adapters' import rule: nothing outside `server.protocols` imports an adapter, and
+the adapters don't import each other: gRPC v1 (`protocols.v1`), gRPC v2
+(`protocols.v2.servicer`) and HTTP (`protocols.http` with `protocols.v2.rest`) share only
+the v2 codec (`protocols.v2.request`, `tensors`, `describe`, `stats`), `protocols.calls`
+(the gRPC streams) and `protocols.shared`."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SERVER = Path(__file__).resolve().parents[2] / "server"
+ADAPTERS = {
+    "server.protocols.v1": "v1",
+    "server.protocols.v2.servicer": "v2",
+    "server.protocols.http": "http",
+    "server.protocols.v2.rest": "http",
+}
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(SERVER.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
+    return found
+
+
+MODULES = sorted(SERVER.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_no_adapter_imports_another_and_nothing_imports_an_adapter(path: Path) -> None:
+    module = _name(path)
+    own = ADAPTERS.get(module)
+    allowed = {"server.app"}  # the app registers every adapter
+    for imported in _imports(path):
+        other = ADAPTERS.get(imported)
+        if other is None or other == own or module in allowed:
+            continue
+        pytest.fail(f"{module} imports the {other} adapter ({imported})")
