@@ -1,6 +1,6 @@
 """Done-when check: a Triton image client, with only the model name changed, runs against us.
 
-``image_client.py`` beside this file follows Triton's own image_client
+``examples/image_client.py`` follows Triton's own image_client
 example (metadata + config parsing, client-side scaling, FP32 NCHW or UINT8
 NHWC batches, classification extension; sync, async and streaming). Each run
 is a separate process, as a user would start it.
@@ -18,7 +18,7 @@ import pytest
 from tests.fixtures.servers import InProcessServer
 from tests.shared_data import PHOTOS
 
-SCRIPT = Path(__file__).with_name("image_client.py")
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "image_client.py"
 LINE = re.compile(r"^    (-?\d+\.\d{6}) \((\d+)\) = (.+)$")
 
 

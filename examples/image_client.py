@@ -7,7 +7,7 @@ streaming) and asks for the top classes through the classification extension.
 Run against Triton's ResNet-50 ONNX example, or against this server with only
 the model name changed:
 
-    python tests/v2/image_client.py -m resnet18 -c 3 -s INCEPTION -u localhost:8001 cat.jpg
+    python examples/image_client.py -m resnet50 -c 3 -s INCEPTION -u localhost:8001 cat.jpg
 """
 
 from __future__ import annotations
