@@ -92,5 +92,11 @@ lock: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
+# The tables that copy code (README's flags and metrics, docs/deploy.md's metrics), rewritten
+# from server.config.Settings and server.metrics (docs/reference.py); a test fails on drift.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m docs.reference
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
