@@ -6,33 +6,18 @@ the v2 codec (`protocols.v2.request`, `tensors`, `describe`, `stats`), `protocol
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
-SERVER = Path(__file__).resolve().parents[2] / "server"
+from tests.server.test_layers import SERVER, _imports, _name
+
 ADAPTERS = {
     "server.protocols.v1": "v1",
     "server.protocols.v2.servicer": "v2",
     "server.protocols.http": "http",
     "server.protocols.v2.rest": "http",
 }
-
-
-def _name(path: Path) -> str:
-    parts = path.relative_to(SERVER.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
-    return found
 
 
 MODULES = sorted(SERVER.rglob("*.py"))
