@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Invalid:
     """What an adapter could not read: the message `server.validation` raises (400)."""
 
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Elements:
     """A tensor's elements as the protocol carried them (typed values, JSON numbers or
     strings; flat or nested, row-major), still to be read; ``where`` names what held them
@@ -43,7 +43,7 @@ class Elements:
 TensorData = bytes | memoryview | Elements | Invalid
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tensor:
     """One input tensor as declared: v2 datatype name (``FP32``, ``UINT8``, ``BYTES``...),
     shape, data, and the names of its parameters."""
@@ -55,7 +55,7 @@ class Tensor:
     parameters: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pixels:
     """One image sent as pixels: ``uint8`` [height, width, 3] or ``float32`` [C, H, W] raw
     bytes; ``dtype`` "" when the caller set none."""
@@ -69,7 +69,7 @@ class Pixels:
 Image = bytes | Pixels | Invalid
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Output:
     """An output the caller asks for: its name, the classification extension's k (None:
     the tensor itself), whether it goes back as binary (HTTP), its parameter names, and
@@ -82,7 +82,7 @@ class Output:
     invalid: Invalid | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferRequest:
     """One inference request. A classify request (v1 ``Classify``, HTTP ``classify``) has
     ``top_k`` and ``images``; a v2 request has ``inputs`` and ``outputs`` (none: the

@@ -67,7 +67,7 @@ class Unread:
 Accepted = bytes | np.ndarray
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Inputs:
     """The images of one request, accepted: prepared one by one, or the graph's own batch."""
 
@@ -85,7 +85,7 @@ class Inputs:
         return self.tensor is not None or not all(isinstance(i, bytes) for i in self.images)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Checked:
     """A request as the model accepts it: its inputs, and what goes back (the top-k of a
     classify request; a v2 request's outputs, the model's output when none was asked)."""
@@ -108,8 +108,9 @@ def check_request_id(request_id: str) -> str:
 
 def accept(request: InferRequest, config: ModelConfig, limits: Limits) -> Checked:
     """`request` checked against the model `config` and `limits` (see the module)."""
-    check_limit(request.declared_images(), limits)
-    check_queue(request.declared_images(), config)
+    declared = request.declared_images()
+    check_limit(declared, limits)
+    check_queue(declared, config)
     if request.classify:
         top_k = check_top_k(request.top_k or 0, config)
         inputs = Inputs(images=[_image(i, image, config, limits)

@@ -31,6 +31,8 @@ from server.protocols.v2 import tensors
 from server.request import InferRequest, Invalid, Output, Tensor, TensorData
 from server.validation import CLASSIFICATION
 
+_NONE: frozenset[str] = frozenset()
+
 
 def infer_request(message: Any, deadline: float | None) -> InferRequest:
     """The message as the neutral request (nothing checked against a model)."""
@@ -46,7 +48,8 @@ def infer_request(message: Any, deadline: float | None) -> InferRequest:
 
 def inputs(message: Any) -> tuple[Tensor, ...]:
     return tuple(
-        Tensor(t.name, t.datatype, tuple(t.shape), _data(message, t), frozenset(t.parameters))
+        Tensor(t.name, t.datatype, tuple(t.shape), _data(message, t),
+               frozenset(t.parameters) if t.parameters else _NONE)
         for t in message.inputs
     )
 
