@@ -42,6 +42,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
 from server.errors import ControlRefused, InvalidInput, ModelNotFound, NotOffered
+from server.logs import one_line
 from server.models import Model, ModelRegistry, ModelVersion, State
 from server.repository import (
     CONFIG_FILE,
@@ -228,7 +229,7 @@ class ModelLifecycle:
             config = await asyncio.to_thread(ModelConfig.load, model_dir)
             labels = await asyncio.to_thread(read_labels, model_dir, config)
         except (OSError, ValueError) as exc:
-            detail = " ".join(str(exc).split())
+            detail = one_line(exc)
             if self._config_errors.get(name) != detail:
                 kept = "; the versions serving keep serving" if model is not None else ""
                 log.error("model %s: %s not applied: %s%s", name, CONFIG_FILE, detail, kept)

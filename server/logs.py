@@ -25,6 +25,12 @@ REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 _TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
+def one_line(exc: BaseException) -> str:
+    """`exc`'s message on one line, its whitespace runs made single spaces (a reason a log
+    line or a listing shows)."""
+    return " ".join(str(exc).split())
+
+
 def escape(text: str) -> str:
     """`text` with every non-printable character written as ``repr`` writes it."""
     if text.isprintable():

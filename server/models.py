@@ -57,6 +57,7 @@ from server import threads
 from server.batcher import Batcher
 from server.config import Settings
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
+from server.logs import one_line
 from server.metrics import Metrics
 from server.repository import (
     InputSpec,
@@ -268,7 +269,7 @@ class ModelRegistry:
                 config = ModelConfig.load(model_dir)
                 labels = read_labels(model_dir, config)
             except (OSError, ValueError) as exc:
-                log.error("model %s skipped: %s", model_dir.name, _one_line(exc))
+                log.error("model %s skipped: %s", model_dir.name, one_line(exc))
                 continue
             model = Model(model_dir.name, config)
             for vdir in version_dirs(model_dir):
@@ -358,7 +359,7 @@ class ModelRegistry:
             except Exception as exc:
                 if runners[0].provider == CPU:
                     raise
-                why = f"warm-up on {runners[0].provider} failed: {_one_line(exc)}"
+                why = f"warm-up on {runners[0].provider} failed: {one_line(exc)}"
                 if self._settings.device == "cuda":
                     raise DeviceUnavailable(f"--device cuda, but {why}") from exc
                 log.warning("model %s version %s: %s; reopening it on the CPU",
@@ -371,7 +372,7 @@ class ModelRegistry:
         # Whatever the reason (ONNX Runtime's own exceptions are not RuntimeErrors), one
         # version that cannot load is refused and logged; the others still load.
         except Exception as exc:
-            detail = _one_line(exc)
+            detail = one_line(exc)
             log.error("model %s version %s refused: %s", mv.name, mv.version, detail)
             # callers see the reason (ListModels, RepositoryIndex): only ours, never a path or
             # a runtime's internals, which stay in the log
@@ -465,7 +466,7 @@ class ModelRegistry:
 
     def _provider_lost(self, mv: ModelVersion, exc: ProviderLost) -> None:
         """A session left the GPU while serving: the version stops serving, and says why."""
-        self.unavailable(mv, "a session left the GPU it was opened on", _one_line(exc))
+        self.unavailable(mv, "a session left the GPU it was opened on", one_line(exc))
 
     def unavailable(self, mv: ModelVersion, reason: str, detail: str = "") -> None:
         """A READY version that cannot serve any more (its batcher reports it unhealthy, a
@@ -518,7 +519,3 @@ def _ranges(sizes: list[int]) -> str:
         if size is not None:
             start = prev = size
     return ", ".join(parts)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -41,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.config import Settings
+from server.logs import one_line
 from server.repository import ModelConfig, Optimization
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def why_no_cuda() -> str:
         ctypes.CDLL(str(library), mode=os.RTLD_LAZY)
     except OSError as exc:
         if "Provider_GetHost" not in str(exc):  # a symbol ONNX Runtime itself provides
-            return f"{library.name} does not load: {_one_line(exc)}"
+            return f"{library.name} does not load: {one_line(exc)}"
     return "the CUDA provider loads but did not come up (ONNX Runtime's log at WARNING says why)"
 
 
@@ -287,7 +288,7 @@ def open_session(
             try:
                 session = factory(source, options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
-                reason = f"the CUDA session failed: {_one_line(exc)}"
+                reason = f"the CUDA session failed: {one_line(exc)}"
         if session is not None:
             first = session.get_providers()[0]
             if first in GPU_PROVIDERS:
@@ -422,7 +423,3 @@ class Runner:
         binding, output, run_options = found
         self.session.run_with_iobinding(binding, run_options)
         return output.numpy()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
