@@ -14,7 +14,7 @@ Internal API (used by every servicer)::
 ``batch`` is the graph's input, batch axis first: float32 NCHW or uint8 NHWC
 as ``model.config.input`` says (`server.preprocess` makes them from images).
 ``infer`` validates dtype, shape and finiteness (InvalidInput), queues the
-images on the version's `Batcher` and returns the logits, one row per image.
+images on the version's `Batcher` (`server.core.batcher`) and returns the logits, one row per image.
 ``registry.models()`` lists every `Model` with all its versions, including
 the UNAVAILABLE ones and why.
 
@@ -54,8 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from server import threads
-from server.batcher import Batcher
 from server.config import Settings
+from server.core.batcher import Batcher
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady
 from server.logs import one_line
 from server.metrics import Metrics
@@ -416,7 +416,8 @@ class ModelRegistry:
         sizes = warmup_sizes(mv.config, runners[0])
         try:
             for size in sizes:
-                await batcher.run_direct(np.zeros(mv.config.input.shape(size), mv.input_dtype))
+                zeros = np.zeros(mv.config.input.shape(size), mv.input_dtype)
+                await batcher.instances.run_on_each(zeros)
         except BaseException:
             await batcher.close()  # stop its scheduler and threads
             raise

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from server.batcher import Batcher
+from server.core.batcher import Batcher
 from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
 from server.repository import Batching

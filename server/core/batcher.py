@@ -1,0 +1,293 @@
+"""Dynamic batching for one model version, the way Triton forms batches: the queue policy.
+
+A request of k images becomes items of at most ``max_batch_size`` images
+each, queued oldest first. Whenever a session instance is free the scheduler
+takes queued items, oldest first, while they fit in ``max_batch_size``; it
+sends at once when the batch reaches the maximum or a preferred size (the
+largest reachable one), otherwise it waits at most ``max_queue_delay_us``
+from the oldest item's arrival for more.
+
+With delay 0 (the default), batches grow by themselves while every instance
+is busy, and an instance that has just answered a batch of n images, with q
+more queued by then, waits for n + q images to queue (at most a full batch)
+for at most ``refill_wait`` × that batch's run time: the n callers it has
+just answered are expected back. Without a wait, a closed loop of n clients
+splits into alternating batches of 1 and n − 1: the first request back after
+a batch runs alone while the others arrive, and a batch of 1 is the least
+efficient run there is. Waiting for n alone is not enough either: a loop
+split evenly (8 + 8 of 16 clients) stays split, since the 8 queued when one
+half's run ends are already as many as it ran, and every request then waits
+for two runs where one would do (a p99 twice the p50). A lone client (n = 1)
+never waits, and nothing waits while another instance is idle; when traffic
+drops, one wait of at most that fraction is lost before the target follows
+it down.
+
+- The queue is bounded in images: `submit` raises `QueueFull` at once.
+- Items whose caller cancelled or whose deadline passed are dropped before
+  compute (the latter fail with `DeadlineExceeded`).
+- A batch runs on a free instance (`server.core.instances`: its inference thread, the
+  results back to the callers, retries).
+- asyncio objects are made in `start()`, inside the running loop.
+- Health: `on_unhealthy(reason)` is called once when the scheduler task dies,
+  when ``max_failed_batches`` session runs fail in a row, or when one session run
+  takes longer than ``run_timeout`` seconds (that run goes on; its callers still
+  get its answer): the version's `server.core.health.Watchdog`. The model version then
+  stops serving (`server.core.health.Health.not_serving`).
+
+Deadlines are absolute `time.monotonic()` values (the event loop's clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from server.core.health import Watchdog
+from server.core.instances import Instance, Instances, Item
+from server.errors import DeadlineExceeded, InvalidInput, QueueFull
+from server.metrics import Metrics
+from server.repository import Batching
+from server.sessions import Runner
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        runners: Sequence[Runner],
+        batching: Batching,
+        metrics: Metrics,
+        *,
+        on_unhealthy: Callable[[str], None] | None = None,
+        max_failed_batches: int = 5,
+        run_timeout: float = 120.0,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.batching = batching
+        self._metrics = metrics.version(model, version)
+        self._watchdog = Watchdog(
+            on_unhealthy, max_failed_runs=max_failed_batches, run_timeout=run_timeout
+        )
+        self.instances = Instances(
+            model, version, runners, self._metrics, self._watchdog,
+            on_ran=self._ran, on_free=self._release,
+        )  # fmt: skip
+        self._queue: deque[Item] = deque()
+        self._queued = 0  # images
+        # per instance: (images expected back: those it answered and those queued by then,
+        # its run's seconds)
+        self._last_run: dict[Instance, tuple[int, float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._free: asyncio.Queue[Instance] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Start scheduling; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.instances.start(self._loop)
+        self._wakeup = asyncio.Event()
+        self._free = asyncio.Queue()
+        for instance in self.instances.all:
+            self._free.put_nowait(instance)
+        self._scheduler = self._loop.create_task(
+            self._schedule(), name=f"batcher-{self.model}-{self.version}"
+        )
+        self._scheduler.add_done_callback(self.instances.log_crash)
+        self._scheduler.add_done_callback(self._watchdog.scheduler_ended)
+
+    async def close(self) -> None:
+        """Stop scheduling after in-flight batches finish; queued items are cancelled."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        await self.instances.finish()
+        for item in self._queue:
+            item.future.cancel()
+        self._queue.clear()
+        self._set_queued(0)
+        self.instances.stop()
+
+    # the caller's side
+
+    async def submit(
+        self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
+    ) -> np.ndarray:
+        """Queue `inputs` (k images), wait for their outputs (k rows), in order."""
+        assert self._loop is not None and self._wakeup is not None, "start() first"
+        count = len(inputs)
+        limit = self.batching.max_queue_size
+        if count > limit:
+            raise InvalidInput(
+                f"{count} images in one request; model {self.model} queues at most {limit}"
+            )
+        if self._queued + count > limit:
+            self._drop_stale()
+        if self._queued + count > limit:
+            raise QueueFull(
+                f"model {self.model} version {self.version} has {self._queued} of {limit} "
+                f"images queued; retry later"
+            )
+        now = self._loop.time()
+        step = self.batching.max_batch_size
+        items = [
+            Item(inputs[i : i + step], self._loop.create_future(), now, deadline, request_id)
+            for i in range(0, count, step)
+        ]
+        self._queue.extend(items)
+        self._set_queued(self._queued + count)
+        self._wakeup.set()
+        try:
+            if len(items) == 1:  # the usual case: no gathering future around one future
+                return await items[0].future
+            outputs = await asyncio.gather(*(item.future for item in items))
+        finally:
+            for item in items:  # a failed or cancelled sibling leaves nothing to compute
+                if not item.future.done():
+                    item.future.cancel()
+        return np.concatenate(outputs)
+
+    # the scheduler's side
+
+    async def _schedule(self) -> None:
+        assert self._free is not None
+        while True:
+            instance = await self._free.get()
+            try:
+                batch = await self._next_batch(instance)
+            except BaseException:
+                self._free.put_nowait(instance)
+                raise
+            self._dispatch(instance, batch)
+
+    async def _next_batch(self, instance: Instance) -> list[Item]:
+        assert self._loop is not None
+        delay = self.batching.max_queue_delay_us / 1e6
+        while True:
+            await self._wait_for_items()
+            if delay == 0:
+                await self._wait_for_refill(instance)
+                self._drop_stale()
+                if self._queue:
+                    return self._take(self._ready_count(final=True))
+                continue
+            while self._queue:
+                if ready := self._ready_count(final=False):
+                    return self._take(ready)
+                remaining = self._queue[0].arrival + delay - self._loop.time()
+                if remaining <= 0 or not await self._wait_wakeup(remaining):
+                    self._drop_stale()
+                    if self._queue:
+                        return self._take(self._ready_count(final=True))
+                self._drop_stale()
+
+    async def _wait_for_items(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            self._drop_stale()
+            if self._queue:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _wait_for_refill(self, instance: Instance) -> None:
+        """Wait until as many images are queued as `instance` answered last time plus those
+        queued by then (at most a full batch), or its time is up.
+
+        Never while another instance is idle: the wait keeps one instance's batches
+        whole, and holding work back from an idle instance would cost more than it saves.
+        """
+        assert self._loop is not None and self._free is not None
+        last = self._last_run.get(instance)
+        if last is None or self.batching.refill_wait == 0:
+            return
+        target = min(last[0], self.batching.max_batch_size)
+        until = self._loop.time() + self.batching.refill_wait * last[1]
+        while self._queued < target and self._free.empty():
+            remaining = until - self._loop.time()
+            if remaining <= 0 or not await self._wait_wakeup(remaining):
+                return
+
+    async def _wait_wakeup(self, timeout: float) -> bool:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _ready_count(self, *, final: bool) -> int:
+        """How many queued items to send now: 0 means wait for more.
+
+        Items are counted oldest first while they fit. The batch is ready at
+        the maximum, or at the largest preferred size a prefix reaches; when
+        `final` (no delay, or the delay expired) whatever fits goes.
+        """
+        preferred = set(self.batching.preferred_batch_sizes)
+        total, fitting, at_preferred = 0, 0, 0
+        for item in self._queue:
+            if total + item.size > self.batching.max_batch_size:
+                break
+            total += item.size
+            fitting += 1
+            if total in preferred:
+                at_preferred = fitting
+        if total == self.batching.max_batch_size or final:
+            return fitting
+        return at_preferred
+
+    def _take(self, count: int) -> list[Item]:
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._set_queued(self._queued - sum(item.size for item in batch))
+        return batch
+
+    def _drop_stale(self) -> None:
+        """Forget cancelled items and fail expired ones, before any compute."""
+        assert self._loop is not None
+        now = self._loop.time()
+        kept: deque[Item] = deque()
+        for item in self._queue:
+            if item.future.done():
+                continue
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - item.arrival:.3f} s in the queue of "
+                        f"model {self.model} version {self.version}; nothing was computed"
+                    )
+                )
+                continue
+            kept.append(item)
+        if len(kept) != len(self._queue):
+            self._queue = kept
+            self._set_queued(sum(item.size for item in kept))
+
+    def _dispatch(self, instance: Instance, batch: list[Item]) -> None:
+        """`batch` leaves the queue for `instance`."""
+        assert self._loop is not None
+        now = self._loop.time()
+        for item in batch:
+            self._metrics.queue_duration.observe(now - item.arrival)
+        self.instances.execute(instance, batch)
+
+    def _ran(self, instance: Instance, images: int, seconds: float) -> None:
+        """`instance` answered `images` in `seconds`: what its next refill waits for."""
+        self._last_run[instance] = (images + self._queued, seconds)
+
+    def _release(self, instance: Instance) -> None:
+        assert self._free is not None
+        self._free.put_nowait(instance)
+        if self._wakeup is not None:  # a refill wait ends when an instance comes free
+            self._wakeup.set()
+
+    def _set_queued(self, images: int) -> None:
+        self._queued = images
+        self._metrics.queue_depth.set(images)

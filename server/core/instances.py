@@ -1,0 +1,270 @@
+"""A model version's instances: each one's inference thread, the session runs on it, and
+their results handed back to the callers on the event loop.
+
+- ``session.run`` runs in the instance's own inference thread, and its outputs come back
+  to the event loop in one ``call_soon_threadsafe``; the event loop never blocks. (An
+  executor's hand-off, a concurrent future chained to an asyncio one, cost several loop
+  callbacks per batch: on a fast model, paid per request, it was the largest piece of the
+  loop's own time.)
+- Each run's outputs are split among the batch's items in the callback that receives
+  them (no task per batch); the number of rows is checked against the batch.
+- A failing batch is retried item by item, so one bad request fails alone.
+- Every run is told to the version's `server.core.health.Watchdog` (its time, whether it
+  failed).
+
+What runs when is the batcher's to decide (`server.core.batcher`); it hands a batch to a
+free instance (`Instances.execute`) and is told when the instance is free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server import threads
+from server.core.health import Watchdog
+from server.metrics import VersionMetrics
+from server.sessions import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Item:
+    """A request's images (at most a batch of them) waiting for their outputs."""
+
+    inputs: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    arrival: float
+    deadline: float | None
+    request_id: str
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = len(self.inputs)
+
+
+# What an inference thread hands back: the outputs, or the run's exception.
+Done = Callable[[np.ndarray | None, BaseException | None], None]
+
+
+class Instance:
+    """One instance's inference thread: runs the batches given to it in order and hands
+    each result to `done` on the event loop given with it. Started on first use."""
+
+    def __init__(self, runner: Runner, name: str) -> None:
+        self.runner = runner
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[np.ndarray, asyncio.AbstractEventLoop, Done] | None]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, inputs: np.ndarray, loop: asyncio.AbstractEventLoop, done: Done) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((inputs, loop, done))
+
+    def stop(self) -> None:
+        """End the thread once its queued runs are done."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _work(self) -> None:
+        threads.name_current("inference")
+        while (job := self._jobs.get()) is not None:
+            inputs, loop, done = job
+            outputs: np.ndarray | None = None
+            error: BaseException | None = None
+            try:
+                outputs = self.runner.run(inputs)
+            except BaseException as exc:  # the loop's callback decides; the thread goes on
+                error = exc
+            # RuntimeError: the loop has closed, nobody waits for this run any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(done, outputs, error)
+            del job, inputs, outputs, error
+
+
+def settle(future: asyncio.Future[np.ndarray], outputs: np.ndarray | None,
+           error: BaseException | None) -> None:  # fmt: skip
+    """A `Done` for one future: its outputs, or the run's exception."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outputs)  # type: ignore[arg-type]
+
+
+class Instances:
+    """The instances of one model version and the runs on them. `start` inside the loop."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        runners: Sequence[Runner],
+        metrics: VersionMetrics,
+        watchdog: Watchdog,
+        *,
+        on_ran: Callable[[Instance, int, float], None],
+        on_free: Callable[[Instance], None],
+    ) -> None:
+        """`on_ran(instance, images, seconds)` is told each successful run, `on_free(instance)`
+        when an instance can take another batch."""
+        self.model, self.version = model, version
+        self.all = [
+            Instance(runner, f"infer-{model}-{version}_{i}") for i, runner in enumerate(runners)
+        ]
+        self._metrics = metrics
+        self._watchdog = watchdog
+        self._on_ran, self._on_free = on_ran, on_free
+        self._running: set[asyncio.Future[None]] = set()  # runs and retries in flight
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def finish(self) -> None:
+        """Until no run or retry is in flight."""
+        while self._running:  # a failed run may start a retry as it ends
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def stop(self) -> None:
+        """End every inference thread (after `finish`)."""
+        for instance in self.all:
+            instance.stop()
+
+    async def run_on_each(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch on every instance, bypassing the queue (warm-up)."""
+        loop = asyncio.get_running_loop()
+        outputs = []
+        for instance in self.all:
+            ran: asyncio.Future[np.ndarray] = loop.create_future()
+            instance.submit(batch, loop, functools.partial(settle, ran))
+            outputs.append(await ran)
+        return outputs[0]
+
+    def execute(self, instance: Instance, batch: list[Item]) -> None:
+        """Send `batch` to `instance`'s inference thread; the outputs are delivered by a
+        callback (no task per batch). A batch that fails is retried item by item in a task."""
+        try:
+            running = self._start(instance, batch)
+        except Exception as exc:
+            self._after_failure(instance, batch, exc)
+            return
+        if running is None:
+            self._on_free(instance)
+            return
+        running.add_done_callback(functools.partial(self._finish, instance, batch))
+
+    def log_crash(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "batcher task of model %s version %s crashed",
+                self.model, self.version, exc_info=task.exception(),
+            )  # fmt: skip
+
+    def _start(self, instance: Instance, batch: list[Item]) -> asyncio.Future[None] | None:
+        """Start one session run over the live items of `batch` (None when none is live); the
+        future is done once their futures have their outputs, or fails with the run."""
+        loop = self._loop
+        assert loop is not None, "start() first"
+        live = [item for item in batch if not item.future.done()]
+        if not live:
+            return None
+        inputs = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
+        self._metrics.batch_size.observe(len(inputs))
+        started = loop.time()
+        timer = self._watchdog.run_started(loop)
+        delivered: asyncio.Future[None] = loop.create_future()
+        self._running.add(delivered)
+        delivered.add_done_callback(self._running.discard)
+        deliver = functools.partial(
+            self._deliver, instance, live, len(inputs), started, timer, delivered
+        )
+        instance.submit(inputs, loop, deliver)
+        return delivered
+
+    def _deliver(
+        self,
+        instance: Instance,
+        live: list[Item],
+        size: int,
+        started: float,
+        timer: asyncio.TimerHandle,
+        delivered: asyncio.Future[None],
+        outputs: np.ndarray | None,
+        error: BaseException | None,
+    ) -> None:
+        """On the loop, `instance`'s run of `live` ended: each item its rows, or the run's
+        failure to `delivered`; the watchdog is told either way."""
+        seconds = self._loop.time() - started  # type: ignore[union-attr]
+        if error is None:
+            assert outputs is not None
+            if len(outputs) != size:
+                error = RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
+        self._watchdog.run_ended(timer, seconds, failed=error is not None)
+        if error is not None:
+            delivered.set_exception(error)
+            return
+        self._metrics.inference_duration.observe(seconds)
+        self._on_ran(instance, size, seconds)
+        offset = 0
+        for item in live:
+            if not item.future.done():
+                item.future.set_result(outputs[offset : offset + item.size])  # type: ignore[index]
+            offset += item.size
+        delivered.set_result(None)
+
+    def _finish(self, instance: Instance, batch: list[Item], done: asyncio.Future[None]) -> None:
+        exc = done.exception()
+        if exc is None:
+            self._on_free(instance)
+        else:
+            self._after_failure(instance, batch, exc)  # type: ignore[arg-type]
+
+    def _after_failure(self, instance: Instance, batch: list[Item], exc: Exception) -> None:
+        """A failed batch: one item fails alone; several are retried one by one."""
+        if len(batch) == 1:
+            _fail(batch[0], exc)
+            self._on_free(instance)
+            return
+        log.warning(
+            "batch of %d requests failed on model %s version %s; retrying one by one",
+            len(batch), self.model, self.version, exc_info=exc,
+        )  # fmt: skip
+        assert self._loop is not None
+        task = self._loop.create_task(self._retry(instance, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(self.log_crash)
+
+    async def _retry(self, instance: Instance, batch: list[Item]) -> None:
+        try:
+            for item in batch:
+                try:
+                    running = self._start(instance, [item])
+                    if running is not None:
+                        await running
+                except Exception as exc:
+                    _fail(item, exc)
+        finally:
+            self._on_free(instance)
+
+
+def _fail(item: Item, exc: Exception) -> None:
+    if not item.future.done():
+        log.error("inference failed for request %s", item.request_id, exc_info=exc)
+        item.future.set_exception(exc)
