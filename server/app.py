@@ -6,8 +6,9 @@ and loads and warms every model in the background: SERVING per model name once
 it is ready, and overall ("") once loading is done and a model is ready. It
 returns a `Running` handle; a test starts a server in-process with it.
 
-After loading, `server.lifecycle` keeps the models in line with the repository as
-``--model-control-mode`` says (poll: a background task that `Running.drain` stops).
+After loading, the repository manager (`server.core.manager`) keeps the models in line
+with the repository as ``--model-control-mode`` says (poll: a background task that
+`Running.drain` stops). Readiness, grpc.health.v1 included, is `server.core.health`'s.
 
 `Running.drain()`: health NOT_SERVING for all, new calls UNAVAILABLE (answered
 by the handler wrapper while the port stays open, so balancers and clients see a
@@ -30,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics
 
@@ -44,11 +45,14 @@ from server import reflection_pool, threads, tls
 from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
+from server.core.health import Health
+from server.core.loader import Loader
+from server.core.manager import RepositoryManager
+from server.core.registry import ModelRegistry
+from server.drain import Drain
 from server.handlers import wrap_registrations
 from server.interceptors import Admission, Calls, Guard
-from server.lifecycle import NOT_SERVING, OVERALL, ModelLifecycle
 from server.metrics import Metrics
-from server.models import ModelRegistry
 from server.preprocess import Preprocessor
 from server.protocols import v1
 from server.protocols.http import HttpServer
@@ -80,28 +84,58 @@ async def start(settings: Settings) -> Running:
     disable_created_metrics()  # no *_created series beside every counter and histogram
     threads.name_current("event_loop")
     metrics = Metrics()
-    registry = ModelRegistry(settings, metrics)
+    registry, draining = ModelRegistry(), Drain()
+    health = Health(registry, metrics, draining)
+    loader = Loader(settings, registry, health, metrics)
+    manager = RepositoryManager(settings, registry, loader, health)
     try:
-        registry.scan()
+        manager.scan()
     except OSError as exc:
         raise StartupError(f"cannot read the model repository: {exc}") from exc
+    tokens, credentials, ssl_context = _security(settings)
+    exporter = _serve_metrics(settings, metrics)
+    preprocessor = Preprocessor(settings)
+    try:  # from here on, one way out on failure
+        ctx = ServingContext(settings, registry, preprocessor, metrics, health, manager, draining)
+        calls = Calls(settings.max_concurrent_calls)
+        auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
+        admission = Admission(draining, calls, auth)  # one rule for gRPC and HTTP
+        server, names = _grpc_server(settings, ctx, admission)
+        port = _bind_grpc(server, settings, credentials)
+        rest, http_port = await _bind_http(settings, ctx, admission, ssl_context)
+    except BaseException:
+        preprocessor.close()
+        exporter.shutdown()
+        raise
+    await health.start()
+    await server.start()
+    running = Running(settings, ctx, server, calls, exporter, port, rest, http_port)
+    _log_started(running, names, ssl_context is not None, tokens)
+    return running
+
+
+def _security(
+    settings: Settings,
+) -> tuple[tuple[str, ...], grpc.ServerCredentials | None, ssl.SSLContext | None]:
+    """The bearer tokens accepted, the gRPC port's TLS credentials, the HTTP port's."""
     try:
-        tokens = load_tokens(settings)
-        credentials = tls.server_credentials(settings)
-        ssl_context = tls.ssl_context(settings)
+        return load_tokens(settings), tls.server_credentials(settings), tls.ssl_context(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer:
     try:
-        http = metrics.serve(settings.metrics_host, settings.metrics_port)
+        return metrics.serve(settings.metrics_host, settings.metrics_port)
     except OSError as exc:
         metrics_address = host_port(settings.metrics_host, settings.metrics_port)
         raise StartupError(f"cannot bind the metrics port {metrics_address}: {exc}") from exc
-    metrics_address = host_port(settings.metrics_host, http.server_port)
-    preprocessor = Preprocessor(settings)
-    health = health_aio.HealthServicer()
-    lifecycle = ModelLifecycle(settings, registry, health)
-    ctx = ServingContext(settings, registry, preprocessor, metrics, health, lifecycle)
-    calls = Calls(settings.max_concurrent_calls)
+
+
+def _grpc_server(
+    settings: Settings, ctx: ServingContext, admission: Admission
+) -> tuple[grpc.aio.Server, list[str]]:
+    """The gRPC server with every service, each handler wrapped; the services' names."""
     server = grpc.aio.server(
         options=[
             # A second server on a taken port fails to start instead of sharing it.
@@ -112,51 +146,54 @@ async def start(settings: Settings) -> Running:
             *settings.grpc_connection_options(),
         ],
     )
-    auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
-    admission = Admission(ctx.draining, calls, auth)  # one rule for gRPC and HTTP
-    guard = Guard(admission)
-    wrap_registrations(server, guard.wrap)  # every service below, reflection included
+    wrap_registrations(server, Guard(admission).wrap)  # every service below, reflection too
     names = [register(server, ctx) for register in SERVICES]
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(ctx.health.servicer, server)
     names.append(HEALTH_SERVICE)
     if settings.reflection:
         reflected = [*names, reflection.SERVICE_NAME]
         pool = reflection_pool.for_services(reflected)
         reflection.enable_server_reflection(reflected, server, pool=pool)
+    return server, names
+
+
+def _bind_grpc(
+    server: grpc.aio.Server, settings: Settings, credentials: grpc.ServerCredentials | None
+) -> int:
     address = host_port(settings.host, settings.port)
     try:
         if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        preprocessor.close()
-        http.shutdown()
         raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
-    address = host_port(settings.host, port)
-    rest: HttpServer | None = None
-    http_port: int | None = None
-    if settings.http_port:
-        rest = HttpServer(ctx, admission)
-        try:
-            http_port = await rest.start(settings.host, settings.http_port, ssl_context)
-        except OSError as exc:
-            preprocessor.close()
-            http.shutdown()
-            http_address = host_port(settings.host, settings.http_port)
-            raise StartupError(f"cannot bind the HTTP port {http_address}: {exc}") from exc
-    for name in (OVERALL, *(m.name for m in registry.models())):
-        await health.set(name, NOT_SERVING)
-    await server.start()
-    scheme = "http" if ssl_context is None else "https"
+
+
+async def _bind_http(
+    settings: Settings, ctx: ServingContext, admission: Admission, context: ssl.SSLContext | None
+) -> tuple[HttpServer | None, int | None]:
+    """The HTTP port, bound and serving, and its number; (None, None) without one."""
+    if not settings.http_port:
+        return None, None
+    rest = HttpServer(ctx, admission)
+    try:
+        return rest, await rest.start(settings.host, settings.http_port, context)
+    except OSError as exc:
+        http_address = host_port(settings.host, settings.http_port)
+        raise StartupError(f"cannot bind the HTTP port {http_address}: {exc}") from exc
+
+
+def _log_started(running: Running, names: list[str], tls_on: bool, tokens: tuple[str, ...]) -> None:
+    settings = running.settings
+    scheme = "https" if tls_on else "http"
     rest_line = (
-        f"HTTP/REST on {scheme}://{host_port(settings.host, http_port)}/v2"
-        if http_port is not None
+        f"HTTP/REST on {scheme}://{host_port(settings.host, running.http_port)}/v2"
+        if running.http_port is not None
         else "no HTTP/REST port"
     )
     log.info(
         "listening on %s (%s), %s, metrics on http://%s/metrics",
-        address, ", ".join(names), rest_line, metrics_address,
+        running.address, ", ".join(names), rest_line, running.metrics_address,
     )  # fmt: skip
     log.info(
         "gRPC and HTTP ports: %s, %s", tls.describe(settings),
@@ -170,7 +207,6 @@ async def start(settings: Settings) -> Running:
     if settings.model_control_mode == "explicit" and not tokens:
         log.warning("model control is explicit and the ports take no bearer token: "
                     "anyone who reaches them can load and unload models")  # fmt: skip
-    return Running(settings, ctx, server, calls, http, port, rest, http_port)
 
 
 class Running:
@@ -197,7 +233,6 @@ class Running:
         self.http_port = http_port  # None: no HTTP port
         self._ctx, self._server, self._calls, self._http = ctx, server, calls, http
         self._rest = rest
-        self._loaded = False
         self._loading = asyncio.ensure_future(self._load())
         self._draining: asyncio.Future[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -212,8 +247,9 @@ class Running:
         return host_port(self.settings.metrics_host, self.metrics_port)
 
     def ready(self) -> bool:
-        """True once loading is done and a model is ready (health "" says SERVING)."""
-        return self._loaded and bool(self._ctx.lifecycle.serving())
+        """True once loading is done and a model is ready, until the drain begins (health ""
+        says SERVING)."""
+        return self._ctx.health.server_ready()
 
     async def wait_loaded(self) -> bool:
         """Until every model has been loaded or refused (or the drain cut loading short);
@@ -245,8 +281,7 @@ class Running:
         settings, ctx, calls = self.settings, self._ctx, self._calls
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + settings.grace_period
-        ctx.draining.begin()
-        await ctx.health.enter_graceful_shutdown()
+        await ctx.health.drain()
         await ctx.lifecycle.stop()
         self._loading.cancel()
         await asyncio.gather(self._loading, return_exceptions=True)
@@ -270,15 +305,14 @@ class Running:
         self._http.server_close()
 
     async def _load(self) -> None:
-        lifecycle = self._ctx.lifecycle
-        await lifecycle.load_all()  # health per model as each is ready, then overall
-        self._loaded = True
-        if ready_models := lifecycle.serving():
+        manager = self._ctx.lifecycle
+        await manager.load_all()  # health per model as each is ready, then overall
+        if ready_models := self._ctx.health.serving():
             log.info("SERVING: %s", ", ".join(ready_models))
         else:
             log.error("no model could be loaded from %s; health is NOT_SERVING",
                       self.settings.repo)  # fmt: skip
-        lifecycle.start_polling()
+        manager.start_polling()
 
 
 async def run(settings: Settings) -> int:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from grpc_health.v1.health import aio as health_aio
-
 from server.config import Settings
+from server.core.health import Health
+from server.core.manager import RepositoryManager
+from server.core.registry import ModelRegistry
 from server.drain import Drain
-from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
-from server.models import ModelRegistry
 from server.preprocess import Preprocessor
 from server.request_path import RequestPath
 
@@ -21,18 +20,15 @@ class ServingContext:
     registry: ModelRegistry
     preprocessor: Preprocessor
     metrics: Metrics
-    health: health_aio.HealthServicer
-    lifecycle: ModelLifecycle
-    # Begun once when the server starts draining; create the context inside the running loop.
-    draining: Drain = field(default_factory=Drain)
+    # The one answer to "is it ready?" (server, model, live), grpc.health.v1 included.
+    health: Health
+    # The repository manager: model control (load, unload) as --model-control-mode says.
+    lifecycle: RepositoryManager
+    # Begun once when the server starts draining (`Health.drain`, which shares it).
+    draining: Drain
     # The one request path every adapter calls.
     path: RequestPath = field(init=False)
 
     def __post_init__(self) -> None:
         path = RequestPath(self.settings, self.registry, self.preprocessor, self.metrics)
         object.__setattr__(self, "path", path)  # frozen
-
-    def ready(self) -> bool:
-        """The server's readiness, as overall health says it: loaded, a model READY, and
-        not draining."""
-        return self.lifecycle.ready() and not self.draining.is_set()

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.config import Settings
+from server.core.registry import ModelRegistry, ModelVersion
 from server.errors import DeadlineExceeded, InvalidInput
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
-from server.models import ModelRegistry, ModelVersion
 from server.preprocess import Preprocessor
 from server.request import InferRequest
 from server.validation import (

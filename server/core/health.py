@@ -1,15 +1,126 @@
-"""One model version's health watchdog.
+"""Readiness, answered in one place.
 
-A READY version that stops serving on its own is reported by its batcher's `Watchdog`:
-the batch scheduler died, ``max_failed_batches`` session runs failed in a row, or one
-session run took longer than ``session_run_timeout`` seconds. The version then turns
-UNAVAILABLE with the reason (`server.models.ModelRegistry.unavailable`).
+`Health` is asked by everything that says whether the server or a model is ready:
+grpc.health.v1 (published here to its servicer, `Health.servicer`), v2 ``ServerLive``,
+``ServerReady`` and ``ModelReady`` (`server.protocols.v2.servicer`), HTTP
+``/v2/health/live``, ``/v2/health/ready`` and ``/v2/models/<name>/ready``
+(`server.protocols.http`), and the drain (`server.app`):
+
+- live (`live`): the process answers;
+- the server is ready (`server_ready`) once start-up loading is done, while a model has a
+  READY version, until the drain begins;
+- a model (version) is ready (`model_ready`) while it is READY, until the drain begins.
+
+grpc.health.v1 says the same: SERVING for a model's name while it has a READY version,
+and for the server ("") while any model has one, once start-up loading is done; every
+name NOT_SERVING from the start of the drain (`drain`). The repository manager publishes
+each change it makes (`publish`).
+
+A READY version that stops serving on its own is reported here (`not_serving`): by its
+batcher's `Watchdog` — the batch scheduler died, ``max_failed_batches`` session runs
+failed in a row, or one session run took longer than ``session_run_timeout`` seconds —
+or by a request that found a session off the GPU it was opened on. It turns UNAVAILABLE
+with the reason, one ERROR line says why, and health follows at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from server.core.registry import ModelRegistry, ModelVersion, State
+from server.drain import Drain
+from server.errors import ModelNotReady
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+OVERALL = ""
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """Create it inside the running event loop."""
+
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, draining: Drain) -> None:
+        self.servicer = health_aio.HealthServicer()  # grpc.health.v1, as published here
+        self._registry = registry
+        self._metrics = metrics
+        self._draining = draining
+        self._loaded = False  # start-up loading done: the server's readiness follows the models
+        self._publishing: set[asyncio.Task[None]] = set()
+
+    # the questions
+
+    def live(self) -> bool:
+        """The process answers: live for as long as it does."""
+        return True
+
+    def serving(self) -> list[str]:
+        """Names of the models with a READY version."""
+        return [m.name for m in self._registry.models() if m.latest_ready() is not None]
+
+    def server_ready(self) -> bool:
+        """Start-up loading is done, a model is READY, and the drain has not begun."""
+        return self._loaded and bool(self.serving()) and not self._draining.is_set()
+
+    def why_not_ready(self) -> str:
+        """Why `server_ready` is False, in a few words."""
+        return "draining" if self._draining.is_set() else "models are loading or none loaded"
+
+    def model_ready(self, name: str, version: str = "") -> None:
+        """Returns if model `name` (`version`, or its latest READY one) is ready; raises
+        ModelNotFound (no such model or version) or ModelNotReady saying why not."""
+        served = self._registry.get(name, version)
+        if served.state is not State.READY or self._draining.is_set():
+            raise ModelNotReady(f"model {served.name!r} version {served.version} is not ready")
+
+    # what changes it
+
+    async def start(self) -> None:
+        """Before loading: NOT_SERVING for the server and for every model found."""
+        for name in (OVERALL, *(m.name for m in self._registry.models())):
+            await self.servicer.set(name, NOT_SERVING)
+
+    async def loaded(self) -> None:
+        """Start-up loading is done: from now on the server's health follows the models."""
+        self._loaded = True
+        await self._publish_overall()
+
+    async def publish(self, name: str) -> None:
+        """Model `name`'s health as its versions now are, and the server's."""
+        model = self._registry.find(name)
+        ready = model is not None and model.latest_ready() is not None
+        await self.servicer.set(name, SERVING if ready else NOT_SERVING)
+        await self._publish_overall()
+
+    def not_serving(self, mv: ModelVersion, reason: str, detail: str = "") -> None:
+        """A READY version that cannot serve any more: UNAVAILABLE with `reason` (what
+        listings show; `detail` goes to the log only), one ERROR line, health published."""
+        if mv.state is not State.READY:
+            return
+        mv.state, mv.reason = State.UNAVAILABLE, f"{reason}; the server log says more"
+        log.error("model %s version %s UNAVAILABLE, no longer serving: %s", mv.name, mv.version,
+                  f"{reason}: {detail}" if detail else reason)  # fmt: skip
+        task = asyncio.get_running_loop().create_task(self.publish(mv.name))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+        for instance, provider in enumerate(mv.providers):
+            self._metrics.execution_provider.remove(mv.name, mv.version, str(instance), provider)
+
+    async def drain(self) -> None:
+        """The drain begins: not ready from now on, every name NOT_SERVING for good."""
+        self._draining.begin()
+        await self.servicer.enter_graceful_shutdown()
+
+    async def _publish_overall(self) -> None:
+        if self._loaded:
+            await self.servicer.set(OVERALL, SERVING if self.serving() else NOT_SERVING)
 
 
 class Watchdog:

@@ -42,12 +42,10 @@ from server.errors import (
     INTERNAL_MESSAGE,
     Draining,
     InvalidInput,
-    ModelNotReady,
     Unauthenticated,
     to_http,
 )
 from server.interceptors import Admission
-from server.models import State
 from server.protocols.shared import UNLOAD_PARAMETERS, check_control, classify_response
 from server.protocols.v2 import describe, rest, stats
 from server.protocols.v2.request import output_arrays
@@ -150,18 +148,17 @@ class HttpServer:
     # health and metadata
 
     async def live(self, request: web.Request) -> web.Response:
-        return web.Response()
+        if self._ctx.health.live():
+            return web.Response()
+        return _error(503, "server is not live")
 
     async def ready(self, request: web.Request) -> web.Response:
-        if self._ctx.ready():
+        if self._ctx.health.server_ready():
             return web.Response()
-        why = "draining" if self._ctx.draining.is_set() else "models are loading or none loaded"
-        return _error(503, f"server is not ready: {why}")
+        return _error(503, f"server is not ready: {self._ctx.health.why_not_ready()}")
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        served = self._registry.get(request.match_info["model"], _version(request))
-        if served.state is not State.READY or self._ctx.draining.is_set():
-            raise ModelNotReady(f"model {served.name!r} version {served.version} is not ready")
+        self._ctx.health.model_ready(request.match_info["model"], _version(request))
         return web.Response()
 
     async def server_metadata(self, request: web.Request) -> web.Response:

@@ -16,8 +16,8 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
+from server.core.registry import Model, ModelVersion, State
 from server.errors import InvalidInput
-from server.models import Model, ModelVersion, State
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.shared import classify_response
 from server.request import Image, InferRequest, Invalid, Pixels

@@ -2,7 +2,7 @@
 whose run hangs past ``--session-run-timeout``, stops serving — grpc.health.v1 NOT_SERVING
 for its name, v2 ModelReady false, calls UNAVAILABLE, one log line saying why — while the
 other models and the server stay SERVING. (A dead batch scheduler and a session that left
-the GPU take the same way: `ModelRegistry.unavailable`.)"""
+the GPU take the same way: `server.core.health.Health.not_serving`.)"""
 
 from __future__ import annotations
 

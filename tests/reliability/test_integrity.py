@@ -41,7 +41,7 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from builder.repository import LOCK_SUFFIX, TMP_PREFIX
-from server.models import LOAD_FAILED
+from server.core.loader import LOAD_FAILED
 from server.repository import MODEL_FILE, VERIFICATION_FILE
 from tests.fixtures.servers import InProcessServer
 from tests.reliability.repos import derive

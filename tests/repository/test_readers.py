@@ -6,14 +6,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from grpc_health.v1.health import aio as health_aio
 
 from bench.repository import prepare
 from builder.repository import list_models
 from server.config import Settings
-from server.lifecycle import ModelLifecycle
+from server.core.health import Health
+from server.core.loader import Loader
+from server.core.manager import RepositoryManager
+from server.core.registry import ModelRegistry, State
+from server.drain import Drain
 from server.metrics import Metrics
-from server.models import ModelRegistry, State
 from server.repository import LABELS_FILE, MODEL_FILE, ModelConfig, Status, labels_text
 from tests.repository.test_check import GRAPH, add_version
 
@@ -33,13 +35,16 @@ def repo(tmp_path: Path) -> Path:
 
 def test_the_server_loads_only_versions_and_refuses_the_modified_one(repo: Path) -> None:
     settings = Settings(repo=repo)
-    registry = ModelRegistry(settings, Metrics())
-    registry.scan()
+    metrics, registry = Metrics(), ModelRegistry()
+    health = Health(registry, metrics, Drain())
+    loader = Loader(settings, registry, health, metrics)
+    manager = RepositoryManager(settings, registry, loader, health)
+    manager.scan()
     model = registry.model("m")
     assert list(model.versions) == ["1", "2"]
 
     async def load() -> None:
-        await ModelLifecycle(settings, registry, health_aio.HealthServicer()).load_all()
+        await manager.load_all()
         await registry.close()
 
     asyncio.run(load())

@@ -1,5 +1,5 @@
 """Model control without restarts: repository polling, explicit load and unload, version
-policies, on real servers under load (``--model-control-mode``, `server.lifecycle`).
+policies, on real servers under load (``--model-control-mode``, `server.core.manager`).
 
 Every server here runs the small CIFAR model (``cifar``, resnet20) from the builder's
 session repository; new versions are its version 1 copied and renamed into place, as the

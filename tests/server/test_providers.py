@@ -14,18 +14,21 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from grpc_health.v1.health import aio as health_aio
 
 from server.config import Settings
+from server.core.health import Health
+from server.core.loader import Loader, warmup_sizes
+from server.core.manager import RepositoryManager
+from server.core.registry import ModelRegistry, State
+from server.drain import Drain
 from server.errors import ModelNotReady
-from server.lifecycle import ModelLifecycle
 from server.metrics import Metrics
-from server.models import ModelRegistry, State, warmup_sizes
 from server.repository import (
     MODEL_FILE,
     Batching,
@@ -94,9 +97,18 @@ class WarmupFails(FakeFactory):
         return session
 
 
+@dataclass
+class Core:
+    """The serving core over injected sessions, wired as `server.app.start` wires it."""
+
+    registry: ModelRegistry
+    loader: Loader
+    manager: RepositoryManager
+
+
 def registry(
     repo: Path, factory: FakeFactory, *, driver: bool = True, **settings: Any
-) -> tuple[ModelRegistry, Metrics]:
+) -> tuple[Core, Metrics]:
     metrics = Metrics()
     opener = functools.partial(
         open_session,
@@ -106,15 +118,19 @@ def registry(
         diagnose=lambda: "libcudart.so.13: cannot open shared object file",
     )
     chosen = Settings(repo=repo, io_binding=False, intra_op_threads=1, **settings)
-    found = ModelRegistry(chosen, metrics, opener=opener, gpu_memory=lambda device: 10 << 30)
-    found.scan()
-    return found, metrics
+    found = ModelRegistry()
+    health = Health(found, metrics, Drain())
+    loader = Loader(
+        chosen, found, health, metrics, opener=opener, gpu_memory=lambda device: 10 << 30
+    )
+    manager = RepositoryManager(chosen, found, loader, health)
+    manager.scan()
+    return Core(found, loader, manager), metrics
 
 
-async def load_all(found: ModelRegistry) -> None:
-    """Start-up loading as the server does it: through the lifecycle."""
-    lifecycle = ModelLifecycle(found.settings, found, health_aio.HealthServicer())
-    await lifecycle.load_all()
+async def load_all(found: Core) -> None:
+    """Start-up loading as the server does it: through the repository manager."""
+    await found.manager.load_all()
 
 
 def provider_samples(metrics: Metrics) -> dict[tuple[str, str, str, str], float]:
@@ -137,7 +153,7 @@ async def test_auto_on_the_gpu_records_every_instance_and_warms_every_size(tmp_p
     factory = WarmupFails(fails_above=99)
     found, metrics = registry(make_repo(tmp_path, {"net": config}), factory, device="auto")
     await load_all(found)
-    mv = found.get("net")
+    mv = found.registry.get("net")
     assert mv.state is State.READY and mv.providers == (CUDA, CUDA)
     assert provider_samples(metrics) == {
         ("net", "1", "0", CUDA): 1.0,
@@ -145,7 +161,7 @@ async def test_auto_on_the_gpu_records_every_instance_and_warms_every_size(tmp_p
     }
     for session in factory.sessions:
         assert session.batches == [1, 2, 3, 4, 5, 6], "every size the batcher can form"
-    await found.close()
+    await found.registry.close()
 
 
 class SwapsTheFile(FakeFactory):
@@ -169,12 +185,12 @@ async def test_sessions_run_the_very_bytes_that_were_verified(tmp_path: Path) ->
     factory = SwapsTheFile(model_file)
     found, _ = registry(repo, factory, device="cpu")
     await load_all(found)
-    assert found.get("net").state is State.READY
+    assert found.registry.get("net").state is State.READY
     assert factory.models == [verified, verified]
     record = Verification.load(model_file.parent)
     assert hashlib.sha256(factory.models[0]).hexdigest() == record.sha256  # type: ignore[arg-type]
     assert model_file.read_bytes() != verified  # the file did change under the load
-    await found.close()
+    await found.registry.close()
 
 
 async def test_auto_reopens_on_the_cpu_when_gpu_warm_up_fails_and_says_why(
@@ -182,15 +198,15 @@ async def test_auto_reopens_on_the_cpu_when_gpu_warm_up_fails_and_says_why(
 ) -> None:
     factory = WarmupFails(fails_above=4)
     found, metrics = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
-    with caplog.at_level(logging.WARNING, "server.models"):
+    with caplog.at_level(logging.WARNING, "server.core.loader"):
         await load_all(found)
-    mv = found.get("net")
+    mv = found.registry.get("net")
     assert mv.state is State.READY and mv.providers == (CPU,)
     assert provider_samples(metrics) == {("net", "1", "0", CPU): 1.0}
     [line] = [r.getMessage() for r in caplog.records if "reopening it on the CPU" in r.message]
     assert "warm-up on CUDAExecutionProvider failed: CUDA failure 2: out of memory" in line
     assert factory.sessions[-1].batches == [1, 2, 4, 6], "the CPU's own warm-up sizes"
-    await found.close()
+    await found.registry.close()
 
 
 async def test_auto_without_cuda_says_why_in_one_line(
@@ -198,12 +214,12 @@ async def test_auto_without_cuda_says_why_in_one_line(
 ) -> None:
     factory = FakeFactory(cuda_comes_up=False)
     found, _ = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
-    with caplog.at_level(logging.INFO, "server.models"):
+    with caplog.at_level(logging.INFO, "server.core.loader"):
         await load_all(found)
-    assert found.get("net").providers == (CPU,)
+    assert found.registry.get("net").providers == (CPU,)
     [line] = [r.getMessage() for r in caplog.records if "runs on" in r.message]
     assert "runs on CPUExecutionProvider" in line and "libcudart.so.13" in line
-    await found.close()
+    await found.registry.close()
 
 
 @pytest.mark.parametrize(
@@ -224,7 +240,7 @@ async def test_device_cuda_refuses_to_load_anywhere_else(
         await load_all(found)
     assert all(call != [CPU] for call in factory.calls), "never opened on the CPU"
     assert provider_samples(metrics) == {}
-    await found.close()
+    await found.registry.close()
 
 
 async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path: Path) -> None:
@@ -236,15 +252,15 @@ async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path
     config = with_instances(3)
     found, _ = registry(make_repo(tmp_path, {"net": config}), SecondFails(), device="auto")
     await load_all(found)
-    assert found.get("net").providers == (CPU, CPU, CPU)
-    await found.close()
+    assert found.registry.get("net").providers == (CPU, CPU, CPU)
+    await found.registry.close()
 
 
 async def test_a_version_whose_session_leaves_the_gpu_stops_serving(tmp_path: Path) -> None:
     factory = WarmupFails(fails_above=99)
     found, metrics = registry(make_repo(tmp_path, {"net": CONFIG}), factory, device="auto")
     await load_all(found)
-    mv = found.get("net")
+    mv = found.registry.get("net")
     batch = np.zeros((2, 3, 4, 4), np.float32)
     assert (await mv.infer(batch)).shape == (2, 3)
     factory.sessions[0]._providers = [CPU]  # ONNX Runtime moved it to the CPU
@@ -253,8 +269,8 @@ async def test_a_version_whose_session_leaves_the_gpu_stops_serving(tmp_path: Pa
     assert mv.state is State.UNAVAILABLE
     assert provider_samples(metrics) == {}, "no series claims the GPU any more"
     with pytest.raises(ModelNotReady):
-        found.get("net")
-    await found.close()
+        found.registry.get("net")
+    await found.registry.close()
 
 
 async def test_bucket_sizes_are_all_a_gpu_version_warms_and_runs(tmp_path: Path) -> None:
@@ -266,9 +282,9 @@ async def test_bucket_sizes_are_all_a_gpu_version_warms_and_runs(tmp_path: Path)
     await load_all(found)
     [session] = factory.sessions
     assert session.batches == [2, 6]
-    logits = await found.get("net").infer(np.zeros((3, 3, 4, 4), np.float32))
+    logits = await found.registry.get("net").infer(np.zeros((3, 3, 4, 4), np.float32))
     assert logits.shape == (3, 3) and session.batches[-1] == 6
-    await found.close()
+    await found.registry.close()
 
 
 def test_gpu_sessions_share_the_gpus_memory(tmp_path: Path) -> None:
@@ -276,11 +292,11 @@ def test_gpu_sessions_share_the_gpus_memory(tmp_path: Path) -> None:
     repo = make_repo(tmp_path, {"a": CONFIG, "b": two}, versions=2)
     found, _ = registry(repo, FakeFactory(), device="auto")
     # 2 versions x 1 instance + 2 versions x 2 instances = 6 sessions
-    assert found.session_mem_limit() == int((10 << 30) * GPU_MEMORY_SHARE) // 6
+    assert found.loader.session_mem_limit() == int((10 << 30) * GPU_MEMORY_SHARE) // 6
     flagged, _ = registry(repo, FakeFactory(), device="auto", cuda_mem_limit=1 << 20)
-    assert flagged.session_mem_limit() is None, "the flag is passed as it is"
+    assert flagged.loader.session_mem_limit() is None, "the flag is passed as it is"
     cpu, _ = registry(repo, FakeFactory(), device="cpu")
-    assert cpu.session_mem_limit() is None
+    assert cpu.loader.session_mem_limit() is None
 
 
 async def test_the_share_reaches_every_gpu_session(tmp_path: Path) -> None:
@@ -289,7 +305,7 @@ async def test_the_share_reaches_every_gpu_session(tmp_path: Path) -> None:
     await load_all(found)
     [(_, options)] = factory.calls[0]
     assert options["gpu_mem_limit"] == str(int((10 << 30) * GPU_MEMORY_SHARE))
-    await found.close()
+    await found.registry.close()
 
 
 def test_warmup_sizes_on_the_cpu() -> None:

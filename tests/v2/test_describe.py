@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
+from server.core.registry import Model, ModelVersion, State
 from server.errors import InvalidInput
 from server.metrics import Metrics
-from server.models import Model, ModelVersion, State
 from server.protocols.v2 import describe as v2_describe
 from server.protocols.v2 import stats as v2_stats
 from server.repository import Batching, InputSpec, ModelConfig

@@ -15,7 +15,7 @@ from importlib.metadata import version
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
-from server.models import Model, ModelRegistry, ModelVersion, State
+from server.core.registry import Model, ModelRegistry, ModelVersion, State, by_version
 from server.repository import MODEL_FILE, ModelConfig
 from server.sessions import GPU_PROVIDERS
 from server.validation import input_datatype
@@ -43,7 +43,7 @@ def server_metadata(model_control_mode: str) -> pb.ServerMetadataResponse:
 
 
 def ready_versions(model: Model) -> list[str]:
-    return sorted((v.version for v in model.versions.values() if v.state is State.READY), key=int)
+    return [v.version for v in by_version(model.versions.values()) if v.state is State.READY]
 
 
 def model_metadata(model: Model, served: ModelVersion) -> pb.ModelMetadataResponse:
@@ -69,7 +69,7 @@ def repository_index(registry: ModelRegistry, ready_only: bool) -> pb.Repository
         models=[
             entry(name=m.name, version=v.version, state=v.state.value, reason=v.reason)
             for m in registry.models()
-            for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+            for v in by_version(m.versions.values())
             if v.state is State.READY or not ready_only
         ]
     )

@@ -8,7 +8,7 @@ handler wrapper maps to status codes). ModelStreamInfer runs a stream's requests
 concurrently (so they batch together) and answers in request order
 (`server.protocols.calls`); a failed request is answered with ``error_message``
 and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
-`server.lifecycle`, which offers them as ``--model-control-mode`` says (UNIMPLEMENTED,
+`server.core.manager`, which offers them as ``--model-control-mode`` says (UNIMPLEMENTED,
 naming the switch, when it is none; unload only when it is explicit). Triton RPCs this
 server does not implement answer UNIMPLEMENTED and say why.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -77,23 +76,23 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._ctx.health.live())
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        """Ready when overall health is SERVING: models loaded, not draining."""
-        return pb.ServerReadyResponse(ready=await self._serving("", context))
+        """Ready when models are loaded, one is READY, and the server is not draining."""
+        return pb.ServerReadyResponse(ready=self._ctx.health.server_ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
-        """Ready when the version is READY and the model's health is SERVING (not draining)."""
+        """Ready when the version is READY and the server is not draining."""
         try:
-            served = self._registry.get(request.name, request.version)
+            self._ctx.health.model_ready(request.name, request.version)
         except ServeError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=await self._serving(served.name, context))
+        return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
@@ -185,11 +184,6 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         fill_response(response, result.checked.outputs, result.logits, served.labels)
         return response
-
-    async def _serving(self, service: str, context: Context) -> bool:
-        """Whether grpc.health.v1 says SERVING for ``service`` ("" or a model name)."""
-        status = await self._ctx.health.Check(HealthCheckRequest(service=service), context)
-        return status.status == HealthCheckResponse.SERVING
 
 
 for _rpc, _extension in _UNSUPPORTED.items():

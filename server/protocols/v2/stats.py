@@ -21,8 +21,8 @@ from prometheus_client import Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 
+from server.core.registry import Model, ModelRegistry, ModelVersion, State, by_version
 from server.metrics import Metrics
-from server.models import Model, ModelRegistry, ModelVersion, State
 
 _NS = 1_000_000_000
 
@@ -40,7 +40,7 @@ def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
     return [
         v
         for m in models
-        for v in sorted(m.versions.values(), key=lambda v: int(v.version))
+        for v in by_version(m.versions.values())
         if v.state is State.READY
     ]
 
