@@ -55,11 +55,6 @@ _ORT_WARNING = 2
 _ORT_ERROR = 3
 _ORT_FATAL = 4
 
-# The share of a GPU's memory the sessions of one server divide between them when
-# --cuda-mem-limit is unset; the rest is left to the CUDA context, cuDNN/cuBLAS
-# handles and workspaces that live outside ONNX Runtime's arena.
-GPU_MEMORY_SHARE = 0.8
-
 
 class DeviceUnavailable(RuntimeError):
     """``--device cuda`` was asked for and a session does not come up (or run) on the GPU."""
@@ -104,13 +99,6 @@ def cuda_total_memory(device_id: int) -> int | None:
     except (OSError, AttributeError):
         return None
     return total.value
-
-
-def gpu_mem_limit(total: int | None, sessions: int) -> int | None:
-    """The CUDA arena limit of one session when ``sessions`` share a GPU of ``total`` bytes."""
-    if total is None or sessions < 1:
-        return None
-    return int(total * GPU_MEMORY_SHARE) // sessions
 
 
 def _provider_library() -> Path:
@@ -262,7 +250,7 @@ def open_session(
     `model` is the graph itself (the server passes the bytes `check_version` hashed, so what
     runs is what was verified) or, in tools, the path of a model.onnx.
     `config` (the model's config.json) brings the model's provider options; `mem_limit` is
-    this session's share of the GPU's memory (`gpu_mem_limit`) unless ``--cuda-mem-limit``
+    this session's share of the GPU's memory (`server.core.loader`) unless ``--cuda-mem-limit``
     says otherwise.
     """
     source = model if isinstance(model, bytes) else str(model)

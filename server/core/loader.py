@@ -50,7 +50,6 @@ from server.sessions import (
     Runner,
     cuda_driver_present,
     cuda_total_memory,
-    gpu_mem_limit,
     graph_feed_dtype,
     open_session,
 )
@@ -63,6 +62,11 @@ class LoadError(Exception):
 
 
 LOAD_FAILED = "could not be loaded; the server log says why"
+
+# The share of a GPU's memory the sessions of one server divide between them when
+# --cuda-mem-limit is unset; the rest is left to the CUDA context, cuDNN/cuBLAS
+# handles and workspaces that live outside ONNX Runtime's arena.
+GPU_MEMORY_SHARE = 0.8
 
 
 class Loader:
@@ -295,6 +299,13 @@ def _log_ready(mv: ModelVersion, seconds: float, instances: int, sizes: list[int
             "mean nothing; build it with --weights torchvision or a checkpoint",
             mv.name, mv.version, mv.weights,
         )  # fmt: skip
+
+
+def gpu_mem_limit(total: int | None, sessions: int) -> int | None:
+    """The CUDA arena limit of one session when ``sessions`` share a GPU of ``total`` bytes."""
+    if total is None or sessions < 1:
+        return None
+    return int(total * GPU_MEMORY_SHARE) // sessions
 
 
 def _gpu_memory_if_driver(device_id: int) -> int | None:

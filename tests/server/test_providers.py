@@ -23,7 +23,7 @@ import pytest
 
 from server.config import Settings
 from server.core.health import Health
-from server.core.loader import Loader, warmup_sizes
+from server.core.loader import GPU_MEMORY_SHARE, Loader, warmup_sizes
 from server.core.manager import RepositoryManager
 from server.core.registry import ModelRegistry, State
 from server.drain import Drain
@@ -39,7 +39,7 @@ from server.repository import (
     Verification,
     sha256_file,
 )
-from server.sessions import CPU, CUDA, GPU_MEMORY_SHARE, DeviceUnavailable, open_session
+from server.sessions import CPU, CUDA, DeviceUnavailable, open_session
 from tests.server.test_sessions import FakeFactory, FakeSession
 
 CONFIG = ModelConfig(

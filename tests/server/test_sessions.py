@@ -14,11 +14,11 @@ import pytest
 
 from server import sessions
 from server.config import Settings
+from server.core.loader import GPU_MEMORY_SHARE, gpu_mem_limit
 from server.repository import CudaOptions, InputSpec, ModelConfig, Optimization, TensorRT
 from server.sessions import (
     CPU,
     CUDA,
-    GPU_MEMORY_SHARE,
     TENSORRT,
     DeviceUnavailable,
     Opened,
@@ -26,7 +26,6 @@ from server.sessions import (
     Runner,
     bucket_for,
     cuda_provider_options,
-    gpu_mem_limit,
     open_session,
     session_options,
     tensorrt_provider_options,
