@@ -40,17 +40,19 @@ test: $(STAMP) lint deps-system
 # System packages: nginx for the load-balancer tests (tests/deploy); libb64 for
 # perf_analyzer, Triton's C++ load generator that the bench runs (and its smoke test);
 # Debian's docker.io (its client has BuildKit built in) and debootstrap for `make images`
-# and the container tests. Installed from Debian/Ubuntu when absent and we are root; a
-# no-op when present.
+# and the container tests; Debian's prometheus (the server and promtool) for the rules'
+# unit tests and the scrape test (tests/deploy). Installed from Debian/Ubuntu when absent
+# and we are root; a no-op when present.
 deps-system:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
 	dpkg -s libb64-0d >/dev/null 2>&1 || missing="$$missing libb64-0d"; \
 	dpkg -s docker.io >/dev/null 2>&1 || missing="$$missing docker.io"; \
 	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } || \
-		echo "note: missing$$missing (as root: apt-get install$$missing); the nginx and container tests skip, the bench leaves perf_analyzer out" >&2
+		echo "note: missing$$missing (as root: apt-get install$$missing); the nginx, Prometheus and container tests skip, the bench leaves perf_analyzer out" >&2
 
 # The CPU and GPU images, built with no registry: a private dockerd (as root) when none
 # answers, a debootstrapped Debian base, the wheelhouse (deploy/images.py says how).
