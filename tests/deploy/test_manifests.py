@@ -4,9 +4,12 @@ Kubernetes manifests are validated by kubernetes-validate against the schemas
 it bundles (strict: unknown fields fail). ServingRuntime and InferenceService
 (KServe) are CRDs: validated against the parts of KServe's own CRD schemas
 they use (tests/deploy/schemas/kserve.yaml, strict as well), the pod parts
-they embed as a core/v1 Pod. ServiceMonitor (Prometheus Operator) is checked
-structurally. Envoy, Prometheus, compose and the Grafana dashboard are parsed
-and checked for the properties the deployment relies on.
+they embed as a core/v1 Pod; KEDA's ScaledObject likewise against its CRD's
+schema (tests/deploy/schemas/keda.yaml), the HPA behavior it embeds as an
+autoscaling/v2 HPA's, its Prometheus queries against the server's families.
+ServiceMonitor (Prometheus Operator) is checked structurally. Envoy, Prometheus,
+compose and the Grafana dashboard are parsed and checked for the properties the
+deployment relies on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy import dockerfile
+from tests.deploy import dockerfile, prom
 from tests.deploy.dockerfile import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -96,8 +99,8 @@ def test_kubernetes_schema(path: Path, version: str) -> None:
         api, kind = doc["apiVersion"], doc["kind"]
         if kind == "Kustomization":
             continue  # kustomize's own file, checked in test_kustomization_lists_every_manifest
-        if kind in ("ServingRuntime", "InferenceService", "ServiceMonitor"):
-            continue  # CRDs: no bundled schema; KServe's below, ServiceMonitor structurally
+        if kind in ("ServingRuntime", "InferenceService", "ServiceMonitor", "ScaledObject"):
+            continue  # CRDs: no bundled schema; KServe's, KEDA's and ServiceMonitor's below
         assert "." not in api.split("/")[0] or api.split("/")[0].endswith("k8s.io"), (
             f"{path.name}: {kind} {api} is a CRD: add a structural check for it"
         )
@@ -305,6 +308,105 @@ def test_kserve_inferenceservice_uses_the_runtime() -> None:
     merged = {**container, **{k: v for k, v in model.items() if k in CONTAINER_FIELDS}}
     kubernetes_validate.validate(_pod(isvc["metadata"]["name"], [merged]), K8S_VERSIONS[-1],
                                  strict=True)  # fmt: skip
+
+
+# --- KEDA: scaling on queue depth and in-flight requests ----------------------------------
+
+
+KEDA_SCHEMAS = yaml.safe_load((Path(__file__).parent / "schemas" / "keda.yaml").read_text())
+
+
+def _keda_validate(doc: dict[str, Any]) -> None:
+    """The ScaledObject against KEDA's CRD schema, each prometheus trigger's metadata against
+    the keys KEDA's Prometheus scaler reads, the HPA behavior as an autoscaling/v2 HPA's."""
+    schema = KEDA_SCHEMAS[doc["kind"]][doc["apiVersion"]]
+    jsonschema.validate(doc, _strict(schema), format_checker=jsonschema.FormatChecker())
+    spec = doc["spec"]
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)  # the CRD's rule
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "prometheus", "only the prometheus trigger's keys are known"
+        assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value")
+        jsonschema.validate(trigger["metadata"], _strict(KEDA_SCHEMAS["PrometheusTriggerMetadata"]))
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "metadata": {"name": doc["metadata"]["name"]},
+           "spec": {"scaleTargetRef": spec["scaleTargetRef"], "maxReplicas": 1,
+                    "behavior": behavior}}  # fmt: skip
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(hpa, version, strict=True)
+
+
+def test_keda_scaledobject_schema() -> None:
+    _keda_validate(_one("ScaledObject"))
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(("spec", "minReplicas"), 3),  # an HPA's name, not KEDA's
+     (("spec", "triggers", 0, "metadata", "treshold"), "64"),
+     (("spec", "triggers", 0, "metadata", "threshold"), "sixty-four"),
+     (("spec", "triggers", 0, "metadata", "threshold"), 64),  # metadata values are strings
+     (("spec", "triggers", 1, "metadata", "query"), None),  # required: None deletes it
+     (("spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleUp",
+       "stabilizationWindow"), 0)],
+)  # fmt: skip
+def test_keda_schema_check_is_not_a_no_op(path: tuple[Any, ...], value: Any) -> None:
+    broken = json.loads(json.dumps(_one("ScaledObject")))
+    parent = broken
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is None:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
+        _keda_validate(broken)
+
+
+def test_keda_takes_over_the_hpa_and_scales_like_it() -> None:
+    scaled, hpa = _one("ScaledObject"), _one("HorizontalPodAutoscaler")
+    spec = scaled["spec"]
+    assert {"apiVersion": "apps/v1", "kind": "Deployment", **spec["scaleTargetRef"]} == \
+        hpa["spec"]["scaleTargetRef"]  # fmt: skip
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+        hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])  # fmt: skip
+    config = spec["advanced"]["horizontalPodAutoscalerConfig"]
+    assert config["behavior"] == hpa["spec"]["behavior"]
+    # KEDA refuses a target that another HPA scales, unless it is handed that HPA by name
+    annotations = scaled["metadata"]["annotations"]
+    assert annotations["scaledobject.keda.sh/transfer-hpa-ownership"] == "true"
+    assert config["name"] == hpa["metadata"]["name"]
+    assert "keda" not in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+
+
+def _keda_queries() -> list[str]:
+    return [t["metadata"]["query"] for t in _one("ScaledObject")["spec"]["triggers"]]
+
+
+def test_keda_queries_ask_for_series_the_server_exports() -> None:
+    exported = _exported_series()
+    headless = next(d for _, d in _all_k8s() if d["kind"] == "Service"
+                    and d["spec"].get("clusterIP") == "None")  # fmt: skip
+    monitor = _one("ServiceMonitor")
+    assert _matches(monitor["spec"]["selector"]["matchLabels"], headless["metadata"]["labels"])
+    used = set()
+    for query in _keda_queries():
+        used |= set(re.findall(r"resnet_serve_\w+", query))
+        # the ServiceMonitor's job label is the name of the Service it scrapes through
+        assert f'job="{headless["metadata"]["name"]}"' in query
+        assert query.startswith("sum("), "one value for all replicas: the HPA divides it"
+    assert used == {"resnet_serve_inflight_requests", "resnet_serve_queue_depth"}
+    assert used <= exported
+
+
+@pytest.mark.skipif(prom.absent("promtool"), reason=prom.MISSING)
+def test_keda_queries_are_valid_promql(tmp_path: Path) -> None:
+    records = [{"record": f"keda:query:{i}", "expr": q} for i, q in enumerate(_keda_queries())]
+    rules = {"groups": [{"name": "keda", "rules": records}]}
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = prom.promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- compose, Envoy, Prometheus ----------------------------------------------------------
