@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.deploy import nginx
 from tests.deploy.dockerfile import ROOT
@@ -45,3 +46,31 @@ def test_nginx_snippet_is_valid_nginx(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def _table(header: str) -> list[list[str]]:
+    """The rows of the docs' table whose header row starts with `header`, cells stripped."""
+    text = DOC.read_text()
+    start = text.index(header)
+    lines = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_alerts_table_matches_the_rules() -> None:
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yml").read_text())["groups"]
+    alerts = {r["alert"]: r["labels"]["severity"] for g in groups for r in g["rules"]
+              if "alert" in r}  # fmt: skip
+    shown = {row[0].strip("`"): row[1] for row in _table("| alert | severity |")}
+    assert shown == alerts
+
+
+def test_keda_table_matches_the_scaledobject() -> None:
+    scaled = yaml.safe_load((ROOT / "deploy" / "k8s" / "keda" / "scaledobject.yaml").read_text())
+    triggers = {
+        t["name"]: (re.search(r"resnet_serve_\w+", t["metadata"]["query"])[0],
+                    t["metadata"]["threshold"])
+        for t in scaled["spec"]["triggers"]
+    }  # fmt: skip
+    shown = {row[0].strip("`"): (re.search(r"resnet_serve_\w+", row[1])[0], row[2])
+             for row in _table("| trigger | query")}  # fmt: skip
+    assert shown == triggers
