@@ -282,7 +282,7 @@ class Running:
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + settings.grace_period
         await ctx.health.drain()
-        await ctx.lifecycle.stop()
+        await ctx.manager.stop()
         self._loading.cancel()
         await asyncio.gather(self._loading, return_exceptions=True)
         try:
@@ -305,7 +305,7 @@ class Running:
         self._http.server_close()
 
     async def _load(self) -> None:
-        manager = self._ctx.lifecycle
+        manager = self._ctx.manager
         await manager.load_all()  # health per model as each is ready, then overall
         if ready_models := self._ctx.health.serving():
             log.info("SERVING: %s", ", ".join(ready_models))

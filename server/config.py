@@ -267,7 +267,9 @@ class Settings(BaseSettings):
 
     # security of the gRPC port (docs/security.md)
     tls_cert: Path | None = Field(
-        None, description="server certificate chain (PEM); with tls_key the gRPC port speaks TLS"
+        None,
+        description="server certificate chain (PEM); with tls_key the gRPC and HTTP ports "
+        "speak TLS",
     )
     tls_key: Path | None = Field(None, description="private key (PEM) of tls_cert")
     tls_client_ca: Path | None = Field(

@@ -23,7 +23,7 @@ class ServingContext:
     # The one answer to "is it ready?" (server, model, live), grpc.health.v1 included.
     health: Health
     # The repository manager: model control (load, unload) as --model-control-mode says.
-    lifecycle: RepositoryManager
+    manager: RepositoryManager
     # Begun once when the server starts draining (`Health.drain`, which shares it).
     draining: Drain
     # The one request path every adapter calls.

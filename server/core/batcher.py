@@ -47,7 +47,7 @@ import numpy as np
 
 from server.core.health import Watchdog
 from server.core.instances import Instance, Instances, Item
-from server.errors import DeadlineExceeded, InvalidInput, QueueFull
+from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
 from server.repository import Batching
 from server.sessions import Runner
@@ -123,11 +123,7 @@ class Batcher:
         """Queue `inputs` (k images), wait for their outputs (k rows), in order."""
         assert self._loop is not None and self._wakeup is not None, "start() first"
         count = len(inputs)
-        limit = self.batching.max_queue_size
-        if count > limit:
-            raise InvalidInput(
-                f"{count} images in one request; model {self.model} queues at most {limit}"
-            )
+        limit = self.batching.max_queue_size  # a request is never larger (server.validation)
         if self._queued + count > limit:
             self._drop_stale()
         if self._queued + count > limit:

@@ -10,7 +10,7 @@ Internal API (used by every servicer)::
 
 ``batch`` is the graph's input, batch axis first: float32 NCHW or uint8 NHWC
 as ``model.config.input`` says (`server.preprocess` makes them from images).
-``infer`` validates dtype, shape and finiteness (InvalidInput), queues the
+``infer`` takes what `server.validation` accepted (it checks nothing again), queues the
 images on the version's batcher (`server.core.batcher`) and returns the logits, one row
 per image. ``registry.models()`` lists every `Model` with all its versions, including
 the UNAVAILABLE ones and why.
@@ -28,16 +28,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from server.errors import InvalidInput, ModelNotFound, ModelNotReady
+from server.errors import ModelNotFound, ModelNotReady
 from server.logs import one_line
-from server.repository import InputSpec, ModelConfig
+from server.repository import ModelConfig
 from server.sessions import ProviderLost
 
 
@@ -124,7 +124,6 @@ class ModelVersion:
         # UNLOADING: a request let in before the unload began still gets its answer
         if self.state not in (State.READY, State.UNLOADING) or self.batcher is None:
             raise ModelNotReady(f"model {self.name} version {self.version} is {self.state.value}")
-        self.check_input(batch)
         try:
             return await self.batcher.submit(batch, deadline=deadline, request_id=request_id)
         except ProviderLost as exc:
@@ -132,25 +131,6 @@ class ModelVersion:
             raise ModelNotReady(
                 f"model {self.name} version {self.version} is {self.state.value}: {self.reason}"
             ) from exc
-
-    def check_input(self, batch: np.ndarray) -> None:
-        spec = self.config.input
-        if batch.dtype != self.input_dtype:
-            raise InvalidInput(
-                f"model {self.name} takes {spec.dtype} input, got {batch.dtype.name}"
-            )
-        check_batch_shape(self.name, spec, batch.shape)
-
-
-def check_batch_shape(model: str, spec: InputSpec, shape: Sequence[int]) -> None:
-    """A batch of the graph's input: [N, *the model's dimensions] with N >= 1 (checked by the
-    protocols on a declared shape before they read any data, and on every batch here)."""
-    expected = spec.shape()
-    if len(shape) != 4 or list(shape[1:]) != expected[1:] or shape[0] < 1:
-        raise InvalidInput(
-            f"model {model} takes input of shape {expected} ({spec.layout}, "
-            f"batch >= 1), got {list(shape)}"
-        )
 
 
 def version_number(mv: ModelVersion) -> int:

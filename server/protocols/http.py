@@ -197,12 +197,12 @@ class HttpServer:
     async def load_model(self, request: web.Request) -> web.Response:
         """Load (again) by the model's version policy (``--model-control-mode explicit``)."""
         await self._control(request, ())
-        await self._ctx.lifecycle.load(request.match_info["model"])
+        await self._ctx.manager.load(request.match_info["model"])
         return web.Response()
 
     async def unload_model(self, request: web.Request) -> web.Response:
         await self._control(request, UNLOAD_PARAMETERS)
-        await self._ctx.lifecycle.unload(request.match_info["model"])
+        await self._ctx.manager.unload(request.match_info["model"])
         return web.Response()
 
     async def _control(self, request: web.Request, known: tuple[str, ...]) -> None:

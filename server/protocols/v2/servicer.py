@@ -129,7 +129,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         """Load the model (again) from the repository by its version policy; the answer comes
         once its versions are READY, or says which could not be loaded and why."""
         _check_control_request(request, known=())
-        await self._ctx.lifecycle.load(request.model_name)
+        await self._ctx.manager.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -139,7 +139,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         requests they took and closed."""
         # Triton's flag for ensembles; this server has none, so there are no dependents
         _check_control_request(request, known=UNLOAD_PARAMETERS)
-        await self._ctx.lifecycle.unload(request.model_name)
+        await self._ctx.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # inference
