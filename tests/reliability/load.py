@@ -18,7 +18,7 @@ import grpc
 import psutil
 
 from bench import serving
-from tests.server.messages import sample
+from tests.fixtures.messages import sample
 
 Call = Callable[[], Awaitable[Any]]
 

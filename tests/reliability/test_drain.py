@@ -5,7 +5,7 @@ while calls are in flight. Every call ends OK or UNAVAILABLE (none cancelled,
 none INTERNAL), calls in flight at the signal are answered after it, later
 calls get UNAVAILABLE, and the process exits 0 within the grace period (the
 wait allows a generous margin beyond it). The drain of a fixed set of calls
-in flight is tests/server/test_lifecycle.py; through a load balancer,
+in flight is tests/server/core/test_manager.py; through a load balancer,
 tests/deploy/test_nginx_lb.py.
 
 SIGTERM while models are still loading: the loading stops (at most the version whose

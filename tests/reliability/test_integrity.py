@@ -19,7 +19,7 @@ A version whose ``model.onnx`` is a link out of the repository is refused with t
 file named, in the server and in ``resnet-serve models``, while the other model serves.
 
 Refusing tampered (sha256), failed and never-verified versions while the
-other models serve, with their log lines: tests/server/test_lifecycle.py
+other models serve, with their log lines: tests/server/core/test_manager.py
 (test_refused_versions_full_queue_no_reflection_and_sigint).
 """
 

@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from bench import serving
+from tests.fixtures.messages import CHELSEA
 from tests.reliability.load import (
     closed_loop,
     computed,
@@ -47,7 +48,6 @@ from tests.reliability.load import (
 )
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, float_image
-from tests.server.messages import CHELSEA
 
 MODEL = "busy"
 MAX_BATCH = 8

@@ -32,10 +32,10 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from bench import serving
+from tests.fixtures.messages import CHELSEA
 from tests.reliability.load import Outcomes, closed_loop, rss, until_idle
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, infer_floats
-from tests.server.messages import CHELSEA
 
 FULL_SOAK_SECONDS = 600.0
 SOAK_SECONDS = float(os.environ.get("RESNET_SERVE_SOAK_SECONDS", FULL_SOAK_SECONDS))

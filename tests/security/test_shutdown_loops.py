@@ -32,7 +32,7 @@ import pytest
 from resnet_serve_client import TLS, ChannelOptions, Client, Unavailable
 
 from bench import serving
-from tests.client.fake import MODEL, STOP_TIMEOUT, FakeServer, FakeTLS
+from tests.fixtures.fake_classifier import MODEL, STOP_TIMEOUT, FakeServer, FakeTLS
 from tests.reliability import images
 from tests.security.certs import PKI
 

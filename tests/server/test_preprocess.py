@@ -27,7 +27,7 @@ from server.repository.transform import (
     prepare_pixels,
     to_rgb,
 )
-from tests.server.messages import PHOTOS, png_claiming
+from tests.fixtures.messages import PHOTOS, png_claiming
 
 IMAGENET = ModelConfig(name="imagenet", arch="resnet18", num_classes=1000)
 LIMITS = ImageLimits(max_image_bytes=20 << 20, max_image_pixels=40_000_000)

@@ -30,8 +30,8 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_
 from bench import serving
 from server import app
 from server.repository import VERIFICATION_FILE, ModelConfig
+from tests.fixtures.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 from tests.fixtures.servers import settings
-from tests.server.messages import CHELSEA, encoded, float_tensor, random_chw, sample
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

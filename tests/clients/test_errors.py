@@ -7,7 +7,7 @@ import pytest
 import resnet_serve_client as rsc
 from resnet_serve_client.errors import from_status
 
-from tests.client.fake import MODEL, FakeServer
+from tests.fixtures.fake_classifier import MODEL, FakeServer
 
 NO_RETRY = rsc.ChannelOptions(retry=None)
 

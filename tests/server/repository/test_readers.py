@@ -17,7 +17,7 @@ from server.core.registry import ModelRegistry, State
 from server.drain import Drain
 from server.metrics import Metrics
 from server.repository import LABELS_FILE, MODEL_FILE, ModelConfig, Status, labels_text
-from tests.repository.test_check import GRAPH, add_version
+from tests.server.repository.test_check import GRAPH, add_version
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import resnet_serve_client as rsc
 from resnet_serve_client.options.channel import normalize_target
 
-from tests.client.fake import MODEL, FakeServer, FakeTLS
+from tests.fixtures.fake_classifier import MODEL, FakeServer, FakeTLS
 
 
 def test_token_travels_as_bearer_metadata_in_plaintext(fake: FakeServer) -> None:

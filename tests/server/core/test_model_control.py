@@ -31,9 +31,9 @@ from tritonclient.utils import InferenceServerException
 from bench import serving
 from builder.__main__ import main as builder_main
 from server.repository import CONFIG_FILE, MODEL_FILE, ModelConfig, sha256_file
+from tests.fixtures.messages import CHELSEA, encoded, sample
 from tests.fixtures.servers import InProcessServer
-from tests.server.messages import CHELSEA, encoded, sample
-from tests.server.test_lifecycle import add_model, rewrite_verification
+from tests.server.core.test_manager import add_model, rewrite_verification
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

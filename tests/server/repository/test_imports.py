@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONTRACT = "server.repository"
 THIRD_PARTY = {"numpy", "PIL", "pydantic"}  # all the contract may import besides the stdlib
 

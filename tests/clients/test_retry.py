@@ -10,7 +10,7 @@ import grpc
 import pytest
 import resnet_serve_client as rsc
 
-from tests.client.fake import MODEL, FakeServer
+from tests.fixtures.fake_classifier import MODEL, FakeServer
 
 FAST = rsc.Retry(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "server is draining")

@@ -18,8 +18,7 @@ from PIL import Image
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from tests.fixtures.servers import InProcessServer
-from tests.server.messages import (
+from tests.fixtures.messages import (
     CHELSEA,
     encoded,
     float_tensor,
@@ -27,6 +26,7 @@ from tests.server.messages import (
     sample,
     uint8_tensor,
 )
+from tests.fixtures.servers import InProcessServer
 
 CODE = grpc.StatusCode
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client.fake import FakeServer
+from tests.fixtures.fake_classifier import FakeServer
 from tests.shared_data import PHOTOS
 
 

@@ -21,9 +21,9 @@ from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2, classifier
 from tritonclient.grpc import service_pb2_grpc
 
 from server.repository import Batching, ModelConfig
+from tests.fixtures.messages import sample
 from tests.fixtures.servers import InProcessServer
 from tests.reliability.wire import classify, infer_images
-from tests.server.messages import sample
 from tests.shared_data import PHOTOS
 
 JPEG = PHOTOS / "chelsea.jpg"

@@ -341,7 +341,7 @@ def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> 
         assert error.status() == "StatusCode.UNIMPLEMENTED"
         assert "is not supported by this server" in error.message()
     # model control is off (--model-control-mode none): unimplemented, saying how to turn it on
-    # (tests/server/test_model_control.py runs it on)
+    # (tests/server/core/test_model_control.py runs it on)
     for call in (lambda: client.load_model("resnet18"), lambda: client.unload_model("resnet18")):
         error = _status(call)
         assert error.status() == "StatusCode.UNIMPLEMENTED"
