@@ -11,7 +11,8 @@ and the v2 protocol's ServerLive, ServerReady and ModelReady.
 
 Refusals are counted (``resnet_serve_auth_failures_total``) and logged at most once per
 `LOG_INTERVAL` seconds, one WARNING line with how many were refused since the last one,
-so a flood of unauthenticated calls cannot flood the log.
+so a flood of unauthenticated calls cannot flood the log (`RateLimitedLog`, the rule the
+HTTP port follows for malformed requests too).
 
 Tokens are compared in constant time: the SHA-256 of the presented token is
 compared with ``hmac.compare_digest`` against the digest of every accepted
@@ -68,6 +69,31 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+class RateLimitedLog:
+    """One WARNING line at most every `interval` seconds for an event a caller can repeat at
+    will (a refused token, a malformed request): how many since the last line, and the
+    last one's `detail`. The first event is logged at once."""
+
+    def __init__(
+        self, logger: logging.Logger, what: str, note: str = "", interval: float = LOG_INTERVAL
+    ) -> None:
+        self._logger, self._what, self._note, self._interval = logger, what, note, interval
+        self._unlogged = 0  # events since the last log line
+        self._logged_at: float | None = None
+
+    def event(self, detail: str) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self._interval:
+            return
+        since = "" if self._logged_at is None else f" in the last {now - self._logged_at:.0f} s"
+        self._logger.warning(
+            "%d %s%s; the last: %s (at most one such line per %g s%s)",
+            self._unlogged, self._what, since, detail, self._interval, self._note,
+        )  # fmt: skip
+        self._unlogged, self._logged_at = 0, now
+
+
 class TokenCheck:
     """Whether a call's metadata carries an accepted bearer token."""
 
@@ -78,9 +104,10 @@ class TokenCheck:
             raise ValueError("TokenCheck needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
         self._metrics = metrics
-        self._log_interval = log_interval
-        self._unlogged = 0  # refusals since the last log line
-        self._logged_at: float | None = None
+        self._log = RateLimitedLog(
+            log, "call(s) refused UNAUTHENTICATED",
+            "; resnet_serve_auth_failures_total counts them all", log_interval,
+        )  # fmt: skip
 
     def accepts(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         """None when the metadata carries an accepted token, else why not."""
@@ -101,16 +128,4 @@ class TokenCheck:
     def refused(self, method: str, reason: str) -> None:
         """Count a refused call; log it unless a line was written within the interval."""
         self._metrics.auth_failures.inc()
-        self._unlogged += 1
-        now = time.monotonic()
-        if self._logged_at is not None and now - self._logged_at < self._log_interval:
-            return
-        since = (
-            "" if self._logged_at is None else f" in the last {now - self._logged_at:.0f} s"
-        )
-        log.warning(
-            "%d call(s) refused UNAUTHENTICATED%s; the last: %s, %s (at most one such line "
-            "per %g s; resnet_serve_auth_failures_total counts them all)",
-            self._unlogged, since, method, reason, self._log_interval,
-        )  # fmt: skip
-        self._unlogged, self._logged_at = 0, now
+        self._log.event(f"{method}, {reason}")

@@ -86,16 +86,29 @@ class Admission:
     def admit(self, method: str, metadata: Callable[[], Sequence[tuple[str, Any]] | None]) -> None:
         """Count the call in, or raise why it is refused. `metadata` is called only when
         tokens are checked."""
-        if self.draining.is_set():
-            raise Draining(
-                "server is shutting down; retry on another instance", self.draining.pushback_ms()
-            )
+        self.check(method, metadata)
+        self.enter()
+
+    def check(self, method: str, metadata: Callable[[], Sequence[tuple[str, Any]] | None]) -> None:
+        """Raise why the call may not start (draining, token); count nothing. HTTP checks
+        this before it reads a request's body, and `enter`s once the body is in."""
+        self._draining()
         if self.tokens is not None:
             refusal = self.tokens.accepts(metadata())
             if refusal is not None:
                 self.tokens.refused(method, refusal)
                 raise Unauthenticated(refusal)
+
+    def enter(self) -> None:
+        """Count a checked call in: refused if the drain began since, or at the call limit."""
+        self._draining()
         self.calls.enter()
+
+    def _draining(self) -> None:
+        if self.draining.is_set():
+            raise Draining(
+                "server is shutting down; retry on another instance", self.draining.pushback_ms()
+            )
 
     def done(self) -> None:
         self.calls.exit()
