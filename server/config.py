@@ -247,6 +247,23 @@ class Settings(BaseSettings):
         "take before they are cancelled",
     )
 
+    # the HTTP port's connections and bodies (docs/security.md)
+    http_keepalive_timeout: float = Field(
+        75.0, gt=0, description="seconds an HTTP connection may go without a whole request "
+        "line and headers, from its start or its last answer: an idle connection, and one "
+        "whose headers arrive slowly (slowloris), is closed then. Above the 60 s idle "
+        "timeout of common load balancers, so they close first",
+    )
+    http_body_timeout: float = Field(
+        60.0, gt=0, description="seconds an HTTP request's body may take to arrive once its "
+        "headers are in; then 408 and the connection closed. The body is read before the "
+        "call counts against max_concurrent_calls",
+    )
+    http_max_body_reads: int = Field(
+        512, gt=0, description="HTTP request bodies being read at once, server-wide (each at "
+        "most max_message_bytes, decompressed); more are answered 503 at once",
+    )
+
     # lifecycle and observability
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
