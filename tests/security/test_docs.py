@@ -10,6 +10,7 @@ import pytest
 from server.config import Settings, env_var
 from tests.reliability import catalogue, test_catalogue, test_drain, test_overload, test_soak
 from tests.reliability import test_properties as properties
+from tests.security import test_http_hostile as hostile
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 MIB = 1 << 20
@@ -38,6 +39,19 @@ def _text() -> str:
         f"`--grace-period {test_drain.GRACE_SECONDS:g}`",
         f"**{test_soak.FULL_SOAK_SECONDS / 60:g} minutes** of steady load",
         f"**under {test_soak.GROWTH_BOUND:.0%}**",
+        f"A catalogue of {len(hostile.CASES)} hostile requests",
+        f"`--http-keepalive-timeout {hostile.KEEPALIVE:g}`, "
+        f"`--http-body-timeout {hostile.BODY_TIMEOUT:g}`",
+        f"`--max-concurrent-calls {hostile.MAX_CALLS}`",
+        f"at most **{hostile.MESSAGE_BOUND}** characters",
+        f"add at most **{hostile.LOG_LINES}** lines",
+        f"**{hostile.STALLED}** connections send their headers",
+        f"within **{hostile.STALL_SLOWDOWN * 1000:g} ms** of their usual time",
+        f"**{hostile.BOMBS}** gzip bombs",
+        f"less than **{hostile.BOMB_CPU_SECONDS:g} s** of the server's CPU",
+        f"answers within **{hostile.HEALTH_BOUND * 1000:g} ms** meanwhile",
+        f"**{hostile.SLOWLORIS}** connections, half idle",
+        f"at most **{hostile.RSS_MULTIPLE}×** the request's size",
     ],
 )
 def test_the_asserted_numbers_are_stated(stated: str) -> None:
