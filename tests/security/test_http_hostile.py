@@ -654,7 +654,10 @@ def test_idle_and_slow_header_connections_are_closed(server: serving.Server) -> 
     kept alive after an answer: each is closed ``http_keepalive_timeout`` after it opened
     (or after its answer), the dripping ones too."""
     port = http_port(server)
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(SLOWLORIS)]
+    socks, opened_at = [], {}
+    for _ in range(SLOWLORIS):
+        socks.append(socket.create_connection(("127.0.0.1", port)))
+        opened_at[socks[-1]] = time.monotonic()
     opened = time.monotonic()
     dripping = socks[::2]
     for sock in dripping:
@@ -684,7 +687,7 @@ def test_idle_and_slow_header_connections_are_closed(server: serving.Server) -> 
     for sock in [*socks, kept]:
         sock.close()
     assert len(closed_at) == len(socks) + 1, f"{len(socks) + 1 - len(closed_at)} still open"
-    ages = [closed_at[s] - opened for s in socks]
+    ages = [closed_at[s] - opened_at[s] for s in socks]
     print(f"\nclosed after {min(ages):.2f} to {max(ages):.2f} s (keepalive {KEEPALIVE:g} s)")
     assert min(ages) >= KEEPALIVE - 0.5 and max(ages) <= KEEPALIVE + 3
     assert KEEPALIVE - 0.5 <= closed_at[kept] - answered <= KEEPALIVE + 3
