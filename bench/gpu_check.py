@@ -76,7 +76,7 @@ def no_gpu_reason() -> str | None:
     """Why CUDA cannot run here, or None."""
     import onnxruntime as ort
 
-    from server.sessions import CUDA, cuda_driver_present
+    from server.providers import CUDA, cuda_driver_present
 
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime has no CUDA provider (install the gpu extra: make gpu-check)"
@@ -211,7 +211,7 @@ def speed(server: serving.Server, repo: Path, name: str, device: str, levels: li
     model_file = latest_version(repo / name) / MODEL_FILE
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
-        from server.sessions import CUDA, cuda_provider_options
+        from server.providers import CUDA, cuda_provider_options
 
         providers = [(CUDA, cuda_provider_options(Settings()))]
     session = raw.Raw(model_file, config.input, providers=providers)

@@ -1,7 +1,7 @@
 """ONNX Runtime's thread spinning, A/B in one process: ``python -m bench spin``.
 
 One session per setting, on the server's own session options
-(`server.sessions.session_options`), run in interleaved slices so the
+(`server.providers.session_options`), run in interleaved slices so the
 machine's drift falls on every setting alike. Each setting runs back to back
 and with an idle gap between runs (a server's round trip between requests),
 and reports p50 latency and this process's CPU time per run: spinning

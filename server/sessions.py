@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: where they run, how they are configured, how they run.
+"""ONNX Runtime sessions: how they are opened and how they run.
 
 `open_session` is the one place that picks an execution provider:
 
@@ -12,10 +12,11 @@ ONNX Runtime's own fallback is off on every GPU session (``enable_fallback=0``):
 its constructor would otherwise retry on the CPU by itself and its ``run`` would
 move a session to the CPU for good after a CUDA failure, printing to stdout. When
 the CUDA provider library cannot load, ONNX Runtime opens the session on the CPU
-anyway and says why only in its own log, which is kept quiet here; `why_no_cuda`
-finds the reason again (the library and the symbol or file it misses) so that it
-is logged in one line. The session factory, the driver probe and that diagnosis
-are parameters, so the choice is unit-tested on CPU.
+anyway and says why only in its own log, which is kept quiet here;
+`server.providers.why_no_cuda` finds the reason again (the library and the symbol
+or file it misses) so that it is logged in one line. The session factory, the
+driver probe and that diagnosis are parameters, so the choice is unit-tested on CPU.
+The providers' names and the options sessions are opened with are `server.providers`'.
 
 `Runner` runs batches on one session. On CUDA it pads each batch to the model's
 bucket sizes when config.json asks for them (CUDA graphs need fixed shapes), and
@@ -26,12 +27,9 @@ on (`ProviderLost` otherwise).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +40,25 @@ import onnxruntime as ort
 
 from server.config import Settings
 from server.logs import one_line
+from server.providers import (
+    CPU,
+    CUDA,
+    GPU_PROVIDERS,
+    TENSORRT,
+    cuda_driver_present,
+    cuda_provider_options,
+    session_options,
+    tensorrt_provider_options,
+    why_no_cuda,
+)
 from server.repository import ModelConfig, Optimization
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
-GPU_PROVIDERS = (TENSORRT, CUDA)
-
 _ORT_WARNING = 2
-_ORT_ERROR = 3
 _ORT_FATAL = 4
+
+_NO_OPTIMIZATION = Optimization()
 
 
 class DeviceUnavailable(RuntimeError):
@@ -76,46 +81,6 @@ class Session(Protocol):
 
 
 SessionFactory = Callable[..., Session]
-
-
-def cuda_driver_present() -> bool:
-    """Whether the CUDA driver library loads (false on machines without an NVIDIA GPU)."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def cuda_total_memory(device_id: int) -> int | None:
-    """Bytes of memory on GPU `device_id`, from the driver API; None where it cannot say."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-        device, total = ctypes.c_int(), ctypes.c_size_t()
-        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), device_id):
-            return None
-        if cuda.cuDeviceTotalMem_v2(ctypes.byref(total), device):
-            return None
-    except (OSError, AttributeError):
-        return None
-    return total.value
-
-
-def _provider_library() -> Path:
-    return Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
-
-
-def why_no_cuda() -> str:
-    """Why the CUDA provider library does not load: the dynamic loader's own words."""
-    library = _provider_library()
-    if not library.is_file():
-        return f"{library.name} is not installed (the CPU onnxruntime package?)"
-    try:
-        ctypes.CDLL(str(library), mode=os.RTLD_LAZY)
-    except OSError as exc:
-        if "Provider_GetHost" not in str(exc):  # a symbol ONNX Runtime itself provides
-            return f"{library.name} does not load: {one_line(exc)}"
-    return "the CUDA provider loads but did not come up (ONNX Runtime's log at WARNING says why)"
 
 
 _preloaded = False
@@ -141,75 +106,6 @@ def preload_cuda_libraries() -> None:
         preload()
     for line in printed.getvalue().splitlines():
         log.debug("onnxruntime.preload_dlls: %s", line)
-
-
-def session_options(settings: Settings, intra_op_threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = _ORT_ERROR
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0"
-    )
-    if settings.allow_spinning and settings.spin_duration_us:
-        options.add_session_config_entry(
-            "session.intra_op.spin_duration_us", str(settings.spin_duration_us)
-        )
-    return options
-
-
-_NO_OPTIMIZATION = Optimization()
-
-
-def cuda_provider_options(
-    settings: Settings, optimization: Optimization = _NO_OPTIMIZATION, mem_limit: int | None = None
-) -> dict[str, str]:
-    """The CUDA provider's options: the server's (device, cuDNN search, arena) and the
-    model's (TF32, CUDA graphs); `mem_limit` is this session's share when the flag is unset."""
-    cuda = optimization.cuda
-    options = {
-        "device_id": str(settings.cuda_device_id),
-        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
-        "arena_extend_strategy": settings.cuda_arena_extend_strategy,
-        # one stream per session; outputs are copied to the host anyway
-        "do_copy_in_default_stream": "1",
-        "use_tf32": "1" if cuda.use_tf32 else "0",
-    }
-    limit = settings.cuda_mem_limit or mem_limit
-    if limit is not None:
-        options["gpu_mem_limit"] = str(limit)
-    if cuda.graphs:
-        options["enable_cuda_graph"] = "1"
-    return options
-
-
-def tensorrt_provider_options(settings: Settings, config: ModelConfig) -> dict[str, str]:
-    """TensorRT's options: engines for batch sizes 1..max_batch_size, cached on disk."""
-    trt = config.optimization.tensorrt
-    assert trt is not None
-    cache = settings.tensorrt_cache_dir or Path(tempfile.gettempdir()) / "resnet-serve-tensorrt"
-    name = config.input.name
-
-    def shape(batch: int) -> str:
-        return f"{name}:" + "x".join(str(d) for d in config.input.shape(batch))
-
-    options = {
-        "device_id": str(settings.cuda_device_id),
-        "trt_fp16_enable": "1" if trt.precision == "fp16" else "0",
-        "trt_max_workspace_size": str(trt.max_workspace_bytes),
-        "trt_engine_cache_enable": "1",
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": "1",
-        "trt_timing_cache_path": str(cache),
-        "trt_profile_min_shapes": shape(1),
-        "trt_profile_opt_shapes": shape(config.batching.max_batch_size),
-        "trt_profile_max_shapes": shape(config.batching.max_batch_size),
-    }
-    if config.optimization.cuda.graphs:
-        options["trt_cuda_graph_enable"] = "1"
-    return options
 
 
 @contextlib.contextmanager
@@ -257,20 +153,13 @@ def open_session(
     options = session_options(settings, intra_op_threads)
     if settings.device == "cpu":
         return Opened(factory(source, options, providers=[CPU]), CPU, "--device cpu")
-    optimization = config.optimization if config is not None else _NO_OPTIMIZATION
     if CUDA not in available():
         reason = "this onnxruntime build has no CUDA provider (the cpu extra?)"
     elif not driver_present():
         reason = "no CUDA driver found (libcuda.so.1 does not load: no NVIDIA GPU here?)"
     else:
         preload_cuda_libraries()
-        providers: list[Any] = [(CUDA, cuda_provider_options(settings, optimization, mem_limit))]
-        if config is not None and optimization.tensorrt is not None:
-            if TENSORRT in available():
-                providers.insert(0, (TENSORRT, tensorrt_provider_options(settings, config)))
-            else:
-                log.warning("TensorRT asked for in config.json, but this onnxruntime build has "
-                            "no TensorRT provider; trying CUDA")  # fmt: skip
+        providers = _gpu_providers(settings, config, mem_limit, available)
         session, reason = None, ""
         with _quiet_ort():
             try:
@@ -288,6 +177,25 @@ def open_session(
     if settings.device == "cuda":
         raise DeviceUnavailable(f"--device cuda, but {reason}")
     return Opened(factory(source, options, providers=[CPU]), CPU, reason)
+
+
+def _gpu_providers(
+    settings: Settings,
+    config: ModelConfig | None,
+    mem_limit: int | None,
+    available: Callable[[], list[str]],
+) -> list[Any]:
+    """The providers a GPU session is opened with: CUDA, TensorRT before it where
+    config.json opts in and this onnxruntime build has it."""
+    optimization = config.optimization if config is not None else _NO_OPTIMIZATION
+    providers: list[Any] = [(CUDA, cuda_provider_options(settings, optimization, mem_limit))]
+    if config is not None and optimization.tensorrt is not None:
+        if TENSORRT in available():
+            providers.insert(0, (TENSORRT, tensorrt_provider_options(settings, config)))
+        else:
+            log.warning("TensorRT asked for in config.json, but this onnxruntime build has "
+                        "no TensorRT provider; trying CUDA")  # fmt: skip
+    return providers
 
 
 def graph_feed_dtype(session: Session) -> np.dtype | None:

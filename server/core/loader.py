@@ -42,17 +42,9 @@ from server.core.health import Health
 from server.core.registry import ModelRegistry, ModelVersion, State
 from server.logs import one_line
 from server.metrics import Metrics
+from server.providers import CPU, cuda_driver_present, cuda_total_memory
 from server.repository import ModelConfig, check_version
-from server.sessions import (
-    CPU,
-    DeviceUnavailable,
-    Opened,
-    Runner,
-    cuda_driver_present,
-    cuda_total_memory,
-    graph_feed_dtype,
-    open_session,
-)
+from server.sessions import DeviceUnavailable, Opened, Runner, graph_feed_dtype, open_session
 
 log = logging.getLogger(__name__)
 

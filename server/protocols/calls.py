@@ -46,7 +46,6 @@ async def answer_in_order(
     """Yield ``await answer(request, index)`` for every request, in order, or
     ``failed(request, index, code, message)`` for one that raised."""
     started: asyncio.Queue[asyncio.Task[Response] | None] = asyncio.Queue(window)
-    drained = False
 
     async def handle(request: Request, index: int) -> Response:
         try:
@@ -57,34 +56,11 @@ async def answer_in_order(
                 log.error("%s request %d failed", rpc, index, exc_info=exc)
             return failed(request, index, code, message)
 
-    async def read() -> None:
-        nonlocal drained
-        iterator = aiter(requests)
-        stop = asyncio.ensure_future(draining.wait())
-        index = 0
-        try:
-            while True:
-                following = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    following.cancel()
-                    drained = True
-                    return
-                try:
-                    request = following.result()
-                except StopAsyncIteration:
-                    return
-                await started.put(asyncio.ensure_future(handle(request, index)))
-                index += 1
-        finally:
-            stop.cancel()
-            await started.put(None)
-
-    reader = asyncio.ensure_future(read())
+    reader = asyncio.ensure_future(_start_in_order(requests, handle, started, draining))
     try:
         while (task := await started.get()) is not None:
             yield await task
-        await reader  # a broken request stream ends the call with its error
+        drained = await reader  # a broken request stream ends the call with its error
         if drained:
             raise Draining(
                 "server is shutting down; reopen the stream on another instance",
@@ -95,3 +71,32 @@ async def answer_in_order(
         while not started.empty():
             if (task := started.get_nowait()) is not None:
                 task.cancel()
+
+
+async def _start_in_order(
+    requests: AsyncIterator[Request],
+    handle: Callable[[Request, int], Awaitable[Response]],
+    started: asyncio.Queue[asyncio.Task[Response] | None],
+    draining: Drain,
+) -> bool:
+    """Read `requests`, putting ``handle(request, index)`` for each, started, into
+    `started`, then None. True if reading stopped because the server began draining."""
+    iterator = aiter(requests)
+    stop = asyncio.ensure_future(draining.wait())
+    index = 0
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                return True
+            try:
+                request = following.result()
+            except StopAsyncIteration:
+                return False
+            await started.put(asyncio.ensure_future(handle(request, index)))
+            index += 1
+    finally:
+        stop.cancel()
+        await started.put(None)

@@ -99,19 +99,9 @@ def check_version(
     if not (version_dir / VERIFICATION_FILE).is_file():
         why = f"{VERIFICATION_FILE} is missing; build or verify the model first"
         return VersionCheck(version, Status.UNVERIFIED, why)
-    try:
-        record = Verification.load(version_dir)
-    except json.JSONDecodeError as exc:
-        why = f"{VERIFICATION_FILE} is not valid JSON ({exc})"
-        return VersionCheck(version, Status.UNVERIFIED, why)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "record"
-        why = f"{VERIFICATION_FILE} is not a verification record ({where}: {first['msg']})"
-        return VersionCheck(version, Status.UNVERIFIED, why)
-    except (OSError, UnicodeDecodeError) as exc:
-        why = f"{VERIFICATION_FILE} cannot be read ({type(exc).__name__})"
-        return VersionCheck(version, Status.UNVERIFIED, why)
+    record = _read_record(version_dir)
+    if isinstance(record, str):
+        return VersionCheck(version, Status.UNVERIFIED, record)
     model: bytes | None = None
     if keep_model:
         model = model_path.read_bytes()
@@ -128,6 +118,20 @@ def check_version(
             why += f" (failed: {', '.join(failed)})"
         return VersionCheck(version, Status.FAILED, why, record.precision, record)
     return VersionCheck(version, Status.VERIFIED, "", record.precision, record, model)
+
+
+def _read_record(version_dir: Path) -> Verification | str:
+    """The version's verification record, or why it does not read."""
+    try:
+        return Verification.load(version_dir)
+    except json.JSONDecodeError as exc:
+        return f"{VERIFICATION_FILE} is not valid JSON ({exc})"
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "record"
+        return f"{VERIFICATION_FILE} is not a verification record ({where}: {first['msg']})"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{VERIFICATION_FILE} cannot be read ({type(exc).__name__})"
 
 
 def _leaves_repository(version_dir: Path, labels: str = LABELS_FILE) -> str:

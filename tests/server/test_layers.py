@@ -25,6 +25,7 @@ LAYERS = {
     "server.threads": 1,
     "server.metrics": 2,
     "server.sessions": 2,
+    "server.providers": 2,
     "server.preprocess": 2,
     "server.handlers": 2,
     "server.core": 3,

@@ -12,24 +12,26 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server import sessions
+from server import providers
 from server.config import Settings
 from server.core.loader import GPU_MEMORY_SHARE, gpu_mem_limit
-from server.repository import CudaOptions, InputSpec, ModelConfig, Optimization, TensorRT
-from server.sessions import (
+from server.providers import (
     CPU,
     CUDA,
     TENSORRT,
+    cuda_provider_options,
+    session_options,
+    tensorrt_provider_options,
+    why_no_cuda,
+)
+from server.repository import CudaOptions, InputSpec, ModelConfig, Optimization, TensorRT
+from server.sessions import (
     DeviceUnavailable,
     Opened,
     ProviderLost,
     Runner,
     bucket_for,
-    cuda_provider_options,
     open_session,
-    session_options,
-    tensorrt_provider_options,
-    why_no_cuda,
 )
 
 
@@ -244,7 +246,7 @@ def test_why_no_cuda_gives_the_loaders_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "libonnxruntime_providers_cuda.so"
-    monkeypatch.setattr(sessions, "_provider_library", lambda: missing)
+    monkeypatch.setattr(providers, "_provider_library", lambda: missing)
     assert "is not installed" in why_no_cuda()
     missing.write_bytes(b"not an ELF file")
     assert "does not load:" in why_no_cuda() and "file too short" in why_no_cuda()

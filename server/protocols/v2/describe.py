@@ -16,8 +16,8 @@ from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import model_config_pb2 as mc
 
 from server.core.registry import Model, ModelRegistry, ModelVersion, State, by_version
+from server.providers import GPU_PROVIDERS
 from server.repository import MODEL_FILE, ModelConfig
-from server.sessions import GPU_PROVIDERS
 from server.validation import input_datatype
 
 SERVER_NAME = "resnet-serve"

@@ -29,6 +29,7 @@ from server.core.registry import ModelRegistry, State
 from server.drain import Drain
 from server.errors import ModelNotReady
 from server.metrics import Metrics
+from server.providers import CPU, CUDA
 from server.repository import (
     MODEL_FILE,
     Batching,
@@ -39,7 +40,7 @@ from server.repository import (
     Verification,
     sha256_file,
 )
-from server.sessions import CPU, CUDA, DeviceUnavailable, open_session
+from server.sessions import DeviceUnavailable, open_session
 from tests.server.test_sessions import FakeFactory, FakeSession
 
 CONFIG = ModelConfig(

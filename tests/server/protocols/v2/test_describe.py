@@ -12,8 +12,8 @@ from server.errors import InvalidInput
 from server.metrics import Metrics
 from server.protocols.v2 import describe as v2_describe
 from server.protocols.v2 import stats as v2_stats
+from server.providers import CPU, CUDA, TENSORRT
 from server.repository import Batching, InputSpec, ModelConfig
-from server.sessions import CPU, CUDA, TENSORRT
 
 CONFIG = ModelConfig(
     name="net",
