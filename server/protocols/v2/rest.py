@@ -136,7 +136,19 @@ def parse_infer(body: bytes, header_length: str | None) -> InferBody:
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list):
         raise TensorError("the request body needs 'inputs', a list of tensors")
-    binary = view[json_end:]
+    inputs = _inputs(raw_inputs, view[json_end:])
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise TensorError("'outputs' must be a list")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise TensorError("'id' must be a string")
+    return InferBody(request_id, inputs, outputs, binary_output, parameters)
+
+
+def _inputs(raw_inputs: list[Any], binary: memoryview) -> list[Tensor]:
+    """The inputs of the JSON header, each with its ``data`` or its share of the binary
+    data after the JSON (in the order of the inputs, every byte of it claimed)."""
     offset = 0
     inputs = []
     for index, item in enumerate(raw_inputs):
@@ -165,21 +177,15 @@ def parse_infer(body: bytes, header_length: str | None) -> InferBody:
                 f"input '{name}' declares {size} bytes of binary data at byte {offset} after "
                 f"the JSON, but only {len(binary) - offset} remain"
             )
-        chunk = binary[offset : offset + size]
+        inputs.append(Tensor(name, datatype, shape, tensor_parameters,
+                             binary=binary[offset : offset + size]))  # fmt: skip
         offset += size
-        inputs.append(Tensor(name, datatype, shape, tensor_parameters, binary=chunk))
     if offset != len(binary):
         raise TensorError(
             f"{len(binary)} bytes follow the JSON but the inputs declare {offset} "
             f"({HEADER_LENGTH} counts the JSON alone)"
         )
-    outputs = header.get("outputs", [])
-    if not isinstance(outputs, list):
-        raise TensorError("'outputs' must be a list")
-    request_id = header.get("id", "")
-    if not isinstance(request_id, str):
-        raise TensorError("'id' must be a string")
-    return InferBody(request_id, inputs, outputs, binary_output, parameters)
+    return inputs
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

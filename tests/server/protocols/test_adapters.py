@@ -16,6 +16,9 @@ ADAPTERS = {
     "server.protocols.v1": "v1",
     "server.protocols.v2.servicer": "v2",
     "server.protocols.http": "http",
+    "server.protocols.http_gate": "http",
+    "server.protocols.http_body": "http",
+    "server.protocols.http_answers": "http",
     "server.protocols.v2.rest": "http",
 }
 
