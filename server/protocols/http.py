@@ -3,8 +3,10 @@ health for load balancers, and an image ``classify`` route for curl and browsers
 
 Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
 
-- ``GET /v2/health/live``, ``GET /v2/health/ready``: 200, or 503 while loading or
-  draining; ``GET /v2/models/<name>{v}/ready``: 200, or 503 (404 for an unknown model);
+- ``GET /v2/health/live``, ``GET /v2/health/ready``: 200 with ``{"live": true}`` /
+  ``{"ready": true}`` (KServe's bodies), or 503 while loading or draining;
+  ``GET /v2/models/<name>{v}/ready``: 200 with ``{"name": ..., "ready": true}``, or 503
+  (404 for an unknown model);
 - ``GET /v2``: server metadata; ``GET /v2/models/<name>{v}``: model metadata;
   ``GET /v2/models/<name>{v}/config``: the model configuration;
 - ``GET /v2/models/stats``, ``GET /v2/models/<name>{v}/stats``: statistics;
@@ -136,19 +138,23 @@ class HttpServer:
 
     # health and metadata
 
+    # Bodies as KServe's server writes them ({"live": true}); Triton's clients read only the
+    # status, KServe's SDK reads the body.
+
     async def live(self, request: web.Request) -> web.Response:
         if self._ctx.health.live():
-            return web.Response()
+            return json_response({"live": True})
         return error(503, "server is not live")
 
     async def ready(self, request: web.Request) -> web.Response:
         if self._ctx.health.server_ready():
-            return web.Response()
+            return json_response({"ready": True})
         return error(503, f"server is not ready: {self._ctx.health.why_not_ready()}")
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        self._ctx.health.model_ready(request.match_info["model"], _version(request))
-        return web.Response()
+        name = request.match_info["model"]
+        self._ctx.health.model_ready(name, _version(request))
+        return json_response({"name": name, "ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return json_response(

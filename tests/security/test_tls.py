@@ -151,7 +151,7 @@ def test_the_http_port_speaks_tls_with_the_same_token(
     tls_server: serving.Server, pki: PKI, photo: Path
 ) -> None:
     context = https_context(pki)
-    assert https(tls_server, "/v2/health/ready", context) == (200, b"")
+    assert https(tls_server, "/v2/health/ready", context) == (200, b'{"ready":true}')
     status, body = https(tls_server, "/v2/models/cifar/classify", context, photo.read_bytes())
     assert status == 401 and b"missing bearer token" in body
     route = "/v2/models/cifar/classify"

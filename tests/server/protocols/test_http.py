@@ -85,6 +85,20 @@ def test_live_ready_and_model_ready(client: httpclient.InferenceServerClient) ->
     assert not client.is_model_ready("no_such_model")
 
 
+def test_health_bodies_are_kserves(model_server: InProcessServer) -> None:
+    """KServe's SDK (InferenceRESTClient, protocol v2) reads the JSON body of the health
+    routes, as KServe's server writes it; Triton's clients read only the status."""
+    base = model_server.http_url
+    assert call(f"{base}/v2/health/live")[::2] == (200, b'{"live":true}')
+    assert call(f"{base}/v2/health/ready")[::2] == (200, b'{"ready":true}')
+    for path in ("/v2/models/resnet18/ready", "/v2/models/resnet18/versions/1/ready"):
+        status, headers, body = call(base + path)
+        assert (status, json.loads(body)) == (200, {"name": "resnet18", "ready": True})
+        assert headers["Content-Type"].startswith("application/json")
+    status, _, body = call(f"{base}/v2/models/resnet18/versions/99/ready")
+    assert status == 404 and "error" in json.loads(body)
+
+
 def test_metadata_matches_grpc(
     client: httpclient.InferenceServerClient, grpc_client: grpcclient.InferenceServerClient
 ) -> None:
