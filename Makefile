@@ -90,6 +90,10 @@ lock: $(STAMP)
 		--unsafe-package resnet-serve-client --unsafe-package setuptools \
 		$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))) \
 		--output-file $(LOCK) requirements/constraints.in
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links \
+		--annotation-style line \
+		$(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p))) \
+		--output-file requirements/kserve.txt requirements/kserve.in
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
