@@ -20,6 +20,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
 
+from server.errors import InvalidInput
+
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 _TEXT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
@@ -83,3 +85,55 @@ def configure(log_format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler(log_format, sys.stderr)]
     root.setLevel(level)
+
+
+# The logging extension (Triton's LogSettings, gRPC and HTTP): the settings a client reads
+# and changes at run time. Records go to stderr in the format the server started with.
+LOG_FILE, LOG_FORMAT, LOG_VERBOSE = "log_file", "log_format", "log_verbose_level"
+LOG_LEVELS = {"log_error": logging.ERROR, "log_warning": logging.WARNING, "log_info": logging.INFO}
+LOG_FORMATS = ("default",)
+
+
+def log_settings() -> dict[str, bool | int | str]:
+    """The settings as Triton names them, read from the root logger."""
+    level = logging.getLogger().level
+    return {
+        LOG_FILE: "", **{key: level <= value for key, value in LOG_LEVELS.items()},
+        LOG_VERBOSE: int(level <= logging.DEBUG), LOG_FORMAT: LOG_FORMATS[0],
+    }  # fmt: skip
+
+
+def update_log_settings(changes: dict[str, object]) -> dict[str, bool | int | str]:
+    """Apply `changes` (every key checked first, nothing applied unless all are valid) and
+    return the settings now: the root logger's level is the lowest one enabled (DEBUG with
+    a verbose level above 0, none enabled: CRITICAL)."""
+    settings = log_settings()
+    for key, value in changes.items():
+        settings[key] = _checked_setting(key, value)
+    if int(settings[LOG_VERBOSE]) > 0:
+        level = logging.DEBUG
+    else:
+        enabled = [value for key, value in LOG_LEVELS.items() if settings[key]]
+        level = min(enabled, default=logging.CRITICAL)
+    logging.getLogger().setLevel(level)
+    return log_settings()
+
+
+def _checked_setting(key: str, value: object) -> bool | int | str:
+    if key in LOG_LEVELS:
+        if not isinstance(value, bool):
+            raise InvalidInput(f"log setting {key!r} must be true or false")
+        return value
+    if key == LOG_VERBOSE:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"log setting {key!r} must be an integer >= 0")
+        return value
+    if key == LOG_FORMAT and value in LOG_FORMATS:
+        return str(value)
+    if key == LOG_FILE and value == "":
+        return ""
+    allowed = {LOG_FORMAT: f"{LOG_FORMATS}", LOG_FILE: '"" (the server logs to stderr)'}
+    if key in allowed:
+        raise InvalidInput(f"log setting {key!r} is {value!r}; allowed: {allowed[key]}")
+    known = ", ".join([LOG_FILE, *LOG_LEVELS, LOG_VERBOSE, LOG_FORMAT])
+    raise InvalidInput(f"unknown log setting {key!r}; known: {known}")

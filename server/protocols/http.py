@@ -11,6 +11,7 @@ Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
   ``GET /v2/models/<name>{v}/config``: the model configuration;
 - ``GET /v2/models/stats``, ``GET /v2/models/<name>{v}/stats``: statistics;
 - ``POST /v2/repository/index``: every model version and its state;
+  ``GET`` and ``POST /v2/logging``: the logging extension (the log level at run time);
   ``POST /v2/repository/models/<name>/load`` and ``/unload``: model control (with
   ``--model-control-mode explicit``; otherwise 501, as gRPC answers UNIMPLEMENTED);
 - ``POST /v2/models/<name>{v}/infer``: inference, JSON tensors or Triton's
@@ -47,6 +48,7 @@ from server.errors import (
     InvalidInput,
 )
 from server.interceptors import Admission
+from server.logs import log_settings, update_log_settings
 from server.protocols.http_answers import (
     ServerLog,
     error,
@@ -96,6 +98,8 @@ class HttpServer:
         get("/v2", self.server_metadata)
         get("/v2/models/stats", self.statistics)
         post("/v2/repository/index", self.repository_index)
+        get("/v2/logging", self.logging)
+        post("/v2/logging", self.logging)
         post("/v2/repository/models/{model}/load", self.load_model)
         post("/v2/repository/models/{model}/unload", self.unload_model)
         for base, suffix in ((_MODEL, ""), (_VERSION, "-version")):
@@ -188,6 +192,14 @@ class HttpServer:
             raise InvalidInput("'ready' must be true or false")
         index = describe.repository_index(self._registry, ready_only=ready)
         return json_response(rest.message_json(index)["models"])
+
+    async def logging(self, request: web.Request) -> web.Response:
+        """Triton's logging extension: GET the settings, POST a JSON object of changes."""
+        if request.method == "GET":
+            return json_response(log_settings())
+        body = request[BODY]
+        changes = rest.parse_object(body) if body.strip() else {}
+        return json_response(update_log_settings(changes) if changes else log_settings())
 
     async def load_model(self, request: web.Request) -> web.Response:
         """Load (again) by the model's version policy (``--model-control-mode explicit``)."""

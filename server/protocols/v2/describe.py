@@ -23,7 +23,7 @@ from server.validation import input_datatype
 SERVER_NAME = "resnet-serve"
 # Protocol extensions, as Triton names them, that this server implements; with a model
 # control mode other than none, MODEL_REPOSITORY too (load and unload).
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "statistics", "logging")
 MODEL_REPOSITORY = "model_repository"
 BACKEND = "onnxruntime"
 _CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8}

@@ -23,6 +23,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.context import ServingContext
 from server.errors import ServeError
+from server.logs import log_settings, update_log_settings
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.shared import UNLOAD_PARAMETERS, check_control
 from server.protocols.v2 import describe, stats
@@ -43,7 +44,6 @@ _UNSUPPORTED = {
     "CudaSharedMemoryRegister": "the CUDA-shared-memory extension",
     "CudaSharedMemoryUnregister": "the CUDA-shared-memory extension",
     "TraceSetting": "the trace extension",
-    "LogSettings": "the logging extension",
 }
 
 
@@ -141,6 +141,19 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         _check_control_request(request, known=UNLOAD_PARAMETERS)
         await self._ctx.manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    async def LogSettings(
+        self, request: pb.LogSettingsRequest, context: Context
+    ) -> pb.LogSettingsResponse:
+        """Triton's logging extension: the settings, after applying those the request sets."""
+        changes = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+                   for key, value in request.settings.items()}  # fmt: skip
+        settings = update_log_settings(changes) if changes else log_settings()
+        response = pb.LogSettingsResponse()
+        for key, value in settings.items():
+            kind = {bool: "bool_param", int: "uint32_param"}.get(type(value), "string_param")
+            setattr(response.settings[key], kind, value)
+        return response
 
     # inference
 

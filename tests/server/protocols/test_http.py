@@ -104,7 +104,9 @@ def test_metadata_matches_grpc(
 ) -> None:
     server = client.get_server_metadata()
     assert server["name"] == "resnet-serve"
-    assert set(server["extensions"]) == {"classification", "model_configuration", "statistics"}
+    assert set(server["extensions"]) == {
+        "classification", "model_configuration", "statistics", "logging"
+    }  # fmt: skip
     metadata = client.get_model_metadata("resnet18")
     assert metadata == {
         "name": "resnet18",

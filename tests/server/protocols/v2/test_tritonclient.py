@@ -100,7 +100,9 @@ def test_server_metadata_lists_the_extensions_it_implements(
 ) -> None:
     metadata = client.get_server_metadata()
     assert metadata.name == "resnet-serve"
-    assert set(metadata.extensions) == {"classification", "model_configuration", "statistics"}
+    assert set(metadata.extensions) == {
+        "classification", "model_configuration", "statistics", "logging"
+    }  # fmt: skip
 
 
 def test_model_metadata(client: grpcclient.InferenceServerClient) -> None:
@@ -335,7 +337,6 @@ def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> 
         client.get_system_shared_memory_status,
         client.get_cuda_shared_memory_status,
         client.get_trace_settings,
-        client.get_log_settings,
     ):
         error = _status(call)
         assert error.status() == "StatusCode.UNIMPLEMENTED"
