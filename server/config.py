@@ -341,6 +341,8 @@ class Settings(BaseSettings):
         options = [
             ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            # gRPC waits for a ping's answer this long (default a minute), whatever the above
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval)),
             ("grpc.http2.max_pings_without_data", 0),

@@ -127,6 +127,8 @@ def test_service_config_and_channel_arguments() -> None:
     assert {"service": "grpc.health.v1.Health"} not in method["name"]
     assert method["retryPolicy"]["maxAttempts"] == 5
     assert args["grpc.keepalive_time_ms"] == 30000
+    # a ping unanswered for `timeout` ends the connection (gRPC's ping timeout is separate)
+    assert args["grpc.keepalive_timeout_ms"] == args["grpc.http2.ping_timeout_ms"] == 5000
     assert args["grpc.ssl_target_name_override"] == "resnet.internal"
     no_retry = dict(rsc.ChannelOptions(retry=None).channel_arguments())
     assert "methodConfig" not in json.loads(no_retry["grpc.service_config"])

@@ -11,6 +11,11 @@ class Keepalive:
     answer comes within ``timeout``. Servers refuse pings more often than
     their own minimum (gRPC's default: 5 minutes without calls), so keep
     ``permit_without_calls`` off unless the server allows it.
+
+    gRPC bounds the wait for a ping's answer by ``grpc.http2.ping_timeout_ms``
+    (default one minute), not by ``grpc.keepalive_timeout_ms`` alone: both are
+    set to ``timeout``, else a peer that stops answering (a frozen process) keeps
+    its connection, and its share of calls, for a minute.
     """
 
     time: float = 60.0
@@ -21,6 +26,7 @@ class Keepalive:
         return [
             ("grpc.keepalive_time_ms", int(self.time * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(self.timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
             ("grpc.http2.max_pings_without_data", 0),
         ]
