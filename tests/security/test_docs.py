@@ -10,6 +10,7 @@ import pytest
 from server.config import Settings, env_var
 from tests.reliability import catalogue, test_catalogue, test_drain, test_overload, test_soak
 from tests.reliability import test_properties as properties
+from tests.reliability import test_replica_faults as replica_faults
 from tests.security import test_http_hostile as hostile
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
@@ -52,6 +53,11 @@ def _text() -> str:
         f"answers within **{hostile.HEALTH_BOUND * 1000:g} ms** meanwhile",
         f"**{hostile.SLOWLORIS}** connections, half idle",
         f"at most **{hostile.RSS_MULTIPLE}×** the request's size",
+        f"**0 failed calls** of at least {replica_faults.BEFORE + replica_faults.AFTER}",
+        f"calls with a **{replica_faults.DEADLINE:g} s** deadline",
+        f"within **{replica_faults.DEADLINE + replica_faults.DEADLINE_SLACK:g} s**",
+        f"call started **{replica_faults.DETECT_BOUND:g} s** or more after the stop",
+        f"back at 0 within **{replica_faults.FREED_BOUND:g} s**",
     ],
 )
 def test_the_asserted_numbers_are_stated(stated: str) -> None:
