@@ -7,6 +7,8 @@ Nothing here imports torch at module level: the runtime image has no torch, and
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -131,12 +133,29 @@ def _build(args: argparse.Namespace) -> int:
     except (WeightsError, CalibrationError, RepositoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {_disk_full(options.repo, exc)}", file=sys.stderr)
+        return 1
     for removed in result.removed:
         print(f"removed {removed}, left by a build that did not finish")
     print(result.report.table())
     stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in result.seconds.items())
     print(f"built {result.version_dir} ({stages})")
     return 0
+
+
+def _disk_full(repo: Path, exc: OSError) -> str:
+    """What a build that ran out of disk (or quota) says: the file system, by its mount
+    point, and that nothing was published (the staging directory is gone already)."""
+    mount = repo.resolve()
+    while not mount.exists() or not os.path.ismount(mount):
+        mount = mount.parent
+    return (
+        f"{exc.strerror} on the file system mounted at {mount}, which holds the model "
+        f"repository {repo}; nothing was published: free space there and build again"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:

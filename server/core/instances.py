@@ -52,6 +52,14 @@ class Item:
         self.size = len(self.inputs)
 
 
+# How often a close waiting for runs looks for inference threads that died.
+DEATH_CHECK_SECONDS = 0.5
+
+
+class InstanceDied(RuntimeError):
+    """An inference thread ended while it held a run (the run will never answer)."""
+
+
 # What an inference thread hands back: the outputs, or the run's exception.
 Done = Callable[[np.ndarray | None, BaseException | None], None]
 
@@ -66,6 +74,11 @@ class Instance:
         self._jobs: queue.SimpleQueue[tuple[np.ndarray, asyncio.AbstractEventLoop, Done] | None]
         self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.in_flight: set[asyncio.Future[None]] = set()  # its runs not answered yet
+
+    def died(self) -> bool:
+        """Its thread was started and is gone without `stop`: its runs never end."""
+        return self._thread is not None and not self._thread.is_alive()
 
     def submit(self, inputs: np.ndarray, loop: asyncio.AbstractEventLoop, done: Done) -> None:
         if self._thread is None:
@@ -137,9 +150,17 @@ class Instances:
         self._loop = loop
 
     async def finish(self) -> None:
-        """Until no run or retry is in flight."""
+        """Until no run or retry is in flight; the runs of an instance whose thread died
+        fail (`InstanceDied`) rather than being waited for forever."""
         while self._running:  # a failed run may start a retry as it ends
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await asyncio.wait(set(self._running), timeout=DEATH_CHECK_SECONDS)
+            for instance in self.all:
+                if instance.died():
+                    for run in list(instance.in_flight):
+                        if not run.done():
+                            run.set_exception(InstanceDied(
+                                f"the inference thread of model {self.model} version "
+                                f"{self.version} ended before its run did"))  # fmt: skip
 
     def stop(self) -> None:
         """End every inference thread (after `finish`)."""
@@ -191,6 +212,8 @@ class Instances:
         delivered: asyncio.Future[None] = loop.create_future()
         self._running.add(delivered)
         delivered.add_done_callback(self._running.discard)
+        instance.in_flight.add(delivered)
+        delivered.add_done_callback(instance.in_flight.discard)
         deliver = functools.partial(
             self._deliver, instance, live, len(inputs), started, timer, delivered
         )
