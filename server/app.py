@@ -46,7 +46,7 @@ from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
 from server.core.health import Health
-from server.core.loader import Loader
+from server.core.loader import Loader, limit_malloc_arenas
 from server.core.manager import RepositoryManager
 from server.core.registry import ModelRegistry
 from server.drain import Drain
@@ -318,6 +318,7 @@ class Running:
 async def run(settings: Settings) -> int:
     """The serving process: start, serve until SIGTERM or SIGINT, drain, stop; exit code 0.
     Raises `StartupError` when loading fails as a whole (``--device cuda`` off the GPU)."""
+    limit_malloc_arenas()
     running = await start(settings)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -51,20 +51,25 @@ from server.sessions import DeviceUnavailable, Opened, Runner, graph_feed_dtype,
 log = logging.getLogger(__name__)
 
 # glibc's malloc: the freed memory of unloaded sessions goes back to the system
-# (`release_freed_memory`), and the process keeps at most MALLOC_ARENA_MAX heaps (2 unless
-# the environment says otherwise) instead of up to 8 per core: every load starts new
-# threads, and each new thread's heap kept the freed pages of the last ones. Over 100
-# load/unload cycles of a small model, RSS grew 103 % with neither, 20-40 % with the trim
-# alone, and stays within 10 % with both (docs/benchmarks.md).
+# (`release_freed_memory`), and the serving process keeps at most MALLOC_ARENA_MAX heaps
+# (`limit_malloc_arenas`: 2 unless the environment says otherwise) instead of up to 8 per
+# core: every load starts new threads, and each new thread's heap kept the freed pages of
+# the last ones. Over 100 load/unload cycles of a small model, RSS grew 103 % with neither,
+# 20-40 % with the trim alone, and stays within 10 % with both (docs/benchmarks.md).
 M_ARENA_MAX = -8  # malloc.h
 MALLOC_ARENAS = 2
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
     _LIBC.malloc_trim  # noqa: B018  (glibc only)
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        _LIBC.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 except (OSError, AttributeError):
     _LIBC = None
+
+
+def limit_malloc_arenas() -> None:
+    """The serving process's malloc arenas capped at `MALLOC_ARENAS` (unless the environment
+    sets MALLOC_ARENA_MAX); called once by the process entry, before its threads start."""
+    if _LIBC is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        _LIBC.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 class LoadError(Exception):
