@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # (`limit_malloc_arenas`: 2 unless the environment says otherwise) instead of up to 8 per
 # core: every load starts new threads, and each new thread's heap kept the freed pages of
 # the last ones. Over 100 load/unload cycles of a small model, RSS grew 103 % with neither,
-# 20-40 % with the trim alone, and stays within 10 % with both (docs/benchmarks.md).
+# 20-40 % with the trim alone, and stays within 10 % with both (docs/decisions/0011).
 M_ARENA_MAX = -8  # malloc.h
 MALLOC_ARENAS = 2
 try:
