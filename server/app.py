@@ -33,13 +33,14 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from server import reflection_pool, threads, tls
 from server.auth import TokenCheck, load_tokens
@@ -47,7 +48,7 @@ from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
 from server.core.health import Health
 from server.core.loader import Loader, limit_malloc_arenas
-from server.core.manager import RepositoryManager
+from server.core.manager import Manager, RepositoryManager
 from server.core.registry import ModelRegistry
 from server.drain import Drain
 from server.handlers import wrap_registrations
@@ -75,14 +76,21 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-async def start(settings: Settings) -> Running:
-    """Bind and start serving; the models load in the background (`Running.wait_loaded`).
+@dataclass(frozen=True)
+class Core:
+    """What serves the models in one process: the metrics, the registry, readiness, the drain
+    and model control (`server.core.manager`, or in a front end its link to the engine)."""
 
-    Raises `StartupError` when the repository cannot be read, the TLS or token settings
-    cannot be used, or a port cannot be bound. Port 0 binds a free port (`Running.port`).
-    """
-    disable_created_metrics()  # no *_created series beside every counter and histogram
-    threads.name_current("event_loop")
+    metrics: Metrics
+    registry: ModelRegistry
+    draining: Drain
+    health: Health
+    manager: Manager
+
+
+def serving_core(settings: Settings) -> Core:
+    """The models' side of a server (one process, or the engine): the repository scanned,
+    nothing loaded yet. Raises `StartupError` when the repository cannot be read."""
     metrics = Metrics()
     registry, draining = ModelRegistry(), Drain()
     health = Health(registry, metrics, draining)
@@ -92,22 +100,41 @@ async def start(settings: Settings) -> Running:
         manager.scan()
     except OSError as exc:
         raise StartupError(f"cannot read the model repository: {exc}") from exc
+    return Core(metrics, registry, draining, health, manager)
+
+
+async def start(settings: Settings, core: Core | None = None, *, frontend: bool = False) -> Running:
+    """Bind and start serving; the models load in the background (`Running.wait_loaded`).
+
+    Raises `StartupError` when the repository cannot be read, the TLS or token settings
+    cannot be used, or a port cannot be bound. Port 0 binds a free port (`Running.port`).
+    A `frontend` (`server.frontend`) shares its ports with the other front ends
+    (SO_REUSEPORT) and serves no /metrics port: the engine shows every process's metrics.
+    """
+    disable_created_metrics()  # no *_created series beside every counter and histogram
+    threads.name_current("event_loop")
+    core = core or serving_core(settings)
+    metrics = core.metrics
     tokens, credentials, ssl_context = _security(settings)
-    exporter = _serve_metrics(settings, metrics)
+    exporter = None if frontend else serve_metrics(settings, metrics)
     preprocessor = Preprocessor(settings)
     try:  # from here on, one way out on failure
-        ctx = ServingContext(settings, registry, preprocessor, metrics, health, manager, draining)
+        ctx = ServingContext(
+            settings, core.registry, preprocessor, metrics, core.health, core.manager,
+            core.draining,
+        )  # fmt: skip
         calls = Calls(settings.max_concurrent_calls)
         auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
-        admission = Admission(draining, calls, auth)  # one rule for gRPC and HTTP
-        server, names = _grpc_server(settings, ctx, admission)
+        admission = Admission(core.draining, calls, auth)  # one rule for gRPC and HTTP
+        server, names = _grpc_server(settings, ctx, admission, reuse_port=frontend)
         port = _bind_grpc(server, settings, credentials)
-        rest, http_port = await _bind_http(settings, ctx, admission, ssl_context)
+        rest, http_port = await _bind_http(settings, ctx, admission, ssl_context, frontend)
     except BaseException:
         preprocessor.close()
-        exporter.shutdown()
+        if exporter is not None:
+            exporter.shutdown()
         raise
-    await health.start()
+    await core.health.start()
     await server.start()
     running = Running(settings, ctx, server, calls, exporter, port, rest, http_port)
     _log_started(running, names, ssl_context is not None, tokens)
@@ -124,22 +151,27 @@ def _security(
         raise StartupError(str(exc)) from exc
 
 
-def _serve_metrics(settings: Settings, metrics: Metrics) -> WSGIServer:
+def serve_metrics(
+    settings: Settings, metrics: Metrics, registry: CollectorRegistry | None = None
+) -> WSGIServer:
+    """The /metrics port, serving `metrics`' families (or `registry`'s); StartupError when it
+    cannot be bound."""
     try:
-        return metrics.serve(settings.metrics_host, settings.metrics_port)
+        return metrics.serve(settings.metrics_host, settings.metrics_port, registry)
     except OSError as exc:
         metrics_address = host_port(settings.metrics_host, settings.metrics_port)
         raise StartupError(f"cannot bind the metrics port {metrics_address}: {exc}") from exc
 
 
 def _grpc_server(
-    settings: Settings, ctx: ServingContext, admission: Admission
+    settings: Settings, ctx: ServingContext, admission: Admission, *, reuse_port: bool
 ) -> tuple[grpc.aio.Server, list[str]]:
     """The gRPC server with every service, each handler wrapped; the services' names."""
     server = grpc.aio.server(
         options=[
-            # A second server on a taken port fails to start instead of sharing it.
-            ("grpc.so_reuseport", 0),
+            # A second server on a taken port fails to start instead of sharing it; front
+            # ends share theirs (the engine holds it, `server.engine`).
+            ("grpc.so_reuseport", int(reuse_port)),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
@@ -170,14 +202,18 @@ def _bind_grpc(
 
 
 async def _bind_http(
-    settings: Settings, ctx: ServingContext, admission: Admission, context: ssl.SSLContext | None
+    settings: Settings,
+    ctx: ServingContext,
+    admission: Admission,
+    context: ssl.SSLContext | None,
+    reuse_port: bool,
 ) -> tuple[HttpServer | None, int | None]:
     """The HTTP port, bound and serving, and its number; (None, None) without one."""
     if not settings.http_port:
         return None, None
     rest = HttpServer(ctx, admission)
     try:
-        return rest, await rest.start(settings.host, settings.http_port, context)
+        return rest, await rest.start(settings.host, settings.http_port, context, reuse_port)
     except OSError as exc:
         http_address = host_port(settings.host, settings.http_port)
         raise StartupError(f"cannot bind the HTTP port {http_address}: {exc}") from exc
@@ -191,10 +227,13 @@ def _log_started(running: Running, names: list[str], tls_on: bool, tokens: tuple
         if running.http_port is not None
         else "no HTTP/REST port"
     )
-    log.info(
-        "listening on %s (%s), %s, metrics on http://%s/metrics",
-        running.address, ", ".join(names), rest_line, running.metrics_address,
-    )  # fmt: skip
+    metrics_line = (
+        f"metrics on http://{running.metrics_address}/metrics"
+        if running.metrics_port is not None
+        else "metrics on the engine's port"
+    )
+    log.info("listening on %s (%s), %s, %s", running.address, ", ".join(names), rest_line,
+             metrics_line)  # fmt: skip
     log.info(
         "gRPC and HTTP ports: %s, %s", tls.describe(settings),
         f"bearer tokens required ({len(tokens)} accepted)" if tokens else "no authentication",
@@ -221,7 +260,7 @@ class Running:
         ctx: ServingContext,
         server: grpc.aio.Server,
         calls: Calls,
-        http: WSGIServer,
+        http: WSGIServer | None,
         port: int,
         rest: HttpServer | None = None,
         http_port: int | None = None,
@@ -229,7 +268,7 @@ class Running:
         self.settings = settings
         # the ports bound: the free ones chosen where the settings say 0
         self.port = port
-        self.metrics_port: int = http.server_port
+        self.metrics_port: int | None = None if http is None else http.server_port
         self.http_port = http_port  # None: no HTTP port
         self._ctx, self._server, self._calls, self._http = ctx, server, calls, http
         self._rest = rest
@@ -301,29 +340,39 @@ class Running:
         log.info("gRPC server stopped; closing models")
         await self._ctx.registry.close()
         self._ctx.preprocessor.close()
-        self._http.shutdown()
-        self._http.server_close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
 
     async def _load(self) -> None:
-        manager = self._ctx.manager
-        await manager.load_all()  # health per model as each is ready, then overall
-        if ready_models := self._ctx.health.serving():
-            log.info("SERVING: %s", ", ".join(ready_models))
-        else:
-            log.error("no model could be loaded from %s; health is NOT_SERVING",
-                      self.settings.repo)  # fmt: skip
-        manager.start_polling()
+        await load(self.settings, self._ctx.manager, self._ctx.health)
+
+
+async def load(settings: Settings, manager: Manager, health: Health) -> None:
+    """Load every model (health per model as each is ready, then overall), say what serves,
+    then keep the models in line with the repository (``--model-control-mode``)."""
+    await manager.load_all()
+    if ready_models := health.serving():
+        log.info("SERVING: %s", ", ".join(ready_models))
+    else:
+        log.error("no model could be loaded from %s; health is NOT_SERVING", settings.repo)
+    manager.start_polling()
 
 
 async def run(settings: Settings) -> int:
     """The serving process: start, serve until SIGTERM or SIGINT, drain, stop; exit code 0.
-    Raises `StartupError` when loading fails as a whole (``--device cuda`` off the GPU)."""
+    Raises `StartupError` when loading fails as a whole (``--device cuda`` off the GPU).
+
+    With front ends (``--frontends``, `Settings.frontend_count`) this process is the
+    engine and the front ends are its children (`server.engine`)."""
     limit_malloc_arenas()
+    frontends = settings.frontend_count()
+    if frontends:
+        from server import engine
+
+        return await engine.run(settings, frontends)
     running = await start(settings)
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, signalled, settings.grace_period)
+    signalled = on_signals(settings.grace_period)
     loaded = asyncio.ensure_future(running.wait_loaded())
     signal_wait = asyncio.ensure_future(signalled.wait())
     await asyncio.wait({loaded, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -336,6 +385,15 @@ async def run(settings: Settings) -> int:
     await running.stop()
     log.info("exiting")
     return 0
+
+
+def on_signals(grace_period: float) -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT (each logged once)."""
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, signalled, grace_period)
+    return signalled
 
 
 def _on_signal(sig: signal.Signals, signalled: asyncio.Event, grace_period: float) -> None:

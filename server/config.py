@@ -13,13 +13,14 @@ import argparse
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.repository import flags
+from server.repository.flags import Flag
 
 ENV_PREFIX = "RESNET_SERVE_"
 
@@ -264,6 +265,20 @@ class Settings(BaseSettings):
         "most max_message_bytes, decompressed); more are answered 503 at once",
     )
 
+    # processes
+    frontends: Annotated[int | Literal["auto"], Flag(read=str, metavar="N|auto")] = Field(
+        "auto",
+        description="front-end processes sharing the gRPC and HTTP ports, beside one engine "
+        "process that runs the models; 0: one process does everything; auto: "
+        "Settings.frontend_count's rule",
+    )
+    frontend_shm_bytes: int = Field(
+        64 << 20,
+        ge=1 << 20,
+        description="shared memory per front end for the tensors of its requests in flight "
+        "(in /dev/shm)",
+    )
+
     # lifecycle and observability
     grace_period: float = Field(
         30.0, ge=0, description="seconds to finish queued and in-flight calls after SIGTERM"
@@ -376,9 +391,29 @@ class Settings(BaseSettings):
             return configured
         return max(1, (cores or available_cores()) // instances)
 
+    def frontend_count(self, cores: int | None = None, gpu: bool | None = None) -> int:
+        """Front-end processes: flag/env, else ``auto``: on a GPU node one per core left
+        once the engine has one, at most 8; on a CPU node none (one process), since every
+        core a front end takes is one ONNX Runtime does not get (docs/decisions/0012)."""
+        if self.frontends != "auto":
+            return int(self.frontends)
+        if gpu is None:
+            gpu = self.device == "cuda" or (self.device == "auto" and _cuda_offered())
+        if not gpu:
+            return 0
+        return max(1, min(8, (cores or available_cores()) - 1))
+
     def decode_threads(self, cores: int | None = None) -> int:
         """Decode workers: flag/env, else one per usable core (`available_cores()`)."""
         return self.decode_workers or cores or available_cores()
+
+
+def _cuda_offered() -> bool:
+    try:
+        import onnxruntime
+    except ModuleNotFoundError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def env_var(field: str) -> str:

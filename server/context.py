@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from server.config import Settings
 from server.core.health import Health
-from server.core.manager import RepositoryManager
+from server.core.manager import Manager
 from server.core.registry import ModelRegistry
 from server.drain import Drain
 from server.metrics import Metrics
@@ -23,7 +23,7 @@ class ServingContext:
     # The one answer to "is it ready?" (server, model, live), grpc.health.v1 included.
     health: Health
     # The repository manager: model control (load, unload) as --model-control-mode says.
-    manager: RepositoryManager
+    manager: Manager
     # Begun once when the server starts draining (`Health.drain`, which shares it).
     draining: Drain
     # The one request path every adapter calls.

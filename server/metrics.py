@@ -11,11 +11,12 @@ of loads and unloads stay.
 
 from __future__ import annotations
 
+import operator
 import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib.metadata import version
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -31,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -132,6 +134,8 @@ class Metrics:
             "Calls refused UNAUTHENTICATED (missing or wrong bearer token).",
             registry=r,
         )
+        # In a front end: the families of every process of the server (`server.frontend`).
+        self.others: Callable[[], Awaitable[list[Metric]]] | None = None
         # the families whose series belong to one loaded version, with their label names
         self._per_version = (
             (self.request_duration, _MV),
@@ -178,6 +182,13 @@ class Metrics:
         """
         return self.version(model, version).track_request(images, deadline)
 
+    async def every_process(self) -> list[Metric]:
+        """The families of the whole server: this process's, or in a front end every
+        process's as the engine's /metrics shows them."""
+        if self.others is not None:
+            return await self.others()
+        return list(self.registry.collect())
+
     def forget(self, model: str, version: str) -> None:
         """Remove every series of the version (it was unloaded and is not serving)."""
         self._versions.pop((model, version), None)  # its children are gone with the series
@@ -191,13 +202,14 @@ class Metrics:
             for values in found:
                 family.remove(*values)
 
-    def serve(self, host: str, port: int) -> WSGIServer:
-        """Expose /metrics over HTTP from a daemon thread; `shutdown()` the result to stop.
+    def serve(self, host: str, port: int, registry: CollectorRegistry | None = None) -> WSGIServer:
+        """Expose /metrics (of `registry`, this object's own by default) over HTTP from a
+        daemon thread; `shutdown()` the result to stop.
 
         Every other path answers 404, so a load balancer's health check pointed at this
         port by mistake fails instead of seeing a healthy server (health is on the HTTP
         and gRPC ports)."""
-        exposition = make_wsgi_app(self.registry)
+        exposition = make_wsgi_app(self.registry if registry is None else registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
             if environ.get("PATH_INFO") == METRICS_PATH:
@@ -212,6 +224,44 @@ class Metrics:
         http = make_server(host, port, app, server_class, handler_class=_Quiet)
         threading.Thread(target=http.serve_forever, name="metrics", daemon=True).start()
         return http
+
+
+# How one series of several processes becomes one (the engine's /metrics, `server.engine`):
+# counters, histograms and summaries add up, and so does a gauge unless it is named here.
+_GAUGES_COMBINED: dict[str, Callable[[float, float], float]] = {
+    "resnet_serve_last_success_timestamp_seconds": max,
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+
+
+def merge_families(sources: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """The families of several processes as one process's: a series present in several
+    adds up (`_GAUGES_COMBINED` for the gauges that do not); an info family is shown once."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in sources:
+        for family in families:
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+                values[family.name] = {}
+            series = values[family.name]
+            combine = (
+                _GAUGES_COMBINED.get(family.name, operator.add)
+                if family.type == "gauge"
+                else max if family.type in ("info", "stateset") else operator.add
+            )
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                found = series.get(key)
+                series[key] = sample.value if found is None else combine(found, sample.value)
+    for name, into in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            into.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
 
 
 class VersionMetrics:

@@ -37,6 +37,13 @@ _groups: dict[int, str] = {}
 _lock = threading.Lock()
 
 
+def name_process(name: str) -> None:
+    """Name this process as ``ps`` and ``top`` show it (/proc/PID/comm, 15 bytes at most);
+    threads started afterwards inherit the name."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
 def name_current(group: str) -> None:
     """Count the calling thread in `group` (use as a thread pool's initializer)."""
     with _lock:

@@ -54,6 +54,8 @@ class Health:
         self._draining = draining
         self._loaded = False  # start-up loading done: the server's readiness follows the models
         self._publishing: set[asyncio.Task[None]] = set()
+        # told after each change of readiness (the engine mirrors it to its front ends)
+        self.listeners: list[Callable[[], None]] = []
 
     # the questions
 
@@ -90,12 +92,14 @@ class Health:
     async def loaded(self) -> None:
         """Start-up loading is done: from now on the server's health follows the models."""
         self._loaded = True
+        self._changed()
         await self._publish_overall()
 
     async def publish(self, name: str) -> None:
         """Model `name`'s health as its versions now are, and the server's."""
         model = self._registry.find(name)
         ready = model is not None and model.latest_ready() is not None
+        self._changed()
         await self.servicer.set(name, SERVING if ready else NOT_SERVING)
         await self._publish_overall()
 
@@ -107,6 +111,7 @@ class Health:
         mv.state, mv.reason = State.UNAVAILABLE, f"{reason}; the server log says more"
         log.error("model %s version %s UNAVAILABLE, no longer serving: %s", mv.name, mv.version,
                   f"{reason}: {detail}" if detail else reason)  # fmt: skip
+        self._changed()
         task = asyncio.get_running_loop().create_task(self.publish(mv.name))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
@@ -117,6 +122,15 @@ class Health:
         """The drain begins: not ready from now on, every name NOT_SERVING for good."""
         self._draining.begin()
         await self.servicer.enter_graceful_shutdown()
+
+    @property
+    def is_loaded(self) -> bool:
+        """Start-up loading is done."""
+        return self._loaded
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     async def _publish_overall(self) -> None:
         if self._loaded:

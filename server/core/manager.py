@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from server.config import Settings
 from server.core.health import Health
@@ -60,6 +61,25 @@ AT_START = "at start-up"
 POLLED = "found by the repository poll"
 REQUESTED = "load requested"
 REMOVED = "removed from the repository"
+
+
+class Manager(Protocol):
+    """What a server's lifecycle and model control ask of the models' manager: this module's
+    `RepositoryManager`, or in a front end its link to the engine
+    (`server.frontend.EngineManager`)."""
+
+    @property
+    def mode(self) -> str: ...
+
+    async def load_all(self) -> None: ...
+
+    def start_polling(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
 
 
 class RepositoryManager:

@@ -112,8 +112,11 @@ class HttpServer:
             router.add_put(f"{base}/classify", self.classify, expect_handler=self._gate.expect)
         return app
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> int:
-        """Bind ``host:port`` (OSError when it cannot be bound) and serve; the port bound."""
+    async def start(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None, reuse_port: bool = False
+    ) -> int:
+        """Bind ``host:port`` (OSError when it cannot be bound) and serve; the port bound.
+        `reuse_port`: share it with the other front ends (SO_REUSEPORT)."""
         runner = web.AppRunner(
             self.application(),
             access_log=None,
@@ -126,7 +129,7 @@ class HttpServer:
             logger=ServerLog(self._gate.client_faults),
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
         try:
             await site.start()
         except BaseException:
@@ -182,7 +185,9 @@ class HttpServer:
         versions = stats.selected(
             self._registry, request.match_info.get("model", ""), _version(request)
         )
-        return json_response(rest.message_json(stats.model_statistics(self._ctx.metrics, versions)))
+        metrics = self._ctx.metrics
+        message = stats.model_statistics(metrics, await metrics.every_process(), versions)
+        return json_response(rest.message_json(message))
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = request[BODY]

@@ -115,7 +115,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
         versions = stats.selected(self._registry, request.name, request.version)
-        return stats.model_statistics(self._ctx.metrics, versions)
+        metrics = self._ctx.metrics
+        return stats.model_statistics(metrics, await metrics.every_process(), versions)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context

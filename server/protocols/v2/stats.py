@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from prometheus_client import Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 
 from server.core.registry import Model, ModelRegistry, ModelVersion, State, by_version
@@ -46,13 +47,33 @@ def _ready_versions(models: Iterable[Model]) -> list[ModelVersion]:
 
 
 def model_statistics(
-    metrics: Metrics, versions: Iterable[ModelVersion]
+    metrics: Metrics, families: Iterable[Metric], versions: Iterable[ModelVersion]
 ) -> pb.ModelStatisticsResponse:
-    return pb.ModelStatisticsResponse(model_stats=[_one(metrics, v) for v in versions])
+    """The statistics of `versions` from `families`: every process's
+    (`Metrics.every_process`), named as `metrics` names them."""
+    found = _Families(metrics, families)
+    return pb.ModelStatisticsResponse(model_stats=[_one(found, v) for v in versions])
 
 
-def _one(metrics: Metrics, mv: ModelVersion) -> pb.ModelStatistics:
+class _Families:
+    def __init__(self, metrics: Metrics, families: Iterable[Metric]) -> None:
+        self.metrics = metrics
+        self._by_name = {family.name: family for family in families}
+
+    def __call__(self, family: MetricWrapperBase) -> Metric | None:
+        return self._by_name.get(family._name)
+
+
+def _one(families: _Families, mv: ModelVersion) -> pb.ModelStatistics:
+    metrics = families.metrics
     labels = {"model": mv.name, "version": mv.version}
+
+    def _value(family: MetricWrapperBase, suffix: str, labels: dict[str, str], **more: str) -> float:
+        return _sum(families(family), suffix, labels, **more)
+
+    def _histogram(family: Histogram, labels: dict[str, str]) -> pb.StatisticDuration:
+        return _duration(_value(family, "_count", labels), _value(family, "_sum", labels))
+
     ok = _value(metrics.requests, "_total", labels, code="OK")
     executions = _value(metrics.batch_size, "_count", labels)
     failed = _value(metrics.requests, "_total", labels) - ok
@@ -79,19 +100,16 @@ def _one(metrics: Metrics, mv: ModelVersion) -> pb.ModelStatistics:
     )
 
 
-def _value(family: MetricWrapperBase, suffix: str, labels: dict[str, str], **more: str) -> float:
+def _sum(family: Metric | None, suffix: str, labels: dict[str, str], **more: str) -> float:
     """The sum of the family's samples named ``*<suffix>`` whose labels include these."""
+    if family is None:
+        return 0.0
     wanted = {**labels, **more}.items()
     return sum(
         sample.value
-        for metric in family.collect()
-        for sample in metric.samples
+        for sample in family.samples
         if sample.name.endswith(suffix) and wanted <= sample.labels.items()
     )
-
-
-def _histogram(family: Histogram, labels: dict[str, str]) -> pb.StatisticDuration:
-    return _duration(_value(family, "_count", labels), _value(family, "_sum", labels))
 
 
 def _duration(count: float, seconds: float) -> pb.StatisticDuration:

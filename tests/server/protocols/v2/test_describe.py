@@ -85,7 +85,8 @@ def test_statistics_from_the_metrics() -> None:
         metrics.batch_size.labels("net", "1").observe(3)
     with pytest.raises(InvalidInput), metrics.track_request("net", "1", 1):
         raise InvalidInput("bad")
-    [stats] = v2_stats.model_statistics(metrics, [served]).model_stats
+    families = list(metrics.registry.collect())
+    [stats] = v2_stats.model_statistics(metrics, families, [served]).model_stats
     assert (stats.inference_count, stats.execution_count) == (3, 1)
     inference = stats.inference_stats
     assert (inference.success.count, inference.fail.count) == (1, 1)
@@ -94,7 +95,8 @@ def test_statistics_from_the_metrics() -> None:
     # one count per session run for all three, or perf_analyzer refuses the statistics
     assert inference.compute_input.count == inference.compute_output.count == 1
     assert inference.success.ns > 0 and stats.last_inference > 0
-    [other] = v2_stats.model_statistics(Metrics(), [served]).model_stats
+    fresh = Metrics()
+    [other] = v2_stats.model_statistics(fresh, fresh.registry.collect(), [served]).model_stats
     assert (other.inference_count, other.inference_stats.success.count, other.last_inference) == (
         0,
         0,

@@ -1,0 +1,475 @@
+"""The engine process: the models of one device, fed by front-end processes.
+
+`run(settings, n)` is ``resnet-serve serve`` with front ends (``--frontends N``). This
+process (named ``rs-engine``) owns the sessions, the batchers and the inference threads
+(`server.app.serving_core`: the registry, the loader, the repository manager, health),
+serves /metrics for every process, and starts N front ends (`server.frontend`, each
+named ``rs-frontend-<i>``) that share the gRPC and HTTP ports and do everything else.
+It holds both ports bound (SO_REUSEPORT, never listening) so that a port 0 becomes one
+number for all front ends and a replaced front end finds its port free.
+
+Per front end (`Link`): a Unix socket pair (`server.ipc.Channel`, messages batched per
+wake-up) and the front end's shared-memory segment (`server.shm`). The messages:
+
+front end → engine
+    ``("hello", segment name, size)``: once; the engine maps the segment
+    ``("infer", key, model, version, offset, dtype, shape, deadline, request id, size)``:
+    the tensor at ``offset`` of the segment; the answer may use ``size`` bytes there
+    ``("cancel", key)``: the caller went away; dropped before compute if still queued
+    ``("control", id, "load"|"unload", model)``: model control (v2 repository API)
+    ``("collected", id, families)``: the answer to ``collect``
+engine → front end
+    ``("settings", Settings)``, then ``("registry", snapshot, loaded)`` at each change
+    ``("done", key, dtype, shape)``: outputs written at the request's offset
+    ``("done", key, array)``: outputs too large for the slot, carried in the message
+    ``("failed", key, exception)``, ``("cancelled", key)``
+    ``("controlled", id, exception or None)``, ``("collect", id)``
+
+A request is answered exactly once, and only then may the front end reuse its slot.
+A front end that dies (its socket closes) has its requests cancelled (dropped before
+compute; a batch already running finishes on the mapping, which outlives the front
+end), its segment's name removed if it was still there, and is started again unless
+the server is draining. SIGTERM or SIGINT: every front end drains (they answer what
+they accepted, the engine computing it), then the engine stops; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.metrics_core import Metric
+
+from server import app, ipc, shm, threads
+from server.config import Settings
+from server.core.registry import ModelRegistry, ModelVersion
+from server.errors import ServeError
+from server.logs import one_line
+from server.metrics import merge_families
+
+log = logging.getLogger(__name__)
+
+# A front end that does not say hello within this many seconds is stopped and replaced.
+HELLO_TIMEOUT = 60.0
+# How long /metrics waits for a front end's families.
+COLLECT_TIMEOUT = 2.0
+# A front end that keeps dying is started again at most this often.
+RESTART_DELAY = 1.0
+
+
+def snapshot(registry: ModelRegistry) -> list[tuple[Any, ...]]:
+    """The registry as plain data for the front ends' mirror (`server.frontend`)."""
+    return [
+        (
+            model.name,
+            model.config,
+            [
+                (mv.version, mv.labels, mv.path, mv.state.value, mv.reason, mv.providers,
+                 mv.weights, mv.random_weights)  # fmt: skip
+                for mv in model.versions.values()
+            ],
+        )
+        for model in registry.models()
+    ]
+
+
+class Link:
+    """One front end as the engine sees it: its process, channel, segment, requests."""
+
+    def __init__(self, engine: Engine, index: int) -> None:
+        self.engine = engine
+        self.index = index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: ipc.Channel | None = None
+        self.segment: str = ""
+        self.buffer: mmap.mmap | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.hello = asyncio.Event()
+        self.gone = asyncio.Event()
+        self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server.frontend", str(theirs.fileno()), str(self.index)],
+                pass_fds=(theirs.fileno(),),
+            )
+        self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
+        self.channel.send(("settings", self.engine.frontend_settings))
+        self.channel.send(("registry", self.engine.snapshot(), self.engine.health_loaded()))
+
+    # from the front end
+
+    def on_messages(self, messages: list[tuple[Any, ...]]) -> None:
+        for message in messages:
+            kind = message[0]
+            if kind == "infer":
+                self._infer(*message[1:])
+            elif kind == "cancel":
+                task = self.tasks.get(message[1])
+                if task is not None:
+                    task.cancel()
+            elif kind == "collected":
+                future = self.collecting.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+            elif kind == "control":
+                self.engine.spawn(self._control(*message[1:]))
+            elif kind == "families":
+                self.engine.spawn(self._families(message[1]))
+            elif kind == "hello":
+                self._hello(message[1], message[2])
+
+    def _hello(self, segment: str, size: int) -> None:
+        try:
+            self.buffer = shm.attach(segment, size)
+        except (OSError, ValueError) as exc:
+            log.error("front end %d: cannot map its shared memory: %s", self.index, exc)
+            self.stop()
+            return
+        self.segment = segment
+        self.hello.set()
+        assert self.channel is not None
+        self.channel.send(("attached",))
+
+    def _infer(
+        self,
+        key: int,
+        model: str,
+        version: str,
+        offset: int,
+        dtype: str,
+        shape: tuple[int, ...],
+        deadline: float | None,
+        request_id: str,
+        size: int,
+    ) -> None:
+        assert self.buffer is not None and self.channel is not None
+        try:
+            served = self.engine.registry.get(model, version)
+        except ServeError as exc:
+            self.channel.send(("failed", key, exc))
+            return
+        batch = shm.view(self.buffer, offset, dtype, shape)
+        task = asyncio.get_running_loop().create_task(
+            self._run(key, served, batch, deadline, request_id, offset, size)
+        )
+        self.tasks[key] = task
+
+    async def _run(
+        self,
+        key: int,
+        served: ModelVersion,
+        batch: np.ndarray,
+        deadline: float | None,
+        request_id: str,
+        offset: int,
+        size: int,
+    ) -> None:
+        channel = self.channel
+        assert channel is not None
+        try:
+            with served.hold():
+                outputs = await served.infer(batch, deadline=deadline, request_id=request_id)
+        except asyncio.CancelledError:
+            channel.send(("cancelled", key))
+            return
+        except Exception as exc:  # every caller gets its answer, whatever failed
+            channel.send(("failed", key, _portable(exc)))
+            return
+        finally:
+            self.tasks.pop(key, None)
+        if outputs.nbytes <= size and self.buffer is not None:
+            shm.view(self.buffer, offset, outputs.dtype.str, outputs.shape)[...] = outputs
+            channel.send(("done", key, outputs.dtype.str, outputs.shape))
+        else:
+            channel.send(("done", key, outputs))
+
+    async def _control(self, ident: int, op: str, name: str) -> None:
+        assert self.channel is not None
+        try:
+            await (self.engine.manager.load(name) if op == "load" else self.engine.manager.unload(name))
+        except Exception as exc:
+            error: BaseException | None = _portable(exc)
+        else:
+            error = None
+        self.engine.broadcast_now()  # the registry the answer speaks of, before the answer
+        self.channel.send(("answer", ident, None, error))
+
+    async def _families(self, ident: int) -> None:
+        assert self.channel is not None
+        self.channel.send(("answer", ident, await self.engine.families(), None))
+
+    async def collect(self) -> list[Metric]:
+        """The front end's metric families (empty if it does not answer in time)."""
+        if self.channel is None or self.channel.closed or not self.hello.is_set():
+            return []
+        ident = next(self.engine.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.collecting[ident] = future
+        self.channel.send(("collect", ident))
+        try:
+            return await asyncio.wait_for(future, COLLECT_TIMEOUT)
+        except TimeoutError:
+            return []
+        finally:
+            self.collecting.pop(ident, None)
+
+    def on_closed(self) -> None:
+        """The front end is gone: drop its requests, forget its segment."""
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for future in self.collecting.values():
+            if not future.done():
+                future.set_result([])
+        if self.segment:
+            shm.unlink(self.segment)  # if it died before it could
+        self.buffer = None  # unmapped once the last batch reading it lets go
+        self.gone.set()
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` as it crosses to a front end: a domain error as is, anything else as an internal
+    error that says nothing of its internals (the engine logs it)."""
+    if isinstance(exc, ServeError):
+        return exc
+    log.error("request failed in the engine: %s", one_line(exc))
+    return RuntimeError("the engine could not compute the request")
+
+
+class Engine:
+    def __init__(self, settings: Settings, core: app.Core, frontends: int) -> None:
+        self.settings = settings
+        self.core = core
+        self.registry = core.registry
+        self.manager = core.manager
+        self.frontend_settings = settings
+        self.links = [Link(self, i) for i in range(frontends)]
+        self.ids = itertools.count()
+        self.draining = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._dirty = False
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._reserved: list[socket.socket] = []
+        core.health.listeners.append(self._changed)
+
+    def health_loaded(self) -> bool:
+        return self.core.health.is_loaded
+
+    def snapshot(self) -> list[tuple[Any, ...]]:
+        return snapshot(self.registry)
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # the registry mirrored in the front ends
+
+    def _changed(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self.broadcast_now)
+
+    def broadcast_now(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        message = ("registry", self.snapshot(), self.health_loaded())
+        for link in self.links:
+            if link.channel is not None and not link.channel.closed:
+                link.channel.send(message)
+
+    # ports and front ends
+
+    def reserve_ports(self) -> None:
+        """Bind the gRPC and HTTP ports (a taken one: StartupError), keep them bound with
+        SO_REUSEPORT for the front ends, and tell the front ends their numbers."""
+        ports = {"port": self.settings.port}
+        if self.settings.http_port:
+            ports["http_port"] = self.settings.http_port
+        chosen = {}
+        for field, port in ports.items():
+            sock = _reserve(self.settings.host, port, field)
+            self._reserved.append(sock)
+            chosen[field] = sock.getsockname()[1]
+        self.frontend_settings = self.settings.model_copy(update=chosen)
+
+    async def start_frontends(self) -> None:
+        """Start every front end; StartupError if one does not come up."""
+        for link in self.links:
+            await link.start()
+        waits = [asyncio.ensure_future(link.hello.wait()) for link in self.links]
+        exits = [asyncio.ensure_future(link.gone.wait()) for link in self.links]
+        done, _ = await asyncio.wait(
+            [asyncio.gather(*waits), *exits], timeout=HELLO_TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )  # fmt: skip
+        for future in [*waits, *exits]:
+            future.cancel()
+        if not all(link.hello.is_set() for link in self.links):
+            for link in self.links:
+                link.stop()
+            raise app.StartupError("a front end did not start; its log lines say why")
+        self._supervisors = [
+            asyncio.ensure_future(self._supervise(link)) for link in self.links
+        ]
+
+    async def _supervise(self, link: Link) -> None:
+        """Start `link`'s front end again whenever it dies, until the drain."""
+        while True:
+            await link.gone.wait()
+            process = link.process
+            assert process is not None
+            code = await asyncio.to_thread(process.wait)
+            if self.draining:
+                return
+            log.error("front end %d (pid %d) ended with %s; starting another", link.index,
+                      process.pid, _exit_status(code))  # fmt: skip
+            await asyncio.sleep(RESTART_DELAY)
+            if self.draining:
+                return
+            fresh = Link(self, link.index)
+            self.links[link.index] = link = fresh
+            await link.start()
+
+    async def drain(self, grace_period: float) -> None:
+        """Every front end drains and exits (the engine answering what they accepted)."""
+        self.draining = True
+        for link in self.links:
+            link.stop(signal.SIGTERM)
+        deadline = time.monotonic() + grace_period + 10
+        for link in self.links:
+            if link.process is None:
+                continue
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.to_thread(link.process.wait), remaining)
+            except TimeoutError:
+                log.warning("front end %d did not stop within the grace period; killing it",
+                            link.index)  # fmt: skip
+                link.stop()
+                await asyncio.to_thread(link.process.wait)
+        for supervisor in self._supervisors:
+            supervisor.cancel()
+        for sock in self._reserved:
+            sock.close()
+
+    # /metrics: one view of every process
+
+    def collect(self) -> Iterable[Metric]:
+        """Called by the /metrics thread: `families`."""
+        future = asyncio.run_coroutine_threadsafe(self.families(), self._loop)
+        try:
+            return future.result(COLLECT_TIMEOUT + 1)
+        except Exception:  # the loop is gone (stopping): the engine's own
+            return list(self.core.metrics.registry.collect())
+
+    async def families(self) -> list[Metric]:
+        """The engine's metric families merged with every front end's (one that is gone or
+        slow shows nothing this time)."""
+        own = list(self.core.metrics.registry.collect())
+        theirs = await asyncio.gather(*(link.collect() for link in self.links))
+        return merge_families([own, *theirs])
+
+    def metrics_registry(self) -> CollectorRegistry:
+        self._loop = asyncio.get_running_loop()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return registry
+
+
+def _reserve(host: str, port: int, field: str) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    probe = socket.socket(family, kind, proto)
+    try:  # taken by anyone (another server included): refuse, as one process would
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        port = probe.getsockname()[1]
+    except OSError as exc:
+        probe.close()
+        name = "gRPC" if field == "port" else "HTTP"
+        raise app.StartupError(
+            f"cannot bind the {name} port {app.host_port(host, port)}: {exc}"
+        ) from exc
+    probe.close()
+    held = socket.socket(family, kind, proto)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind((*address[:1], port, *address[2:]))
+    return held
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+async def run(settings: Settings, frontends: int) -> int:
+    """The engine's process: see the module docstring."""
+    threads.name_process("rs-engine")
+    removed = shm.remove_stale()
+    if removed:
+        log.info("removed %d shared-memory segment(s) left by a server that crashed",
+                 len(removed))  # fmt: skip
+    disable_created_metrics()
+    core = app.serving_core(settings)
+    engine = Engine(settings, core, frontends)
+    engine.reserve_ports()
+    exporter = app.serve_metrics(settings, core.metrics, engine.metrics_registry())
+    try:
+        await core.health.start()
+        await engine.start_frontends()
+    except BaseException:
+        exporter.shutdown()
+        for sock in engine._reserved:
+            sock.close()
+        raise
+    fs = engine.frontend_settings
+    log.info("engine pid %d: %d front end(s) on gRPC port %d%s, metrics on http://%s/metrics",
+             os.getpid(), frontends, fs.port,
+             f" and HTTP port {fs.http_port}" if fs.http_port else "",
+             app.host_port(settings.metrics_host, exporter.server_port))  # fmt: skip
+    signalled = app.on_signals(settings.grace_period)
+    loading = asyncio.ensure_future(app.load(settings, core.manager, core.health))
+    signal_wait = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait({loading, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
+    error = loading.exception() if loading.done() and not loading.cancelled() else None
+    if error is None:
+        await signal_wait
+    else:
+        signal_wait.cancel()
+    await core.health.drain()
+    await engine.drain(settings.grace_period)
+    await core.manager.stop()
+    loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
+    await core.registry.close()
+    exporter.shutdown()
+    exporter.server_close()
+    if error is not None:
+        raise app.StartupError(str(error))
+    log.info("exiting")
+    return 0

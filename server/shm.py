@@ -1,0 +1,138 @@
+"""Shared-memory slots: where a front end writes a request's input tensor once and the
+engine reads it in place and writes the outputs back (`server.engine`, `server.frontend`).
+
+Each front end owns one segment, a file in ``/dev/shm`` created 0600 with an unguessable
+name (``resnet-serve.<engine pid>.<random>``): the front end creates and maps it, the
+engine maps it when the front end says hello, and the front end unlinks the name as
+soon as the engine has it mapped. From then on the segment has no name; its memory goes
+back to the system when the last of the two processes unmaps it or dies, so a crash
+leaves nothing behind. A server killed in the instant between creation and unlink leaves
+a name whose engine pid is gone: `remove_stale` deletes those at start.
+
+Inside a segment the front end allocates one slot per request (`Slots.take`): a run of
+`CHUNK`-byte chunks, first fit from a sorted list of free extents, given back when the
+engine's answer (outputs, error or cancellation) has arrived (`Slots.give`), never
+before: until then the engine may still be reading it. No slot free is the front end's
+back-pressure: the call is refused at once with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from server.errors import QueueFull
+
+SHM_DIR = Path("/dev/shm")
+PREFIX = "resnet-serve."
+CHUNK = 4096
+
+
+def segment_name(engine_pid: int) -> str:
+    return f"{PREFIX}{engine_pid}.{secrets.token_hex(16)}"
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """A new segment of `size` bytes, 0600, mapped; OSError when the name exists."""
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def attach(name: str, size: int) -> mmap.mmap:
+    """Map the segment `name` that a front end created (the engine's side)."""
+    if "/" in name or not name.startswith(PREFIX):
+        raise ValueError(f"not a segment name: {name!r}")
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"segment {name} is not {size} bytes")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SHM_DIR / name)
+
+
+def remove_stale(directory: Path = SHM_DIR) -> list[str]:
+    """Delete the segments whose engine process is gone (a crashed run); their names."""
+    removed = []
+    for path in directory.glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX) :].partition(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def view(buffer: mmap.mmap, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The array of `dtype` and `shape` stored at `offset`, in place (no copy)."""
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+
+
+class Slots:
+    """The front end's allocator over its segment: slots of whole chunks, first fit."""
+
+    def __init__(self, size: int) -> None:
+        self.chunks = size // CHUNK
+        self._starts = [0]  # free extents, sorted by start chunk
+        self._lengths = [self.chunks]
+        self.used = 0  # chunks
+
+    def take(self, nbytes: int) -> tuple[int, int]:
+        """A slot of at least `nbytes`: (byte offset, byte size). QueueFull when no run of
+        free chunks is long enough."""
+        need = max(1, -(-nbytes // CHUNK))
+        for i, length in enumerate(self._lengths):
+            if length >= need:
+                start = self._starts[i]
+                if length == need:
+                    del self._starts[i], self._lengths[i]
+                else:
+                    self._starts[i] += need
+                    self._lengths[i] -= need
+                self.used += need
+                return start * CHUNK, need * CHUNK
+        raise QueueFull(
+            f"this front end's shared memory is full ({self.used * CHUNK >> 20} of "
+            f"{self.chunks * CHUNK >> 20} MiB held by requests in flight; a slot of "
+            f"{nbytes} bytes does not fit); retry later, or raise frontend_shm_bytes"
+        )
+
+    def give(self, offset: int, nbytes: int) -> None:
+        """Return a slot (once the engine has answered for it), merged with its neighbours."""
+        start, length = offset // CHUNK, nbytes // CHUNK
+        self.used -= length
+        i = bisect.bisect_left(self._starts, start)
+        if i < len(self._starts) and start + length == self._starts[i]:  # joins the next
+            length += self._lengths[i]
+            del self._starts[i], self._lengths[i]
+        if i > 0 and self._starts[i - 1] + self._lengths[i - 1] == start:  # joins the previous
+            self._lengths[i - 1] += length
+            return
+        self._starts.insert(i, start)
+        self._lengths.insert(i, length)
