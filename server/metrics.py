@@ -232,6 +232,7 @@ _GAUGES_COMBINED: dict[str, Callable[[float, float], float]] = {
     "resnet_serve_last_success_timestamp_seconds": max,
     "process_start_time_seconds": min,
     "process_max_fds": min,
+    "python_info": max,  # an info family that prometheus_client makes a gauge
 }
 
 
