@@ -1,0 +1,112 @@
+"""`server.ipc.Channel` over a real Unix socket pair, both ends in one event loop.
+
+Messages sent in one loop iteration go out as one frame and arrive in one
+`on_messages` call, in order; frames far larger than one read (5 MB) arrive whole;
+frames sent back to back arrive as separate calls; each side hears `on_closed`
+when the other closes, and sending after that is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import numpy as np
+
+from server import ipc
+
+Frames = list[list[tuple[Any, ...]]]
+
+
+class End:
+    """One side of the pair: the frames it received, and whether it heard the close."""
+
+    def __init__(self) -> None:
+        self.frames: Frames = []
+        self.closed = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    def on_messages(self, messages: list[tuple[Any, ...]]) -> None:
+        self.frames.append(messages)
+        self.arrived.set()
+
+    def on_closed(self) -> None:
+        self.closed.set()
+
+    async def until(self, frames: int) -> Frames:
+        while len(self.frames) < frames:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 60)
+        return self.frames
+
+
+async def pair() -> tuple[ipc.Channel, End, ipc.Channel, End]:
+    a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a_end, b_end = End(), End()
+    a = await ipc.Channel.open(a_sock, a_end.on_messages, a_end.on_closed)
+    b = await ipc.Channel.open(b_sock, b_end.on_messages, b_end.on_closed)
+    return a, a_end, b, b_end
+
+
+async def test_one_iteration_is_one_frame_in_order() -> None:
+    a, _, b, b_end = await pair()
+    try:
+        for i in range(100):
+            a.send(("infer", i, "cifar", "1"))
+        frames = await b_end.until(1)
+        assert frames == [[("infer", i, "cifar", "1") for i in range(100)]]
+        a.send(("cancel", 1))
+        await asyncio.sleep(0)  # a later iteration: a frame of its own
+        a.send(("cancel", 2))
+        a.send(("cancel", 3))
+        frames = await b_end.until(3)
+        assert frames[1:] == [[("cancel", 1)], [("cancel", 2), ("cancel", 3)]]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_both_directions_at_once() -> None:
+    a, a_end, b, b_end = await pair()
+    try:
+        a.send(("hello", "segment", 4096))
+        b.send(("settings", {"port": 1}))
+        assert await b_end.until(1) == [[("hello", "segment", 4096)]]
+        assert await a_end.until(1) == [[("settings", {"port": 1})]]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_large_frames_split_across_reads_arrive_whole() -> None:
+    a, _, b, b_end = await pair()
+    big = np.random.default_rng(0).standard_normal(5_000_000 // 4).astype(np.float32)
+    try:
+        a.send(("done", 1, big))
+        a.send(("done", 2, big[:10]))
+        await asyncio.sleep(0)
+        a.send(("done", 3, bytes(range(256)) * 20_000))
+        frames = await b_end.until(2)
+        assert len(frames) == 2
+        (one, two), (three,) = frames
+        assert one[:2] == ("done", 1) and np.array_equal(one[2], big)
+        assert two[:2] == ("done", 2) and np.array_equal(two[2], big[:10])
+        assert three == ("done", 3, bytes(range(256)) * 20_000)
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_on_closed_when_the_peer_closes_and_no_send_after() -> None:
+    a, a_end, b, b_end = await pair()
+    a.send(("answer", 7, None, None))
+    a.close()  # what was queued still goes out first
+    assert await b_end.until(1) == [[("answer", 7, None, None)]]
+    await asyncio.wait_for(b_end.closed.wait(), 60)
+    assert b.closed
+    b.send(("collect", 1))  # dropped: the peer is gone
+    await asyncio.sleep(0)
+    await asyncio.wait_for(a_end.closed.wait(), 60)
+    assert a_end.frames == []
+    b.close()

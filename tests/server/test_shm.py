@@ -1,0 +1,211 @@
+"""`server.shm`: the slot allocator of a front end's segment, and the segment files.
+
+- `Slots`: any sequence of takes and gives (hypothesis) never hands out overlapping
+  slots or slots past the segment, keeps `used` exact, succeeds exactly when a run of
+  free chunks is long enough (so freed neighbours are merged: first fit over merged
+  extents), and after everything is given back one slot of the whole segment fits;
+  a take that does not fit is `QueueFull`, its message naming the sizes.
+- `create`, `attach`, `unlink`, `remove_stale`: on a temporary directory (0600, never
+  over an existing name, no symbolic links followed, names and sizes checked) and on
+  /dev/shm itself (a mapping outlives its name).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server import shm
+from server.errors import QueueFull
+
+CHUNK = shm.CHUNK
+
+# ("take", bytes) or ("give", which of the held slots, modulo their number)
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("take"), st.integers(0, 12 * CHUNK)),
+        st.tuples(st.just("give"), st.integers(0, 1000)),
+    ),
+    max_size=200,
+)
+
+
+def longest_free_run(held: dict[int, int], chunks: int) -> int:
+    """The longest run of chunks that no held slot (offset -> size, bytes) covers."""
+    free = [True] * chunks
+    for offset, size in held.items():
+        for chunk in range(offset // CHUNK, (offset + size) // CHUNK):
+            free[chunk] = False
+    longest = run = 0
+    for is_free in free:
+        run = run + 1 if is_free else 0
+        longest = max(longest, run)
+    return longest
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(chunks=st.integers(1, 40), operations=OPERATIONS, tail=st.integers(0, CHUNK - 1))
+def test_slots_never_overlap_and_take_fails_only_without_room(
+    chunks: int, operations: list[tuple[str, int]], tail: int
+) -> None:
+    size = chunks * CHUNK + tail  # a partial last chunk is never handed out
+    slots = shm.Slots(size)
+    held: dict[int, int] = {}  # offset -> size
+    for op, value in operations:
+        if op == "take":
+            need = max(1, -(-value // CHUNK))
+            fits = longest_free_run(held, chunks) >= need
+            if not fits:
+                with pytest.raises(QueueFull):
+                    slots.take(value)
+                continue
+            offset, got = slots.take(value)
+            assert got == need * CHUNK >= value
+            assert offset % CHUNK == 0 and offset >= 0 and offset + got <= chunks * CHUNK
+            for other, other_size in held.items():
+                assert offset + got <= other or other + other_size <= offset, "overlap"
+            held[offset] = got
+        elif held:
+            offset = sorted(held)[value % len(held)]
+            slots.give(offset, held.pop(offset))
+        assert slots.used * CHUNK == sum(held.values())
+    for offset in list(held):
+        slots.give(offset, held.pop(offset))
+    assert slots.used == 0
+    assert slots.take(chunks * CHUNK) == (0, chunks * CHUNK)  # one extent again
+    assert slots.used == chunks
+
+
+def test_first_fit_reuses_the_lowest_room_and_merges_both_neighbours() -> None:
+    slots = shm.Slots(8 * CHUNK)
+    a, b, c = slots.take(CHUNK), slots.take(2 * CHUNK), slots.take(CHUNK)
+    assert (a, b, c) == ((0, CHUNK), (CHUNK, 2 * CHUNK), (3 * CHUNK, CHUNK))
+    slots.give(*a)
+    slots.give(*c)
+    assert slots.take(1) == (0, CHUNK)  # first fit: the lowest free run
+    slots.give(0, CHUNK)
+    slots.give(*b)  # joins the free run before it and the one after it
+    assert slots.used == 0
+    assert slots.take(8 * CHUNK) == (0, 8 * CHUNK)
+
+
+def test_full_segment_is_queue_full_naming_the_sizes() -> None:
+    slots = shm.Slots(1 << 20)
+    slots.take(1 << 20)
+    with pytest.raises(QueueFull) as full:
+        slots.take(5000)
+    message = str(full.value)
+    assert "5000 bytes" in message and "1 of 1 MiB" in message
+    assert "frontend_shm_bytes" in message and "\n" not in message
+    with pytest.raises(QueueFull, match="2097152 bytes"):
+        shm.Slots(1 << 20).take(2 << 20)  # larger than the whole segment
+
+
+# segment files
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
+    return tmp_path
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_segment_names_are_prefixed_by_the_engine_pid_and_unguessable() -> None:
+    names = {shm.segment_name(1234) for _ in range(100)}
+    assert len(names) == 100
+    for name in names:
+        assert name.startswith(f"{shm.PREFIX}1234.") and "/" not in name
+        assert len(name.rpartition(".")[2]) == 32
+
+
+def test_create_is_0600_exclusive_and_attach_maps_the_same_memory(shm_dir: Path) -> None:
+    name = shm.segment_name(os.getpid())
+    mine = shm.create(name, 4 * CHUNK)
+    try:
+        info = (shm_dir / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == 4 * CHUNK
+        with pytest.raises(FileExistsError):
+            shm.create(name, 4 * CHUNK)
+        theirs = shm.attach(name, 4 * CHUNK)
+        try:
+            shm.view(mine, CHUNK, "<f4", (2, 3))[...] = np.arange(6).reshape(2, 3)
+            assert shm.view(theirs, CHUNK, "<f4", (2, 3)).tolist() == [[0, 1, 2], [3, 4, 5]]
+        finally:
+            theirs.close()
+    finally:
+        mine.close()
+    shm.unlink(name)
+    assert not (shm_dir / name).exists()
+    shm.unlink(name)  # gone already: nothing to do
+
+
+def test_attach_refuses_other_names_sizes_and_links(shm_dir: Path) -> None:
+    name = shm.segment_name(os.getpid())
+    shm.create(name, 2 * CHUNK).close()
+    (shm_dir / "other").write_bytes(b"\0" * 2 * CHUNK)
+    for wrong in ("other", f"../{name}", f"{shm.PREFIX}x/../{name}", ""):
+        with pytest.raises(ValueError, match="not a segment name"):
+            shm.attach(wrong, 2 * CHUNK)
+    with pytest.raises(ValueError, match=f"not {3 * CHUNK} bytes"):
+        shm.attach(name, 3 * CHUNK)
+    link = f"{shm.PREFIX}{os.getpid()}.link"
+    (shm_dir / link).symlink_to(shm_dir / name)
+    with pytest.raises(OSError):
+        shm.attach(link, 2 * CHUNK)
+    with pytest.raises(FileNotFoundError):
+        shm.attach(f"{shm.PREFIX}{os.getpid()}.missing", 2 * CHUNK)
+    with pytest.raises(FileExistsError):  # create follows no link either
+        shm.create(link, 2 * CHUNK)
+
+
+def test_remove_stale_deletes_only_segments_of_dead_engines(shm_dir: Path) -> None:
+    dead, alive = dead_pid(), os.getpid()
+    stale = [shm.segment_name(dead), shm.segment_name(dead)]
+    kept = [shm.segment_name(alive), f"{shm.PREFIX}notapid.x", "other.1.x", f"{dead}.x"]
+    for name in [*stale, *kept]:
+        (shm_dir / name).write_bytes(b"")
+    assert sorted(shm.remove_stale(shm_dir)) == sorted(stale)
+    assert sorted(p.name for p in shm_dir.iterdir()) == sorted(kept)
+    assert shm.remove_stale(shm_dir) == []
+
+
+def test_init_process_counts_as_alive(shm_dir: Path) -> None:
+    """pid 1 exists (maybe another user's: EPERM): its segments stay."""
+    name = shm.segment_name(1)
+    (shm_dir / name).write_bytes(b"")
+    assert shm.remove_stale(shm_dir) == []
+    assert (shm_dir / name).exists()
+
+
+@pytest.mark.skipif(not shm.SHM_DIR.is_dir(), reason="no /dev/shm")
+def test_dev_shm_mapping_outlives_its_name() -> None:
+    name = shm.segment_name(os.getpid())
+    mine = shm.create(name, 2 * CHUNK)
+    try:
+        theirs = shm.attach(name, 2 * CHUNK)
+        shm.unlink(name)
+        assert not (shm.SHM_DIR / name).exists()
+        try:
+            mine[:5] = b"hello"
+            assert theirs[:5] == b"hello"
+            assert isinstance(theirs, mmap.mmap)
+        finally:
+            theirs.close()
+    finally:
+        mine.close()
+        shm.unlink(name)
