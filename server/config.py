@@ -333,6 +333,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("frontends", mode="before")
+    @classmethod
+    def _frontend_count(cls, value: object) -> object:
+        """``auto`` or a whole number ≥ 0, refused in one error (not one per member of the
+        union, and never a negative count that would start an engine without front ends)."""
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        if isinstance(value, bool) or not text.isascii() or not text.isdigit():
+            raise ValueError(
+                f"frontends must be auto or a whole number >= 0 (0: one process), not {value!r}"
+            )
+        return int(text)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_decode_backlog < self.max_images_per_request:
