@@ -149,6 +149,9 @@ class EngineLink:
                     self.mirror.apply(*self.snapshot)
             elif kind == "collect":
                 self._collect(message[1])
+            elif kind == "forget":  # the engine unloaded the version: its series go here too
+                if self.metrics is not None:
+                    self.metrics.forget(message[1], message[2])
             elif kind == "answer":
                 found = self._asked.get(message[1])
                 if found is not None and not found.done():

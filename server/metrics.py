@@ -136,6 +136,8 @@ class Metrics:
         )
         # In a front end: the families of every process of the server (`server.frontend`).
         self.others: Callable[[], Awaitable[list[Metric]]] | None = None
+        # In the engine: told each version `forget` drops, so every front end drops it too.
+        self.on_forget: Callable[[str, str], None] | None = None
         # the families whose series belong to one loaded version, with their label names
         self._per_version = (
             (self.request_duration, _MV),
@@ -201,6 +203,8 @@ class Metrics:
             }
             for values in found:
                 family.remove(*values)
+        if self.on_forget is not None:
+            self.on_forget(model, version)
 
     def serve(self, host: str, port: int, registry: CollectorRegistry | None = None) -> WSGIServer:
         """Expose /metrics (of `registry`, this object's own by default) over HTTP from a

@@ -121,6 +121,23 @@ class Batcher:
         self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray:
         """Queue `inputs` (k images), wait for their outputs (k rows), in order."""
+        items = self.enqueue(inputs, deadline=deadline, request_id=request_id)
+        try:
+            if len(items) == 1:  # the usual case: no gathering future around one future
+                return await items[0].future
+            outputs = await asyncio.gather(*(item.future for item in items))
+        finally:
+            for item in items:  # a failed or cancelled sibling leaves nothing to compute
+                if not item.future.done():
+                    item.future.cancel()
+        return np.concatenate(outputs)
+
+    def enqueue(
+        self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
+    ) -> list[Item]:
+        """`submit` without waiting: the queued items, each with the future of its rows
+        (`server.engine` answers from their callbacks). Cancelling an item's future drops
+        it before compute."""
         assert self._loop is not None and self._wakeup is not None, "start() first"
         count = len(inputs)
         limit = self.batching.max_queue_size  # a request is never larger (server.validation)
@@ -140,15 +157,7 @@ class Batcher:
         self._queue.extend(items)
         self._set_queued(self._queued + count)
         self._wakeup.set()
-        try:
-            if len(items) == 1:  # the usual case: no gathering future around one future
-                return await items[0].future
-            outputs = await asyncio.gather(*(item.future for item in items))
-        finally:
-            for item in items:  # a failed or cancelled sibling leaves nothing to compute
-                if not item.future.done():
-                    item.future.cancel()
-        return np.concatenate(outputs)
+        return items
 
     # the scheduler's side
 
@@ -212,13 +221,23 @@ class Batcher:
                 return
 
     async def _wait_wakeup(self, timeout: float) -> bool:
-        assert self._wakeup is not None
-        self._wakeup.clear()
+        """Until woken (True) or `timeout` s (False); a timer, not a task per wait."""
+        assert self._wakeup is not None and self._loop is not None
+        wakeup = self._wakeup
+        wakeup.clear()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            wakeup.set()
+
+        timer = self._loop.call_later(timeout, expire)
         try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await wakeup.wait()
+        finally:
+            timer.cancel()
+        return not expired
 
     def _ready_count(self, *, final: bool) -> int:
         """How many queued items to send now: 0 means wait for more.

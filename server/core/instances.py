@@ -71,7 +71,9 @@ class Instance:
     def __init__(self, runner: Runner, name: str) -> None:
         self.runner = runner
         self._name = name
-        self._jobs: queue.SimpleQueue[tuple[np.ndarray, asyncio.AbstractEventLoop, Done] | None]
+        self._jobs: queue.SimpleQueue[
+            tuple[list[np.ndarray], asyncio.AbstractEventLoop, Done] | None
+        ]
         self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.in_flight: set[asyncio.Future[None]] = set()  # its runs not answered yet
@@ -80,11 +82,14 @@ class Instance:
         """Its thread was started and is gone without `stop`: its runs never end."""
         return self._thread is not None and not self._thread.is_alive()
 
-    def submit(self, inputs: np.ndarray, loop: asyncio.AbstractEventLoop, done: Done) -> None:
+    def submit(
+        self, parts: list[np.ndarray], loop: asyncio.AbstractEventLoop, done: Done
+    ) -> None:
+        """Run the batch made of `parts` (joined on the inference thread, off the loop)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
             self._thread.start()
-        self._jobs.put((inputs, loop, done))
+        self._jobs.put((parts, loop, done))
 
     def stop(self) -> None:
         """End the thread once its queued runs are done."""
@@ -96,17 +101,17 @@ class Instance:
     def _work(self) -> None:
         threads.name_current("inference")
         while (job := self._jobs.get()) is not None:
-            inputs, loop, done = job
+            parts, loop, done = job
             outputs: np.ndarray | None = None
             error: BaseException | None = None
             try:
-                outputs = self.runner.run(inputs)
+                outputs = self.runner.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
             except BaseException as exc:  # the loop's callback decides; the thread goes on
                 error = exc
             # RuntimeError: the loop has closed, nobody waits for this run any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(done, outputs, error)
-            del job, inputs, outputs, error
+            del job, parts, outputs, error
 
 
 def settle(future: asyncio.Future[np.ndarray], outputs: np.ndarray | None,
@@ -173,7 +178,7 @@ class Instances:
         outputs = []
         for instance in self.all:
             ran: asyncio.Future[np.ndarray] = loop.create_future()
-            instance.submit(batch, loop, functools.partial(settle, ran))
+            instance.submit([batch], loop, functools.partial(settle, ran))
             outputs.append(await ran)
         return outputs[0]
 
@@ -205,8 +210,9 @@ class Instances:
         live = [item for item in batch if not item.future.done()]
         if not live:
             return None
-        inputs = live[0].inputs if len(live) == 1 else np.concatenate([i.inputs for i in live])
-        self._metrics.batch_size.observe(len(inputs))
+        parts = [item.inputs for item in live]
+        size = sum(item.size for item in live)
+        self._metrics.batch_size.observe(size)
         started = loop.time()
         timer = self._watchdog.run_started(loop)
         delivered: asyncio.Future[None] = loop.create_future()
@@ -215,9 +221,9 @@ class Instances:
         instance.in_flight.add(delivered)
         delivered.add_done_callback(instance.in_flight.discard)
         deliver = functools.partial(
-            self._deliver, instance, live, len(inputs), started, timer, delivered
+            self._deliver, instance, live, size, started, timer, delivered
         )
-        instance.submit(inputs, loop, deliver)
+        instance.submit(parts, loop, deliver)
         return delivered
 
     def _deliver(

@@ -92,13 +92,20 @@ class ModelVersion:
     @contextlib.contextmanager
     def hold(self) -> Iterator[ModelVersion]:
         """Keep the version open while a request that looked it up is being answered."""
-        self._holders += 1
+        self.acquire()
         try:
             yield self
         finally:
-            self._holders -= 1
-            if self._holders == 0 and self._released is not None:
-                self._released.set()
+            self.release()
+
+    def acquire(self) -> None:
+        """`hold` in two calls, for a request answered by a callback (`server.engine`)."""
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0 and self._released is not None:
+            self._released.set()
 
     async def released(self, timeout: float) -> bool:
         """Wait until no request holds the version (at most `timeout` s); False if some do."""
@@ -121,16 +128,25 @@ class ModelVersion:
         self, batch: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray:
         """Logits for `batch` (see the module docstring); deadline is `time.monotonic()`."""
-        # UNLOADING: a request let in before the unload began still gets its answer
+        scheduler = self.scheduler()
+        try:
+            return await scheduler.submit(batch, deadline=deadline, request_id=request_id)
+        except ProviderLost as exc:
+            raise self.lost(exc) from exc
+
+    def scheduler(self) -> Scheduler:
+        """The batcher to queue on; ModelNotReady unless READY (or UNLOADING: a request let
+        in before the unload began still gets its answer)."""
         if self.state not in (State.READY, State.UNLOADING) or self.batcher is None:
             raise ModelNotReady(f"model {self.name} version {self.version} is {self.state.value}")
-        try:
-            return await self.batcher.submit(batch, deadline=deadline, request_id=request_id)
-        except ProviderLost as exc:
-            self.unhealthy("a session left the GPU it was opened on", one_line(exc))
-            raise ModelNotReady(
-                f"model {self.name} version {self.version} is {self.state.value}: {self.reason}"
-            ) from exc
+        return self.batcher
+
+    def lost(self, exc: ProviderLost) -> ModelNotReady:
+        """A session left its GPU: the version stops serving; what the caller gets."""
+        self.unhealthy("a session left the GPU it was opened on", one_line(exc))
+        return ModelNotReady(
+            f"model {self.name} version {self.version} is {self.state.value}: {self.reason}"
+        )
 
 
 def version_number(mv: ModelVersion) -> int:
