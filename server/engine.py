@@ -56,10 +56,13 @@ from prometheus_client.metrics_core import Metric
 
 from server import app, ipc, shm, threads
 from server.config import Settings
+from server.core.batcher import Batcher
+from server.core.instances import Item
 from server.core.registry import ModelRegistry, ModelVersion
 from server.errors import ServeError
 from server.logs import one_line
 from server.metrics import merge_families
+from server.sessions import ProviderLost
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class Link:
         self.channel: ipc.Channel | None = None
         self.segment: str = ""
         self.buffer: mmap.mmap | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.requests: dict[int, Request] = {}
         self.hello = asyncio.Event()
         self.gone = asyncio.Event()
         self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
@@ -121,9 +124,9 @@ class Link:
             if kind == "infer":
                 self._infer(*message[1:])
             elif kind == "cancel":
-                task = self.tasks.get(message[1])
-                if task is not None:
-                    task.cancel()
+                request = self.requests.get(message[1])
+                if request is not None:
+                    request.cancel()
             elif kind == "collected":
                 future = self.collecting.pop(message[1], None)
                 if future is not None and not future.done():
@@ -159,46 +162,50 @@ class Link:
         request_id: str,
         size: int,
     ) -> None:
+        """Queue the request on its version's batcher; answered from the items' callbacks
+        (no task per request)."""
         assert self.buffer is not None and self.channel is not None
         try:
             served = self.engine.registry.get(model, version)
+            batcher = served.scheduler()
+            assert isinstance(batcher, Batcher)
+            batch = shm.view(self.buffer, offset, dtype, shape)
+            items = batcher.enqueue(batch, deadline=deadline, request_id=request_id)
         except ServeError as exc:
             self.channel.send(("failed", key, exc))
             return
-        batch = shm.view(self.buffer, offset, dtype, shape)
-        task = asyncio.get_running_loop().create_task(
-            self._run(key, served, batch, deadline, request_id, offset, size)
-        )
-        self.tasks[key] = task
+        served.acquire()  # released once answered: an unload waits for it
+        request = Request(self, key, served, offset, size, items)
+        self.requests[key] = request
+        for item in items:
+            item.future.add_done_callback(request.item_done)
 
-    async def _run(
-        self,
-        key: int,
-        served: ModelVersion,
-        batch: np.ndarray,
-        deadline: float | None,
-        request_id: str,
-        offset: int,
-        size: int,
-    ) -> None:
+    def answer(self, request: Request) -> None:
+        """Every item of `request` is done: its outputs into its slot, or why not."""
         channel = self.channel
         assert channel is not None
-        try:
-            with served.hold():
-                outputs = await served.infer(batch, deadline=deadline, request_id=request_id)
-        except asyncio.CancelledError:
-            channel.send(("cancelled", key))
+        del self.requests[request.key]
+        request.served.release()
+        futures = [item.future for item in request.items]
+        if any(future.cancelled() for future in futures):
+            channel.send(("cancelled", request.key))
             return
-        except Exception as exc:  # every caller gets its answer, whatever failed
-            channel.send(("failed", key, _portable(exc)))
+        error = next((f.exception() for f in futures if f.exception() is not None), None)
+        if error is not None:
+            if isinstance(error, ProviderLost):
+                error = request.served.lost(error)
+            channel.send(("failed", request.key, _portable(error)))
             return
-        finally:
-            self.tasks.pop(key, None)
-        if outputs.nbytes <= size and self.buffer is not None:
-            shm.view(self.buffer, offset, outputs.dtype.str, outputs.shape)[...] = outputs
-            channel.send(("done", key, outputs.dtype.str, outputs.shape))
+        outputs = (
+            futures[0].result()
+            if len(futures) == 1
+            else np.concatenate([future.result() for future in futures])
+        )
+        if outputs.nbytes <= request.size and self.buffer is not None:
+            shm.view(self.buffer, request.offset, outputs.dtype.str, outputs.shape)[...] = outputs
+            channel.send(("done", request.key, outputs.dtype.str, outputs.shape))
         else:
-            channel.send(("done", key, outputs))
+            channel.send(("done", request.key, outputs))
 
     async def _control(self, ident: int, op: str, name: str) -> None:
         assert self.channel is not None
@@ -232,8 +239,8 @@ class Link:
 
     def on_closed(self) -> None:
         """The front end is gone: drop its requests, forget its segment."""
-        for task in list(self.tasks.values()):
-            task.cancel()
+        for request in list(self.requests.values()):
+            request.cancel()
         for future in self.collecting.values():
             if not future.done():
                 future.set_result([])
@@ -246,6 +253,33 @@ class Link:
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(sig)
+
+
+class Request:
+    """One front end's request in the engine: its queued items, answered once all are done."""
+
+    __slots__ = ("link", "key", "served", "offset", "size", "items", "_pending")
+
+    def __init__(
+        self, link: Link, key: int, served: ModelVersion, offset: int, size: int, items: list[Item]
+    ) -> None:
+        self.link, self.key, self.served = link, key, served
+        self.offset, self.size, self.items = offset, size, items
+        self._pending = len(items)
+
+    def item_done(self, future: asyncio.Future[np.ndarray]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            for item in self.items:  # its siblings are not computed
+                if not item.future.done():
+                    item.future.cancel()
+        self._pending -= 1
+        if self._pending == 0:
+            self.link.answer(self)
+
+    def cancel(self) -> None:
+        """The caller went away: items still queued are dropped before compute."""
+        for item in self.items:
+            item.future.cancel()
 
 
 def _portable(exc: BaseException) -> BaseException:
