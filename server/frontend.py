@@ -185,6 +185,9 @@ class EngineLink:
         if self.gone.is_set():
             return
         self.gone.set()
+        for starting in (self.settings, self.attached):  # gone before the front end started
+            if not starting.done():
+                starting.set_exception(ConnectionError("the engine process is gone"))
         error = ModelNotReady("the engine stopped before answering; retry")
         for future, _, _ in self._pending.values():
             if not future.done():
