@@ -17,13 +17,15 @@ front end → engine
     the tensor at ``offset`` of the segment; the answer may use ``size`` bytes there
     ``("cancel", key)``: the caller went away; dropped before compute if still queued
     ``("control", id, "load"|"unload", model)``: model control (v2 repository API)
+    ``("families", id)``: every process's metric families (v2 statistics)
     ``("collected", id, families)``: the answer to ``collect``
 engine → front end
     ``("settings", Settings)``, then ``("registry", snapshot, loaded)`` at each change
     ``("done", key, dtype, shape)``: outputs written at the request's offset
     ``("done", key, array)``: outputs too large for the slot, carried in the message
     ``("failed", key, exception)``, ``("cancelled", key)``
-    ``("controlled", id, exception or None)``, ``("collect", id)``
+    ``("answer", id, value, exception or None)``: to ``control`` and ``families``
+    ``("collect", id)``: this front end's own metric families, for /metrics
     ``("forget", model, version)``: the engine forgot an unloaded version's series
 
 A request is answered exactly once, and only then may the front end reuse its slot.
