@@ -475,6 +475,7 @@ def _exit_status(code: int) -> str:
 async def run(settings: Settings, frontends: int) -> int:
     """The engine's process: see the module docstring."""
     threads.name_process("rs-engine")
+    threads.name_current("event_loop")
     removed = shm.remove_stale()
     if removed:
         log.info("removed %d shared-memory segment(s) left by a server that crashed",
