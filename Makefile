@@ -65,9 +65,10 @@ bench: $(STAMP) deps-system
 	$(BIN)/python -m bench run
 
 # The acceptance run on an NVIDIA GPU (bench/gpu_check.py): its own venv with the gpu extra
-# (CUDA, cuDNN and cuBLAS wheels; only the driver comes from the host), then builds, serves
-# with --device cuda, checks and measures. Exit 2 without a GPU. DEVICE=cpu: the small dry
-# run the test suite runs, in the ordinary venv.
+# (CUDA, cuDNN and cuBLAS wheels; only the driver comes from the host) and perf_analyzer (the
+# front-end sweep's load; libb64-0d installed as root when absent), then builds, serves with
+# --device cuda, checks, measures and runs the front-end sweep (1, 2, 4, 8 front ends). Exit
+# 2 without a GPU. DEVICE=cpu: the small dry run the test suite runs, in the ordinary venv.
 DEVICE ?= cuda
 GPU_VENV := .venv-gpu
 gpu-check:
@@ -78,6 +79,11 @@ else
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
 	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ./clients/python -e '.[gpu,builder,dev]'
+	test -x $(GPU_VENV)/perf-analyzer/bin/perf_analyzer || \
+		$(GPU_VENV)/bin/python -m pip install --quiet --no-deps --target $(GPU_VENV)/perf-analyzer 'tritonclient==2.41.0'
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d; } || \
+		echo "note: no libb64-0d: the front-end sweep's load comes from the SDK instead of perf_analyzer" >&2
 	$(GPU_VENV)/bin/python -m bench gpu_check --device $(DEVICE)
 endif
 

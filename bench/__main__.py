@@ -8,7 +8,8 @@
 - ``python -m bench spin``: ONNX Runtime's thread spinning, A/B in one process (`bench.spin`).
 - ``python -m bench gpu_check``: the acceptance run on an NVIDIA GPU (`bench.gpu_check`).
 - ``python -m bench frontend``: the serving path's own cost per request, against raw ONNX
-  Runtime and a bare grpc.aio server on the same stack (`bench.frontend`).
+  Runtime and a bare grpc.aio server on the same stack (`bench.frontend`), and the server
+  with 0, 1, 2, 4 front-end processes side by side (`bench.frontends`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``python -m bench gpu_check`` (``make gpu-check``): the acceptance run on an NVIDIA GPU.
 
 One command, from a fresh clone on a bare GPU machine (``make gpu-check`` installs the
-``gpu`` extra first), in at most about 8 minutes:
+``gpu`` extra first), in at most about 8 minutes, and about 4 more for step 6 (60 slices
+of 2 s, each with perf_analyzer's start-up):
 
 1. builds ARCH (resnet50) in fp32 and fp16, and trains the digits model in both;
 2. serves them all with ``--device DEVICE`` (bench.serving, the bench's one harness);
@@ -13,10 +14,15 @@ One command, from a fresh clone on a bare GPU machine (``make gpu-check`` instal
    fp32's top-1 margin exceeds twice fp16's error bound (near-ties are counted, not failed);
 5. measures raw ONNX Runtime on DEVICE (batch 1 and max_batch_size) and the server
    (Classify, uint8, the bench's load generator) at each concurrency;
-6. writes ``gpu-check.json`` and ``gpu-check.md`` into --out.
+6. runs the front-end sweep of ``python -m bench frontend`` (`bench.frontends`) on DEVICE:
+   the null model and resnet20 (uint8 input, built here) served by one process and by 1,
+   2, 4 and 8 front ends, requests/s, p50, p99 and batch size at concurrency 1, 16 and 64,
+   CPU per request by process and the ceiling projected for 16 and 32 cores;
+7. writes ``gpu-check.json`` and ``gpu-check.md`` into --out.
 
 Without a GPU, ``--device cuda`` exits 2 and says why. ``--device cpu`` is the dry run,
-small and fast (resnet20, 1 training epoch, short windows): the test suite runs it.
+small and fast (resnet20, 1 training epoch, short windows; the sweep: the null model, one
+process against one front end, at one concurrency): the test suite runs it.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from resnet_serve_client import Client
 from resnet_serve_client.proto.inference import grpc_service_pb2 as v2
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import load, raw, serving
-from bench.repository import Served
+from bench import frontend, frontends, load, null_model, raw, serving
+from bench.repository import Served, build_missing
 from server.config import Settings
 from server.repository import (
     MODEL_FILE,
@@ -67,6 +73,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--concurrency", default="1,16,64", help="default: 1,16,64")
     parser.add_argument("--seconds", type=float, help="per level; default 10 on cuda, 1 on cpu")
     parser.add_argument("--photos", type=Path, help="folder of JPEGs; default: the shared photos")
+    parser.add_argument(
+        "--frontends", help="the sweep's front-end counts; default 0,1,2,4,8 on cuda, 0,1 on cpu"
+    )
+    parser.add_argument(
+        "--sweep-concurrency", help="the sweep's concurrencies; default 1,16,64 on cuda, 4 on cpu"
+    )
+    parser.add_argument(
+        "--sweep-seconds", type=float, help="per sweep cell; default 4 on cuda, 0.6 on cpu"
+    )
     parser.add_argument("--work", type=Path, default=HERE / "results" / "tmp" / "gpu-check")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.set_defaults(func=main)
@@ -235,6 +250,30 @@ def speed(server: serving.Server, repo: Path, name: str, device: str, levels: li
     return {"raw": raw_rows, "server": rows}
 
 
+def sweep(args: argparse.Namespace, dry: bool) -> dict[str, Any]:
+    """The front-end sweep (`bench.frontends`) on `args.device`: full on a GPU, tiny dry."""
+    models = (null_model.NAME,) if dry else ("resnet20", null_model.NAME)
+    source = args.work / "models"
+    build_missing(source, [m for m in models if m != null_model.NAME])
+    repo = args.work / "sweep" / "repo"
+    served = frontend.serve_models(models, source, repo, max_batch_size=64)
+    plan = frontends.SweepPlan(
+        models=models,
+        frontends=_ints(args.frontends or ("0,1" if dry else "0,1,2,4,8")),
+        concurrencies=_ints(args.sweep_concurrency or ("4" if dry else "1,16,64")),
+        seconds=args.sweep_seconds or (0.6 if dry else 4.0),
+        rounds=1 if dry else 2,
+        warmup=0.0 if dry else 1.0,
+        device=args.device,
+    )
+    requests = {model.name: frontend.request_for(model) for model in served}
+    return frontends.run(repo, requests, plan, args.work / "sweep")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# gpu-check: {results['arch']} on {results['device']} ({results['gpu']})", "",
@@ -259,6 +298,8 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["speed"]["server"]:
         lines.append(f"| {row['concurrency']} | {row.get('img_per_s')} | {row.get('p50_ms')} | "
                      f"{row.get('p99_ms')} | {row['batch_mean']} |")  # fmt: skip
+    if "sweep" in results:
+        lines += ["", "## Front-end sweep", "", *frontends.markdown(results["sweep"])]
     return "\n".join(lines) + "\n"
 
 
@@ -282,12 +323,14 @@ def main(args: argparse.Namespace) -> int:
         providers = provider_check(server, sorted(names.values()), expected)
         logits = logits_check(server.address, repo, names, args.photos)
         measured = speed(server, repo, names["fp32"], args.device, levels, seconds)
+    swept = sweep(args, dry)
     passed = providers["passed"] and all(v.get("passed", True) for v in logits.values())
     results = {
         "arch": arch, "device": args.device,
         "gpu": platform.processor() if dry else _gpu_name(),
         "onnxruntime": ort.__version__, "passed": passed, "providers": providers,
-        "logits": logits, "speed": measured, "seconds": round(time.monotonic() - started, 1),
+        "logits": logits, "speed": measured, "sweep": swept,
+        "seconds": round(time.monotonic() - started, 1),
         "warmup_log": serving_lines(log),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

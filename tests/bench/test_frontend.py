@@ -20,7 +20,8 @@ def test_frontend_measures_server_and_floor_and_writes_the_report(
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nprose\n\n{frontend.BEGIN}\nold\n{frontend.END}\n\nafter\n")
     code = main([
-        "frontend", "--repo", str(model_repo), "--no-build", "--models", f"cifar,{null_model.NAME}",
+        "frontend", "--parts", "cost", "--repo", str(model_repo), "--no-build",
+        "--models", f"cifar,{null_model.NAME}",
         "--concurrency", "1,2", "--batch-sizes", "1,2", "--max-batch-size", "4",
         "--warmup", "0.1", "--seconds", "0.4", "--rounds", "2", "--raw-seconds", "0.05",
         "--reference-seconds", "0.05", "--work", str(tmp_path / "work"),

@@ -42,4 +42,12 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     }  # fmt: skip
     assert {"fp32_random", "fp32_photos", "fp16_photos", "fp16_digits"} == set(results["logits"])
     assert [row["concurrency"] for row in results["speed"]["server"]] == [1, 4]
-    assert "PASSED" in (out / "gpu-check.md").read_text()
+    # the front-end sweep, tiny: the null model, one process against one front end
+    sweep = results["sweep"]
+    assert sweep["plan"]["device"] == "cpu" and sweep["processes"]["1"]["frontends"] == 1
+    assert {(r["frontends"], r["concurrency"]) for r in sweep["rows"]} == {(0, 4), (1, 4)}
+    for row in sweep["rows"]:
+        assert row["ok"] > 0 and not row["errors"] and row["server_requests"] >= row["ok"], row
+    assert set(sweep["ceilings"][1]["projected"]) == {"16", "32"}
+    text = (out / "gpu-check.md").read_text()
+    assert "PASSED" in text and "## Front-end sweep" in text

@@ -1,0 +1,247 @@
+"""The front-end sweep (`bench.frontends`): its arithmetic, the CPU of a real server's
+process tree by role, its counts from the merged /metrics, and a tiny run end to end.
+Nothing here is timed or compared."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from resnet_serve_client.bench import LevelResult
+from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+
+from bench import frontend, frontends, null_model
+from bench.__main__ import main
+from bench.frontends import Counts, Proc
+from bench.repository import Served
+from bench.serving import start
+from server.repository import MODEL_FILE, ModelConfig, latest_version
+
+TICKS = frontends._TICKS
+
+
+# the arithmetic
+
+
+def test_ceiling_is_the_engine_or_the_front_ends_whichever_binds_first() -> None:
+    assert frontends.ceiling(100, 1000, 16) == pytest.approx(10_000)  # the engine binds
+    assert frontends.ceiling(500, 1000, 16) == pytest.approx(2_000)
+    assert frontends.ceiling(50, 4000, 16) == pytest.approx(15 * 1e6 / 4000)  # front ends bind
+    assert frontends.ceiling(50, 4000, 32) == pytest.approx(31 * 1e6 / 4000)
+    assert frontends.ceiling(100, 1000, 2) == pytest.approx(1_000)  # one core each
+    for bad in ((100, 1000, 1), (0, 1000, 16), (100, 0, 16)):
+        with pytest.raises(ValueError):
+            frontends.ceiling(*bad)
+
+
+def test_ceilings_project_each_split_and_keep_the_single_process_measured() -> None:
+    rows = [
+        _row("null", 0, 64, 1200.0, {"whole": 800.0}),
+        _row("null", 2, 64, 1500.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+        _row("null", 2, 16, 1400.0, {"engine": 300.0, "frontends": 1100.0, "whole": 1400.0}),
+    ]
+    single, split_ = frontends.ceilings(rows)
+    assert single["frontends"] == 0 and single["ceiling"] == 1250 and "projected" not in single
+    assert single["req_per_s"] == 1200.0 and single["concurrency"] == 64  # read at 64
+    assert split_["projected"] == {"16": 4000, "32": 4000}  # the engine binds: 1e6 / 250
+    assert frontends.ceilings(rows[2:])[0]["concurrency"] == 16  # the top one without 64
+
+
+def test_concurrency_is_split_between_at_most_the_client_processes() -> None:
+    assert frontends.split(1, 4) == [1]
+    assert frontends.split(2, 4) == [1, 1]
+    assert frontends.split(16, 4) == [4, 4, 4, 4]
+    assert frontends.split(64, 4) == [16, 16, 16, 16]
+    assert frontends.split(6, 4) == [2, 2, 1, 1]
+    assert sum(frontends.split(67, 4)) == 67
+
+
+def test_clients_at_once_add_their_rates_and_keep_every_latency() -> None:
+    a, b = LevelResult(4, None, 1), LevelResult(4, None, 1)
+    a.ok, a.seconds, a.latencies = 100, 1.0, [0.001] * 100
+    b.ok, b.seconds, b.latencies = 50, 0.5, [0.002] * 50
+    b.errors["UNAVAILABLE"] += 2
+    merged = frontends.merge([a, b], 8)
+    assert merged.ok == 150 and len(merged.latencies) == 150
+    assert merged.throughput == pytest.approx(200.0)  # 100/s + 100/s
+    assert merged.errors == Counter({"UNAVAILABLE": 2}) and merged.concurrency == 8
+    nothing = frontends.merge([LevelResult(1, None, 1)], 1)
+    assert nothing.ok == 0 and nothing.throughput == 0.0
+
+
+METRICS = """\
+# HELP resnet_serve_requests_total Classification requests by outcome.
+# TYPE resnet_serve_requests_total counter
+resnet_serve_requests_total{model="null",version="1",code="OK"} 120.0
+resnet_serve_requests_total{model="null",version="2",code="OK"} 30.0
+resnet_serve_requests_total{model="null",version="1",code="UNAVAILABLE"} 4.0
+resnet_serve_requests_total{model="resnet20",version="1",code="OK"} 999.0
+# HELP resnet_serve_batch_size Images per session run.
+# TYPE resnet_serve_batch_size histogram
+resnet_serve_batch_size_bucket{model="null",version="1",le="1.0"} 10.0
+resnet_serve_batch_size_bucket{model="null",version="1",le="+Inf"} 40.0
+resnet_serve_batch_size_count{model="null",version="1"} 40.0
+resnet_serve_batch_size_sum{model="null",version="1"} 150.0
+resnet_serve_batch_size_count{model="resnet20",version="1"} 7.0
+resnet_serve_batch_size_sum{model="resnet20",version="1"} 999.0
+"""
+
+
+def test_counts_read_one_models_requests_and_batches_from_metrics() -> None:
+    null = frontends.counts(METRICS, "null")
+    assert null == Counts(ok=150.0, failed=4.0, batch_sum=150.0, batch_count=40.0)
+    assert frontends.counts(METRICS, "resnet20") == Counts(999.0, 0.0, 999.0, 7.0)
+    assert frontends.counts(METRICS, "absent") == Counts()
+    assert null - Counts(50.0, 1.0, 50.0, 20.0) == Counts(100.0, 3.0, 100.0, 20.0)
+
+
+def test_a_stat_line_is_read_past_a_comm_with_spaces_and_parentheses() -> None:
+    fields = ["S", "41"] + ["0"] * 9 + [str(3 * TICKS), str(TICKS)] + ["0"] * 30
+    proc = frontends.parse_stat(7, f"7 (rs x) (y)) {' '.join(fields)}")
+    assert proc == Proc(7, 41, "rs x) (y)", 4.0)
+
+
+def test_the_tree_holds_the_root_and_its_descendants_only() -> None:
+    procs = [Proc(1, 0, "init", 0), Proc(10, 1, "rs-engine", 0), Proc(11, 10, "rs-frontend-0", 0),
+             Proc(12, 10, "rs-frontend-1", 0), Proc(13, 12, "helper", 0),
+             Proc(20, 1, "rs-engine", 0)]  # fmt: skip
+    assert set(frontends.process_tree(10, procs)) == {10, 11, 12, 13}
+    assert frontends.process_tree(99, procs) == {}
+    tree = frontends.process_tree(10, procs)
+    assert frontends.roles_of(tree) == {"engine": 1, "frontends": 2, "other": 1}
+
+
+def test_cpu_by_role_counts_deltas_new_processes_whole_and_notes_the_gone() -> None:
+    before = {10: Proc(10, 1, "rs-engine", 5.0), 11: Proc(11, 10, "rs-frontend-0", 2.0),
+              12: Proc(12, 10, "rs-frontend-1", 1.0)}  # fmt: skip
+    after = {10: Proc(10, 1, "rs-engine", 5.5), 11: Proc(11, 10, "rs-frontend-0", 3.0),
+             14: Proc(14, 10, "rs-frontend-1", 0.25), 15: Proc(15, 10, "sh", 0.125)}  # fmt: skip
+    spent = frontends.cpu_by_role(before, after)
+    assert spent == {"engine": 0.5, "frontends": 1.25, "other": 0.125, "whole": 1.875}
+    assert frontends.replaced(before, after) == 1  # front end 12 died, 14 replaced it
+
+
+def test_a_cells_row_gives_cpu_per_request_by_role_and_the_mean_batch() -> None:
+    result = LevelResult(64, None, 1)
+    result.ok, result.seconds, result.latencies = 1000, 2.0, [0.01] * 1000
+    cell = frontends.Cell("null", 2, 64, 4, LevelResult(64, None, 1))
+    cell.add(result, Counts(1000.0, 0.0, 3000.0, 500.0),
+             {"engine": 0.25, "frontends": 0.75, "other": 0.0, "whole": 1.0}, 0)  # fmt: skip
+    row = cell.row()
+    assert row["cpu_us_per_request"] == {"engine": 250.0, "frontends": 750.0, "whole": 1000.0}
+    assert row["batch_mean"] == 6.0 and row["server_requests"] == 1000
+    assert row["req_per_s"] == 500.0 and row["server_cores"] == 0.5
+    single = frontends.Cell("null", 0, 64, 4, LevelResult(64, None, 1))
+    single.add(result, Counts(1000.0, 0.0, 1000.0, 1000.0),
+               {"engine": 0.0, "frontends": 0.0, "other": 1.0, "whole": 1.0}, 0)  # fmt: skip
+    assert single.row()["cpu_us_per_request"] == {"whole": 1000.0}
+
+
+def test_the_report_states_the_ratios_against_the_single_process() -> None:
+    rows = [
+        _row("null", 0, 1, 500.0, {"whole": 900.0}, p50=1.0),
+        _row("null", 1, 1, 400.0, {"engine": 300.0, "frontends": 900.0, "whole": 1200.0}, p50=1.5),
+        _row("null", 2, 1, 400.0, {"engine": 300.0, "frontends": 900.0, "whole": 1200.0}, p50=1.5),
+        _row("null", 0, 64, 1000.0, {"whole": 800.0}),
+        _row("null", 1, 64, 1500.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+        _row("null", 2, 64, 2400.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+    ]
+    plan = frontends.SweepPlan(models=("null",), frontends=(0, 1, 2), concurrencies=(1, 64))
+    text = "\n".join(frontends.markdown(
+        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
+    ))  # fmt: skip
+    assert "| 64 | 2 front ends | 4 | 2400 | 2.40 | 1.60 |" in text
+    assert "| 1 | 1 front end | 1 | 400 | 0.80 | 1.00 | 1.50 | +0.50 |" in text
+    assert "| null | single process | – | – | 800 | 1000 | 1,250 (one process) |" in text
+    assert "| null | 2 front ends | 250 | 1,000 | 1,250 | 2400 | 4,000 | 4,000 |" in text
+    assert "c=64: best split (2 front ends) / single 2.40, 2 front ends / 1 1.60" in text
+    assert "p50 1 front end − single +0.50 ms" in text
+
+
+def _row(model: str, n: int, c: int, rate: float, us: dict[str, float],
+         p50: float = 10.0) -> dict[str, object]:  # fmt: skip
+    return {"model": model, "frontends": n, "concurrency": c, "clients": min(4, c),
+            "req_per_s": rate, "p50_ms": p50, "p99_ms": 2 * p50, "batch_mean": 1.0,
+            "server_cores": 1.0, "cpu_us_per_request": us, "errors": {},
+            "processes_replaced": 0}  # fmt: skip
+
+
+# a real server
+
+
+def _null_repo(tmp_path: Path) -> tuple[Path, Served]:
+    repo = tmp_path / "repo"
+    null_model.build(repo)
+    config = ModelConfig.load(repo / null_model.NAME)
+    model_file = latest_version(repo / null_model.NAME) / MODEL_FILE
+    return repo, Served(null_model.NAME, config, model_file)
+
+
+def test_cpu_by_role_of_a_server_with_two_front_ends(tmp_path: Path) -> None:
+    repo, served = _null_repo(tmp_path)
+    flags = ["--device", "cpu", "--no-reflection", "--frontends", "2"]
+    server = start(repo, tmp_path / "server.log", flags)
+    try:
+        tree = frontends.process_tree(server.process.pid)
+        assert frontends.roles_of(tree) == {"engine": 1, "frontends": 2, "other": 0}
+        assert tree[server.process.pid].comm == frontends.ENGINE
+        assert {p.comm for p in tree.values()} == {"rs-engine", "rs-frontend-0", "rs-frontend-1"}
+        request = frontend.request_for(served)
+        before_counts = frontends.counts(server.metrics(), served.name)
+        before = frontends.process_tree(server.process.pid)
+        sent = 300
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
+        for _ in range(3):  # three connections, so that both front ends may take some
+            with grpc.insecure_channel(server.address, options=options) as channel:
+                stub = v2_grpc.GRPCInferenceServiceStub(channel)
+                for _call in range(sent // 3):
+                    stub.ModelInfer(request, timeout=30)
+        after = frontends.process_tree(server.process.pid)
+        counted = frontends.counts(server.metrics(), served.name) - before_counts
+        spent = frontends.cpu_by_role(before, after)
+    finally:
+        assert server.stop() == 0
+    # every process's requests, merged into the engine's /metrics; one image per run's item
+    assert counted.ok == sent and counted.failed == 0
+    assert counted.batch_sum == sent and 1 <= counted.batch_count <= sent
+    assert spent["engine"] > 0 and spent["frontends"] > 0 and spent["other"] == 0
+    assert spent["whole"] == pytest.approx(spent["engine"] + spent["frontends"])
+    assert frontends.replaced(before, after) == 0
+
+
+def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    cost = f"{frontend.BEGIN}\nthe cost, kept\n{frontend.END}"
+    doc.write_text(f"# Benchmarks\n\n{cost}\n\n{frontend.SWEEP_BEGIN}\nold\n"
+                   f"{frontend.SWEEP_END}\n\nafter\n")  # fmt: skip
+    code = main([
+        "frontend", "--parts", "sweep", "--repo", str(tmp_path / "none"), "--no-build",
+        "--models", null_model.NAME, "--frontends", "0,1", "--concurrency", "1,4",
+        "--sweep-seconds", "0.8", "--rounds", "2", "--work", str(tmp_path / "work"),
+        "--results", str(tmp_path / "results"), "--doc", str(doc),
+    ])  # fmt: skip
+    assert code == 0
+    (path,) = (tmp_path / "results").glob("frontend-*.json")
+    sweep = json.loads(path.read_text())["sweep"]
+    assert sweep["processes"] == {
+        "0": {"engine": 0, "frontends": 0, "other": 1},
+        "1": {"engine": 1, "frontends": 1, "other": 0},
+    }
+    cells = {(r["model"], r["frontends"], r["concurrency"]): r for r in sweep["rows"]}
+    assert set(cells) == {(null_model.NAME, n, c) for n in (0, 1) for c in (1, 4)}
+    for (_, n, c), row in cells.items():
+        assert row["ok"] > 0 and not row["errors"], row
+        assert row["server_requests"] >= row["ok"] and row["server_failed"] == 0, row
+        assert row["clients"] == (1 if c == 1 else 4) and row["batch_mean"] >= 1
+        roles = {"whole"} if n == 0 else {"engine", "frontends", "whole"}
+        assert set(row["cpu_us_per_request"]) == roles, row
+        assert row["processes_replaced"] == 0
+    (single, split_) = sweep["ceilings"]
+    assert single["concurrency"] == 4 and single["ceiling"] > 0
+    assert set(split_["projected"]) == {"16", "32"}
+    text = doc.read_text()
+    assert text.startswith(f"# Benchmarks\n\n{cost}\n\n") and text.endswith("\n\nafter\n")
+    assert "\nold\n" not in text and path.name in text and "ceiling, 32 cores" in text
