@@ -82,14 +82,15 @@ def snapshot(registry: ModelRegistry) -> list[tuple[Any, ...]]:
         (
             model.name,
             model.config,
-            [
-                (mv.version, mv.labels, mv.path, mv.state.value, mv.reason, mv.providers,
-                 mv.weights, mv.random_weights)  # fmt: skip
-                for mv in model.versions.values()
-            ],
+            [_version_row(mv) for mv in model.versions.values()],
         )
         for model in registry.models()
     ]
+
+
+def _version_row(mv: ModelVersion) -> tuple[Any, ...]:
+    return (mv.version, mv.labels, mv.path, mv.state.value, mv.reason, mv.providers,
+            mv.weights, mv.random_weights)  # fmt: skip
 
 
 class Link:
@@ -212,7 +213,8 @@ class Link:
     async def _control(self, ident: int, op: str, name: str) -> None:
         assert self.channel is not None
         try:
-            await (self.engine.manager.load(name) if op == "load" else self.engine.manager.unload(name))
+            manager = self.engine.manager
+            await (manager.load(name) if op == "load" else manager.unload(name))
         except Exception as exc:
             error: BaseException | None = _portable(exc)
         else:
@@ -260,7 +262,7 @@ class Link:
 class Request:
     """One front end's request in the engine: its queued items, answered once all are done."""
 
-    __slots__ = ("link", "key", "served", "offset", "size", "items", "_pending")
+    __slots__ = ("_pending", "items", "key", "link", "offset", "served", "size")
 
     def __init__(
         self, link: Link, key: int, served: ModelVersion, offset: int, size: int, items: list[Item]
@@ -365,7 +367,7 @@ class Engine:
             await link.start()
         waits = [asyncio.ensure_future(link.hello.wait()) for link in self.links]
         exits = [asyncio.ensure_future(link.gone.wait()) for link in self.links]
-        done, _ = await asyncio.wait(
+        await asyncio.wait(
             [asyncio.gather(*waits), *exits], timeout=HELLO_TIMEOUT,
             return_when=asyncio.FIRST_COMPLETED,
         )  # fmt: skip

@@ -68,7 +68,9 @@ def _one(families: _Families, mv: ModelVersion) -> pb.ModelStatistics:
     metrics = families.metrics
     labels = {"model": mv.name, "version": mv.version}
 
-    def _value(family: MetricWrapperBase, suffix: str, labels: dict[str, str], **more: str) -> float:
+    def _value(
+        family: MetricWrapperBase, suffix: str, labels: dict[str, str], **more: str
+    ) -> float:
         return _sum(families(family), suffix, labels, **more)
 
     def _histogram(family: Histogram, labels: dict[str, str]) -> pb.StatisticDuration:
