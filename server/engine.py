@@ -17,10 +17,15 @@ front end → engine
     the tensor at ``offset`` of the segment; the answer may use ``size`` bytes there
     ``("cancel", key)``: the caller went away; dropped before compute if still queued
     ``("control", id, "load"|"unload", model)``: model control (v2 repository API)
+    ``("shared_memory", id, "register", name, key, offset, byte_size)``,
+    ``("shared_memory", id, "unregister", name)``: the engine's table of system
+    shared-memory regions (`server.shared_memory`)
     ``("families", id)``: every process's metric families (v2 statistics)
     ``("collected", id, families)``: the answer to ``collect``
 engine → front end
     ``("settings", Settings)``, then ``("registry", snapshot, loaded)`` at each change
+    ``("regions", snapshot)``: the shared-memory regions, at start and at each change
+    (before the ``answer`` to the ``shared_memory`` that made it)
     ``("done", key, dtype, shape)``: outputs written at the request's offset
     ``("done", key, array)``: outputs too large for the slot, carried in the message
     ``("failed", key, exception)``, ``("cancelled", key)``
@@ -107,6 +112,7 @@ class Link:
         self.hello = asyncio.Event()
         self.gone = asyncio.Event()
         self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
+        self.last: list[Metric] = []  # its families as last collected
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -118,6 +124,7 @@ class Link:
         self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
         self.channel.send(("settings", self.engine.frontend_settings))
         self.channel.send(("registry", self.engine.snapshot(), self.engine.health_loaded()))
+        self.channel.send(("regions", self.engine.shared_memory.snapshot()))
 
     # from the front end
 
@@ -138,6 +145,8 @@ class Link:
                 self.engine.spawn(self._control(*message[1:]))
             elif kind == "families":
                 self.engine.spawn(self._families(message[1]))
+            elif kind == "shared_memory":
+                self._shared_memory(*message[1:])
             elif kind == "hello":
                 self._hello(message[1], message[2])
 
@@ -222,24 +231,39 @@ class Link:
         self.engine.broadcast_now()  # the registry the answer speaks of, before the answer
         self.channel.send(("answer", ident, None, error))
 
+    def _shared_memory(self, ident: int, op: str, *args: Any) -> None:
+        """A registration on the engine's table; every front end's mirror has the new table
+        before the answer."""
+        assert self.channel is not None
+        try:
+            self.engine.shared_memory.apply(op, *args)
+        except Exception as exc:
+            error: BaseException | None = _portable(exc)
+        else:
+            error = None
+            self.engine.broadcast_regions()
+        self.channel.send(("answer", ident, None, error))
+
     async def _families(self, ident: int) -> None:
         assert self.channel is not None
         self.channel.send(("answer", ident, await self.engine.families(), None))
 
     async def collect(self) -> list[Metric]:
-        """The front end's metric families (empty if it does not answer in time)."""
+        """The front end's metric families; the last it gave when it does not answer in time
+        (so that a counter never goes backwards because a front end was busy)."""
         if self.channel is None or self.channel.closed or not self.hello.is_set():
-            return []
+            return self.last
         ident = next(self.engine.ids)
         future = asyncio.get_running_loop().create_future()
         self.collecting[ident] = future
         self.channel.send(("collect", ident))
         try:
-            return await asyncio.wait_for(future, COLLECT_TIMEOUT)
+            self.last = await asyncio.wait_for(future, COLLECT_TIMEOUT) or self.last
         except TimeoutError:
-            return []
+            pass
         finally:
             self.collecting.pop(ident, None)
+        return self.last
 
     def on_closed(self) -> None:
         """The front end is gone: drop its requests, forget its segment."""
@@ -286,6 +310,24 @@ class Request:
             item.future.cancel()
 
 
+def counting(families: list[Metric], forget: tuple[str, str] | None = None) -> list[Metric]:
+    """The counters, histograms and summaries of `families` (without the series of the
+    model version `forget`)."""
+    kept = []
+    for family in families:
+        if family.type not in ("counter", "histogram", "summary"):
+            continue
+        copy = Metric(family.name, family.documentation, family.type, family.unit)
+        copy.samples = [
+            sample
+            for sample in family.samples
+            if forget is None
+            or (sample.labels.get("model"), sample.labels.get("version")) != forget
+        ]
+        kept.append(copy)
+    return kept
+
+
 def _portable(exc: BaseException) -> BaseException:
     """`exc` as it crosses to a front end: a domain error as is, anything else as an internal
     error that says nothing of its internals (the engine logs it)."""
@@ -301,6 +343,8 @@ class Engine:
         self.core = core
         self.registry = core.registry
         self.manager = core.manager
+        assert core.shared_memory is not None
+        self.shared_memory = core.shared_memory  # the server's one table of regions
         self.frontend_settings = settings
         self.links = [Link(self, i) for i in range(frontends)]
         self.ids = itertools.count()
@@ -309,13 +353,17 @@ class Engine:
         self._dirty = False
         self._supervisors: list[asyncio.Task[None]] = []
         self._reserved: list[socket.socket] = []
+        # the counters and histograms of front ends that died, still shown on /metrics
+        self.retired: list[Metric] = []
         core.health.listeners.append(self._changed)
         core.metrics.on_forget = self._forget_everywhere
 
     def _forget_everywhere(self, model: str, version: str) -> None:
         """An unloaded version's series leave every front end too (its counts of requests
         live there), before the registry change that follows the unload."""
+        self.retired = counting(self.retired, forget=(model, version))
         for link in self.links:
+            link.last = counting(link.last, forget=(model, version))
             if link.channel is not None and not link.channel.closed:
                 link.channel.send(("forget", model, version))
 
@@ -342,6 +390,12 @@ class Engine:
             return
         self._dirty = False
         message = ("registry", self.snapshot(), self.health_loaded())
+        for link in self.links:
+            if link.channel is not None and not link.channel.closed:
+                link.channel.send(message)
+
+    def broadcast_regions(self) -> None:
+        message = ("regions", self.shared_memory.snapshot())
         for link in self.links:
             if link.channel is not None and not link.channel.closed:
                 link.channel.send(message)
@@ -395,6 +449,8 @@ class Engine:
             await asyncio.sleep(RESTART_DELAY)
             if self.draining:
                 return
+            # what it counted stays counted: /metrics' counters never go backwards
+            self.retired = merge_families([self.retired, counting(link.last)])
             fresh = Link(self, link.index)
             self.links[link.index] = link = fresh
             await link.start()
@@ -436,7 +492,7 @@ class Engine:
         slow shows nothing this time)."""
         own = list(self.core.metrics.registry.collect())
         theirs = await asyncio.gather(*(link.collect() for link in self.links))
-        return merge_families([own, *theirs])
+        return merge_families([own, *theirs, self.retired])
 
     def metrics_registry(self) -> CollectorRegistry:
         self._loop = asyncio.get_running_loop()
