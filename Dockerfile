@@ -154,6 +154,11 @@ STOPSIGNAL SIGTERM
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD python -m server.healthcheck "127.0.0.1:${RESNET_SERVE_PORT}" --timeout 3
+# Exec form: `resnet-serve serve` is PID 1 and gets SIGTERM itself. With front ends
+# (RESNET_SERVE_FRONTENDS) it is the engine (rs-engine); it starts them as its children
+# (rs-frontend-<i>: `python -m server.frontend` from this venv, nothing fetched at run time),
+# and on SIGTERM drains them, reaps them and exits. Their segments live in /dev/shm: give
+# the container (front ends + 1) x RESNET_SERVE_FRONTEND_SHM_BYTES of it (docs/deploy.md).
 ENTRYPOINT ["resnet-serve", "serve"]
 
 
@@ -216,4 +221,9 @@ STOPSIGNAL SIGTERM
 # hadolint ignore=DL3025
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD python -m server.healthcheck "127.0.0.1:${RESNET_SERVE_PORT}" --timeout 3
+# Exec form: `resnet-serve serve` is PID 1 and gets SIGTERM itself. With front ends
+# (RESNET_SERVE_FRONTENDS) it is the engine (rs-engine); it starts them as its children
+# (rs-frontend-<i>: `python -m server.frontend` from this venv, nothing fetched at run time),
+# and on SIGTERM drains them, reaps them and exits. Their segments live in /dev/shm: give
+# the container (front ends + 1) x RESNET_SERVE_FRONTEND_SHM_BYTES of it (docs/deploy.md).
 ENTRYPOINT ["resnet-serve", "serve"]

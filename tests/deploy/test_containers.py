@@ -12,6 +12,10 @@ ports, a read-only root filesystem and a tmpfs /tmp; nginx balances them.
 - Classify and v2 ModelInfer through nginx reach every replica.
 - `docker stop` of one replica under steady load from both APIs: no call fails,
   the container exits 0.
+- A fourth container with RESNET_SERVE_FRONTENDS=2 and the /dev/shm that
+  tests/deploy/sizing.py gives two front ends: PID 1 is rs-engine, its children
+  rs-frontend-0 and rs-frontend-1; it serves a Classify; `docker stop` (SIGTERM
+  to PID 1) drains all three processes and it exits 0.
 
 Marked `docker`; skipped with the reason where Docker cannot run (not Linux, not
 root and no daemon, docker.io or debootstrap missing: `make deps-system`).
@@ -31,7 +35,7 @@ import pytest
 
 from bench import serving
 from deploy import images
-from tests.deploy import nginx, procs
+from tests.deploy import nginx, procs, sizing
 from tests.deploy.load import Load
 
 ARCH = "resnet20"
@@ -43,6 +47,7 @@ STOP_TIMEOUT = 40  # docker stop -t: longer than the grace period
 BEFORE_STOP = 40  # calls completed before `docker stop`
 AFTER_EXIT = 40  # calls completed after the stopped container has exited
 SPREAD_CALLS = 30
+FRONTENDS = 2  # the container that runs an engine and front ends
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -99,34 +104,42 @@ def _health(docker: images.Docker, name: str) -> str:
     return state["Health"]["Status"]
 
 
+def _start(docker: images.Docker, image: str, suffix: str, *options: str) -> Container:
+    """A detached container of `image` on the host network with ports of its own."""
+    container = Container(f"resnet-serve-test-{os.getpid()}-{suffix}", serving.free_port(),
+                          serving.free_port(), serving.free_port())  # fmt: skip
+    docker.run(
+        "run", "--detach", "--name", container.name, "--network", "host",
+        "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
+        "--env", f"RESNET_SERVE_PORT={container.port}",
+        "--env", f"RESNET_SERVE_HTTP_PORT={container.http_port}",
+        "--env", f"RESNET_SERVE_METRICS_PORT={container.metrics_port}",
+        "--env", "RESNET_SERVE_HOST=127.0.0.1",
+        "--env", "RESNET_SERVE_METRICS_HOST=127.0.0.1",
+        *options, image, *SERVER_FLAGS,
+    )  # fmt: skip
+    return container
+
+
+def _wait_healthy(docker: images.Docker, container: Container) -> None:
+    try:
+        procs.wait_until(lambda: _health(docker, container.name) == "healthy", None,
+                         f"{container.name}: HEALTHCHECK healthy", every=1)  # fmt: skip
+    except AssertionError as exc:
+        health = _inspect(docker, container.name)["State"].get("Health")
+        logs = docker.run("logs", container.name, check=False)
+        output = (logs.stdout + logs.stderr)[-3000:]
+        raise AssertionError(f"{exc}\nhealth: {health}\nlogs:\n{output}") from None
+
+
 @pytest.fixture(scope="module")
 def replicas(docker: images.Docker, image: str) -> Iterator[list[Container]]:
     started: list[Container] = []
     try:
         for index in range(3):
-            container = Container(f"resnet-serve-test-{os.getpid()}-{index}",
-                                  serving.free_port(), serving.free_port(),
-                                  serving.free_port())  # fmt: skip
-            docker.run(
-                "run", "--detach", "--name", container.name, "--network", "host",
-                "--user", "10001:10001", "--read-only", "--tmpfs", "/tmp",
-                "--env", f"RESNET_SERVE_PORT={container.port}",
-                "--env", f"RESNET_SERVE_HTTP_PORT={container.http_port}",
-                "--env", f"RESNET_SERVE_METRICS_PORT={container.metrics_port}",
-                "--env", "RESNET_SERVE_HOST=127.0.0.1",
-                "--env", "RESNET_SERVE_METRICS_HOST=127.0.0.1",
-                image, *SERVER_FLAGS,
-            )  # fmt: skip
-            started.append(container)
+            started.append(_start(docker, image, str(index)))
         for container in started:
-            try:
-                procs.wait_until(lambda c=container: _health(docker, c.name) == "healthy", None,
-                                 f"{container.name}: HEALTHCHECK healthy", every=1)  # fmt: skip
-            except AssertionError as exc:
-                health = _inspect(docker, container.name)["State"].get("Health")
-                logs = docker.run("logs", container.name, check=False)
-                output = (logs.stdout + logs.stderr)[-3000:]
-                raise AssertionError(f"{exc}\nhealth: {health}\nlogs:\n{output}") from None
+            _wait_healthy(docker, container)
         yield started
     finally:
         for container in started:
@@ -221,3 +234,63 @@ def test_docker_stop_under_load_fails_no_call(
     for survivor in replicas[1:]:
         assert _health(docker, survivor.name) == "healthy"
 
+
+# --- an engine and its front ends in one container -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split(docker: images.Docker, image: str) -> Iterator[Container]:
+    """One container running an engine and FRONTENDS front ends, /dev/shm sized for them."""
+    shm = sizing.shm_bytes(FRONTENDS, sizing.default_segment())
+    container = _start(docker, image, "frontends", "--shm-size", str(shm),
+                       "--env", f"RESNET_SERVE_FRONTENDS={FRONTENDS}")  # fmt: skip
+    try:
+        _wait_healthy(docker, container)
+        yield container
+    finally:
+        docker.run("rm", "--force", container.name, check=False)
+
+
+def _processes(docker: images.Docker, name: str) -> dict[int, tuple[str, int]]:
+    """{pid: (comm, parent pid)} inside the container, read from /proc as docs/deploy.md
+    shows (the image has no ps); the exec's own shell and grep are in it too."""
+    script = "grep -H . /proc/[0-9]*/comm; grep -H . /proc/[0-9]*/stat"
+    out = docker.run("exec", name, "sh", "-c", script, check=False).stdout
+    comms, parents = {}, {}
+    for line in out.splitlines():
+        path, _, value = line.partition(":")
+        pid, kind = int(path.split("/")[2]), path.split("/")[3]
+        if kind == "comm":
+            comms[pid] = value
+        else:  # "pid (comm) state ppid ...": the comm may hold spaces and parentheses
+            parents[pid] = int(value.rsplit(")", 1)[1].split()[1])
+    return {pid: (comm, parents.get(pid, -1)) for pid, comm in comms.items()}
+
+
+def test_front_ends_run_as_children_of_the_engine_and_drain_on_docker_stop(
+    docker: images.Docker, split: Container
+) -> None:
+    from resnet_serve_client import Client
+
+    found = {pid: p for pid, p in _processes(docker, split.name).items()
+             if p[0].startswith("rs-")}  # fmt: skip
+    assert found.get(1, ("",))[0] == "rs-engine", f"PID 1 is the engine: {found}"
+    frontends = sorted(comm for pid, (comm, _) in found.items() if pid != 1)
+    assert frontends == [f"rs-frontend-{i}" for i in range(FRONTENDS)], found
+    assert all(parent == 1 for pid, (_, parent) in found.items() if pid != 1), found
+
+    with Client(split.address, timeout=60) as client:
+        (result,) = client.classify(procs.jpeg(), model=MODEL, top_k=3)
+    assert result.model == MODEL and len(result.classes) == 3
+    # /metrics is the engine's, one view of every process
+    assert procs.requests_total(split.metrics_port, "OK") == 1
+
+    docker.run("stop", "--time", str(STOP_TIMEOUT), split.name, timeout=STOP_TIMEOUT + 60)
+    state = _inspect(docker, split.name)["State"]
+    logs = docker.run("logs", split.name, check=False)
+    output = logs.stdout + logs.stderr
+    assert not state["Running"] and state["ExitCode"] == 0, (state, output[-3000:])
+    assert not state["OOMKilled"]
+    # SIGTERM reached the engine (PID 1), which passed it on to each front end
+    assert output.count("SIGTERM received: draining") == FRONTENDS + 1, output[-3000:]
+    assert "killing it" not in output, output[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy import nginx
+from tests.deploy import nginx, sizing
 from tests.deploy.dockerfile import ROOT
 
 DOC = ROOT / "docs" / "deploy.md"
@@ -74,3 +74,15 @@ def test_keda_table_matches_the_scaledobject() -> None:
     shown = {row[0].strip("`"): (re.search(r"resnet_serve_\w+", row[1])[0], row[2])
              for row in _table("| trigger | query")}  # fmt: skip
     assert shown == triggers
+
+
+def test_sizing_table_follows_the_formula() -> None:
+    """Each row of *Processes in a pod*'s table is tests/deploy/sizing.py's rule."""
+    rows = _table("| F | S | requests.cpu |")
+    assert rows, "the sizing table"
+    for count, segment, cpu, shm, memory in rows:
+        f, s = int(count), int(segment.removesuffix(" MiB")) << 20
+        assert int(cpu) == sizing.cpus(f), count
+        assert int(shm.removesuffix(" MiB")) << 20 == sizing.shm_bytes(f, s), count
+        assert int(memory.split(" MiB")[0]) << 20 == sizing.memory(f, s), count
+    assert "(F + 1) x S" in DOC.read_text()

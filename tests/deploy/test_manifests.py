@@ -9,7 +9,10 @@ schema (tests/deploy/schemas/keda.yaml), the HPA behavior it embeds as an
 autoscaling/v2 HPA's, its Prometheus queries against the server's families.
 ServiceMonitor (Prometheus Operator) is checked structurally. Envoy, Prometheus,
 compose and the Grafana dashboard are parsed and checked for the properties the
-deployment relies on.
+deployment relies on. Every pod that runs resnet-serve (the Deployment's, the
+ServingRuntime's, the InferenceService's) sets its front-end count and gives the
+processes what tests/deploy/sizing.py says they need: CPU, a memory-backed
+/dev/shm, memory covering both; compose's shm_size covers what auto can start.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy import dockerfile, prom
+from tests.deploy import dockerfile, prom, sizing
 from tests.deploy.dockerfile import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -198,6 +201,187 @@ def test_prometheus_scrape_annotations_point_at_metrics() -> None:
     assert str(metrics_port["containerPort"]) == _image_env()["RESNET_SERVE_METRICS_PORT"]
 
 
+# --- front ends: CPU, /dev/shm and memory -------------------------------------------------
+
+
+def _runs_resnet_serve(container: dict[str, Any]) -> bool:
+    return container.get("image", "").rsplit("/", 1)[-1].split(":")[0] == "resnet-serve"
+
+
+def _kserve_merged(isvc: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+    """The pod KServe makes of an InferenceService and its runtime: the model's container
+    fields merged into the runtime's container (env by name, resources key by key), the
+    predictor's volumes beside the runtime's."""
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    (container,) = runtime["spec"]["containers"]
+    merged = json.loads(json.dumps(container))
+    env = {e["name"]: e for e in merged.get("env", [])}
+    merged["env"] = list((env | {e["name"]: e for e in model.get("env", [])}).values())
+    for kind, values in model.get("resources", {}).items():
+        merged.setdefault("resources", {}).setdefault(kind, {}).update(values)
+    merged["volumeMounts"] = merged.get("volumeMounts", []) + model.get("volumeMounts", [])
+    volumes = runtime["spec"].get("volumes", []) + predictor.get("volumes", [])
+    return {"containers": [merged], "volumes": volumes}
+
+
+def _server_pods() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Every pod spec under deploy/k8s that runs resnet-serve, with its server container."""
+    pods: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for _, doc in _all_k8s():
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
+            pod = doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "ServingRuntime":
+            pod = doc["spec"]
+        elif doc["kind"] == "InferenceService":
+            runtime = _one("ServingRuntime", doc["spec"]["predictor"]["model"]["runtime"])
+            pod = _kserve_merged(doc, runtime)
+        else:
+            continue
+        for container in pod["containers"]:
+            if _runs_resnet_serve(container):
+                name = f"{doc['kind']}/{doc['metadata']['name']}/{container['name']}"
+                pods[name] = (pod, container)
+    return pods
+
+
+SERVER_PODS = _server_pods()
+
+
+def _gpu(container: dict[str, Any]) -> bool:
+    resources = container.get("resources", {})
+    return any("nvidia.com/gpu" in resources.get(kind, {}) for kind in ("requests", "limits"))
+
+
+def _frontend_problems(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """What the pod lacks for the front ends its server container starts (sizing.py)."""
+    env = _env(container)
+    count = sizing.frontends(env.get("RESNET_SERVE_FRONTENDS"))
+    if count is None:
+        # the images' auto follows the node (the GPU image's CUDA provider, the cores)
+        return ["RESNET_SERVE_FRONTENDS is auto: set the count the resources are sized for"]
+    if count == 0:
+        return []
+    segment = int(env.get("RESNET_SERVE_FRONTEND_SHM_BYTES") or sizing.default_segment())
+    need = sizing.shm_bytes(count, segment)
+    problems = []
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    shm = volumes.get(mounts.get("/dev/shm", ""), {}).get("emptyDir")
+    size = 0.0
+    if shm is None:
+        problems.append("no emptyDir mounted at /dev/shm (the runtime's own is 64Mi)")
+    else:
+        if shm.get("medium") != "Memory":
+            problems.append("/dev/shm's emptyDir is not medium: Memory")
+        if "sizeLimit" not in shm:
+            problems.append("/dev/shm's emptyDir has no sizeLimit (it would be the node's memory)")
+        size = sizing.k8s_quantity(shm.get("sizeLimit", 0))
+        if size < need:
+            problems.append(f"/dev/shm sizeLimit {size:.0f} < (front ends + 1) x segment = {need}")
+    resources = container.get("resources", {})
+    requests, limits = resources.get("requests", {}), resources.get("limits", {})
+    cpu = sizing.k8s_quantity(requests.get("cpu", 0))
+    if cpu < sizing.cpus(count):
+        problems.append(f"requests.cpu {cpu:g} < front ends + 1 = {sizing.cpus(count)}")
+    for resource in ("cpu", "memory"):
+        if resource in limits and sizing.k8s_quantity(limits[resource]) < sizing.k8s_quantity(
+            requests.get(resource, 0)
+        ):
+            problems.append(f"limits.{resource} < requests.{resource}")
+    # the emptyDir may fill up to its sizeLimit, all of it charged to the container's memory
+    want = sizing.memory(count, segment) - need + max(size, need)
+    for kind, values in (("requests", requests), ("limits", limits)):
+        got = sizing.k8s_quantity(values.get("memory", 0))
+        if got < want:
+            problems.append(f"{kind}.memory {got:.0f} < engine + front ends + /dev/shm "
+                            f"= {want:.0f}")  # fmt: skip
+    return problems
+
+
+def test_every_server_pod_is_checked() -> None:
+    assert set(SERVER_PODS) == {
+        "Deployment/resnet-serve/server",
+        "ServingRuntime/resnet-serve/kserve-container",
+        "InferenceService/resnet-serve/kserve-container",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(SERVER_PODS))
+def test_front_ends_have_their_cpu_shm_and_memory(name: str) -> None:
+    pod, container = SERVER_PODS[name]
+    assert _frontend_problems(pod, container) == []
+
+
+def test_gpu_pods_run_front_ends() -> None:
+    gpu = {n: c for n, (_, c) in SERVER_PODS.items() if _gpu(c)}
+    assert gpu, "the Deployment and the InferenceService ask for a GPU"
+    for name, container in gpu.items():
+        count = sizing.frontends(_env(container).get("RESNET_SERVE_FRONTENDS"))
+        assert count is not None and count >= 1, name
+
+
+def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    container["env"] = [e for e in container["env"] if e["name"] != name] + [
+        {"name": name, "value": value}
+    ]
+
+
+def _shm_volume(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    return next(v for v in pod["volumes"] if v["name"] == mount["name"])
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [(lambda pod, c: _set_env(c, "RESNET_SERVE_FRONTENDS", "auto"), "is auto"),
+     (lambda pod, c: _set_env(c, "RESNET_SERVE_FRONTENDS", "8"), "sizeLimit"),
+     (lambda pod, c: _set_env(c, "RESNET_SERVE_FRONTEND_SHM_BYTES", str(256 << 20)), "sizeLimit"),
+     (lambda pod, c: c["volumeMounts"].pop(), "no emptyDir mounted at /dev/shm"),
+     (lambda pod, c: _shm_volume(pod)["emptyDir"].pop("medium"), "medium: Memory"),
+     (lambda pod, c: _shm_volume(pod)["emptyDir"].pop("sizeLimit"), "no sizeLimit"),
+     (lambda pod, c: _shm_volume(pod)["emptyDir"].update(sizeLimit="64Mi"), "sizeLimit"),
+     (lambda pod, c: _shm_volume(pod)["emptyDir"].update(sizeLimit="8Gi"), "limits.memory"),
+     (lambda pod, c: c["resources"]["requests"].update(cpu="4"), "requests.cpu"),
+     (lambda pod, c: c["resources"]["limits"].update(memory="5Gi"), "limits.memory"),
+     (lambda pod, c: c["resources"]["requests"].update(memory="4Gi"), "requests.memory")],
+    ids=["auto", "more front ends", "larger segments", "no mount", "on disk", "no size",
+         "small", "large", "cpu", "memory limit", "memory request"],
+)  # fmt: skip
+def test_front_end_check_is_not_a_no_op(change: Any, expected: str) -> None:
+    pod = json.loads(json.dumps(_one("Deployment")["spec"]["template"]["spec"]))
+    container = next(c for c in pod["containers"] if _runs_resnet_serve(c))
+    assert _frontend_problems(pod, container) == []
+    change(pod, container)
+    problems = _frontend_problems(pod, container)
+    assert any(expected in p for p in problems), problems
+
+
+def test_single_process_needs_no_shm() -> None:
+    pod = json.loads(json.dumps(_one("Deployment")["spec"]["template"]["spec"]))
+    container = next(c for c in pod["containers"] if _runs_resnet_serve(c))
+    _set_env(container, "RESNET_SERVE_FRONTENDS", "0")
+    container["volumeMounts"] = []
+    assert _frontend_problems(pod, container) == []
+
+
+def test_deployment_comments_state_the_sizes() -> None:
+    """The figures written beside the values are the values."""
+    pod, container = SERVER_PODS["Deployment/resnet-serve/server"]
+    env = _env(container)
+    count = int(env["RESNET_SERVE_FRONTENDS"])
+    segment = int(env["RESNET_SERVE_FRONTEND_SHM_BYTES"])
+    text = (K8S / "deployment.yaml").read_text()
+    assert f"RESNET_SERVE_FRONTENDS ({count})" in text
+    assert f"RESNET_SERVE_FRONTEND_SHM_BYTES ({segment >> 20}Mi)" in text
+    assert f"({count} front ends + 1) x {segment >> 20}Mi" in text
+    assert f"{count} front ends + 1 engine" in text
+    assert sizing.k8s_quantity(_shm_volume(pod)["emptyDir"]["sizeLimit"]) == sizing.shm_bytes(
+        count, segment
+    )
+
+
 # --- CRDs, checked structurally ----------------------------------------------------------
 
 
@@ -287,8 +471,9 @@ def test_kserve_servingruntime() -> None:
     assert spec["annotations"]["prometheus.kserve.io/port"] == _image_env()[
         "RESNET_SERVE_METRICS_PORT"
     ]
-    kubernetes_validate.validate(_pod(runtime["metadata"]["name"], spec["containers"]),
-                                 K8S_VERSIONS[-1], strict=True)  # fmt: skip
+    pod = _pod(runtime["metadata"]["name"], spec["containers"])
+    pod["spec"]["volumes"] = spec.get("volumes", [])
+    kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
 
 
 def test_kserve_inferenceservice_uses_the_runtime() -> None:
@@ -306,8 +491,9 @@ def test_kserve_inferenceservice_uses_the_runtime() -> None:
     # the model's container fields merge into the runtime's container
     (container,) = runtime["spec"]["containers"]
     merged = {**container, **{k: v for k, v in model.items() if k in CONTAINER_FIELDS}}
-    kubernetes_validate.validate(_pod(isvc["metadata"]["name"], [merged]), K8S_VERSIONS[-1],
-                                 strict=True)  # fmt: skip
+    pod = _pod(isvc["metadata"]["name"], [merged])
+    pod["spec"]["volumes"] = _kserve_merged(isvc, runtime)["volumes"]
+    kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
 
 
 # --- KEDA: scaling on queue depth and in-flight requests ----------------------------------
@@ -434,6 +620,22 @@ def test_compose_services(compose: dict[str, Any]) -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (COMPOSE / source).exists(), f"{name}: {source} missing"
+
+
+def test_compose_shm_size_covers_the_front_ends(compose: dict[str, Any]) -> None:
+    """Docker's /dev/shm is 64 MiB unless shm_size says otherwise: enough for the most front
+    ends the environment's default asks for (auto: as many as it ever starts)."""
+    server = compose["services"]["server"]
+
+    def default(value: str) -> str:
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+    env = {k: default(str(v)) for k, v in server["environment"].items()}
+    count = sizing.frontends(env.get("RESNET_SERVE_FRONTENDS"))
+    most = sizing.auto_most() if count is None else count
+    segment = int(env.get("RESNET_SERVE_FRONTEND_SHM_BYTES") or sizing.default_segment())
+    assert most == 8
+    assert sizing.docker_bytes(default(str(server["shm_size"]))) >= sizing.shm_bytes(most, segment)
 
 
 @pytest.fixture(scope="module")
