@@ -13,7 +13,8 @@ token or is refused with UNAUTHENTICATED.
 `Guard.wrap` is applied to each method's handler once, when it is registered
 (`server.handlers.wrap_registrations`), not by an interceptor on every call; it
 decides once per method what the call needs (a probe is neither counted nor
-checked) and answers each call with one function.
+checked) and answers each call with one function. With tracing on (`server.tracing`), a
+call that is not a probe is a SERVER span, its parent the caller's ``traceparent``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from server import tracing
 from server.auth import TokenCheck
 from server.drain import Drain
 from server.errors import Draining, QueueFull, Unauthenticated, to_status, to_trailers
@@ -125,8 +127,14 @@ class Guard:
         # probes are answered while draining too: balancers poll them to see it
         admit = None if is_probe(method) else self._admission
         if inspect.isasyncgenfunction(answer):
-            return replace_behavior(handler, _streaming(answer, method, admit))
-        return replace_behavior(handler, _unary(answer, method, admit))
+            streaming = _streaming(answer, method, admit)
+            if tracing.ENABLED and admit is not None:  # decided once per method
+                streaming = _traced_streaming(streaming, method)
+            return replace_behavior(handler, streaming)
+        unary = _unary(answer, method, admit)
+        if tracing.ENABLED and admit is not None:
+            unary = _traced_unary(unary, method)
+        return replace_behavior(handler, unary)
 
 
 async def _admit(admission: Admission, method: str, context: grpc.aio.ServicerContext) -> None:
@@ -174,3 +182,43 @@ def _streaming(
                 admission.done()
 
     return guarded
+
+
+def _code(context: grpc.aio.ServicerContext, failed: bool) -> int:
+    """The call's status code as a number (OK unless one was set, UNKNOWN if it raised)."""
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.UNKNOWN.value[0] if failed else 0
+    return code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
+
+
+def _traced_unary(
+    answer: Callable[..., Awaitable[Any]], method: str
+) -> Callable[..., Awaitable[Any]]:
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with tracing.grpc_span(method, context.invocation_metadata(), context.peer()) as span:
+            failed = True
+            try:
+                response = await answer(request, context)
+                failed = False
+                return response
+            finally:
+                tracing.grpc_status(span, _code(context, failed))
+
+    return traced
+
+
+def _traced_streaming(
+    answer: Callable[..., AsyncIterator[Any]], method: str
+) -> Callable[..., AsyncIterator[Any]]:
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with tracing.grpc_span(method, context.invocation_metadata(), context.peer()) as span:
+            failed = True
+            try:
+                async for response in answer(request, context):
+                    yield response
+                failed = False
+            finally:
+                tracing.grpc_status(span, _code(context, failed))
+
+    return traced

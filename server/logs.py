@@ -1,7 +1,8 @@
 """Logging: one line per event, text or JSON, with the request id carried along.
 
 Servicers set `REQUEST_ID` for the duration of a request; every record
-logged in that context carries it (``request_id`` field, ``-`` outside).
+logged in that context carries it (``request_id`` field, ``-`` outside). With tracing on
+(`server.tracing`), a JSON line logged while a span is active carries its ``trace_id``.
 
 Messages carry what callers sent (model names, tensor names, datatypes, request ids).
 In the text format every character that is not printable (newlines, carriage returns,
@@ -20,6 +21,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
 
+from server import tracing
 from server.errors import InvalidInput
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
@@ -55,6 +57,8 @@ class TextFormatter(logging.Formatter):
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        if tracing.ENABLED:
+            record.trace_id = tracing.trace_id()
         return True
 
 
@@ -67,6 +71,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from server import config, logs
+from server import config, logs, tracing
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,3 +48,5 @@ def run(args: argparse.Namespace) -> int:
     except app.StartupError as exc:
         logging.getLogger("server.app").error("%s", exc)
         return 1
+    finally:
+        tracing.shutdown()  # the spans still buffered are exported

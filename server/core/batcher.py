@@ -42,9 +42,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from server import tracing
 from server.core.health import Watchdog
 from server.core.instances import Instance, Instances, Item
 from server.errors import DeadlineExceeded, QueueFull
@@ -133,11 +135,17 @@ class Batcher:
         return np.concatenate(outputs)
 
     def enqueue(
-        self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
+        self,
+        inputs: np.ndarray,
+        *,
+        deadline: float | None = None,
+        request_id: str = "",
+        trace: Any = None,
     ) -> list[Item]:
         """`submit` without waiting: the queued items, each with the future of its rows
         (`server.engine` answers from their callbacks). Cancelling an item's future drops
-        it before compute."""
+        it before compute. `trace`: the request's span context (`server.tracing`; the
+        current span's when None)."""
         assert self._loop is not None and self._wakeup is not None, "start() first"
         count = len(inputs)
         limit = self.batching.max_queue_size  # a request is never larger (server.validation)
@@ -150,8 +158,10 @@ class Batcher:
             )
         now = self._loop.time()
         step = self.batching.max_batch_size
+        if trace is None and tracing.ENABLED:
+            trace = tracing.current()
         items = [
-            Item(inputs[i : i + step], self._loop.create_future(), now, deadline, request_id)
+            Item(inputs[i : i + step], self._loop.create_future(), now, deadline, request_id, trace)
             for i in range(0, count, step)
         ]
         self._queue.extend(items)

@@ -11,6 +11,8 @@ their results handed back to the callers on the event loop.
 - A failing batch is retried item by item, so one bad request fails alone.
 - Every run is told to the version's `server.core.health.Watchdog` (its time, whether it
   failed).
+- With tracing on (`server.tracing`), every run is a ``batch`` span linked to the requests
+  it serves, each of which gets a ``queue`` span from its arrival to the run's start.
 
 What runs when is the batcher's to decide (`server.core.batcher`); it hands a batch to a
 free instance (`Instances.execute`) and is told when the instance is free again.
@@ -26,10 +28,11 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from server import threads
+from server import threads, tracing
 from server.core.health import Watchdog
 from server.metrics import VersionMetrics
 from server.sessions import Runner
@@ -46,6 +49,7 @@ class Item:
     arrival: float
     deadline: float | None
     request_id: str
+    trace: Any = None  # the request's span context (`server.tracing`), None untraced
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,7 +74,7 @@ class Instance:
 
     def __init__(self, runner: Runner, name: str) -> None:
         self.runner = runner
-        self._name = name
+        self.name = name
         self._jobs: queue.SimpleQueue[
             tuple[list[np.ndarray], asyncio.AbstractEventLoop, Done] | None
         ]
@@ -87,7 +91,7 @@ class Instance:
     ) -> None:
         """Run the batch made of `parts` (joined on the inference thread, off the loop)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
         self._jobs.put((parts, loop, done))
 
@@ -220,8 +224,9 @@ class Instances:
         delivered.add_done_callback(self._running.discard)
         instance.in_flight.add(delivered)
         delivered.add_done_callback(instance.in_flight.discard)
+        span = self._trace(instance, live, size, started) if tracing.ENABLED else None
         deliver = functools.partial(
-            self._deliver, instance, live, size, started, timer, delivered
+            self._deliver, instance, live, size, started, timer, delivered, span
         )
         instance.submit(parts, loop, deliver)
         return delivered
@@ -234,6 +239,7 @@ class Instances:
         started: float,
         timer: asyncio.TimerHandle,
         delivered: asyncio.Future[None],
+        span: Any,
         outputs: np.ndarray | None,
         error: BaseException | None,
     ) -> None:
@@ -245,6 +251,8 @@ class Instances:
             if len(outputs) != size:
                 error = RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
         self._watchdog.run_ended(timer, seconds, failed=error is not None)
+        if span is not None:
+            tracing.batch_ended(span, error)
         if error is not None:
             delivered.set_exception(error)
             return
@@ -256,6 +264,21 @@ class Instances:
                 item.future.set_result(outputs[offset : offset + item.size])  # type: ignore[index]
             offset += item.size
         delivered.set_result(None)
+
+    def _trace(self, instance: Instance, live: list[Item], size: int, started: float) -> Any:
+        """The run's ``batch`` span and its requests' ``queue`` spans (`server.tracing`)."""
+        return tracing.batch(
+            [(item.trace, item.arrival) for item in live],
+            started,
+            {
+                "resnet_serve.model": self.model,
+                "resnet_serve.model.version": self.version,
+                "resnet_serve.batch.size": size,
+                "resnet_serve.batch.requests": len(live),
+                "resnet_serve.instance": instance.name,
+                "resnet_serve.provider": instance.runner.provider,
+            },
+        )
 
     def _finish(self, instance: Instance, batch: list[Item], done: asyncio.Future[None]) -> None:
         exc = done.exception()

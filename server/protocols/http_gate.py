@@ -8,7 +8,8 @@ of at most ``http_max_body_reads`` at once (more: 503), within ``http_body_timeo
 (408) and ``max_message_bytes`` (413, at once for a larger ``Content-Length``;
 `server.protocols.http_body`). ``Expect: 100-continue`` is answered only once the headers
 pass. A body too slow, too large or not in its coding is the client's doing: no
-traceback, one rate-limited log line for all of them (`server.auth`'s rule).
+traceback, one rate-limited log line for all of them (`server.auth`'s rule). With tracing
+on, every request but the probes is a SERVER span (`Gate.traced`, `server.tracing`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from server import tracing
 from server.auth import RateLimitedLog
 from server.config import Settings
 from server.errors import QueueFull, Unauthenticated
@@ -47,6 +49,39 @@ class Gate:
             log, "HTTP request(s) malformed, too slow, too large or left by the client",
             "; each answered 4xx or closed",
         )  # fmt: skip
+
+    def middlewares(self) -> list[Handler]:
+        """The port's middlewares: `middleware`, inside `traced` when tracing is on."""
+        if tracing.ENABLED:  # decided once, when the port starts
+            return [self.traced, self.middleware]  # type: ignore[list-item]
+        return [self.middleware]  # type: ignore[list-item]
+
+    @web.middleware
+    async def traced(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A SERVER span for every request but the probes (`server.tracing`), its parent
+        the caller's ``traceparent`` header; refusals are answers it records."""
+        if _is_probe(request):
+            return await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else ""
+        attributes = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+        }
+        if route:
+            attributes["http.route"] = route
+        if request.remote:
+            attributes["client.address"] = request.remote
+        agent = request.headers.get("User-Agent")
+        if agent:
+            attributes["user_agent.original"] = agent
+        name = f"{request.method} {route}" if route else request.method
+        with tracing.server_span(name, request.headers, attributes) as span:
+            response = await handler(request)
+            tracing.http_status(span, response.status)
+            return response
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

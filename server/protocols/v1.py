@@ -15,6 +15,7 @@ import grpc
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
+from server import tracing
 from server.context import ServingContext
 from server.core.registry import Model, ModelVersion, State
 from server.errors import InvalidInput
@@ -105,7 +106,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 top_k=request.top_k if request.HasField("top_k") else DEFAULT_TOP_K,
             )
         )
-        return classify_response(result)
+        with tracing.step(tracing.ENCODE):
+            return classify_response(result)
 
 
 _DTYPES = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}

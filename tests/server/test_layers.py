@@ -16,6 +16,7 @@ LAYERS = {
     "server.config": 1,
     "server.errors": 1,
     "server.logs": 1,
+    "server.tracing": 1,
     "server.drain": 1,
     "server.request": 1,
     "server.tensors": 1,
