@@ -51,6 +51,7 @@ from server.core.loader import Loader, limit_malloc_arenas
 from server.core.manager import Manager, RepositoryManager
 from server.core.registry import ModelRegistry
 from server.drain import Drain
+from server.errors import ModelNotFound
 from server.handlers import wrap_registrations
 from server.interceptors import Admission, Calls, Guard
 from server.metrics import Metrics
@@ -93,14 +94,23 @@ def serving_core(settings: Settings) -> Core:
     nothing loaded yet. Raises `StartupError` when the repository cannot be read."""
     metrics = Metrics()
     registry, draining = ModelRegistry(), Drain()
-    health = Health(registry, metrics, draining)
+    health = Health(registry, metrics, draining, models_required=models_required(settings))
     loader = Loader(settings, registry, health, metrics)
     manager = RepositoryManager(settings, registry, loader, health)
     try:
         manager.scan()
+        manager.start_models()  # a --load-model name not in the repository: refused now
     except OSError as exc:
         raise StartupError(f"cannot read the model repository: {exc}") from exc
+    except ModelNotFound as exc:
+        raise StartupError(str(exc)) from exc
     return Core(metrics, registry, draining, health, manager)
+
+
+def models_required(settings: Settings) -> bool:
+    """Whether the server's readiness needs a READY model: not with explicit model control,
+    where the operator loads and unloads them (`server.core.health`)."""
+    return settings.model_control_mode != "explicit"
 
 
 async def start(settings: Settings, core: Core | None = None, *, frontend: bool = False) -> Running:
@@ -354,6 +364,8 @@ async def load(settings: Settings, manager: Manager, health: Health) -> None:
     await manager.load_all()
     if ready_models := health.serving():
         log.info("SERVING: %s", ", ".join(ready_models))
+    elif settings.model_control_mode == "explicit":
+        log.info("no model loaded (explicit model control, no --load-model); ready")
     else:
         log.error("no model could be loaded from %s; health is NOT_SERVING", settings.repo)
     manager.start_polling()

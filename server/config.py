@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.repository import flags
 from server.repository.flags import Flag
@@ -290,6 +290,13 @@ class Settings(BaseSettings):
         "and unload without a restart; explicit: v2 RepositoryModelLoad and "
         "RepositoryModelUnload load and unload models (behind the bearer token)",
     )
+    load_model: Annotated[list[str], NoDecode, Flag(metavar="NAME")] = Field(
+        [],
+        description="with model_control_mode explicit, the models loaded at start (repeat "
+        "the flag for more; * alone: every model; the env var a comma-separated list); the "
+        "others stay unloaded until RepositoryModelLoad. Unset: none. Refused in the other "
+        "modes, which load every model",
+    )
     repository_poll_secs: float = Field(
         15.0, gt=0, description="seconds between rescans of the repository in poll mode"
     )
@@ -347,8 +354,26 @@ class Settings(BaseSettings):
             )
         return int(text)
 
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _model_names(cls, value: object) -> object:
+        """``RESNET_SERVE_LOAD_MODEL=a,b``: a comma-separated list (the flag: one name each)."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError(
+                f"load_model ({', '.join(self.load_model)}) needs model_control_mode explicit, "
+                f"not {self.model_control_mode}: the {self.model_control_mode} mode loads every "
+                "model of the repository at start"
+            )
+        if "*" in self.load_model and len(self.load_model) > 1:
+            raise ValueError(
+                "load_model * (every model) goes alone; give it once, without other names"
+            )
         if self.max_decode_backlog < self.max_images_per_request:
             raise ValueError(
                 f"max_decode_backlog ({self.max_decode_backlog}) must be at least "

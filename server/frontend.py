@@ -325,7 +325,7 @@ async def serve(sock: socket.socket, index: int) -> int:
         shm.unlink(name)  # mapped by both: from now on it has no name
     metrics = Metrics()
     registry, draining = ModelRegistry(), Drain()
-    health = Health(registry, metrics, draining)
+    health = Health(registry, metrics, draining, models_required=app.models_required(settings))
     link.metrics = metrics
     metrics.others = link.families  # ModelStatistics counts every process's calls
     link.mirror = Mirror(link, registry, health, metrics)

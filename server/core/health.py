@@ -8,11 +8,15 @@ grpc.health.v1 (published here to its servicer, `Health.servicer`), v2 ``ServerL
 
 - live (`live`): the process answers;
 - the server is ready (`server_ready`) once start-up loading is done, while a model has a
-  READY version, until the drain begins;
+  READY version, until the drain begins. With ``--model-control-mode explicit``
+  (``models_required`` False) the models are the operator's to load and unload, as in
+  Triton: the server is ready once the models named by ``--load-model`` are loaded (none
+  named: at once; one that cannot be loaded refuses the start), until the drain begins,
+  whatever is loaded or unloaded since;
 - a model (version) is ready (`model_ready`) while it is READY, until the drain begins.
 
 grpc.health.v1 says the same: SERVING for a model's name while it has a READY version,
-and for the server ("") while any model has one, once start-up loading is done; every
+and for the server ("") while `server_ready`; every
 name NOT_SERVING from the start of the drain (`drain`). The repository manager publishes
 each change it makes (`publish`).
 
@@ -47,12 +51,20 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Health:
     """Create it inside the running event loop."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, draining: Drain) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        draining: Drain,
+        *,
+        models_required: bool = True,
+    ) -> None:
         self.servicer = health_aio.HealthServicer()  # grpc.health.v1, as published here
         self._registry = registry
         self._metrics = metrics
         self._draining = draining
         self._loaded = False  # start-up loading done: the server's readiness follows the models
+        self._models_required = models_required  # False: explicit model control
         self._publishing: set[asyncio.Task[None]] = set()
         # told after each change of readiness (the engine mirrors it to its front ends)
         self.listeners: list[Callable[[], None]] = []
@@ -68,12 +80,20 @@ class Health:
         return [m.name for m in self._registry.models() if m.latest_ready() is not None]
 
     def server_ready(self) -> bool:
-        """Start-up loading is done, a model is READY, and the drain has not begun."""
-        return self._loaded and bool(self.serving()) and not self._draining.is_set()
+        """Start-up loading is done, a model is READY (unless `models_required` is off), and
+        the drain has not begun."""
+        return self._loaded and self._has_models() and not self._draining.is_set()
 
     def why_not_ready(self) -> str:
         """Why `server_ready` is False, in a few words."""
-        return "draining" if self._draining.is_set() else "models are loading or none loaded"
+        if self._draining.is_set():
+            return "draining"
+        if self._models_required:
+            return "models are loading or none loaded"
+        return "models are loading"
+
+    def _has_models(self) -> bool:
+        return not self._models_required or bool(self.serving())
 
     def model_ready(self, name: str, version: str = "") -> None:
         """Returns if model `name` (`version`, or its latest READY one) is ready; raises
@@ -134,7 +154,7 @@ class Health:
 
     async def _publish_overall(self) -> None:
         if self._loaded:
-            await self.servicer.set(OVERALL, SERVING if self.serving() else NOT_SERVING)
+            await self.servicer.set(OVERALL, SERVING if self._has_models() else NOT_SERVING)
 
 
 class Watchdog:

@@ -21,7 +21,10 @@ One model is changed by one sync at a time (a lock per model), so a poll and an 
 load of the same model run one after the other. Which versions the policy wants, and
 which are not tried again, is `server.core.policy`'s to say.
 
-Modes (`Settings.model_control_mode`): every mode loads the whole repository at start.
+Modes (`Settings.model_control_mode`): ``none`` and ``poll`` load the whole repository at
+start, ``explicit`` only the models named by ``--load-model`` (``*``: all; none named:
+nothing), the others listed UNAVAILABLE, "unloaded", as after an unload; a name not in the
+repository, or a named model that cannot be loaded, refuses the start, as Triton does.
 ``none``: nothing changes after that. ``poll``: the repository is rescanned every
 ``repository_poll_secs`` (`start_polling`); new models and versions load, removed ones
 unload, ``config.json`` changes of the version policy apply. ``explicit``: v2
@@ -61,6 +64,7 @@ AT_START = "at start-up"
 POLLED = "found by the repository poll"
 REQUESTED = "load requested"
 REMOVED = "removed from the repository"
+NOT_NAMED = "unloaded: not named by --load-model (explicit model control)"
 
 
 class Manager(Protocol):
@@ -125,12 +129,47 @@ class RepositoryManager:
                 )
             self._registry.add(model)
 
+    def start_models(self) -> list[str]:
+        """The models found at start (`scan`) that load at start: all of them, or in
+        explicit mode those ``--load-model`` names. Raises ModelNotFound for a name not in
+        the repository."""
+        found = [model.name for model in self._registry.models()]
+        named = self._settings.load_model
+        if self.mode != "explicit" or named == ["*"]:
+            return found
+        if missing := [name for name in named if name not in found]:
+            raise ModelNotFound(
+                f"--load-model names {', '.join(map(repr, missing))}, not a model of the "
+                f"repository {self._settings.repo} (its models: {', '.join(found) or 'none'})"
+            )
+        return list(dict.fromkeys(named))
+
     async def load_all(self) -> None:
-        """Load every model found at start (`scan`) by its version policy."""
+        """Load the models found at start (`scan`) by their version policy: every one, or
+        in explicit mode those named (`start_models`), the others UNAVAILABLE. Raises
+        ControlRefused when a named model cannot be loaded (explicit mode)."""
+        starting = self.start_models()
         await self._loader.plan_gpu_memory()
         for model in self._registry.models():
-            await self.sync(model.name, AT_START)
+            if model.name in starting:
+                continue
+            self._unloaded.add(model.name)
+            for mv in model.versions.values():
+                mv.state, mv.reason = State.UNAVAILABLE, NOT_NAMED
+            await self._health.publish(model.name)
+        named = self.mode == "explicit"  # a named model that cannot serve refuses the start
+        failed = []
+        for name in starting:
+            failures = await self.sync(name, AT_START)
+            if named and (failures or not self._serves(name)):
+                failed.append(f"model {name}: {'; '.join(failures) or 'no version to serve'}")
+        if failed:
+            raise ControlRefused(f"--load-model: {'; '.join(failed)}")
         await self._health.loaded()
+
+    def _serves(self, name: str) -> bool:
+        model = self._registry.find(name)
+        return model is not None and model.latest_ready() is not None
 
     def start_polling(self) -> None:
         """In poll mode, rescan the repository every ``repository_poll_secs``."""

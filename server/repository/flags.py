@@ -3,7 +3,8 @@
 The one rule by which ``resnet-serve serve`` (`server.config.Settings`) and
 ``resnet-serve build`` (`builder.options.BuildOptions`) get their flags: field ``max_lr``
 becomes ``--max-lr``; a bool becomes ``--x/--no-x``; a Literal or an Enum offers its values
-as choices; the help text is the field's description. Every flag defaults to "not given",
+as choices; a ``list[T]`` is a repeatable flag, each use one element; the help text is the
+field's description. Every flag defaults to "not given",
 so a flag left out leaves the field to the model (its default, or an env var where the
 model reads them). Constraints (``ge``, validators) are checked when the object is built.
 
@@ -84,6 +85,10 @@ def add_arguments(
             )
             continue
         kind, choices = _scalar(field.annotation)
+        if typing.get_origin(field.annotation) is list:  # repeatable: each use adds one
+            (element,) = typing.get_args(field.annotation)
+            kind, choices = _scalar(element)
+            options["action"] = "append"
         if flag.read is not None:
             kind = flag.read
         if flag.const is not None:

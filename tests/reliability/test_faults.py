@@ -290,7 +290,7 @@ def test_a_hundred_load_unload_cycles_return_to_the_first_plateau(
     model_repo: Path, tmp_path: Path, server_factory: Callable[..., serving.Server]
 ) -> None:
     repo = two_models(model_repo, tmp_path / "repo")
-    server = server_factory(repo, "--model-control-mode", "explicit")
+    server = server_factory(repo, "--model-control-mode", "explicit", "--load-model", "*")
     figures: dict[int, int] = {}
     for cycle in range(1, 101):
         control(server, "victim", "unload")

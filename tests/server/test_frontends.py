@@ -56,7 +56,8 @@ from tests.reliability.repos import derive
 from tests.security.certs import PKI, make_pki
 from tests.shared_data import PHOTOS
 
-FLAGS = ["--frontends", "2", "--device", "cpu", "--model-control-mode", "explicit"]
+FLAGS = ["--frontends", "2", "--device", "cpu", "--model-control-mode", "explicit",
+         "--load-model", "*"]
 SHAPE = (3, 32, 32)
 TOKEN = "frontends-test-token-71c2"
 # channels with their own subchannel: each one its own TCP connection

@@ -38,6 +38,7 @@ from tests.server.core.test_manager import add_model, rewrite_verification
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.1")
+EXPLICIT = ("--model-control-mode", "explicit", "--load-model", "*")  # every model at start
 TOKEN = "lifecycle-token"
 WITH_TOKEN = (("authorization", f"Bearer {TOKEN}"),)
 WAIT = 180.0  # seconds: generous, for a busy machine; nothing here asserts a duration
@@ -286,7 +287,7 @@ def test_explicit_load_and_unload_need_the_token(
     model_repo: Path, tmp_path: Path, inprocess_factory: Callable[..., InProcessServer]
 ) -> None:
     repo = cifar_repo(model_repo, tmp_path)
-    server = inprocess_factory(repo, "--model-control-mode", "explicit", "--auth-token", TOKEN)
+    server = inprocess_factory(repo, *EXPLICIT, "--auth-token", TOKEN)
     headers = dict(WITH_TOKEN)
     with server.channel() as channel, grpcclient.InferenceServerClient(server.address) as triton:
         stub = v2_grpc.GRPCInferenceServiceStub(channel)
@@ -431,7 +432,7 @@ def test_http_load_and_unload(
     """The same model control on the HTTP port, through tritonclient.http; off (501) in the
     default mode."""
     repo = cifar_repo(model_repo, tmp_path)
-    server = inprocess_factory(repo, "--model-control-mode", "explicit")
+    server = inprocess_factory(repo, *EXPLICIT)
     assert server.http_url is not None
     triton = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
     try:
