@@ -191,7 +191,7 @@ class HttpServer:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = request[BODY]
-        options = rest.parse_object(body) if body.strip() else {}
+        options = await rest.read_object(body)
         ready = options.get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInput("'ready' must be true or false")
@@ -203,7 +203,7 @@ class HttpServer:
         if request.method == "GET":
             return json_response(log_settings())
         body = request[BODY]
-        changes = rest.parse_object(body) if body.strip() else {}
+        changes = await rest.read_object(body)
         return json_response(update_log_settings(changes) if changes else log_settings())
 
     async def load_model(self, request: web.Request) -> web.Response:
@@ -219,7 +219,7 @@ class HttpServer:
 
     async def _control(self, request: web.Request, known: tuple[str, ...]) -> None:
         body = request[BODY]
-        options = rest.parse_object(body) if body.strip() else {}
+        options = await rest.read_object(body)
         parameters = options.get("parameters", {})
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be a JSON object")
@@ -228,7 +228,7 @@ class HttpServer:
     # inference
 
     async def infer(self, request: web.Request) -> web.Response:
-        body = rest.parse_infer(request[BODY], request.headers.get(rest.HEADER_LENGTH))
+        body = await rest.read_infer(request[BODY], request.headers.get(rest.HEADER_LENGTH))
         result = await self._path.infer(
             body.request(request.match_info["model"], _version(request))
         )

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import brotli
+import numpy as np
 import pytest
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
@@ -725,3 +726,58 @@ def test_peak_rss_of_a_json_request_is_bounded(server: serving.Server, name: str
           f"({grown / len(body):.1f}x)")  # fmt: skip
     assert grown <= RSS_MULTIPLE * len(body)
     still_healthy(server)
+
+
+# a large JSON body is parsed off the event loop
+
+BIG_IMAGES = 1000  # float images of 3x32x32 in one JSON body, each number 10 characters: 34 MB
+PARSE_BOUND = 0.25  # s /v2/health/live may take while that body is parsed
+
+
+@pytest.fixture(scope="module")
+def roomy_server(
+    cifar_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[serving.Server]:
+    """A server with the default ``--max-message-bytes`` (40 MiB), room for the large body."""
+    running = serving.start(
+        cifar_repo, tmp_path_factory.mktemp("large-json-logs") / "server.log",
+        ("--frontends", "0"), env={"RESNET_SERVE_AUTH_TOKEN": TOKEN},
+    )  # fmt: skip
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+def test_a_large_json_body_leaves_other_callers_answered(roomy_server: serving.Server) -> None:
+    """A 34 MB JSON body of float images (1.7 s of `json.loads`) is parsed on a worker thread
+    in short steps: /v2/health/live, asked over and over meanwhile, answers every time within
+    `PARSE_BOUND`, and the body's answer is the one the parse leads to (too many images)."""
+    port = http_port(roomy_server)
+    numbers = ",".join(map("{:.8f}".format, np.random.default_rng(7).random(BIG_IMAGES * 3072)))
+    body = (f'{{"inputs":[{{"name":"images","datatype":"FP32","shape":[{BIG_IMAGES},3,32,32],'
+            f'"data":[{numbers}]}}]}}').encode()  # fmt: skip
+    assert len(body) > 30 * MIB
+    answers: list[Answer | None] = []
+    done = threading.Event()
+
+    def send() -> None:
+        try:
+            answers.append(exchange(port, request("POST", INFER, body), timeout=120))
+        finally:
+            done.set()
+
+    big = threading.Thread(target=send)
+    big.start()
+    health = []
+    live = request("GET", "/v2/health/live", token=False)
+    while not done.is_set():
+        health.append(_timed(lambda: exchange(port, live)))
+        time.sleep(0.005)
+    big.join()
+    print(f"\n{len(body) / MIB:.0f} MiB JSON body: /v2/health/live at most "
+          f"{max(health) * 1000:.0f} ms ({len(health)} probes)")  # fmt: skip
+    [answer] = answers
+    assert answer is not None and answer.status == 400, answer
+    assert f"request has {BIG_IMAGES} images; at most {MAX_IMAGES} are allowed" in answer.message
+    assert len(health) >= 5, "the body was answered before the probes could measure it"
+    assert max(health) < PARSE_BOUND
+    clean_log(roomy_server)

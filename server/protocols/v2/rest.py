@@ -23,13 +23,16 @@ The JSON is read by Python's parser within two limits checked first: nesting at 
 `MAX_DEPTH` deep (brackets outside strings counted at C speed before parsing, so a body
 of 100,000 ``[`` costs a scan, not a recursion), and integers of at most
 ``sys.get_int_max_str_digits()`` digits (4300; Python's own limit, answered as the
-caller's error). Parsing costs the event loop about 25 ms per MB of JSON, and memory up
-to about 24 times the JSON's size (a Python object per element: ``[],`` is 3 bytes of
-JSON and 64 of list); binary tensor data is not parsed at all.
+caller's error). Parsing costs about 25 ms of CPU per MB of JSON, and memory up to about
+24 times the JSON's size (a Python object per element: ``[],`` is 3 bytes of JSON and 64
+of list); binary tensor data is not parsed at all. A body over `OFF_LOOP_BYTES` (1 MiB) is
+parsed on a worker thread in short steps (`server.protocols.v2.json_steps`: `json.loads`
+would hold the GIL throughout), so the event loop answers other callers meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ import numpy as np
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
-from server.protocols.v2 import tensors
+from server.protocols.v2 import json_steps, tensors
 from server.protocols.v2.tensors import BYTES, TensorError
 from server.request import Elements, InferRequest, Invalid, Output, TensorData
 from server.request import Tensor as NeutralTensor
@@ -51,6 +54,7 @@ BINARY_OUTPUT = "binary_data_output"
 BINARY_DATA = "binary_data"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+OFF_LOOP_BYTES = 1 << 20  # a larger JSON body is parsed on a worker thread, in steps
 MAX_DEPTH = 64  # JSON nesting: a tensor's data nests once per dimension, inside 3 levels
 
 
@@ -116,7 +120,24 @@ def _tensor_data(tensor: Tensor) -> TensorData:
     return Elements(data if isinstance(data, list) else [data], "'data'")
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferBody:
+async def read_infer(body: bytes, header_length: str | None) -> InferBody:
+    """`parse_infer`, on a worker thread in short steps (`json_steps`) for a body over
+    `OFF_LOOP_BYTES`, so other callers are answered meanwhile."""
+    if len(body) <= OFF_LOOP_BYTES:
+        return parse_infer(body, header_length)
+    return await asyncio.to_thread(parse_infer, body, header_length, steps=True)
+
+
+async def read_object(body: bytes) -> dict[str, Any]:
+    """`parse_object` (an empty body: {}), off the event loop as `read_infer`."""
+    if not body.strip():
+        return {}
+    if len(body) <= OFF_LOOP_BYTES:
+        return parse_object(body)
+    return await asyncio.to_thread(parse_object, body, steps=True)
+
+
+def parse_infer(body: bytes, header_length: str | None, *, steps: bool = False) -> InferBody:
     """Read an inference request's body; ``header_length`` is the value of the
     ``Inference-Header-Content-Length`` header (None: the whole body is JSON)."""
     view = memoryview(body)
@@ -130,7 +151,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferBody:
         if not 0 <= json_end <= len(view):
             raise TensorError(f"{HEADER_LENGTH} is {json_end} but the body has {len(view)} bytes")
     text = body if json_end == len(view) else view[:json_end]  # the whole body: no copy
-    header = _object(_json(text), "the request body")
+    header = _object(_json(text, steps), "the request body")
     parameters = _object(header.get("parameters", {}), "request parameters")
     binary_output = _flag(parameters, BINARY_OUTPUT, False, "the request")
     raw_inputs = header.get("inputs")
@@ -188,9 +209,9 @@ def _inputs(raw_inputs: list[Any], binary: memoryview) -> list[Tensor]:
     return inputs
 
 
-def parse_object(body: bytes) -> dict[str, Any]:
+def parse_object(body: bytes, *, steps: bool = False) -> dict[str, Any]:
     """A body that must be one JSON object."""
-    return _object(_json(body), "the request body")
+    return _object(_json(body, steps), "the request body")
 
 
 def write_infer(
@@ -268,11 +289,11 @@ def _numbers(message: descriptor.Descriptor, value: dict[str, Any]) -> None:
             value[f.name] = [int(e) for e in item] if isinstance(item, list) else int(item)
 
 
-def _json(data: bytes | memoryview) -> Any:
+def _json(data: bytes | memoryview, steps: bool = False) -> Any:
     text = data if isinstance(data, bytes) else bytes(data)
     _check_depth(text)
     try:
-        return json.loads(text)
+        return json_steps.loads(text) if steps else json.loads(text)
     except UnicodeDecodeError:
         raise TensorError(
             "the request's JSON is not UTF-8 (binary data without "
