@@ -105,9 +105,12 @@ class Health:
     # what changes it
 
     async def start(self) -> None:
-        """Before loading: NOT_SERVING for the server and for every model found."""
-        for name in (OVERALL, *(m.name for m in self._registry.models())):
-            await self.servicer.set(name, NOT_SERVING)
+        """As the server starts serving: NOT_SERVING for the server and for every model found,
+        unless they are ready already (a front end whose mirror came first)."""
+        for model in self._registry.models():
+            await self.servicer.set(model.name, SERVING if model.latest_ready() is not None else NOT_SERVING)
+        await self.servicer.set(OVERALL, NOT_SERVING)
+        await self._publish_overall()
 
     async def loaded(self) -> None:
         """Start-up loading is done: from now on the server's health follows the models."""
