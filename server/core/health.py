@@ -108,7 +108,8 @@ class Health:
         """As the server starts serving: NOT_SERVING for the server and for every model found,
         unless they are ready already (a front end whose mirror came first)."""
         for model in self._registry.models():
-            await self.servicer.set(model.name, SERVING if model.latest_ready() is not None else NOT_SERVING)
+            ready = model.latest_ready() is not None
+            await self.servicer.set(model.name, SERVING if ready else NOT_SERVING)
         await self.servicer.set(OVERALL, NOT_SERVING)
         await self._publish_overall()
 
