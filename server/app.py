@@ -59,6 +59,7 @@ from server.preprocess import Preprocessor
 from server.protocols import v1
 from server.protocols.http import HttpServer
 from server.protocols.v2 import servicer as v2
+from server.shared_memory import SharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class Core:
     draining: Drain
     health: Health
     manager: Manager
+    # The system shared-memory regions: this process's own table (one process, the engine),
+    # or in a front end the mirror of the engine's.
+    shared_memory: SharedMemory | None = None
 
 
 def serving_core(settings: Settings) -> Core:
@@ -104,7 +108,7 @@ def serving_core(settings: Settings) -> Core:
         raise StartupError(f"cannot read the model repository: {exc}") from exc
     except ModelNotFound as exc:
         raise StartupError(str(exc)) from exc
-    return Core(metrics, registry, draining, health, manager)
+    return Core(metrics, registry, draining, health, manager, SharedMemory.of(settings))
 
 
 def models_required(settings: Settings) -> bool:
@@ -131,7 +135,7 @@ async def start(settings: Settings, core: Core | None = None, *, frontend: bool 
     try:  # from here on, one way out on failure
         ctx = ServingContext(
             settings, core.registry, preprocessor, metrics, core.health, core.manager,
-            core.draining,
+            core.draining, core.shared_memory or SharedMemory.of(settings),
         )  # fmt: skip
         calls = Calls(settings.max_concurrent_calls)
         auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP

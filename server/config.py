@@ -264,6 +264,18 @@ class Settings(BaseSettings):
         512, gt=0, description="HTTP request bodies being read at once, server-wide (each at "
         "most max_message_bytes, decompressed); more are answered 503 at once",
     )
+    shared_memory_regions: int = Field(
+        64,
+        ge=0,
+        description="system shared-memory regions registered at once, server-wide (Triton's "
+        "extension: tensors read from and written to /dev/shm); 0 turns the extension off",
+    )
+    shared_memory_bytes: int = Field(
+        4 << 30,
+        gt=0,
+        description="bytes of system shared memory registered at once, server-wide (the sum "
+        "of the regions' byte_size; the server maps none of it, it reads what a request names)",
+    )
 
     # processes
     frontends: Annotated[int | Literal["auto"], Flag(read=str, metavar="N|auto")] = Field(

@@ -12,6 +12,7 @@ from server.drain import Drain
 from server.metrics import Metrics
 from server.preprocess import Preprocessor
 from server.request_path import RequestPath
+from server.shared_memory import SharedMemory
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,13 @@ class ServingContext:
     manager: Manager
     # Begun once when the server starts draining (`Health.drain`, which shares it).
     draining: Drain
+    # The registered system shared-memory regions (`server.shared_memory`).
+    shared_memory: SharedMemory
     # The one request path every adapter calls.
     path: RequestPath = field(init=False)
 
     def __post_init__(self) -> None:
-        path = RequestPath(self.settings, self.registry, self.preprocessor, self.metrics)
+        path = RequestPath(
+            self.settings, self.registry, self.preprocessor, self.metrics, self.shared_memory
+        )
         object.__setattr__(self, "path", path)  # frozen

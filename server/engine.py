@@ -13,8 +13,10 @@ wake-up) and the front end's shared-memory segment (`server.shm`). The messages:
 
 front end → engine
     ``("hello", segment name, size)``: once; the engine maps the segment
-    ``("infer", key, model, version, offset, dtype, shape, deadline, request id, size)``:
-    the tensor at ``offset`` of the segment; the answer may use ``size`` bytes there
+    ``("infer", key, model, version, offset, dtype, shape, deadline, request id, size,
+    trace)``: the tensor at ``offset`` of the segment; the answer may use ``size`` bytes
+    there; ``trace``: the call's span context (trace id, span id, flags) or None
+    (`server.tracing`)
     ``("cancel", key)``: the caller went away; dropped before compute if still queued
     ``("control", id, "load"|"unload", model)``: model control (v2 repository API)
     ``("shared_memory", id, "register", name, key, offset, byte_size)``,
@@ -61,7 +63,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.metrics_core import Metric
 
-from server import app, ipc, shm, threads
+from server import app, ipc, shm, threads, tracing
 from server.config import Settings
 from server.core.batcher import Batcher
 from server.core.instances import Item
@@ -173,6 +175,7 @@ class Link:
         deadline: float | None,
         request_id: str,
         size: int,
+        trace: tuple[int, int, int] | None = None,
     ) -> None:
         """Queue the request on its version's batcher; answered from the items' callbacks
         (no task per request)."""
@@ -182,7 +185,9 @@ class Link:
             batcher = served.scheduler()
             assert isinstance(batcher, Batcher)
             batch = shm.view(self.buffer, offset, dtype, shape)
-            items = batcher.enqueue(batch, deadline=deadline, request_id=request_id)
+            items = batcher.enqueue(
+                batch, deadline=deadline, request_id=request_id, trace=tracing.received(trace)
+            )
         except ServeError as exc:
             self.channel.send(("failed", key, exc))
             return

@@ -60,6 +60,19 @@ class ControlRefused(ServeError):
     or the version asked for cannot be loaded (the message says which and why)."""
 
 
+class RegionNotFound(ServeError):
+    """No shared-memory region of that name is registered."""
+
+
+class AlreadyExists(ServeError):
+    """A shared-memory region of that name is registered already."""
+
+
+class LimitReached(ServeError):
+    """A server-wide cap (shared-memory regions, their bytes) would be passed; the message
+    names the setting."""
+
+
 _CODES: dict[type[ServeError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -70,6 +83,9 @@ _CODES: dict[type[ServeError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ControlRefused: grpc.StatusCode.FAILED_PRECONDITION,
     NotOffered: grpc.StatusCode.UNIMPLEMENTED,
+    RegionNotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    LimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # gRPC's retry policy waits exactly this long before its next attempt (gRFC A6).
@@ -96,6 +112,7 @@ def to_trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
 # full queue too, with Retry-After); codes not listed are 500.
 HTTP_STATUSES: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.ALREADY_EXISTS: 400,  # a shared-memory region registered twice
     grpc.StatusCode.FAILED_PRECONDITION: 400,  # a load or unload the repository refuses
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,

@@ -11,7 +11,9 @@ would (`server.app.start`), except that:
   a READY version's scheduler is `EngineScheduler`: the request's tensor is written
   once into a slot of the segment, its header goes to the engine, and the outputs come
   back in the same slot;
-- model control (v2 load and unload) is asked of the engine (`EngineManager`);
+- model control (v2 load and unload) is asked of the engine (`EngineManager`), and so are
+  system shared-memory registrations: its table of regions is a mirror of the engine's
+  (`server.shared_memory`), replaced at each change before the engine answers;
 - it serves no /metrics: the engine asks each front end for its families and shows one
   view of all processes.
 
@@ -24,6 +26,8 @@ death ends the server). SIGTERM drains it as it would one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import mmap
@@ -35,13 +39,14 @@ from typing import Any
 import numpy as np
 from prometheus_client.metrics_core import Metric
 
-from server import app, ipc, logs, shm, threads
+from server import app, ipc, logs, shm, threads, tracing
 from server.config import Settings
 from server.core.health import Health
 from server.core.registry import Model, ModelRegistry, ModelVersion, State
 from server.drain import Drain
 from server.errors import ModelNotReady
 from server.metrics import Metrics
+from server.shared_memory import SharedMemory
 
 log = logging.getLogger("server.frontend")  # also when run as __main__
 
@@ -69,6 +74,8 @@ class EngineLink:
         self._pending: dict[int, tuple[asyncio.Future[np.ndarray], int, int]] = {}
         self._asked: dict[int, asyncio.Future[tuple[Any, BaseException | None]]] = {}
         self.metrics: Metrics | None = None
+        # the engine's regions, mirrored; registrations are asked of the engine
+        self.shared_memory = SharedMemory(forward=functools.partial(self.ask, "shared_memory"))
 
     # requests
 
@@ -89,8 +96,9 @@ class EngineLink:
         key = next(self._keys)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending[key] = (future, offset, size)
+        trace = tracing.carried() if tracing.ENABLED else None  # the call's span context
         self.channel.send(("infer", key, mv.name, mv.version, offset, inputs.dtype.str,
-                           inputs.shape, deadline, request_id, size))  # fmt: skip
+                           inputs.shape, deadline, request_id, size, trace))  # fmt: skip
         try:
             return await future
         except asyncio.CancelledError:
@@ -147,6 +155,8 @@ class EngineLink:
                 self.snapshot = (message[1], message[2])
                 if self.mirror is not None:
                     self.mirror.apply(*self.snapshot)
+            elif kind == "regions":
+                self.shared_memory.replace(message[1])
             elif kind == "collect":
                 self._collect(message[1])
             elif kind == "forget":  # the engine unloaded the version: its series go here too
@@ -315,6 +325,7 @@ async def serve(sock: socket.socket, index: int) -> int:
     link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed)
     settings = await link.settings
     logs.configure(settings.log_format, settings.log_level)
+    link.shared_memory.limit(settings)
     name = shm.segment_name(os.getppid())
     link.buffer = shm.create(name, settings.frontend_shm_bytes)
     link.slots = shm.Slots(settings.frontend_shm_bytes)
@@ -331,7 +342,8 @@ async def serve(sock: socket.socket, index: int) -> int:
     link.mirror = Mirror(link, registry, health, metrics)
     if link.snapshot is not None:
         link.mirror.apply(*link.snapshot)
-    core = app.Core(metrics, registry, draining, health, EngineManager(settings, link))
+    core = app.Core(metrics, registry, draining, health, EngineManager(settings, link),
+                    link.shared_memory)  # fmt: skip
     running = await app.start(settings, core, frontend=True)
     log.info("front end %d (pid %d) serving", index, os.getpid())
     signalled = app.on_signals(settings.grace_period)
@@ -340,10 +352,8 @@ async def serve(sock: socket.socket, index: int) -> int:
     await asyncio.wait({gone, signal_wait}, return_when=asyncio.FIRST_COMPLETED)
     if link.gone.is_set() and not signalled.is_set():
         log.error("front end %d: the engine process is gone; exiting", index)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(running.stop(), ENGINE_GONE_GRACE)
-        except TimeoutError:
-            pass
         return EXIT_ENGINE_GONE
     signal_wait.cancel()
     await running.stop()
@@ -356,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     fd, index = int(args[0]), int(args[1])
     threads.name_process(f"rs-frontend-{index}")
     sock = socket.socket(fileno=fd)
-    return asyncio.run(serve(sock, index))
+    try:
+        return asyncio.run(serve(sock, index))
+    finally:
+        tracing.shutdown()  # the spans still buffered are exported
 
 
 if __name__ == "__main__":

@@ -38,9 +38,21 @@ class Elements:
     flat: bool = False  # one value per element (typed contents): counted before reading
 
 
+@dataclass(frozen=True, slots=True)
+class SharedRegion:
+    """A tensor's bytes in a registered shared-memory region (Triton's system shared-memory
+    extension): the region's name, and ``byte_size`` bytes at ``offset`` into it. Nothing is
+    checked here: `server.validation` checks the reference against the table and the tensor
+    (`server.shared_memory`) and reads it."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
 # A tensor's data: raw bytes (little-endian, row-major; BYTES length-prefixed), elements,
-# or what the adapter could not read.
-TensorData = bytes | memoryview | Elements | Invalid
+# a shared-memory region's range, or what the adapter could not read.
+TensorData = bytes | memoryview | Elements | SharedRegion | Invalid
 
 
 @dataclass(slots=True)
@@ -72,14 +84,16 @@ Image = bytes | Pixels | Invalid
 @dataclass(slots=True)
 class Output:
     """An output the caller asks for: its name, the classification extension's k (None:
-    the tensor itself), whether it goes back as binary (HTTP), its parameter names, and
-    what the adapter could not read of it."""
+    the tensor itself), whether it goes back as binary (HTTP), its parameter names, the
+    shared-memory range it goes into (then the response carries no data), and what the
+    adapter could not read of it."""
 
     name: str
     classes: Any = None  # an int >= 1 when valid; validation says what else came
     binary: bool = False
     parameters: frozenset[str] = field(default=frozenset(), compare=False)
     invalid: Invalid | None = field(default=None, compare=False)
+    region: SharedRegion | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,8 @@ calls `RequestPath.infer`, and encodes the `Result` as its response. Here, in or
    holding NaN or Inf is refused; otherwise it is computed, as Triton does;
 7. the model version's batcher computes the logits.
 
+With tracing on (`server.tracing`), steps 4 to 6 are the call's ``preprocess`` span.
+
 Errors leave as `server.errors` exceptions (the handler wrapper, or `server.protocols.calls`
 for a stream's messages, maps them to status codes). No protobuf message is imported here.
 """
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server import tracing
 from server.config import Settings
 from server.core.registry import ModelRegistry, ModelVersion
 from server.errors import DeadlineExceeded, InvalidInput
@@ -46,6 +49,7 @@ from server.logs import REQUEST_ID
 from server.metrics import Metrics
 from server.preprocess import Preprocessor
 from server.request import InferRequest
+from server.shared_memory import SharedMemory
 from server.validation import (
     Accepted,
     Checked,
@@ -72,7 +76,9 @@ class RequestPath:
         registry: ModelRegistry,
         preprocessor: Preprocessor,
         metrics: Metrics,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
+        self._shared_memory = shared_memory  # the regions a v2 tensor may refer to
         self._limits = Limits(
             max_images=settings.max_images_per_request,
             max_image_pixels=settings.max_image_pixels,
@@ -107,15 +113,16 @@ class RequestPath:
         with served.hold(), self._metrics.version(served.name, served.version).track_request(
             request.declared_images(), deadline
         ):
-            checked = accept(request, served.config, self._limits)
-            inputs = checked.inputs
-            batch = inputs.tensor
-            if isinstance(batch, Unread):
-                batch = await self._preprocessor.read(batch.read)
-            elif batch is None:
-                batch = await self._prepare(inputs.images, served)
-            if self._limits.reject_non_finite and inputs.sent_tensors:
-                check_finite(batch)
+            with tracing.step(tracing.PREPROCESS):  # a no-op unless tracing is on
+                checked = accept(request, served.config, self._limits, self._shared_memory)
+                inputs = checked.inputs
+                batch = inputs.tensor
+                if isinstance(batch, Unread):
+                    batch = await self._preprocessor.read(batch.read)
+                elif batch is None:
+                    batch = await self._prepare(inputs.images, served)
+                if self._limits.reject_non_finite and inputs.sent_tensors:
+                    check_finite(batch)
             logits = await served.infer(batch, deadline=deadline, request_id=request_id)
         return Result(served, request_id, logits, checked)
 

@@ -15,7 +15,15 @@ Routes (``{v}``: ``/versions/<version>`` optional after the model's name):
   ``POST /v2/repository/models/<name>/load`` and ``/unload``: model control (with
   ``--model-control-mode explicit``; otherwise 501, as gRPC answers UNIMPLEMENTED);
 - ``POST /v2/models/<name>{v}/infer``: inference, JSON tensors or Triton's
-  binary-tensor extension (`server.protocols.v2.rest`), the classification extension;
+  binary-tensor extension (`server.protocols.v2.rest`), the classification extension,
+  tensors in system shared memory;
+- Triton's system shared-memory extension (`server.shared_memory`): ``GET
+  /v2/systemsharedmemory/status`` and ``/v2/systemsharedmemory/region/<name>/status``;
+  ``POST /v2/systemsharedmemory/region/<name>/register`` with ``{"key": "/name",
+  "offset": 0, "byte_size": N}``; ``POST /v2/systemsharedmemory/unregister`` (every
+  region) and ``/v2/systemsharedmemory/region/<name>/unregister``. The same routes under
+  ``/v2/cudasharedmemory`` answer 501 (no CUDA shared memory here, as Triton without
+  GPUs answers);
 - ``POST`` (or ``PUT``, as ``curl -T`` sends) ``/v2/models/<name>{v}/classify``: the
   body is an image file (or a ``multipart/form-data`` form of them); the answer is
   ``Classify``'s as JSON, top ``?top_k=`` (default 5) classes with labels.
@@ -43,9 +51,11 @@ from typing import Any
 
 from aiohttp import web
 
+from server import tracing
 from server.context import ServingContext
 from server.errors import (
     InvalidInput,
+    NotOffered,
 )
 from server.interceptors import Admission
 from server.logs import log_settings, update_log_settings
@@ -58,8 +68,11 @@ from server.protocols.http_body import image_files
 from server.protocols.http_gate import BODY, PROBE, Gate, Handler
 from server.protocols.shared import UNLOAD_PARAMETERS, check_control, classify_response
 from server.protocols.v2 import describe, rest, stats
-from server.protocols.v2.request import output_arrays
+from server.protocols.v2.request import output_arrays, write_shared
+from server.protocols.v2.tensors import encode_raw
 from server.request import InferRequest
+from server.request_path import Result
+from server.shared_memory import CUDA_UNSUPPORTED
 from server.validation import DEFAULT_TOP_K
 
 _MODEL = "/v2/models/{model}"
@@ -83,7 +96,7 @@ class HttpServer:
 
     def application(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._gate.middleware],
+            middlewares=self._gate.middlewares(),
             client_max_size=self._ctx.settings.max_message_bytes,
         )
         router = app.router
@@ -102,6 +115,17 @@ class HttpServer:
         post("/v2/logging", self.logging)
         post("/v2/repository/models/{model}/load", self.load_model)
         post("/v2/repository/models/{model}/unload", self.unload_model)
+        shm, cuda = "/v2/systemsharedmemory", "/v2/cudasharedmemory"
+        get(f"{shm}/status", self.shared_memory_status)
+        get(f"{shm}/region/{{region}}/status", self.shared_memory_status)
+        post(f"{shm}/region/{{region}}/register", self.shared_memory_register)
+        post(f"{shm}/unregister", self.shared_memory_unregister)
+        post(f"{shm}/region/{{region}}/unregister", self.shared_memory_unregister)
+        get(f"{cuda}/status", self.cuda_shared_memory)
+        get(f"{cuda}/region/{{region}}/status", self.cuda_shared_memory)
+        post(f"{cuda}/region/{{region}}/register", self.cuda_shared_memory)
+        post(f"{cuda}/unregister", self.cuda_shared_memory)
+        post(f"{cuda}/region/{{region}}/unregister", self.cuda_shared_memory)
         for base, suffix in ((_MODEL, ""), (_VERSION, "-version")):
             get(f"{base}/ready", self.model_ready, name=f"{PROBE}-model{suffix}")
             get(base, self.model_metadata)
@@ -164,9 +188,11 @@ class HttpServer:
         return json_response({"name": name, "ready": True})
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return json_response(
-            rest.message_json(describe.server_metadata(self._ctx.settings.model_control_mode))
+        settings = self._ctx.settings
+        message = describe.server_metadata(
+            settings.model_control_mode, settings.shared_memory_regions > 0
         )
+        return json_response(rest.message_json(message))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         served = self._registry.get(request.match_info["model"], _version(request))
@@ -225,6 +251,34 @@ class HttpServer:
             raise InvalidInput("'parameters' must be a JSON object")
         check_control(request.match_info["model"], "", parameters, known)
 
+    # system shared memory
+
+    async def shared_memory_status(self, request: web.Request) -> web.Response:
+        regions = self._ctx.shared_memory.status(request.match_info.get("region", ""))
+        return json_response([
+            {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+            for r in regions
+        ])  # fmt: skip
+
+    async def shared_memory_register(self, request: web.Request) -> web.Response:
+        body = request[BODY]
+        options = await rest.read_object(body)
+        key, offset, size = options.get("key"), options.get("offset", 0), options.get("byte_size")
+        if not isinstance(key, str):
+            raise InvalidInput("the body needs 'key', a string: the object's name, '/name'")
+        for name, value in (("offset", offset), ("byte_size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"the body needs '{name}', an integer >= 0")
+        await self._ctx.shared_memory.register(request.match_info["region"], key, offset, size)
+        return web.Response()
+
+    async def shared_memory_unregister(self, request: web.Request) -> web.Response:
+        await self._ctx.shared_memory.unregister(request.match_info.get("region", ""))
+        return web.Response()
+
+    async def cuda_shared_memory(self, request: web.Request) -> web.Response:
+        raise NotOffered(CUDA_UNSUPPORTED)
+
     # inference
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -232,12 +286,20 @@ class HttpServer:
         result = await self._path.infer(
             body.request(request.match_info["model"], _version(request))
         )
+        with tracing.step(tracing.ENCODE):
+            return self._infer_response(body, result)
+
+    def _infer_response(self, body: rest.InferBody, result: Result) -> web.Response:
         served, requested = result.served, result.checked.outputs
         arrays = output_arrays(requested, result.logits, served.labels)
-        outputs = [
-            (name, array, binary)
-            for (name, array), binary in zip(arrays, body.binary(requested), strict=True)
-        ]
+        outputs: list[tuple[str, Any, bool | None]] = []
+        for output, (name, array), binary in zip(
+            requested, arrays, body.binary(requested), strict=True
+        ):
+            shared = output.region is not None and write_shared(
+                self._ctx.shared_memory, output, encode_raw(array)[1]
+            )
+            outputs.append((name, array, None if shared else binary))
         payload, header_length = rest.write_infer(served.name, served.version, body.id, outputs)
         if header_length is None:
             response = web.Response(body=payload, content_type=rest.JSON_TYPE)
@@ -263,7 +325,8 @@ class HttpServer:
                 top_k=_top_k(request),
             )
         )
-        return json_response(rest.message_json(classify_response(result)))
+        with tracing.step(tracing.ENCODE):
+            return json_response(rest.message_json(classify_response(result)))
 
 
 def _version(request: web.Request) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from server.errors import InvalidInput
 from server.repository import ModelConfig
 from server.request import InferRequest
+from server.shared_memory import SharedMemory
 from server.validation.pixels import accept_image, pixels
 from server.validation.types import DEFAULT_TOP_K, Accepted, Checked, Inputs, Limits, Unread
 from server.validation.v2 import (
@@ -32,7 +33,6 @@ from server.validation.v2 import (
     classification_count,
     describe_input,
     input_datatype,
-    no_shared_memory,
     tensor_inputs,
 )
 
@@ -41,7 +41,7 @@ __all__ = [
     "accept", "check_batch_shape", "check_declared", "check_finite", "check_inputs",
     "check_limit", "check_output", "check_outputs", "check_queue", "check_request_id",
     "check_top_k", "classification_count", "describe_input", "input_datatype",
-    "no_shared_memory", "pixels", "tensor_inputs",
+    "pixels", "tensor_inputs",
 ]  # fmt: skip
 
 MAX_REQUEST_ID = 128
@@ -59,8 +59,14 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
-def accept(request: InferRequest, config: ModelConfig, limits: Limits) -> Checked:
-    """`request` checked against the model `config` and `limits` (see the module)."""
+def accept(
+    request: InferRequest,
+    config: ModelConfig,
+    limits: Limits,
+    memory: SharedMemory | None = None,
+) -> Checked:
+    """`request` checked against the model `config` and `limits` (see the module); tensors
+    in shared memory against the server's table `memory`."""
     declared = request.declared_images()
     check_limit(declared, limits)
     check_queue(declared, config)
@@ -70,8 +76,9 @@ def accept(request: InferRequest, config: ModelConfig, limits: Limits) -> Checke
                                 for i, image in enumerate(request.images)])  # fmt: skip
         checked = Checked(inputs, top_k=top_k)
     else:
-        inputs = tensor_inputs(request.inputs, config)
-        checked = Checked(inputs, outputs=check_outputs(request.outputs, config))
+        inputs = tensor_inputs(request.inputs, config, memory)
+        outputs = check_outputs(request.outputs, config, declared, memory)
+        checked = Checked(inputs, outputs=outputs)
     count = len(inputs)
     if inputs.tensor is None and count == 0:
         raise InvalidInput(f"request has no images; send 1 to {limits.max_images}")

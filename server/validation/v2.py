@@ -1,6 +1,8 @@
 """A v2 request's one input tensor and its requested outputs, checked against the model:
 the declared datatype and shape before any data is read, then the data (raw bytes at
-once, elements still `Unread`)."""
+once, elements still `Unread`). A tensor in shared memory (`server.request.SharedRegion`)
+is checked here, once, against the table and the tensor (registered, its range within the
+region, its size the tensor's), then read from the region (`server.shared_memory`)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,21 @@ import functools
 import math
 from collections.abc import Container, Sequence
 
+import numpy as np
+
 from server import tensors
 from server.errors import InvalidInput
 from server.repository import InputSpec, ModelConfig
-from server.request import Elements, Invalid, Output, Tensor, TensorData
+from server.request import Elements, Invalid, Output, SharedRegion, Tensor, TensorData
+from server.shared_memory import BYTE_SIZE, SharedMemory
 from server.tensors import BYTES, TensorError
 from server.validation.types import Inputs, Unread
 
 GRAPH_DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 CLASSIFICATION = "classification"
-SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+# A shared-memory input up to this size is read on the event loop (a few microseconds);
+# a larger one on the preprocessing pool, as typed elements are.
+INLINE_READ = 1 << 20
 
 
 def input_datatype(config: ModelConfig) -> str:
@@ -31,11 +38,13 @@ def describe_input(config: ModelConfig) -> str:
     )
 
 
-def tensor_inputs(inputs: Sequence[Tensor], config: ModelConfig) -> Inputs:
+def tensor_inputs(
+    inputs: Sequence[Tensor], config: ModelConfig, memory: SharedMemory | None = None
+) -> Inputs:
     check_inputs([t.name for t in inputs], config)
     tensor = inputs[0]
     shape = check_declared(tensor.name, tensor.datatype, tensor.shape, tensor.parameters, config)
-    return images_of(tensor.name, tensor.datatype, shape, tensor.data)
+    return images_of(tensor.name, tensor.datatype, shape, tensor.data, memory)
 
 
 def check_inputs(names: list[str], config: ModelConfig) -> None:
@@ -58,10 +67,8 @@ def check_declared(
     parameters: Container[str],
     config: ModelConfig,
 ) -> tuple[int, ...]:
-    """What the request declares for the input, checked before any data is read: no shared
-    memory, a known datatype, BYTES ``[N]``/``[N, 1]`` or the graph's own ``[N, *dims]``.
-    The shape."""
-    no_shared_memory(f"input '{name}'", parameters)
+    """What the request declares for the input, checked before any data is read: a known
+    datatype, BYTES ``[N]``/``[N, 1]`` or the graph's own ``[N, *dims]``. The shape."""
     tensors.datatype(datatype)
     shape = tensors.check_shape(name, declared)
     if datatype == BYTES:
@@ -90,11 +97,33 @@ def check_batch_shape(model: str, spec: InputSpec, shape: Sequence[int]) -> None
         )
 
 
-def images_of(name: str, datatype: str, shape: tuple[int, ...], data: TensorData) -> Inputs:
+def images_of(
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    data: TensorData,
+    memory: SharedMemory | None = None,
+) -> Inputs:
     """The checked input as the request path takes it: encoded images (BYTES), or the graph's
-    own batch from raw bytes or, still `Unread`, from elements."""
+    own batch from raw bytes or, still `Unread`, from elements or a large shared-memory
+    range."""
     if isinstance(data, Invalid):
         raise TensorError(data.message)
+    if isinstance(data, SharedRegion):
+        ref, what = data, f"input '{name}'"
+        table = _table(what, memory)
+        table.region(what, ref)
+        if datatype != BYTES:
+            size = math.prod(shape) * tensors.datatype(datatype).dtype.itemsize
+            if ref.byte_size != size:
+                raise TensorError(
+                    f"{what} is {datatype} {list(shape)}, {size} bytes, but its "
+                    f"{BYTE_SIZE} is {ref.byte_size}; they must be equal"
+                )
+            if size > INLINE_READ:
+                read = functools.partial(_read_raw, table, what, ref, name, datatype, shape)
+                return Inputs(tensor=Unread(shape[0], read))
+        data = table.read(what, ref)
     if isinstance(data, Elements):
         count = math.prod(shape)
         if data.flat and len(data.values) != count:
@@ -114,8 +143,28 @@ def images_of(name: str, datatype: str, shape: tuple[int, ...], data: TensorData
     return Inputs(tensor=array)
 
 
-def check_outputs(outputs: Sequence[Output], config: ModelConfig) -> tuple[Output, ...]:
-    """The requested outputs, checked; none requested means the model's output as a tensor."""
+def _read_raw(
+    table: SharedMemory, what: str, ref: SharedRegion, name: str, datatype: str,
+    shape: tuple[int, ...],
+) -> np.ndarray:  # fmt: skip
+    return tensors.decode_raw(name, datatype, shape, table.read(what, ref))
+
+
+def _table(what: str, memory: SharedMemory | None) -> SharedMemory:
+    if memory is None:
+        raise TensorError(f"{what} refers to shared memory, which this server does not take")
+    return memory
+
+
+def check_outputs(
+    outputs: Sequence[Output],
+    config: ModelConfig,
+    images: int = 0,
+    memory: SharedMemory | None = None,
+) -> tuple[Output, ...]:
+    """The requested outputs, checked; none requested means the model's output as a tensor.
+    An output into shared memory: its range within a registered region and, for the logits
+    of `images` images, long enough to hold them."""
     checked: list[Output] = []
     for output in outputs:
         if output.invalid is not None and not output.name:
@@ -125,6 +174,21 @@ def check_outputs(outputs: Sequence[Output], config: ModelConfig) -> tuple[Outpu
             raise TensorError(output.invalid.message)
         if output.classes is not None:
             classification_count(output.name, output.classes)
+        if output.region is not None:
+            what = f"output '{output.name}'"
+            if output.classes is not None:
+                raise TensorError(
+                    f"{what} asks for '{CLASSIFICATION}' and shared memory; a classification "
+                    "output goes in the response only (as Triton's), the tensor may go into "
+                    "shared memory"
+                )
+            _table(what, memory).region(what, output.region)
+            need = images * config.num_classes * 4
+            if output.region.byte_size < need:
+                raise TensorError(
+                    f"{what} is FP32 [{images}, {config.num_classes}], {need} bytes, but its "
+                    f"{BYTE_SIZE} is {output.region.byte_size}; give at least {need} bytes"
+                )
         checked.append(output)
     return tuple(checked) or (Output(config.output.name),)
 
@@ -132,7 +196,7 @@ def check_outputs(outputs: Sequence[Output], config: ModelConfig) -> tuple[Outpu
 def check_output(
     name: str, parameters: Container[str], previous: Sequence[Output], config: ModelConfig
 ) -> None:
-    """A requested output is the model's, requested once, without shared memory."""
+    """A requested output is the model's, requested once."""
     if name != config.output.name:
         raise TensorError(
             f"unknown output '{name}'; model '{config.name}' has one output "
@@ -140,7 +204,6 @@ def check_output(
         )
     if any(o.name == name for o in previous):
         raise TensorError(f"output '{name}' is requested more than once")
-    no_shared_memory(f"output '{name}'", parameters)
 
 
 def classification_count(output: str, count: object) -> int:
@@ -155,14 +218,3 @@ def classification_count(output: str, count: object) -> int:
             f"output '{output}': parameter '{CLASSIFICATION}' must be >= 1, got {count}"
         )
     return count
-
-
-def no_shared_memory(what: str, parameters: Container[str]) -> None:
-    if not parameters:  # the usual case: no parameters at all
-        return
-    used = [p for p in SHARED_MEMORY if p in parameters]
-    if used:
-        raise TensorError(
-            f"{what} uses {', '.join(used)}; this server does not support the shared-memory "
-            f"extension, send tensors in the request"
-        )

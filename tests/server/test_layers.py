@@ -25,6 +25,7 @@ LAYERS = {
     "server.tls": 1,
     "server.threads": 1,
     "server.shm": 1,
+    "server.shared_memory": 2,
     "server.ipc": 1,
     "server.metrics": 2,
     "server.sessions": 2,

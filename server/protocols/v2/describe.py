@@ -22,23 +22,28 @@ from server.validation import input_datatype
 
 SERVER_NAME = "resnet-serve"
 # Protocol extensions, as Triton names them, that this server implements; with a model
-# control mode other than none, MODEL_REPOSITORY too (load and unload).
+# control mode other than none, MODEL_REPOSITORY too (load and unload); unless
+# shared_memory_regions is 0, SYSTEM_SHARED_MEMORY.
 EXTENSIONS = ("classification", "model_configuration", "statistics", "logging")
 MODEL_REPOSITORY = "model_repository"
+SYSTEM_SHARED_MEMORY = "system_shared_memory"
 BACKEND = "onnxruntime"
 _CONFIG_TYPES = {"FP32": mc.TYPE_FP32, "UINT8": mc.TYPE_UINT8}
 _FORMATS = {"NCHW": mc.ModelInput.FORMAT_NCHW, "NHWC": mc.ModelInput.FORMAT_NHWC}
 
 
-def extensions(model_control_mode: str) -> tuple[str, ...]:
-    return (*EXTENSIONS, MODEL_REPOSITORY) if model_control_mode != "none" else EXTENSIONS
+def extensions(model_control_mode: str, shared_memory: bool = True) -> tuple[str, ...]:
+    found = (*EXTENSIONS, MODEL_REPOSITORY) if model_control_mode != "none" else EXTENSIONS
+    return (*found, SYSTEM_SHARED_MEMORY) if shared_memory else found
 
 
-def server_metadata(model_control_mode: str) -> pb.ServerMetadataResponse:
+def server_metadata(
+    model_control_mode: str, shared_memory: bool = True
+) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(
         name=SERVER_NAME,
         version=version("resnet-serve"),
-        extensions=extensions(model_control_mode),
+        extensions=extensions(model_control_mode, shared_memory),
     )
 
 

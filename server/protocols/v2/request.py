@@ -12,7 +12,12 @@ Every model here has one input and one output (`server.repository.config`):
   extension (output parameter ``classification: k``) BYTES ``[N, k]`` of
   ``"<value>:<index>:<label>"``, the value being the logit.
 
-All tensors of a response travel in ``raw_output_contents``, as Triton sends them.
+All tensors of a response travel in ``raw_output_contents``, as Triton sends them, except
+an output the request puts in system shared memory (Triton's extension: the output's
+parameters ``shared_memory_region``, ``shared_memory_byte_size``, optional
+``shared_memory_offset``): its bytes go into the region and the response describes it
+(name, datatype, shape) without data. An input with those parameters is read from its
+region (`server.shared_memory`) and carries no data in the message.
 
 Decoding reads nothing: raw contents stay the message's bytes, typed ``contents`` its
 repeated field (`server.request.Elements`); what cannot be read at all (data in both
@@ -27,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from server import shared_memory
 from server.protocols.v2 import tensors
 from server.request import InferRequest, Invalid, Output, Tensor, TensorData
+from server.shared_memory import SharedMemory
 from server.validation import CLASSIFICATION
 
 _NONE: frozenset[str] = frozenset()
@@ -69,9 +76,21 @@ def outputs(message: Any) -> tuple[Output, ...]:
                     f"output '{requested.name}': parameter '{CLASSIFICATION}' must be an "
                     f"integer, got {kind or 'nothing'}"
                 )
+        region = _shared(f"output '{requested.name}'", requested.parameters)
+        if isinstance(region, Invalid):
+            invalid, region = invalid or region, None
         found.append(Output(requested.name, classes, parameters=frozenset(requested.parameters),
-                            invalid=invalid))  # fmt: skip
+                            invalid=invalid, region=region))  # fmt: skip
     return tuple(found)
+
+
+def _shared(what: str, parameters: Any) -> Any:
+    """The shared-memory reference of a tensor's parameters (None: none)."""
+    if not parameters or not any(p in parameters for p in shared_memory.PARAMETERS):
+        return None
+    values = {key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+              for key, value in parameters.items() if key in shared_memory.PARAMETERS}  # fmt: skip
+    return shared_memory.reference(what, values)
 
 
 def output_arrays(
@@ -90,18 +109,43 @@ def output_arrays(
 
 
 def fill_response(
-    response: Any, outputs: tuple[Output, ...], logits: np.ndarray, labels: list[str]
+    response: Any,
+    outputs: tuple[Output, ...],
+    logits: np.ndarray,
+    labels: list[str],
+    memory: SharedMemory | None = None,
 ) -> None:
-    """Add each requested output of ``logits`` [N, classes] to ``response``."""
-    for name, array in output_arrays(outputs, logits, labels):
+    """Add each requested output of ``logits`` [N, classes] to ``response``; one into shared
+    memory is written there and carries no data."""
+    for output, (name, array) in zip(outputs, output_arrays(outputs, logits, labels), strict=True):
         datatype, raw = tensors.encode_raw(array)
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        if write_shared(memory, output, raw):
+            continue
         response.raw_output_contents.append(raw)
 
 
+def write_shared(memory: SharedMemory | None, output: Output, raw: bytes) -> bool:
+    """Write an output's bytes into its shared-memory range, if it has one; whether it did."""
+    if output.region is None:
+        return False
+    assert memory is not None  # validation refused the request otherwise
+    memory.write(f"output '{output.name}'", output.region, raw)
+    return True
+
+
 def _data(message: Any, tensor: Any) -> TensorData:
-    """The input's raw contents or typed elements, as sent (nothing read)."""
+    """The input's raw contents or typed elements, as sent, or its shared-memory range
+    (nothing read)."""
     has_contents = tensor.HasField("contents")
+    region = _shared(f"input '{tensor.name}'", tensor.parameters)
+    if region is not None:
+        if message.raw_input_contents or has_contents:
+            return Invalid(
+                f"input '{tensor.name}' is in shared memory ('{shared_memory.REGION}') and also "
+                "carries data in the request; send one or the other"
+            )
+        return region
     if message.raw_input_contents:
         if len(message.raw_input_contents) != len(message.inputs):
             return Invalid(

@@ -13,6 +13,11 @@ The response puts an output in binary when the request asks for it (the output's
 JSON ``data``; with any binary output, ``Inference-Header-Content-Length`` tells
 the client where the JSON ends.
 
+Triton's system shared-memory extension: an input or output whose ``parameters`` hold
+``shared_memory_region`` and ``shared_memory_byte_size`` (``shared_memory_offset``
+optional) is read from (written into) that registered region; such an input carries no
+``data`` and no binary data, such an output is described without data.
+
 A body is decoded into the neutral `server.request.InferRequest` (binary data as its
 bytes, JSON ``data`` as elements); what a model accepts (one input, its datatype and
 shape, the classification extension's count, BYTES framing, raw tensor sizes) is
@@ -42,9 +47,10 @@ import numpy as np
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
+from server import shared_memory
 from server.protocols.v2 import json_steps, tensors
 from server.protocols.v2.tensors import BYTES, TensorError
-from server.request import Elements, InferRequest, Invalid, Output, TensorData
+from server.request import Elements, InferRequest, Invalid, Output, SharedRegion, TensorData
 from server.request import Tensor as NeutralTensor
 from server.validation import CLASSIFICATION
 
@@ -68,6 +74,7 @@ class Tensor:
     parameters: dict[str, Any]
     binary: memoryview | None = None  # its bytes after the JSON (binary-tensor extension)
     data: Any = None  # its JSON ``data``
+    region: SharedRegion | None = None  # its range of a shared-memory region
 
 
 @dataclass(frozen=True)
@@ -110,10 +117,16 @@ class InferBody:
             binary = _flag(parameters, BINARY_DATA, self.binary_output, f"output '{name}'")
         except TensorError as exc:
             return Output(name, invalid=Invalid(str(exc)))
-        return Output(name, parameters.get(CLASSIFICATION), binary, frozenset(parameters))
+        region = shared_memory.reference(f"output '{name}'", parameters)
+        if isinstance(region, Invalid):
+            return Output(name, invalid=region)
+        return Output(name, parameters.get(CLASSIFICATION), binary, frozenset(parameters),
+                      region=region)  # fmt: skip
 
 
 def _tensor_data(tensor: Tensor) -> TensorData:
+    if tensor.region is not None:
+        return tensor.region
     if tensor.binary is not None:
         return tensor.binary
     data = tensor.data
@@ -180,6 +193,17 @@ def _inputs(raw_inputs: list[Any], binary: memoryview) -> list[Tensor]:
         if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
             raise TensorError(f"input '{name}': 'shape' must be a list of integers")
         tensor_parameters = _object(tensor.get("parameters", {}), f"input '{name}' parameters")
+        region = shared_memory.reference(f"input '{name}'", tensor_parameters)
+        if isinstance(region, Invalid):
+            raise TensorError(region.message)
+        if region is not None:
+            if "data" in tensor or BINARY_SIZE in tensor_parameters:
+                raise TensorError(
+                    f"input '{name}' is in shared memory ('{shared_memory.REGION}') and also "
+                    f"carries 'data' or '{BINARY_SIZE}'; send one or the other"
+                )
+            inputs.append(Tensor(name, datatype, shape, tensor_parameters, region=region))
+            continue
         size = tensor_parameters.get(BINARY_SIZE)
         if size is None:
             if "data" not in tensor:
@@ -218,16 +242,19 @@ def write_infer(
     model: str,
     version: str,
     request_id: str,
-    outputs: list[tuple[str, np.ndarray, bool]],
+    outputs: list[tuple[str, np.ndarray, bool | None]],
 ) -> tuple[bytes, int | None]:
-    """The response body for ``(name, array, binary)`` outputs, and the JSON's length
-    when binary data follows it (for ``Inference-Header-Content-Length``)."""
+    """The response body for ``(name, array, binary)`` outputs (binary None: the output went
+    into shared memory, described without data), and the JSON's length when binary data
+    follows it (for ``Inference-Header-Content-Length``)."""
     described = []
     chunks = []
     for name, array, binary in outputs:
         datatype, raw = tensors.encode_raw(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
+        if binary is None:
+            pass
+        elif binary:
             entry["parameters"] = {BINARY_SIZE: len(raw)}
             chunks.append(raw)
         elif datatype == BYTES:

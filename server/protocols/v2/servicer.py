@@ -9,8 +9,10 @@ concurrently (so they batch together) and answers in request order
 (`server.protocols.calls`); a failed request is answered with ``error_message``
 and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
 `server.core.manager`, which offers them as ``--model-control-mode`` says (UNIMPLEMENTED,
-naming the switch, when it is none; unload only when it is explicit). Triton RPCs this
-server does not implement answer UNIMPLEMENTED and say why.
+naming the switch, when it is none; unload only when it is explicit). The system
+shared-memory RPCs go to the server's one table (`server.shared_memory`; with front ends,
+the engine's). Triton RPCs this server does not implement (CUDA shared memory, trace)
+answer UNIMPLEMENTED and say why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import grpc
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 
+from server import tracing
 from server.context import ServingContext
 from server.errors import ServeError
 from server.logs import log_settings, update_log_settings
@@ -28,6 +31,8 @@ from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.shared import UNLOAD_PARAMETERS, check_control
 from server.protocols.v2 import describe, stats
 from server.protocols.v2.request import fill_response, infer_request
+from server.request_path import Result
+from server.shared_memory import CUDA_UNSUPPORTED
 
 Context = grpc.aio.ServicerContext
 
@@ -37,9 +42,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 STREAM_WINDOW = 64
 
 _UNSUPPORTED = {
-    "SystemSharedMemoryStatus": "the system-shared-memory extension",
-    "SystemSharedMemoryRegister": "the system-shared-memory extension",
-    "SystemSharedMemoryUnregister": "the system-shared-memory extension",
     "CudaSharedMemoryStatus": "the CUDA-shared-memory extension",
     "CudaSharedMemoryRegister": "the CUDA-shared-memory extension",
     "CudaSharedMemoryUnregister": "the CUDA-shared-memory extension",
@@ -49,15 +51,22 @@ _UNSUPPORTED = {
 
 def _unsupported(rpc: str, extension: str) -> Callable[..., Awaitable[None]]:
     async def handler(self: V2Servicer, request: object, context: Context) -> None:
+        if rpc.startswith("Cuda"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc}: {CUDA_UNSUPPORTED}")
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{rpc} ({extension}) is not supported by this server; its extensions are "
-            f"{', '.join(describe.extensions(self._ctx.settings.model_control_mode))} "
+            f"{', '.join(describe.extensions(*_offered(self._ctx)))} "
             "(see ServerMetadata)",
         )
 
     handler.__name__ = rpc
     return handler
+
+
+def _offered(ctx: ServingContext) -> tuple[str, bool]:
+    """What `describe.extensions` takes: the model control mode, whether shared memory is on."""
+    return ctx.settings.model_control_mode, ctx.settings.shared_memory_regions > 0
 
 
 def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
@@ -97,7 +106,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return describe.server_metadata(self._ctx.settings.model_control_mode)
+        return describe.server_metadata(*_offered(self._ctx))
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
@@ -156,6 +165,35 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             setattr(response.settings[key], kind, value)
         return response
 
+    # system shared memory
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        await self._ctx.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._ctx.shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size,
+                )
+            )  # fmt: skip
+        return response
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self._ctx.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # inference
 
     async def ModelInfer(
@@ -192,11 +230,16 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, message: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
         result = await self._path.infer(infer_request(message, deadline))
+        with tracing.step(tracing.ENCODE):
+            return self._response(message, result)
+
+    def _response(self, message: pb.ModelInferRequest, result: Result) -> pb.ModelInferResponse:
         served = result.served
         response = pb.ModelInferResponse(
             model_name=served.name, model_version=served.version, id=message.id
         )
-        fill_response(response, result.checked.outputs, result.logits, served.labels)
+        fill_response(response, result.checked.outputs, result.logits, served.labels,
+                      self._ctx.shared_memory)  # fmt: skip
         return response
 
 

@@ -105,7 +105,8 @@ def test_metadata_matches_grpc(
     server = client.get_server_metadata()
     assert server["name"] == "resnet-serve"
     assert set(server["extensions"]) == {
-        "classification", "model_configuration", "statistics", "logging"
+        "classification", "model_configuration", "statistics", "logging",
+        "system_shared_memory",
     }  # fmt: skip
     metadata = client.get_model_metadata("resnet18")
     assert metadata == {

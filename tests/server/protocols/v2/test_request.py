@@ -146,13 +146,6 @@ def test_no_data_and_mixed_data() -> None:
         parse_images(request, FLOAT)
 
 
-def test_shared_memory_is_refused_clearly() -> None:
-    request = _request("FP32", [1], bytes(4))
-    request.inputs[0].parameters["shared_memory_region"].string_param = "region0"
-    with pytest.raises(InvalidInput, match="does not support the shared-memory extension"):
-        parse_images(request, FLOAT)
-
-
 def test_outputs_default_and_classification() -> None:
     request = pb.ModelInferRequest(model_name="tiny")
     assert parse_outputs(request, FLOAT) == [Output("logits")]

@@ -101,7 +101,8 @@ def test_server_metadata_lists_the_extensions_it_implements(
     metadata = client.get_server_metadata()
     assert metadata.name == "resnet-serve"
     assert set(metadata.extensions) == {
-        "classification", "model_configuration", "statistics", "logging"
+        "classification", "model_configuration", "statistics", "logging",
+        "system_shared_memory",
     }  # fmt: skip
 
 
@@ -333,14 +334,13 @@ def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
 
 
 def test_unimplemented_rpcs_say_so(client: grpcclient.InferenceServerClient) -> None:
-    for call in (
-        client.get_system_shared_memory_status,
-        client.get_cuda_shared_memory_status,
-        client.get_trace_settings,
-    ):
-        error = _status(call)
-        assert error.status() == "StatusCode.UNIMPLEMENTED"
-        assert "is not supported by this server" in error.message()
+    assert client.get_system_shared_memory_status().regions == {}  # tests/server/protocols/
+    error = _status(client.get_cuda_shared_memory_status)  # test_shared_memory.py
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert "system shared memory" in error.message()
+    error = _status(client.get_trace_settings)
+    assert error.status() == "StatusCode.UNIMPLEMENTED"
+    assert "is not supported by this server" in error.message()
     # model control is off (--model-control-mode none): unimplemented, saying how to turn it on
     # (tests/server/core/test_model_control.py runs it on)
     for call in (lambda: client.load_model("resnet18"), lambda: client.unload_model("resnet18")):
