@@ -42,7 +42,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from server import reflection_pool, threads, tls
+from server import reflection_pool, threads, tls, tracing
 from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
@@ -387,6 +387,7 @@ async def run(settings: Settings) -> int:
         from server import engine
 
         return await engine.run(settings, frontends)
+    tracing.configure(settings.trace_endpoint, "server")
     running = await start(settings)
     signalled = on_signals(settings.grace_period)
     loaded = asyncio.ensure_future(running.wait_loaded())

@@ -312,9 +312,18 @@ class Settings(BaseSettings):
     repository_poll_secs: float = Field(
         15.0, gt=0, description="seconds between rescans of the repository in poll mode"
     )
-    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log line format; json lines carry the trace_id while tracing is on"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     reflection: bool = Field(True, description="gRPC server reflection (grpcurl discovery)")
+    trace_endpoint: str = Field(
+        "",
+        description="OTLP/gRPC endpoint (http://collector:4317) the spans of every call are "
+        "exported to; unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else tracing is off. The other OTEL_* variables "
+        "(sampler, batch processor, service name, headers) apply as usual (docs/deploy.md)",
+    )
 
     # security of the gRPC port (docs/security.md)
     tls_cert: Path | None = Field(

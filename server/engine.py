@@ -539,6 +539,7 @@ async def run(settings: Settings, frontends: int) -> int:
     """The engine's process: see the module docstring."""
     threads.name_process("rs-engine")
     threads.name_current("event_loop")
+    tracing.configure(settings.trace_endpoint, "engine")
     removed = shm.remove_stale()
     if removed:
         log.info("removed %d shared-memory segment(s) left by a server that crashed",

@@ -325,6 +325,7 @@ async def serve(sock: socket.socket, index: int) -> int:
     link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed)
     settings = await link.settings
     logs.configure(settings.log_format, settings.log_level)
+    tracing.configure(settings.trace_endpoint, f"frontend-{index}")
     link.shared_memory.limit(settings)
     name = shm.segment_name(os.getppid())
     link.buffer = shm.create(name, settings.frontend_shm_bytes)
