@@ -39,8 +39,9 @@ A request is answered exactly once, and only then may the front end reuse its sl
 A front end that dies (its socket closes) has its requests cancelled (dropped before
 compute; a batch already running finishes on the mapping, which outlives the front
 end), its segment's name removed if it was still there, and is started again unless
-the server is draining. SIGTERM or SIGINT: every front end drains (they answer what
-they accepted, the engine computing it), then the engine stops; exit 0.
+the server is draining: after 1 s, or longer after failed starts (`restart_delay`).
+SIGTERM or SIGINT: every front end drains (they answer what they accepted, the engine
+computing it), then the engine stops; exit 0.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 60.0
 # How long /metrics waits for a front end's families.
 COLLECT_TIMEOUT = 2.0
-# A front end that keeps dying is started again at most this often.
+# A dead front end is started again after RESTART_DELAY. One that ends on its own (not by
+# SIGKILL, which comes from outside: the OOM killer, an operator) within STABLE_AFTER
+# seconds of starting is a failed start: the next wait doubles, up to RESTART_DELAY_MAX.
 RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 10.0
 
 
 def snapshot(registry: ModelRegistry) -> list[tuple[Any, ...]]:
@@ -115,8 +120,10 @@ class Link:
         self.gone = asyncio.Event()
         self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
         self.last: list[Metric] = []  # its families as last collected
+        self.started = 0.0  # time.monotonic() when its process started
 
     async def start(self) -> None:
+        self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             self.process = subprocess.Popen(
@@ -441,7 +448,9 @@ class Engine:
         ]
 
     async def _supervise(self, link: Link) -> None:
-        """Start `link`'s front end again whenever it dies, until the drain."""
+        """Start `link`'s front end again whenever it dies, until the drain; failed starts
+        back off (`restart_delay`)."""
+        delay = RESTART_DELAY
         while True:
             await link.gone.wait()
             process = link.process
@@ -449,9 +458,12 @@ class Engine:
             code = await asyncio.to_thread(process.wait)
             if self.draining:
                 return
-            log.error("front end %d (pid %d) ended with %s; starting another", link.index,
-                      process.pid, _exit_status(code))  # fmt: skip
-            await asyncio.sleep(RESTART_DELAY)
+            lived = time.monotonic() - link.started
+            wait, delay = restart_delay(delay, code, lived)
+            log.error("front end %d (pid %d) ended with %s after %.1f s; starting another in "
+                      "%.0f s", link.index, process.pid, _exit_status(code), lived,
+                      wait)  # fmt: skip
+            await asyncio.sleep(wait)
             if self.draining:
                 return
             # what it counted stays counted: /metrics' counters never go backwards
@@ -527,6 +539,16 @@ def _reserve(host: str, port: int, field: str) -> socket.socket:
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     held.bind((*address[:1], port, *address[2:]))
     return held
+
+
+def restart_delay(delay: float, code: int, lived: float) -> tuple[float, float]:
+    """How long to wait before starting a dead front end again, and the wait after the next
+    failed start: `delay` as it stands for a failed start (it ended on its own within
+    STABLE_AFTER s), doubled next time up to RESTART_DELAY_MAX; RESTART_DELAY, and the
+    doubling forgotten, for one that served longer or was killed (SIGKILL)."""
+    if code == -signal.SIGKILL or lived >= STABLE_AFTER:
+        return RESTART_DELAY, RESTART_DELAY
+    return delay, min(2 * delay, RESTART_DELAY_MAX)
 
 
 def _exit_status(code: int) -> str:

@@ -661,6 +661,31 @@ async def test_segments_are_private_and_stale_ones_removed(start: Callable[[], C
             path.unlink(missing_ok=True)
 
 
+# 5b. a front end that keeps failing at its start is started again less and less often
+
+
+async def test_failed_starts_back_off_and_a_kill_does_not(start: Callable[[], Cluster]) -> None:
+    """A front end that ends on its own (here: it drains and exits, told by SIGTERM) soon
+    after it started waits 1 s, then 2 s, then 4 s before the next start; one killed by
+    SIGKILL (the OOM killer, an operator) is started again after 1 s, and the doubling is
+    forgotten."""
+    cluster = start()
+    waits = []
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        victim = cluster.frontends()[0]
+        os.kill(victim.pid, sig)
+        await cluster.replaced(0, victim.pid)
+        line = re.search(
+            rf"front end 0 \(pid {victim.pid}\) ended with ([\w ]+) after [\d.]+ s; "
+            rf"starting another in (\d+) s", cluster.server.log()
+        )  # fmt: skip
+        assert line, cluster.server.log()[-3000:]
+        waits.append((line[1], int(line[2])))
+    done = "exit code 0"
+    assert waits == [(done, 1), (done, 2), (done, 4), ("signal SIGKILL", 1)], waits
+    assert 1 in cluster.frontends(), "the other front end was touched"
+
+
 # 6. process names
 
 
