@@ -661,6 +661,32 @@ def test_envoy_upstream_is_http2_round_robin_with_grpc_health_checks(
     assert str(address["port_value"]) == _image_env()["RESNET_SERVE_PORT"]
 
 
+def test_frozen_replica_times_in_the_docs_follow_the_health_checks(
+    envoy: dict[str, Any],
+) -> None:
+    """docs/deploy.md's table of how soon a frozen replica leaves the rotation states the
+    numbers the health checks have."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (cluster,) = envoy["static_resources"]["clusters"]
+    (check,) = cluster["health_checks"]
+    interval, timeout = (float(check[k].rstrip("s")) for k in ("interval", "timeout"))
+    threshold = check["unhealthy_threshold"]
+    envoy_row = re.search(r"^\| Envoy .*\| (\d+) s \(threshold", text, re.M)
+    assert envoy_row, "docs/deploy.md has no Envoy row in the frozen-replica table"
+    assert float(envoy_row[1]) == threshold * interval + timeout
+    assert f"`interval` {interval:g} s, `timeout` {timeout:g} s, `unhealthy_threshold` " \
+        f"{threshold}" in envoy_row[0]  # fmt: skip
+    ready = _server_container()["readinessProbe"]
+    k8s_row = re.search(r"^\| Kubernetes Services .*\| (\d+) s, then", text, re.M)
+    assert k8s_row, "docs/deploy.md has no Kubernetes row in the frozen-replica table"
+    assert float(k8s_row[1]) == (
+        ready["failureThreshold"] * ready["periodSeconds"] + ready["timeoutSeconds"]
+    )
+    assert f"`periodSeconds` {ready['periodSeconds']}, `timeoutSeconds` " \
+        f"{ready['timeoutSeconds']}, `failureThreshold` {ready['failureThreshold']}" \
+        in k8s_row[0]  # fmt: skip
+
+
 def test_envoy_retries_unavailable_on_another_host(envoy: dict[str, Any]) -> None:
     (listener,) = envoy["static_resources"]["listeners"]
     (hcm,) = listener["filter_chains"][0]["filters"]
