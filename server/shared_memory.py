@@ -191,6 +191,14 @@ class SharedMemory:
                 f"shared memory region '{_cut(name)}' is already registered; unregister it "
                 "first to register it again"
             )
+        # what is wrong with the request itself first, then what the server can take
+        with self._open(key, os.O_RDONLY, f"region '{_cut(name)}'") as (fd, size):
+            del fd
+            if offset + byte_size > size:
+                raise InvalidInput(
+                    f"region '{_cut(name)}': offset {offset} + byte_size {byte_size} passes the "
+                    f"end of {_shown(key)}, which holds {size} bytes"
+                )
         if len(self._regions) >= self.max_regions:
             raise LimitReached(
                 f"{len(self._regions)} shared memory regions are registered, the most this "
@@ -203,13 +211,6 @@ class SharedMemory:
                 f"memory registered; this server takes at most {self.max_bytes} "
                 f"(shared_memory_bytes); unregister regions first"
             )
-        with self._open(key, os.O_RDONLY, f"region '{_cut(name)}'") as (fd, size):
-            del fd
-            if offset + byte_size > size:
-                raise InvalidInput(
-                    f"region '{_cut(name)}': offset {offset} + byte_size {byte_size} passes the "
-                    f"end of {_shown(key)}, which holds {size} bytes"
-                )
         self._regions[name] = Region(name, key, offset, byte_size)
 
     def status(self, name: str = "") -> list[Region]:

@@ -291,7 +291,7 @@ def test_registration_on_one_front_end_serves_every_front_end(
 
 def test_shared_memory_table(tmp_path: Path) -> None:
     table = SharedMemory(max_regions=2, max_bytes=100, max_read=1 << 20, directory=str(tmp_path))
-    (tmp_path / "obj").write_bytes(bytes(range(64)))
+    (tmp_path / "obj").write_bytes(bytes(range(64)) + bytes(64))  # room past "big"
     table.apply("register", "r", "/obj", 16, 32)
     assert table.read("input 'x'", SharedRegion("r", 4, 8)) == bytes(range(20, 28))
     table.write("output 'y'", SharedRegion("r", 0, 4), b"\xff\xff")
