@@ -135,9 +135,9 @@ class Api:
             if output is not None:
                 _parameters(message.outputs.add(name="logits").parameters, output)
             answer = self._grpc("ModelInfer", message, token)
-            if not answer.raw_output_contents:
+            (raw,) = answer.raw_output_contents  # empty when the output went to shared memory
+            if not raw:
                 return None
-            (raw,) = answer.raw_output_contents
             return np.frombuffer(raw, np.float32).reshape(list(answer.outputs[0].shape))
         tensor_json: dict[str, Any] = {"name": "images", "datatype": datatype, "shape": shape}
         if isinstance(source, np.ndarray):

@@ -16,8 +16,9 @@ All tensors of a response travel in ``raw_output_contents``, as Triton sends the
 an output the request puts in system shared memory (Triton's extension: the output's
 parameters ``shared_memory_region``, ``shared_memory_byte_size``, optional
 ``shared_memory_offset``): its bytes go into the region and the response describes it
-(name, datatype, shape) without data. An input with those parameters is read from its
-region (`server.shared_memory`) and carries no data in the message.
+(name, datatype, shape) with an empty ``raw_output_contents`` entry, as Triton does. An
+input with those parameters is read from its region (`server.shared_memory`) and carries
+no data in the message.
 
 Decoding reads nothing: raw contents stay the message's bytes, typed ``contents`` its
 repeated field (`server.request.Elements`); what cannot be read at all (data in both
@@ -116,13 +117,13 @@ def fill_response(
     memory: SharedMemory | None = None,
 ) -> None:
     """Add each requested output of ``logits`` [N, classes] to ``response``; one into shared
-    memory is written there and carries no data."""
+    memory is written there and its raw contents entry is empty."""
     for output, (name, array) in zip(outputs, output_arrays(outputs, logits, labels), strict=True):
         datatype, raw = tensors.encode_raw(array)
         response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if write_shared(memory, output, raw):
-            continue
-        response.raw_output_contents.append(raw)
+        # one entry per output, empty for one in shared memory, as Triton's: clients find an
+        # output's bytes by its position (perf_analyzer's C++ client reads the entry unchecked)
+        response.raw_output_contents.append(b"" if write_shared(memory, output, raw) else raw)
 
 
 def write_shared(memory: SharedMemory | None, output: Output, raw: bytes) -> bool:
