@@ -4,8 +4,10 @@ Servicers and the model layer raise these; `server.interceptors` turns them
 into statuses (and the per-request metrics use the same map for their `code`
 label). The HTTP/REST adapter answers the same status as an HTTP one, from the
 one table `HTTP_STATUSES`, as Triton does (queue full and draining are 503).
-Messages are written for the caller: what was wrong and what is allowed. Any
-other exception becomes INTERNAL with a generic message.
+Messages are written for the caller: what was wrong and what is allowed, cut at
+`MAX_MESSAGE_CHARS` (a request naming 100,000 bad inputs gets a short answer, and a gRPC
+status message stays far below a client's 8 KiB metadata limit). Any other exception
+becomes INTERNAL with a generic message.
 """
 
 from __future__ import annotations
@@ -94,11 +96,22 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
+MAX_MESSAGE_CHARS = 1000  # a message to a caller is cut here (and says how long it was)
+
+
+def bounded(message: str) -> str:
+    """`message` cut at `MAX_MESSAGE_CHARS`, saying so."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... (cut; {len(message)} characters in all)"
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception; unknown errors say nothing about internals."""
+    """The gRPC status for an exception and its message for the caller (`bounded`); unknown
+    errors say nothing about internals."""
     for cls in type(exc).__mro__:
         if cls in _CODES:
-            return _CODES[cls], str(exc)
+            return _CODES[cls], bounded(str(exc))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 

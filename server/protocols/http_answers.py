@@ -1,5 +1,5 @@
 """The HTTP adapter's answers to what went wrong: errors as ``{"error": "..."}`` with the
-HTTP status of `server.errors.to_http` (messages cut at `MAX_ERROR_CHARS`), and aiohttp's
+HTTP status of `server.errors.to_http` (messages cut by `server.errors.bounded`), and aiohttp's
 connection log, where a request it could not parse or a client that left is the client's
 doing: one rate-limited line, no traceback."""
 
@@ -14,13 +14,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from server.auth import RateLimitedLog
-from server.errors import INTERNAL_MESSAGE, Draining, Unauthenticated, to_http
+from server.errors import INTERNAL_MESSAGE, Draining, Unauthenticated, bounded, to_http
 from server.protocols.v2.rest import JSON_TYPE, dumps
 
 log = logging.getLogger("server.protocols.http")
-
-MAX_ERROR_CHARS = 1000  # an error message is cut here (and says how long it was)
-
 
 class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's log of a connection: a request it could not parse (answered 400 by aiohttp)
@@ -45,12 +42,6 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:200]}"
 
 
-def bounded(message: str) -> str:
-    if len(message) <= MAX_ERROR_CHARS:
-        return message
-    return f"{message[:MAX_ERROR_CHARS]}... (cut; {len(message)} characters in all)"
-
-
 def json_response(value: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(value), status=status, content_type=JSON_TYPE)
 
@@ -70,7 +61,6 @@ def authorization(request: web.Request) -> list[tuple[str, str]]:
 
 def failure(request: web.Request, exc: Exception) -> web.Response:
     status, message = to_http(exc)
-    message = bounded(message)
     where = f"{request.method} {request.path}"
     if status == 500:
         log.error("%s failed", where, exc_info=exc)

@@ -25,9 +25,9 @@ from aiohttp.web_protocol import RequestPayloadError
 from server import tracing
 from server.auth import RateLimitedLog
 from server.config import Settings
-from server.errors import QueueFull, Unauthenticated
+from server.errors import QueueFull, Unauthenticated, bounded
 from server.interceptors import Admission
-from server.protocols.http_answers import authorization, bounded, brief, error, failure
+from server.protocols.http_answers import authorization, brief, error, failure
 from server.protocols.http_body import BodyRefused, Decoder
 from server.protocols.http_body import read as read_body
 

@@ -148,6 +148,15 @@ def typed(model: str, datatype: str, shape: list[int], field: str, values: list)
     return request
 
 
+def _many_inputs(count: int) -> Request:
+    """A v2 request naming `count` inputs the model does not have."""
+    request = v2.ModelInferRequest(model_name=MODEL)
+    for i in range(count):
+        request.inputs.add(name=f"x{i}", datatype="FP32", shape=[1])
+        request.raw_input_contents.append(bytes(4))
+    return request
+
+
 def _with_id(request: Request, request_id: str) -> Request:
     """`request` with the caller's request id (``request_id`` in v1, ``id`` in v2)."""
     setattr(request, "request_id" if isinstance(request, pb.ClassifyRequest) else "id",
@@ -250,6 +259,8 @@ V2_CASES = [
     Case("raw-byte-length", "v2",
          lambda: infer(MODEL, datatype="FP32", shape=[1, 3, 32, 32], raw=bytes(100)), INVALID,
          "needs 12288 bytes of raw contents, got 100"),
+    Case("40000-inputs", "v2", lambda: _many_inputs(40_000), INVALID,
+         "... (cut; "),
     Case("negative-dimension", "v2",
          lambda: infer(MODEL, datatype="FP32", shape=[-1, 3, 32, 32], raw=b""), INVALID,
          "has shape [-1, 3, 32, 32]; dimensions must be >= 0"),

@@ -40,6 +40,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 MIB = 1 << 20
 # RSS the server may gain over the whole catalogue, after warm-up (docs/security.md).
 RSS_BOUND = 64 * MIB
+# A status message is at most this long, whatever the request (docs/security.md).
+MAX_DETAILS = 1100
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,9 @@ def test_catalogue(
     server: serving.Server, channel: grpc.Channel, baseline: int, case: Case
 ) -> None:
     code, details, response = call(channel, case.request())
-    assert code is case.code, f"{code.name}: {details}"
-    assert case.fragment in details, details
+    assert code is case.code, f"{code.name}: {details[:2000]}"
+    assert case.fragment in details, details[:2000]
+    assert len(details) <= MAX_DETAILS, f"{len(details)} characters: {details[:200]}"
     assert leaks(details, server.log_path.parent) == [], details
     if code is grpc.StatusCode.OK:
         assert answered(response) == 1
