@@ -22,6 +22,7 @@ Every wait is bounded (`Receiver.wait`); spans are exported every 50 ms
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -39,7 +40,7 @@ from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from bench import serving
 from bench.otlp import INTERNAL, SERVER, Received, Receiver
-from server import tracing
+from server import config, tracing
 from server.repository import ModelConfig
 from tests.reliability.repos import derive
 
@@ -378,3 +379,13 @@ def test_off_unless_an_endpoint_is_given(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert tracing.endpoint_configured("") == ""
     assert tracing.ENABLED is False
+
+
+def test_the_endpoint_setting_by_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    assert config.from_arguments(parser.parse_args([])).trace_endpoint == ""
+    monkeypatch.setenv("RESNET_SERVE_TRACE_ENDPOINT", "http://env:4317")
+    assert config.from_arguments(parser.parse_args([])).trace_endpoint == "http://env:4317"
+    flagged = parser.parse_args(["--trace-endpoint", "http://flag:4317"])
+    assert config.from_arguments(flagged).trace_endpoint == "http://flag:4317"  # the flag wins
