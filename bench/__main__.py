@@ -10,6 +10,8 @@
 - ``python -m bench frontend``: the serving path's own cost per request, against raw ONNX
   Runtime and a bare grpc.aio server on the same stack (`bench.frontend`), and the server
   with 0, 1, 2, 4 front-end processes side by side (`bench.frontends`).
+- ``python -m bench shared_memory``: tensors through system shared memory against the wire,
+  perf_analyzer, the null model and ResNet-50 at concurrency 1 and 64 (`bench.shared_memory`).
 - ``python -m bench tracing``: what OpenTelemetry tracing costs per request, off and on at
   sampling ratios 1 and 0.01 (`bench.tracing`).
 """
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import frontend, gpu_check, photos, precision, report, run, spin, tracing
+from bench import frontend, gpu_check, photos, precision, report, run, shared_memory, spin, tracing
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     spin.register(sub)
     gpu_check.register(sub)
     frontend.register(sub)
+    shared_memory.register(sub)
     tracing.register(sub)
     return parser
 

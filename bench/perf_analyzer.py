@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from resnet_serve_client.bench import LevelResult
@@ -87,6 +88,7 @@ def measure(
     work: Path,
     inputs: dict[str, bytes] | None,
     protocol: str = "grpc",
+    flags: Sequence[str] = (),
 ) -> LevelResult:
     """One measured slice at `concurrency`: every request of the stable windows.
 
@@ -96,6 +98,8 @@ def measure(
     NaN and infinity as often as not in a float32 tensor: what a user running it without
     data flags sends (``inputs=None``), which the server computes like any other input.
     `protocol`: ``grpc`` (`address` is the gRPC port) or ``http`` (the HTTP port).
+    `flags`: more of perf_analyzer's flags (``--shared-memory system``: the tensors through
+    regions it registers, `bench.shared_memory`).
     """
     data_flags: list[str] = []
     if inputs is not None:
@@ -111,7 +115,7 @@ def measure(
         str(BINARY), "-m", model, "-u", address, "-i", protocol,
         "--concurrency-range", str(concurrency), "-b", "1",
         "--measurement-mode", "time_windows", "-p", str(window_ms), "-s", "90",
-        *data_flags, "--profile-export-file", str(export),
+        *data_flags, *flags, "--profile-export-file", str(export),
     ]  # fmt: skip
     cpu_before, started = _children_cpu(), time.monotonic()
     done = subprocess.run(
