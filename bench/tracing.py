@@ -236,6 +236,7 @@ def execute(plan: TracingPlan, work: Path) -> dict[str, Any]:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "machine": run.machine(),
+            "modified": frontend._modified(),
             "command": " ".join(["python -m bench", *sys.argv[1:]]),
         },
         "plan": plan.as_dict(),
@@ -367,7 +368,9 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         f"`{meta['command']}` on {machine['cpu']} ({machine['cores']} cores), "
         f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
         f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
-        f"commit {machine['commit']}; raw JSON: [{source.name}](../bench/results/{source.name}).",
+        f"commit {machine['commit']}"
+        + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
+        + f"; raw JSON: [{source.name}](../bench/results/{source.name}).",
         "",
         f"The null model at concurrency {plan['concurrency']}, one image per v2 ModelInfer "
         f"without `traceparent`, load by {plan['client']}; {plan['rounds']} interleaved rounds "
