@@ -224,9 +224,14 @@ _OFF = nullcontext()  # what `step` gives when tracing is off: one object for ev
 
 
 def step(name: str) -> AbstractContextManager[Any]:
-    """An INTERNAL span under the current one while the block runs; with tracing off, a
-    shared no-op (nothing is made)."""
+    """An INTERNAL span under the current one while the block runs; with tracing off, or
+    under a span that is not recorded (a call the sampler left out), a shared no-op
+    (nothing is made: its span would have no recorded parent)."""
     if not ENABLED:
+        return _OFF
+    from opentelemetry import trace
+
+    if not trace.get_current_span().is_recording():
         return _OFF
     return _child(name)
 
@@ -285,7 +290,8 @@ def batch(
     """A session run starts at `now` (the loop's clock) over items queued by `requests`
     ((span context or None, arrival on the loop's clock) each): a ``queue`` span for each
     traced request, from its arrival to now, and the ``batch`` span linked to them, which
-    the caller ends (`batch_ended`). None when no request is traced."""
+    the caller ends (`batch_ended`). None when no request is traced; a request whose span
+    the sampler left out gets no queue span and no link."""
     from opentelemetry import trace
     from opentelemetry.context import Context
     from opentelemetry.trace import Link
@@ -293,7 +299,7 @@ def batch(
     wall = time.time_ns()
     links = []
     for parent, arrival in requests:
-        if parent is None:
+        if parent is None or not parent.trace_flags.sampled:
             continue
         context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
         started = wall - int((now - arrival) * 1e9)
