@@ -46,7 +46,7 @@ def _cell(text: str) -> str:
 
 
 def _default(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "unset"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
