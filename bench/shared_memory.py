@@ -161,6 +161,7 @@ class Cell:
     result: LevelResult
     counted: frontends.Counts = field(default_factory=frontends.Counts)
     cpu: float = 0.0  # server CPU seconds, every process of its tree
+    slices: list[float] = field(default_factory=list)  # each slice's seconds, as planned
 
     def add(self, result: LevelResult, counted: frontends.Counts, cpu: float) -> None:
         self.result.add(result)
@@ -181,6 +182,7 @@ class Cell:
             ),
             "cpu_us_per_request": round(1e6 * self.cpu / requests, 1) if requests else None,
             "server_cores": round(self.cpu / max(1e-9, self.result.seconds), 2),
+            "slices_s": self.slices,
         }
 
 
@@ -248,6 +250,18 @@ def _slice(
     return result, counted, frontends.cpu_by_role(before, after)["whole"]
 
 
+def slice_seconds(plan: SharedMemoryPlan, concurrency: int, rate_at_one: float | None) -> float:
+    """A slice's length: the plan's share of a round, and at a concurrency above 1 at least
+    ``3 × concurrency / rate_at_one`` (the model's req/s at concurrency 1, the slower
+    transport's): long enough for each of perf_analyzer's three windows to see requests
+    complete when one request of a batch takes as long as a whole round of them (ResNet-50
+    on a few CPU cores)."""
+    share = plan.seconds / plan.rounds
+    if concurrency == 1 or not rate_at_one:
+        return share
+    return max(share, 3 * concurrency / rate_at_one)
+
+
 def measure(
     server: Server, served: list[Served], plan: SharedMemoryPlan, work: Path
 ) -> list[dict[str, Any]]:
@@ -264,11 +278,13 @@ def measure(
                 _slice(server, model, inputs[model.name], transport, max(plan.concurrencies),
                        plan.warmup, plan, work / "warmup")  # fmt: skip
     cells: dict[tuple[str, str, int], Cell] = {}
-    seconds = plan.seconds / plan.rounds
     for round_ in range(plan.rounds):
         order = TRANSPORTS if round_ % 2 == 0 else TRANSPORTS[::-1]
-        for concurrency in plan.concurrencies:
+        for concurrency in sorted(plan.concurrencies):
             for model in served:
+                at_one = [cells[k].result.throughput for k in
+                          ((model.name, t, 1) for t in TRANSPORTS) if k in cells]  # fmt: skip
+                seconds = slice_seconds(plan, concurrency, min(at_one, default=None))
                 for transport in order:
                     key = (model.name, transport, concurrency)
                     if key not in cells:
@@ -276,6 +292,7 @@ def measure(
                         cells[key] = Cell(model.name, transport, concurrency, level)
                     cells[key].add(*_slice(server, model, inputs[model.name], transport,
                                            concurrency, seconds, plan, work))  # fmt: skip
+                    cells[key].slices.append(round(seconds, 2))
         say(f"shared memory: round {round_ + 1} of {plan.rounds} done")
     rows = []
     for model in served:
@@ -325,9 +342,10 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         "",
         f"perf_analyzer over {plan['protocol']}, one uint8 224×224 image per request (150,528 "
         f"bytes in, 4,000 out), one server process (`--frontends 0`, `max_batch_size` "
-        f"{plan['max_batch_size']}), {plan['rounds']} interleaved rounds of "
-        f"{plan['seconds'] / plan['rounds']:.1f} s per cell. **wire**: the tensor in the "
-        "request, the logits in the response; **system**: `--shared-memory system`, both "
+        f"{plan['max_batch_size']}), {plan['rounds']} interleaved rounds, each a slice of "
+        f"{plan['seconds'] / plan['rounds']:.1f} s per cell, at concurrency c at least "
+        f"3·c / the model's req/s at concurrency 1 ({_lengths(rows)}). **wire**: the tensor "
+        "in the request, the logits in the response; **system**: `--shared-memory system`, both "
         "through regions of /dev/shm. CPU µs per request: the server's process CPU "
         "(`/proc/<pid>/stat`) over the requests its /metrics counted.",
         "",
@@ -350,6 +368,15 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         )
     out += ["", *_summary(rows)]
     return "\n".join(out)
+
+
+def _lengths(rows: list[dict[str, Any]]) -> str:
+    """Each cell's slice length, once per model and concurrency."""
+    return ", ".join(
+        f"{r['model']} c={r['concurrency']} {r['slices_s'][0]:g} s"
+        for r in rows
+        if r["transport"] == WIRE and r.get("slices_s")
+    )
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:

@@ -126,3 +126,11 @@ def test_the_report_states_system_against_wire() -> None:
         "- null, system against wire: c=1: req/s × 1.10, p50 -0.10 ms, CPU/req × 0.75; "
         "c=64: req/s × 0.90, p50 +3.00 ms, CPU/req × 1.10." in text
     )
+
+
+def test_a_slice_at_high_concurrency_lasts_long_enough_for_its_windows() -> None:
+    plan = bench_shm.SharedMemoryPlan(seconds=6.0, rounds=2)
+    assert bench_shm.slice_seconds(plan, 1, 5.0) == 3.0  # concurrency 1: the plan's share
+    assert bench_shm.slice_seconds(plan, 64, 6.0) == 32.0  # ResNet-50 on 2 cores: 3 · 64 / 6
+    assert bench_shm.slice_seconds(plan, 64, 1000.0) == 3.0  # a fast model: the share
+    assert bench_shm.slice_seconds(plan, 64, None) == 3.0  # nothing measured at 1
