@@ -73,6 +73,12 @@ def test_perf_analyzer_sends_its_tensors_through_system_shared_memory(
     assert refused.ok == 0
     ((message, count),) = refused.errors.items()
     assert count == 1 and "system shared memory is turned off on this server" in message
+    with off.channel() as channel:  # and the server does not list the extension
+        metadata = v2_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(
+            pb.ServerMetadataRequest(), timeout=30
+        )
+    assert "system_shared_memory" not in metadata.extensions
+    assert {"classification", "statistics"} <= set(metadata.extensions)
 
 
 def test_the_bench_runs_end_to_end_and_writes_its_block_only(

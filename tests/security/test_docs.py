@@ -12,6 +12,7 @@ from tests.reliability import catalogue, test_catalogue, test_drain, test_overlo
 from tests.reliability import test_properties as properties
 from tests.reliability import test_replica_faults as replica_faults
 from tests.security import test_http_hostile as hostile
+from tests.security import test_shared_memory_hostile as shm
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 MIB = 1 << 20
@@ -58,6 +59,15 @@ def _text() -> str:
         f"within **{replica_faults.DEADLINE + replica_faults.DEADLINE_SLACK:g} s**",
         f"call started **{replica_faults.DETECT_BOUND:g} s** or more after the stop",
         f"back at 0 within **{replica_faults.FREED_BOUND:g} s**",
+        f"`--shared-memory-regions {shm.MAX_REGIONS}`, `--shared-memory-bytes {shm.MAX_BYTES}`",
+        f"`--max-message-bytes {shm.MAX_MESSAGE}` (2 MiB)",
+        f"empty, `/` alone, **{shm.MAX_KEY + 1}** bytes and a NUL",
+        f"**{shm.MAX_KEY}** bytes is a name",
+        f"a region's name is 1 to **{shm.MAX_NAME}** characters",
+        f"an input of **{shm.LARGE}** uint8 images ({shm.LARGE * shm.U8_IMAGE:,} bytes",
+        f"a read of **{shm.MAX_MESSAGE // shm.U8_IMAGE + 1}** uint8 images "
+        f"({(shm.MAX_MESSAGE // shm.U8_IMAGE + 1) * shm.U8_IMAGE:,} bytes)",
+        f"the **{shm.MAX_REGIONS + 1}th** region with {shm.MAX_REGIONS} registered",
     ],
 )
 def test_the_asserted_numbers_are_stated(stated: str) -> None:
