@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from server import engine, errors
 from server.config import Settings, env_var
 from tests.reliability import catalogue, test_catalogue, test_drain, test_overload, test_soak
+from tests.reliability import test_faults as faults
+from tests.reliability import test_frontends as frontends
 from tests.reliability import test_properties as properties
 from tests.reliability import test_replica_faults as replica_faults
 from tests.security import test_http_hostile as hostile
@@ -68,6 +71,14 @@ def _text() -> str:
         f"a read of **{shm.MAX_MESSAGE // shm.U8_IMAGE + 1}** uint8 images "
         f"({(shm.MAX_MESSAGE // shm.U8_IMAGE + 1) * shm.U8_IMAGE:,} bytes)",
         f"the **{shm.MAX_REGIONS + 1}th** region with {shm.MAX_REGIONS} registered",
+        f"at most **{test_catalogue.MAX_DETAILS}** characters: a caller's message is cut at "
+        f"{errors.MAX_MESSAGE_CHARS}",
+        f"`--session-run-timeout {faults.RUN_TIMEOUT:g}`",
+        f"within the bound plus **{faults.SLACK:g} s**",
+        f"`RssShmem` within **{frontends.SHMEM_SLACK // MIB} MiB** and its RSS within "
+        f"**{frontends.RSS_SLACK // MIB} MiB**",
+        f"(doubling up to {engine.RESTART_DELAY_MAX:g} s)",
+        f"within **{frontends.ENGINE_GONE_BOUND:g} s**, each exits non-zero",
     ],
 )
 def test_the_asserted_numbers_are_stated(stated: str) -> None:
