@@ -59,6 +59,7 @@ from server.preprocess import Preprocessor
 from server.protocols import v1
 from server.protocols.http import HttpServer
 from server.protocols.v2 import servicer as v2
+from server.providers import serves_on_gpu
 from server.shared_memory import SharedMemory
 
 log = logging.getLogger(__name__)
@@ -382,7 +383,7 @@ async def run(settings: Settings) -> int:
     With front ends (``--frontends``, `Settings.frontend_count`) this process is the
     engine and the front ends are its children (`server.engine`)."""
     limit_malloc_arenas()
-    frontends = settings.frontend_count()
+    frontends = settings.frontend_count(gpu=serves_on_gpu(settings))
     if frontends:
         from server import engine
 

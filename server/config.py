@@ -451,14 +451,13 @@ class Settings(BaseSettings):
             return configured
         return max(1, (cores or available_cores()) // instances)
 
-    def frontend_count(self, cores: int | None = None, gpu: bool | None = None) -> int:
-        """Front-end processes: flag/env, else ``auto``: on a GPU node one per core left
-        once the engine has one, at most 8; on a CPU node none (one process), since every
-        core a front end takes is one ONNX Runtime does not get (docs/decisions/0012)."""
+    def frontend_count(self, gpu: bool, cores: int | None = None) -> int:
+        """Front-end processes: flag/env, else ``auto``: where the sessions run on a GPU
+        (`gpu`: `server.providers.serves_on_gpu`) one per core left once the engine has
+        one, at most 8; on a CPU node none (one process), since every core a front end
+        takes is one ONNX Runtime does not get (docs/decisions/0012)."""
         if self.frontends != "auto":
             return int(self.frontends)
-        if gpu is None:
-            gpu = self.device == "cuda" or (self.device == "auto" and _cuda_offered())
         if not gpu:
             return 0
         return max(1, min(8, (cores or available_cores()) - 1))
@@ -466,14 +465,6 @@ class Settings(BaseSettings):
     def decode_threads(self, cores: int | None = None) -> int:
         """Decode workers: flag/env, else one per usable core (`available_cores()`)."""
         return self.decode_workers or cores or available_cores()
-
-
-def _cuda_offered() -> bool:
-    try:
-        import onnxruntime
-    except ModuleNotFoundError:
-        return False
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def env_var(field: str) -> str:

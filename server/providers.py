@@ -1,7 +1,8 @@
 """Execution providers: their names, whether CUDA can come up here, and the options
 each session and provider is opened with.
 
-`cuda_driver_present` and `cuda_total_memory` ask the driver; `why_no_cuda` finds why
+`cuda_driver_present` and `cuda_total_memory` ask the driver, `serves_on_gpu` whether
+the settings put the sessions on a GPU here; `why_no_cuda` finds why
 the CUDA provider library does not load (the library and the symbol or file it misses)
 so that `server.sessions.open_session` logs it in one line. `session_options`,
 `cuda_provider_options` and `tensorrt_provider_options` are what every session is
@@ -36,6 +37,14 @@ def cuda_driver_present() -> bool:
     except OSError:
         return False
     return True
+
+
+def serves_on_gpu(settings: Settings) -> bool:
+    """Whether the sessions run on a GPU: ``--device cuda``, or ``auto`` where ONNX Runtime
+    offers CUDA (onnxruntime-gpu offers it on any host) and the NVIDIA driver loads."""
+    if settings.device != "auto":
+        return settings.device == "cuda"
+    return CUDA in ort.get_available_providers() and cuda_driver_present()
 
 
 def cuda_total_memory(device_id: int) -> int | None:

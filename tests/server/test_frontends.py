@@ -532,7 +532,32 @@ def test_bad_frontend_counts_are_refused_at_start(
 
 
 def test_settings_read_frontend_counts() -> None:
-    assert Settings(frontends="3").frontend_count() == 3
-    assert Settings(frontends="0").frontend_count() == 0
+    assert Settings(frontends="3").frontend_count(gpu=False) == 3
+    assert Settings(frontends="0").frontend_count(gpu=True) == 0
     assert Settings(frontends="auto").frontend_count(cores=4, gpu=True) == 3
     assert Settings(frontends="auto").frontend_count(cores=4, gpu=False) == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "offered", "driver", "expected"),
+    [
+        ("auto", ["CPUExecutionProvider"], True, False),
+        # onnxruntime-gpu on a host without an NVIDIA GPU: the provider is offered, the
+        # driver does not load, so the sessions (and auto's front-end count) stay on the CPU
+        ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], False, False),
+        ("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, True),
+        ("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"], True, False),
+        ("cuda", ["CPUExecutionProvider"], False, True),
+    ],
+)
+def test_serves_on_gpu_only_where_cuda_can_serve(
+    monkeypatch: pytest.MonkeyPatch, device: str, offered: list[str], driver: bool,
+    expected: bool,
+) -> None:  # fmt: skip
+    import onnxruntime
+
+    from server import providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: offered)
+    monkeypatch.setattr(providers, "cuda_driver_present", lambda: driver)
+    assert providers.serves_on_gpu(Settings(device=device)) is expected
