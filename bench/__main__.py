@@ -19,19 +19,29 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench import frontend, gpu_check, photos, precision, report, run, shared_memory, spin, tracing
+from bench import (
+    cli,
+    frontend,
+    gpu_check,
+    photos,
+    precision,
+    report,
+    run,
+    shared_memory,
+    spin,
+    tracing,
+)
 from bench.load import VARIANT_KEYS
 from bench.plan import SWEEP, Knobs, Plan
 from bench.repository import build_missing
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-WORK = HERE / "results" / "tmp"  # git-ignored: built models, photos, server log, profiles
+WORK = cli.TMP  # git-ignored: built models, photos, server log, profiles
 SWEEP_PLAN = Plan(
     models=("resnet50",),
     variants=("uint8", "jpeg"),
@@ -40,14 +50,6 @@ SWEEP_PLAN = Plan(
     warmup=2.0,
     seconds=8.0,
 )
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.split(",") if x)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
     add = parser.add_argument
-    add("--models", type=_names, default=plan.models, help="architectures (default %(default)s)")
+    add("--models", type=cli.names, default=plan.models, help="architectures (default %(default)s)")
     add(
         "--repo",
         type=Path,
@@ -112,19 +114,19 @@ def _plan_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
     add("--no-build", action="store_true", help="fail instead of building a missing model")
     add(
         "--variants",
-        type=_names,
+        type=cli.names,
         default=plan.variants,
         help=f"server variants, of {','.join(VARIANT_KEYS)} (default %(default)s)",
     )
     add(
         "--concurrency",
-        type=_ints,
+        type=cli.ints,
         default=plan.concurrencies,
         help="requests in flight, a comma list (default %(default)s)",
     )
     add(
         "--batch-sizes",
-        type=_ints,
+        type=cli.ints,
         default=plan.batch_sizes,
         help="raw ORT batch sizes (default %(default)s)",
     )
@@ -166,20 +168,14 @@ def _plan_arguments(parser: argparse.ArgumentParser, plan: Plan) -> None:
         default=photos.DEFAULT_SOURCE,
         help="JPEG photos, re-encoded at ~1 MP for the jpeg variant (default %(default)s)",
     )
-    add("--work", type=Path, default=WORK, help="scratch directory (default %(default)s)")
-    add("--results", type=Path, default=HERE / "results",
-        help="where the JSON goes (default %(default)s)")  # fmt: skip
+    cli.add_work(parser, WORK)
+    cli.add_results(parser)
     _output_arguments(parser)
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--doc",
-        type=Path,
-        default=ROOT / "docs" / "benchmarks.md",
-        help="the report to update (default %(default)s)",
-    )
-    parser.add_argument("--plots", type=Path, default=ROOT / "docs" / "benchmarks",
+    cli.add_doc(parser)
+    parser.add_argument("--plots", type=Path, default=cli.DOC.parent / "benchmarks",
                         help="where the PNGs go (default %(default)s)")  # fmt: skip
 
 
@@ -232,17 +228,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _finish(results: dict[str, Any], args: argparse.Namespace) -> int:
-    path = run.save(results, args.results)
-    print(f"wrote {path}", file=sys.stderr)
-    report.render(results, path, args.doc, args.plots)
-    print(f"wrote {args.doc}", file=sys.stderr)
+    render = functools.partial(report.render, plots_dir=args.plots)
+    cli.finish(results, args, cli.stamped(""), render)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     results = json.loads(args.results_json.read_text())
     report.render(results, args.results_json, args.doc, args.plots)
-    print(f"wrote {args.doc}", file=sys.stderr)
+    cli.say(f"wrote {args.doc}")
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
 from bench import perf_analyzer
+from bench.cli import say
 from bench.serving import Server, start
 
 ENGINE = "rs-engine"
@@ -298,10 +298,6 @@ def servers(repo: Path, work: Path, plan: SweepPlan) -> Iterator[dict[int, Serve
 def _stop(server: Server) -> None:
     with contextlib.suppress(Exception):
         server.stop()
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 async def _drive(

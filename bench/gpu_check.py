@@ -43,7 +43,7 @@ from resnet_serve_client import Client
 from resnet_serve_client.proto.inference import grpc_service_pb2 as v2
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import frontend, frontends, load, null_model, raw, serving
+from bench import cli, frontend, frontends, load, null_model, raw, serving
 from bench.repository import Served, build_missing
 from server.config import Settings
 from server.repository import (
@@ -82,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sweep-seconds", type=float, help="per sweep cell; default 4 on cuda, 0.6 on cpu"
     )
-    parser.add_argument("--work", type=Path, default=HERE / "results" / "tmp" / "gpu-check")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    cli.add_work(parser, cli.TMP / "gpu-check")
+    parser.add_argument("--out", type=Path, default=cli.RESULTS)
     parser.set_defaults(func=main)
 
 
@@ -259,8 +259,8 @@ def sweep(args: argparse.Namespace, dry: bool) -> dict[str, Any]:
     served = frontend.serve_models(models, source, repo, max_batch_size=64)
     plan = frontends.SweepPlan(
         models=models,
-        frontends=_ints(args.frontends or ("0,1" if dry else "0,1,2,4,8")),
-        concurrencies=_ints(args.sweep_concurrency or ("4" if dry else "1,16,64")),
+        frontends=cli.ints(args.frontends or ("0,1" if dry else "0,1,2,4,8")),
+        concurrencies=cli.ints(args.sweep_concurrency or ("4" if dry else "1,16,64")),
         seconds=args.sweep_seconds or (0.6 if dry else 4.0),
         rounds=1 if dry else 2,
         warmup=0.0 if dry else 1.0,
@@ -268,10 +268,6 @@ def sweep(args: argparse.Namespace, dry: bool) -> dict[str, Any]:
     )
     requests = {model.name: frontend.request_for(model) for model in served}
     return frontends.run(repo, requests, plan, args.work / "sweep")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -307,14 +303,14 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     dry = args.device == "cpu"
     if not dry and (why := no_gpu_reason()) is not None:
-        print(f"gpu-check: no GPU to check: {why}", file=sys.stderr)
+        cli.say(f"gpu-check: no GPU to check: {why}")
         return NO_GPU
     import onnxruntime as ort
 
     arch = args.arch or ("resnet20" if dry else "resnet50")
     epochs = args.epochs or (1 if dry else 8)
     seconds = args.seconds or (1.0 if dry else 10.0)
-    levels = [int(c) for c in args.concurrency.split(",") if c]
+    levels = list(cli.ints(args.concurrency))
     repo = args.work / "models"
     names = build(repo, args.work, arch, epochs)
     expected = PROVIDERS[args.device]

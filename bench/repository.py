@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cli import say
 from server.repository import (
     MODEL_FILE,
     VERIFICATION_FILE,
@@ -50,7 +51,7 @@ def build_missing(repo: Path, archs: list[str]) -> None:
     for arch in archs:
         if versions(repo / arch):
             continue
-        print(f"building {arch} (uint8 input) into {repo}", file=sys.stderr, flush=True)
+        say(f"building {arch} (uint8 input) into {repo}")
         subprocess.run(
             [str(command), "build", arch, "--repo", str(repo), "--input", "uint8"], check=True
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 import onnxruntime as ort
 
 from bench import load, perf_analyzer, raw
+from bench.cli import say
 from bench.plan import Knobs, Plan
 from bench.repository import Served, prepare
 from bench.serving import Server, running
@@ -35,13 +35,9 @@ from bench.serving import Server, running
 VARIANTS = {v.key: v for v in load.VARIANTS}
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _say_row(prefix: str, row: dict[str, Any]) -> None:
     """One measured level, as it finishes."""
-    _say(
+    say(
         f"{prefix} {row['variant']:>8} c={row['concurrency']:<3} "
         f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  "
         f"p99 {row['p99_ms']:7.1f} ms  batch {row['batch_mean']:5.2f}  "
@@ -109,7 +105,7 @@ def _runnable(plan: Plan) -> tuple[Plan, dict[str, Any]]:
     wanted = [key for key in plan.variants if VARIANTS[key].client == "perf_analyzer"]
     if not wanted or (reason := perf_analyzer.unavailable()) is None:
         return plan, {}
-    _say(f"left out {', '.join(wanted)}: {reason}")
+    say(f"left out {', '.join(wanted)}: {reason}")
     kept = tuple(key for key in plan.variants if key not in wanted)
     return replace(plan, variants=kept), {"left_out": {key: reason for key in wanted}}
 
@@ -195,13 +191,13 @@ def _serving(plan: Plan, source_repo: Path, work: Path) -> Iterator[tuple[Server
         refill_wait=plan.knobs.refill_wait,
     )
     flags = plan.knobs.server_flags()
-    _say(f"starting the server over {work / 'repo'} {' '.join(flags)}")
+    say(f"starting the server over {work / 'repo'} {' '.join(flags)}")
     with running(work / "repo", work / "server.log", flags) as server:
         yield server, served
 
 
 def _raw(session: raw.Raw, model: Served, plan: Plan) -> list[dict[str, Any]]:
-    _say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
+    say(f"{model.name}: raw ONNX Runtime at batch sizes {list(plan.batch_sizes)}")
     return [
         session.measure(batch, plan.raw_seconds).result().as_dict() for batch in plan.batch_sizes
     ]
@@ -268,7 +264,7 @@ async def _server_levels(
                     "slice_img_per_s": samples[batch].window_img_per_s,
                 }
             )
-            _say(
+            say(
                 f"{model.name:>10} {'raw b' + str(batch):>8} c={concurrency:<3} "
                 f"{ref.img_per_s:7.1f} img/s  p50 {ref.p50_ms:7.1f} ms (next to this level)"
             )
@@ -277,10 +273,3 @@ async def _server_levels(
             _say_row(f"{model.name:>10}", row)
             rows.append(row)
     return rows, references
-
-
-def save(results: dict[str, Any], directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / time.strftime("%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    return path

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import raw
+from bench import cli, raw
 from bench.repository import build_missing
 from server.config import Settings
 from server.repository import MODEL_FILE, ModelConfig, latest_version
 from server.sessions import open_session
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_US = Settings().spin_duration_us
 
 
@@ -40,7 +39,7 @@ def settings(durations: list[int]) -> dict[str, Settings]:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("spin", help="ONNX Runtime thread spinning, A/B in one process")
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--repo", type=Path, default=HERE / "results" / "tmp" / "models")
+    parser.add_argument("--repo", type=Path, default=cli.TMP / "models")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--slice", type=float, default=0.5, help="seconds per setting per round")
@@ -61,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     threads = Settings().threads_per_session(1, None)
     sessions = {
         label: open_session(model_file, chosen, threads).session
-        for label, chosen in settings([int(x) for x in args.durations.split(",")]).items()
+        for label, chosen in settings(list(cli.ints(args.durations))).items()
     }
     feed = {config.input.name: raw.random_batch(config.input, args.batch, np.random.default_rng(0))}
     gaps = (0.0, args.gap_ms / 1000)
