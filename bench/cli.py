@@ -6,13 +6,19 @@
   `add_doc`; the three at once: `add_outputs`), and where they point by default;
 - progress on stderr (`say`);
 - the end of a run (`finish`): the results JSON into ``--results`` under a time-stamped
-  name (`stamped`), the subcommand's block of ``--doc`` rendered, each file said.
+  name (`stamped`), the subcommand's block of ``--doc`` rendered, each file said;
+- what every run records of itself (`meta`: when, how long, the load, the machine, the
+  server files modified against the commit, the command) and the report's first line
+  that says it (`header`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -102,3 +108,44 @@ def finish(results: dict[str, Any], args: argparse.Namespace, name: str, render:
     render(results, path, args.doc)
     say(f"wrote {args.doc}")
     return path
+
+
+def meta(started: float, load_before: tuple[float, ...]) -> dict[str, Any]:
+    """What a run records of itself: it started at `started` (``time.time()``) with load
+    averages `load_before`, and ends now."""
+    from bench import run  # it imports this module
+
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": run.machine(),
+        "modified": modified(),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+    }
+
+
+def modified() -> list[str]:
+    """Files of the server and the SDK that differ from the commit measured (a run serves
+    the working tree)."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(
+            ["git", "diff", "--name-only", "HEAD", "--", "server", "clients"],
+            capture_output=True, text=True, check=True, cwd=HERE.parent,
+        ).stdout.split()  # fmt: skip
+    return []
+
+
+def header(results: dict[str, Any], source: Path) -> str:
+    """A report's first line: the command, the machine, when, the load, the commit (and
+    what was modified against it), the raw JSON."""
+    meta, machine = results["meta"], results["meta"]["machine"]
+    return (
+        f"`{meta['command']}` on {machine['cpu']} ({machine['cores']} cores), "
+        f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
+        f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
+        f"commit {machine['commit']}"
+        + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
+        + f"; raw JSON: [{source.name}](../bench/results/{source.name})."
+    )

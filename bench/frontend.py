@@ -39,8 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -55,7 +53,7 @@ from resnet_serve_client.payloads import make_inputs, v2_requests
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import blocks, cli, floor, frontends, null_model, perf_analyzer, raw, run
+from bench import blocks, cli, floor, frontends, null_model, perf_analyzer, raw
 from bench.profile import Sampling
 from bench.repository import Served, build_missing, prepare
 from bench.serving import Server, start
@@ -231,27 +229,9 @@ def execute(plan: FrontendPlan, source_repo: Path, work: Path) -> dict[str, Any]
     if "sweep" in plan.parts:
         requests = {model.name: request_for(model) for model in served}
         results["sweep"] = frontends.run(repo, requests, plan.sweep(), work / "sweep")
-    results["meta"] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": run.machine(),
-        "modified": _modified(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
+    results["meta"] = cli.meta(started, load_before)
     results["plan"] = plan.as_dict()
     return results
-
-
-def _modified() -> list[str]:
-    """Files of the server that differ from the commit measured (the run serves the tree)."""
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(
-            ["git", "diff", "--name-only", "HEAD", "--", "server", "clients"],
-            capture_output=True, text=True, check=True, cwd=HERE.parent,
-        ).stdout.split()  # fmt: skip
-    return []
 
 
 def _cost(
@@ -589,28 +569,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return found
 
 
-def _header(results: dict[str, Any], source: Path) -> str:
-    meta = results["meta"]
-    machine = meta["machine"]
-    return (
-        f"`python -m bench frontend` on {machine['cpu']} ({machine['cores']} cores), "
-        f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
-        f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
-        f"commit {machine['commit']}"
-        + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
-        + "; raw JSON: "
-        f"[{source.name}](../bench/results/{source.name})."
-    )
-
-
 def sweep_markdown(results: dict[str, Any], source: Path) -> str:
     """The front-end sweep's block (`bench.frontends.markdown`)."""
-    return "\n".join([_header(results, source), "", *frontends.markdown(results["sweep"])])
+    return "\n".join([cli.header(results, source), "", *frontends.markdown(results["sweep"])])
 
 
 def markdown(results: dict[str, Any], source: Path) -> str:
     out = [
-        _header(results, source),
+        cli.header(results, source),
         "",
         "#### Targets",
         "",

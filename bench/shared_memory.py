@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from resnet_serve_client.bench import LevelResult
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import blocks, cli, frontend, frontends, null_model, perf_analyzer, run
+from bench import blocks, cli, frontend, frontends, null_model, perf_analyzer
 from bench.repository import Served, build_missing
 from bench.serving import Server, start
 
@@ -171,15 +170,7 @@ def execute(plan: SharedMemoryPlan, source_repo: Path, work: Path) -> dict[str, 
         "plan": plan.as_dict(),
         "rows": rows,
         "regions_left": regions_left,
-        "meta": {
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-            "seconds": round(time.time() - started, 1),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "machine": run.machine(),
-            "modified": frontend._modified(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        },
+        "meta": cli.meta(started, load_before),
     }
 
 
@@ -303,15 +294,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def markdown(results: dict[str, Any], source: Path) -> str:
-    meta, plan, rows = results["meta"], results["plan"], results["rows"]
-    machine = meta["machine"]
+    plan, rows = results["plan"], results["rows"]
     out = [
-        f"`python -m bench shared_memory` on {machine['cpu']} ({machine['cores']} cores), "
-        f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
-        f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
-        f"commit {machine['commit']}"
-        + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
-        + f"; raw JSON: [{source.name}](../bench/results/{source.name}).",
+        cli.header(results, source),
         "",
         f"perf_analyzer over {plan['protocol']}, one uint8 224×224 image per request (150,528 "
         f"bytes in, 4,000 out), one server process (`--frontends 0`, `max_batch_size` "

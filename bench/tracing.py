@@ -49,7 +49,7 @@ from resnet_serve_client.options.channel import ChannelOptions, aio_channel
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import blocks, cli, frontend, null_model, perf_analyzer, run
+from bench import blocks, cli, frontend, null_model, perf_analyzer
 from bench.otlp import Receiver
 from bench.repository import Served
 from bench.serving import Server, start
@@ -213,15 +213,7 @@ def execute(plan: TracingPlan, work: Path) -> dict[str, Any]:
         )
     return {
         "rows": rows,
-        "meta": {
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-            "seconds": round(time.time() - started, 1),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            "machine": run.machine(),
-            "modified": frontend._modified(),
-            "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        },
+        "meta": cli.meta(started, load_before),
         "plan": plan.as_dict(),
     }
 
@@ -343,17 +335,11 @@ def _requests(server: Server, model: str) -> int:
 
 
 def markdown(results: dict[str, Any], source: Path) -> str:
-    meta, plan = results["meta"], results["plan"]
-    machine = meta["machine"]
+    plan = results["plan"]
     rows = results["rows"]
     off = next(r for r in rows if r["server"] == OFF)
     lines = [
-        f"`{meta['command']}` on {machine['cpu']} ({machine['cores']} cores), "
-        f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
-        f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
-        f"commit {machine['commit']}"
-        + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
-        + f"; raw JSON: [{source.name}](../bench/results/{source.name}).",
+        cli.header(results, source),
         "",
         f"The null model at concurrency {plan['concurrency']}, one image per v2 ModelInfer "
         f"without `traceparent`, load by {plan['client']}; {plan['rounds']} interleaved rounds "

@@ -123,9 +123,11 @@ def test_the_report_states_system_against_wire() -> None:
         "rows": rows,
         "plan": bench_shm.SharedMemoryPlan().as_dict(),
         "meta": {"machine": {"cpu": "cpu", "cores": 2, "commit": "abc"}, "started": "then",
-                 "seconds": 1.0, "load_average_before": [0.5], "load_average_after": [0.6]},
+                 "seconds": 1.0, "load_average_before": [0.5], "load_average_after": [0.6],
+                 "command": "python -m bench shared_memory"},
     }  # fmt: skip
     text = bench_shm.markdown(results, Path("shared-memory-x.json"))
+    assert text.startswith("`python -m bench shared_memory` on cpu (2 cores), then, 1 s, load ")
     assert "| null | 1 | system | 1100 | 1.10 | 0.90 | 1.80 | 1.0 | 600 | 0.75 | 1.0 |" in text
     assert "| null | 64 | wire | 2000 | 1.00 | 30.00 | 60.00 | 1.0 | 500 | 1.00 | 1.0 |" in text
     assert (
