@@ -30,9 +30,16 @@ def test_an_absent_block_is_appended_after_a_blank_line() -> None:
     assert blocks.replace("# Benchmarks\n\nprose\n", BEGIN, END, "body") == expected
     # trailing blank lines folded into the one blank line before the block
     assert blocks.replace("# Benchmarks\n\nprose\n\n\n", BEGIN, END, "body") == expected
-    # a begin marker alone is not a block: the whole block is appended
-    lone = f"# Benchmarks\n\n{BEGIN}\nstray\n"
-    assert blocks.replace(lone, BEGIN, END, "body") == f"{lone}\n{BEGIN}\nbody\n{END}\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"# B\n\n{BEGIN}\nstray\n", f"# B\n\nstray\n{END}\n", f"# B\n{END}\nx\n{BEGIN}\n"],
+    ids=["begin-alone", "end-alone", "out-of-order"],
+)
+def test_a_broken_block_is_refused_not_appended(text: str) -> None:
+    with pytest.raises(ValueError, match="without the other"):
+        blocks.replace(text, BEGIN, END, "body")
 
 
 def test_replacing_twice_gives_the_same_document() -> None:
