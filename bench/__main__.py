@@ -27,6 +27,7 @@ from typing import Any
 
 from bench import (
     cli,
+    engine_load,
     frontend,
     gpu_check,
     photos,
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.register(sub)
     shared_memory.register(sub)
     tracing.register(sub)
+    engine_load.register(sub)
     return parser
 
 

@@ -108,6 +108,10 @@ def _version_row(mv: ModelVersion) -> tuple[Any, ...]:
 class Link:
     """One front end as the engine sees it: its process, channel, segment, requests."""
 
+    # what the front end's process runs, before its socket's fd and its index
+    # (`bench.engine_load` runs a load generator that speaks the same messages instead)
+    program: tuple[str, ...] = ("-m", "server.frontend")
+
     def __init__(self, engine: Engine, index: int) -> None:
         self.engine = engine
         self.index = index
@@ -127,7 +131,7 @@ class Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.frontend", str(theirs.fileno()), str(self.index)],
+                [sys.executable, *self.program, str(theirs.fileno()), str(self.index)],
                 pass_fds=(theirs.fileno(),),
             )
         self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
