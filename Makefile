@@ -67,7 +67,8 @@ bench: $(STAMP) deps-system
 # The acceptance run on an NVIDIA GPU (bench/gpu_check.py): its own venv with the gpu extra
 # (CUDA, cuDNN and cuBLAS wheels; only the driver comes from the host) and perf_analyzer (the
 # front-end sweep's load; libb64-0d installed as root when absent), then builds, serves with
-# --device cuda, checks, measures and runs the front-end sweep (1, 2, 4, 8 front ends). Exit
+# --device cuda, checks, measures, runs the front-end sweep (1, 2, 4, 8 front ends) and the
+# engine alone (python -m bench engine). Exit
 # 2 without a GPU. DEVICE=cpu: the small dry run the test suite runs, in the ordinary venv.
 DEVICE ?= cuda
 GPU_VENV := .venv-gpu

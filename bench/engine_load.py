@@ -49,6 +49,7 @@ class EnginePlan:
     warmup: float = 1.0
     rounds: int = 2
     max_batch_size: int = 64
+    device: str = "cpu"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("--warmup", type=float, default=plan.warmup, help="default %(default)s")
     add("--rounds", type=int, default=plan.rounds, help="default %(default)s")
     add("--max-batch-size", type=int, default=plan.max_batch_size, help="default %(default)s")
+    add("--device", choices=("cpu", "cuda"), default=plan.device, help="default %(default)s")
     cli.add_outputs(parser, WORK)
     parser.set_defaults(func=main)
 
@@ -79,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         rounds=args.rounds,
         max_batch_size=args.max_batch_size,
+        device=args.device,
     )
     results = execute(plan, args.work)
     cli.finish(results, args, cli.stamped("engine-"), render)
@@ -105,7 +108,7 @@ async def _measure(plan: EnginePlan, work: Path) -> list[dict[str, Any]]:
     from server.config import Settings
 
     disable_created_metrics()
-    settings = Settings(repo=work / "repo", device="cpu", frontends="1", metrics_port=0)
+    settings = Settings(repo=work / "repo", device=plan.device, frontends="1", metrics_port=0)
     core = app.serving_core(settings)
     await core.health.start()
     await app.load(settings, core.manager, core.health)
@@ -196,22 +199,14 @@ def render(results: dict[str, Any], source: Path, doc: Path) -> None:
     blocks.write(doc, (BEGIN, END, markdown(results, source)))
 
 
-def markdown(results: dict[str, Any], source: Path) -> str:
-    plan = results["plan"]
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """The rows of a run as a markdown table (also in `bench.gpu_check`'s report)."""
     lines = [
-        cli.header(results, source),
-        "",
-        f"The engine alone (null model, `max_batch_size` {plan['max_batch_size']}, CPU "
-        "provider) fed by one process that speaks a front end's messages, no gRPC; "
-        f"{plan['rounds']} rounds of {plan['seconds']:g} s per level. Engine CPU: every "
-        "thread of its process over the requests answered in the window; the projected "
-        "requests/s of an engine with a core to itself is 10⁶ / that.",
-        "",
         "| in flight | req/s | engine µs/request | slices | engine cores | mean batch "
         "| 10⁶ / µs |",
         "|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for row in results["rows"]:
+    for row in rows:
         us = row["engine_us_per_request"]
         lines.append(
             f"| {row['concurrency']} | {row['requests_per_second']:,.0f} | "
@@ -220,6 +215,22 @@ def markdown(results: dict[str, Any], source: Path) -> str:
             f"{row['engine_cores']} | {row['mean_batch'] if row['mean_batch'] else '–'} | "
             f"{f'{1e6 / us:,.0f}' if us else '–'} |"
         )
+    return lines
+
+
+def markdown(results: dict[str, Any], source: Path) -> str:
+    plan = results["plan"]
+    lines = [
+        cli.header(results, source),
+        "",
+        f"The engine alone (null model, `max_batch_size` {plan['max_batch_size']}, "
+        f"`--device {plan.get('device', 'cpu')}`) fed by one process that speaks a front "
+        f"end's messages, no gRPC; {plan['rounds']} rounds of {plan['seconds']:g} s per "
+        "level. Engine CPU: every thread of its process over the requests answered in the "
+        "window; the projected requests/s of an engine with a core to itself is 10⁶ / that.",
+        "",
+        *table(results["rows"]),
+    ]
     failed = sum(row["failed"] for row in results["rows"])
     if failed:
         lines += ["", f"{failed} requests failed (see the JSON)."]

@@ -18,11 +18,14 @@ of 2 s, each with perf_analyzer's start-up):
    the null model and resnet20 (uint8 input, built here) served by one process and by 1,
    2, 4 and 8 front ends, requests/s, p50, p99 and batch size at concurrency 1, 16 and 64,
    CPU per request by process and the ceiling projected for 16 and 32 cores;
-7. writes ``gpu-check.json`` and ``gpu-check.md`` into --out.
+7. measures the engine alone on DEVICE (``python -m bench engine``, `bench.engine_load`:
+   fed without gRPC at 1, 16, 64 and 256 requests in flight), the ceiling of one engine;
+8. writes ``gpu-check.json`` and ``gpu-check.md`` into --out.
 
 Without a GPU, ``--device cuda`` exits 2 and says why. ``--device cpu`` is the dry run,
 small and fast (resnet20, 1 training epoch, short windows; the sweep: the null model, one
-process against one front end, at one concurrency): the test suite runs it.
+process against one front end, at one concurrency; the engine alone at 1 and 8 in flight):
+the test suite runs it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from resnet_serve_client import Client
 from resnet_serve_client.proto.inference import grpc_service_pb2 as v2
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import cli, frontend, frontends, load, null_model, raw, serving
+from bench import cli, engine_load, frontend, frontends, load, null_model, raw, serving
 from bench.repository import Served, build_missing
 from server.config import Settings
 from server.repository import (
@@ -296,6 +299,8 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{row.get('p99_ms')} | {row['batch_mean']} |")  # fmt: skip
     if "sweep" in results:
         lines += ["", "## Front-end sweep", "", *frontends.markdown(results["sweep"])]
+    if "engine" in results:
+        lines += ["", "## The engine alone", "", *engine_load.table(results["engine"]["rows"])]
     return "\n".join(lines) + "\n"
 
 
@@ -320,12 +325,22 @@ def main(args: argparse.Namespace) -> int:
         logits = logits_check(server.address, repo, names, args.photos)
         measured = speed(server, repo, names["fp32"], args.device, levels, seconds)
     swept = sweep(args, dry)
+    engine = engine_load.execute(
+        engine_load.EnginePlan(
+            concurrencies=(1, 8) if dry else (1, 16, 64, 256),
+            seconds=0.5 if dry else 4.0,
+            warmup=0.2 if dry else 1.0,
+            rounds=1 if dry else 2,
+            device=args.device,
+        ),
+        args.work / "engine",
+    )
     passed = providers["passed"] and all(v.get("passed", True) for v in logits.values())
     results = {
         "arch": arch, "device": args.device,
         "gpu": platform.processor() if dry else _gpu_name(),
         "onnxruntime": ort.__version__, "passed": passed, "providers": providers,
-        "logits": logits, "speed": measured, "sweep": swept,
+        "logits": logits, "speed": measured, "sweep": swept, "engine": engine,
         "seconds": round(time.monotonic() - started, 1),
         "warmup_log": serving_lines(log),
     }  # fmt: skip

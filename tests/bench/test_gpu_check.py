@@ -49,5 +49,11 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     for row in sweep["rows"]:
         assert row["ok"] > 0 and not row["errors"] and row["server_requests"] >= row["ok"], row
     assert set(sweep["ceilings"][1]["projected"]) == {"16", "32"}
+    # the engine alone, tiny: one and eight requests in flight, every one answered
+    engine = results["engine"]
+    assert engine["plan"]["device"] == "cpu"
+    assert [row["concurrency"] for row in engine["rows"]] == [1, 8]
+    for row in engine["rows"]:
+        assert row["requests"] > 0 and row["failed"] == 0, row
     text = (out / "gpu-check.md").read_text()
-    assert "PASSED" in text and "## Front-end sweep" in text
+    assert "PASSED" in text and "## Front-end sweep" in text and "## The engine alone" in text
