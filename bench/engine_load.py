@@ -112,14 +112,16 @@ async def _measure(plan: EnginePlan, work: Path) -> list[dict[str, Any]]:
     core = app.serving_core(settings)
     await core.health.start()
     await app.load(settings, core.manager, core.health)
-    served = core.registry.get(null_model.NAME, "")
+    core.registry.get(null_model.NAME, "")  # raises unless the model serves
+    running = engine.Engine(settings, core, 1)
+    running.draining = True  # a feeder's exit is not a front end to start again
     measured = []
     try:
         for round_ in range(plan.rounds):
             order = plan.concurrencies if round_ % 2 == 0 else plan.concurrencies[::-1]
             for concurrency in order:
                 batches = _batches(core.metrics)
-                level = await _one_feeder(engine, settings, core, plan, concurrency, work)
+                level = await _one_feeder(engine, running, plan, concurrency, work)
                 after = _batches(core.metrics)
                 level["batches"] = after[0] - batches[0]
                 level["images"] = after[1] - batches[1]
@@ -131,22 +133,19 @@ async def _measure(plan: EnginePlan, work: Path) -> list[dict[str, Any]]:
                 )
                 measured.append(level)
     finally:
-        del served
         await core.manager.stop()
         await core.registry.close()
     return measured
 
 
 async def _one_feeder(
-    engine: Any, settings: Any, core: Any, plan: EnginePlan, concurrency: int, work: Path
+    engine: Any, running: Any, plan: EnginePlan, concurrency: int, work: Path
 ) -> dict[str, Any]:
-    """One feeder at `concurrency` against a fresh `Link` of an engine over `core`; what it
-    measured."""
+    """One feeder at `concurrency` on a fresh `Link` of the engine `running` (as a front end
+    that died is replaced); what it measured."""
     out = work / f"feed-c{concurrency}.json"
     out.unlink(missing_ok=True)
-    running = engine.Engine(settings, core, 1)
-    running.draining = True  # the feeder's exit is not a front end to start again
-    link = running.links[0]
+    link = running.links[0] = engine.Link(running, 0)
     link.program = ("-m", "bench.engine_load", "feed", str(concurrency), str(plan.warmup),
                     str(plan.seconds), str(out))  # fmt: skip
     await link.start()
@@ -155,7 +154,6 @@ async def _one_feeder(
     code = await asyncio.to_thread(process.wait)
     if code != 0 or not out.is_file():
         raise RuntimeError(f"the feeder at concurrency {concurrency} ended with {code}")
-    core.health.listeners.remove(running._changed)
     return json.loads(out.read_text())
 
 
