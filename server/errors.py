@@ -100,10 +100,12 @@ MAX_MESSAGE_CHARS = 1000  # a message to a caller is cut here (and says how long
 
 
 def bounded(message: str) -> str:
-    """`message` cut at `MAX_MESSAGE_CHARS`, saying so."""
+    """`message` cut to at most `MAX_MESSAGE_CHARS`, saying how long it was; a message cut
+    once stays as it is (the HTTP adapter bounds what `to_status` bounded already)."""
     if len(message) <= MAX_MESSAGE_CHARS:
         return message
-    return f"{message[:MAX_MESSAGE_CHARS]}... (cut; {len(message)} characters in all)"
+    said = f"... (cut; {len(message)} characters in all)"
+    return message[: MAX_MESSAGE_CHARS - len(said)] + said
 
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
