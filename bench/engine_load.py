@@ -2,14 +2,17 @@
 
 What one engine can answer, apart from what front ends cost: this process runs the real
 engine (`server.engine.Engine` over `server.app.serving_core`, the null model loaded, on
-the CPU provider) and starts, in place of a front end, a feeder (``feed`` below, its own
-process) that speaks the front end's messages over the same socket pair and shared-memory
-segment (`server.ipc`, `server.shm`): hello, then ``infer`` messages keeping `concurrency`
-requests in flight, each answered ``done`` and sent again at once, no gRPC in the way.
-The feeder counts the answers of its measured window and reads the engine's CPU time from
-``/proc/<engine pid>/stat`` at both ends of it (every thread of the engine: the event
-loop, the inference thread, ONNX Runtime's). The batches' sizes come from the engine's
-own histogram.
+the CPU provider) and starts, in place of each of F front ends (``--feeders``), a feeder
+(``feed`` below, its own process) that speaks the front end's messages over the same
+socket pair and shared-memory segment (`server.ipc`, `server.shm`): hello, then ``infer``
+messages keeping its share of `concurrency` requests in flight, each answered ``done``
+and sent again at once, no gRPC in the way. Once every feeder is attached the engine
+sends them one measured window (``begin``, a `time.monotonic()` instant, the same clock
+in every process); each counts the answers of that window and reads the engine's CPU
+time from ``/proc/<engine pid>/stat`` at both ends of it (every thread of the engine:
+the event loop, the inference thread, ONNX Runtime's). The batches' sizes come from the
+engine's own histogram. Several feeders are a GPU node's front ends as the engine sees
+them: frames from several sockets, batches formed across them.
 
 The figure beside the front-end sweep's (`bench.frontends`, whose engine is fed by real
 front ends at the rate they manage on the same cores): the engine's CPU per request as
@@ -45,6 +48,7 @@ OUTPUT_BYTES = 4000  # its float32 logits [1, 1000]
 @dataclass(frozen=True)
 class EnginePlan:
     concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    feeders: tuple[int, ...] = (1, 8)  # front ends the load is spread over
     seconds: float = 4.0  # the measured window of each feeder
     warmup: float = 1.0
     rounds: int = 2
@@ -65,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add = parser.add_argument
     add("--concurrency", type=cli.ints, default=plan.concurrencies, dest="concurrencies",
         help="requests in flight; default %(default)s")  # fmt: skip
+    add("--feeders", type=cli.ints, default=plan.feeders,
+        help="feeder processes (front ends) sharing each level's requests in flight; "
+        "default %(default)s")  # fmt: skip
     add("--seconds", type=float, default=plan.seconds, help="per level; default %(default)s")
     add("--warmup", type=float, default=plan.warmup, help="default %(default)s")
     add("--rounds", type=int, default=plan.rounds, help="default %(default)s")
@@ -77,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = EnginePlan(
         concurrencies=args.concurrencies,
+        feeders=args.feeders,
         seconds=args.seconds,
         warmup=args.warmup,
         rounds=args.rounds,
@@ -96,7 +104,11 @@ def execute(plan: EnginePlan, work: Path) -> dict[str, Any]:
     started, load_before = time.time(), os.getloadavg()
     serve_models((null_model.NAME,), work / "source", work / "repo", plan.max_batch_size)
     measured = asyncio.run(_measure(plan, work))
-    rows = [_row(c, [m for m in measured if m["concurrency"] == c]) for c in plan.concurrencies]
+    rows = [
+        _row(f, c, [m for m in measured if (m["feeders"], m["concurrency"]) == (f, c)])
+        for f in plan.feeders
+        for c in plan.concurrencies
+    ]
     return {"rows": rows, "levels": measured, "plan": plan.as_dict(),
             "meta": cli.meta(started, load_before)}  # fmt: skip
 
@@ -113,21 +125,21 @@ async def _measure(plan: EnginePlan, work: Path) -> list[dict[str, Any]]:
     await core.health.start()
     await app.load(settings, core.manager, core.health)
     core.registry.get(null_model.NAME, "")  # raises unless the model serves
-    running = engine.Engine(settings, core, 1)
+    running = engine.Engine(settings, core, max(plan.feeders))
     running.draining = True  # a feeder's exit is not a front end to start again
+    cells = [(f, c) for f in plan.feeders for c in plan.concurrencies]
     measured = []
     try:
         for round_ in range(plan.rounds):
-            order = plan.concurrencies if round_ % 2 == 0 else plan.concurrencies[::-1]
-            for concurrency in order:
+            for feeders, concurrency in cells if round_ % 2 == 0 else cells[::-1]:
                 batches = _batches(core.metrics)
-                level = await _one_feeder(engine, running, plan, concurrency, work)
+                level = await _feeders(engine, running, plan, feeders, concurrency, work)
                 after = _batches(core.metrics)
                 level["batches"] = after[0] - batches[0]
                 level["images"] = after[1] - batches[1]
                 level["round"] = round_ + 1
                 cli.say(
-                    f"round {round_ + 1}/{plan.rounds} c={concurrency:>4}: "
+                    f"round {round_ + 1}/{plan.rounds} feeders={feeders} c={concurrency:>4}: "
                     f"{level['requests'] / level['seconds']:8.0f} req/s, engine "
                     f"{1e6 * level['engine_cpu'] / max(1, level['requests']):6.1f} µs/request"
                 )
@@ -138,23 +150,45 @@ async def _measure(plan: EnginePlan, work: Path) -> list[dict[str, Any]]:
     return measured
 
 
-async def _one_feeder(
-    engine: Any, running: Any, plan: EnginePlan, concurrency: int, work: Path
+async def _feeders(
+    engine: Any, running: Any, plan: EnginePlan, feeders: int, concurrency: int, work: Path
 ) -> dict[str, Any]:
-    """One feeder at `concurrency` on a fresh `Link` of the engine `running` (as a front end
-    that died is replaced); what it measured."""
-    out = work / f"feed-c{concurrency}.json"
-    out.unlink(missing_ok=True)
-    link = running.links[0] = engine.Link(running, 0)
-    link.program = ("-m", "bench.engine_load", "feed", str(concurrency), str(plan.warmup),
-                    str(plan.seconds), str(out))  # fmt: skip
-    await link.start()
-    process = link.process
-    assert process is not None
-    code = await asyncio.to_thread(process.wait)
-    if code != 0 or not out.is_file():
-        raise RuntimeError(f"the feeder at concurrency {concurrency} ended with {code}")
-    return json.loads(out.read_text())
+    """`feeders` feeders sharing `concurrency` requests in flight, each on a fresh `Link` of
+    the engine `running` (as a front end that died is replaced), measured over one window
+    once all are attached; what they measured together."""
+    shares = [concurrency // feeders + (i < concurrency % feeders) for i in range(feeders)]
+    links, outs = [], []
+    for index, share in enumerate(s for s in shares if s):
+        out = work / f"feed-f{feeders}-c{concurrency}-{index}.json"
+        out.unlink(missing_ok=True)
+        link = running.links[index] = engine.Link(running, index)
+        link.program = ("-m", "bench.engine_load", "feed", str(share), str(plan.seconds),
+                        str(out))  # fmt: skip
+        await link.start()
+        links.append(link)
+        outs.append(out)
+    attached = asyncio.gather(*(link.hello.wait() for link in links))
+    exits = [asyncio.ensure_future(asyncio.to_thread(link.process.wait)) for link in links]
+    await asyncio.wait([attached, *exits], return_when=asyncio.FIRST_COMPLETED)
+    if attached.done():
+        begin = time.monotonic() + plan.warmup  # every feeder loaded by then
+        for link in links:
+            link.channel.send(("begin", begin))
+    else:
+        attached.cancel()
+    codes = await asyncio.gather(*exits)
+    if any(codes) or not all(out.is_file() for out in outs):
+        raise RuntimeError(f"{feeders} feeders at concurrency {concurrency} ended with {codes}")
+    parts = [json.loads(out.read_text()) for out in outs]
+    return {
+        "feeders": feeders,
+        "concurrency": concurrency,
+        "requests": sum(part["requests"] for part in parts),
+        "seconds": max(part["seconds"] for part in parts),
+        # one window, read by each feeder at its ends: their mean
+        "engine_cpu": sum(part["engine_cpu"] for part in parts) / len(parts),
+        "failed": sum(part["failed"] for part in parts),
+    }
 
 
 def _batches(metrics: Any) -> tuple[float, float]:
@@ -171,7 +205,7 @@ def _batches(metrics: Any) -> tuple[float, float]:
     return count, total
 
 
-def _row(concurrency: int, levels: list[dict[str, Any]]) -> dict[str, Any]:
+def _row(feeders: int, concurrency: int, levels: list[dict[str, Any]]) -> dict[str, Any]:
     requests = sum(level["requests"] for level in levels)
     seconds = sum(level["seconds"] for level in levels)
     cpu = sum(level["engine_cpu"] for level in levels)
@@ -179,6 +213,7 @@ def _row(concurrency: int, levels: list[dict[str, Any]]) -> dict[str, Any]:
     images = sum(level["images"] for level in levels)
     slices = [round(1e6 * lv["engine_cpu"] / max(1, lv["requests"]), 1) for lv in levels]
     return {
+        "feeders": feeders,
         "concurrency": concurrency,
         "requests": requests,
         "requests_per_second": round(requests / seconds, 1) if seconds else 0.0,
@@ -200,14 +235,15 @@ def render(results: dict[str, Any], source: Path, doc: Path) -> None:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The rows of a run as a markdown table (also in `bench.gpu_check`'s report)."""
     lines = [
-        "| in flight | req/s | engine µs/request | slices | engine cores | mean batch "
-        "| 10⁶ / µs |",
-        "|---:|---:|---:|---|---:|---:|---:|",
+        "| feeders | in flight | req/s | engine µs/request | slices | engine cores "
+        "| mean batch | 10⁶ / µs |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
         us = row["engine_us_per_request"]
         lines.append(
-            f"| {row['concurrency']} | {row['requests_per_second']:,.0f} | "
+            f"| {row.get('feeders', 1)} | {row['concurrency']} | "
+            f"{row['requests_per_second']:,.0f} | "
             f"{us if us is not None else '–'} | "
             f"{', '.join(str(s) for s in row['slices_us_per_request'])} | "
             f"{row['engine_cores']} | {row['mean_batch'] if row['mean_batch'] else '–'} | "
@@ -222,8 +258,9 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         cli.header(results, source),
         "",
         f"The engine alone (null model, `max_batch_size` {plan['max_batch_size']}, "
-        f"`--device {plan.get('device', 'cpu')}`) fed by one process that speaks a front "
-        f"end's messages, no gRPC; {plan['rounds']} rounds of {plan['seconds']:g} s per "
+        f"`--device {plan.get('device', 'cpu')}`) fed by processes that speak a front "
+        "end's messages, no gRPC, as many as the feeders column says (the requests in "
+        f"flight shared among them); {plan['rounds']} rounds of {plan['seconds']:g} s per "
         "level. Engine CPU: every thread of its process over the requests answered in the "
         "window; the projected requests/s of an engine with a core to itself is 10⁶ / that.",
         "",
@@ -238,11 +275,12 @@ def markdown(results: dict[str, Any], source: Path) -> str:
 # the feeder (its own process, started by the engine as a front end would be)
 
 
-async def feed(fd: int, concurrency: int, warmup: float, seconds: float, out: Path) -> None:
+async def feed(fd: int, concurrency: int, seconds: float, out: Path) -> None:
     from server import ipc, shm
 
     loop = asyncio.get_running_loop()
     attached: asyncio.Future[None] = loop.create_future()
+    begin: asyncio.Future[float] = loop.create_future()  # the window's start, from the engine
     closed: asyncio.Future[None] = loop.create_future()
     slot = -(-max(int(np.prod(IMAGE)), OUTPUT_BYTES) // shm.CHUNK) * shm.CHUNK
     state = {"answered": 0, "failed": 0, "sending": True, "in_flight": 0}
@@ -266,12 +304,14 @@ async def feed(fd: int, concurrency: int, warmup: float, seconds: float, out: Pa
                     closed.set_result(None)
             elif kind == "attached" and not attached.done():
                 attached.set_result(None)
+            elif kind == "begin" and not begin.done():
+                begin.set_result(message[1])
             elif kind == "collect":
                 assert channel is not None
                 channel.send(("collected", message[1], []))
 
     def on_closed() -> None:
-        for future in (attached, closed):
+        for future in (attached, begin, closed):
             if not future.done():
                 future.set_exception(ConnectionError("the engine closed the socket"))
 
@@ -289,7 +329,7 @@ async def feed(fd: int, concurrency: int, warmup: float, seconds: float, out: Pa
     shm.unlink(name)
     for key in range(concurrency):
         send(key)
-    await asyncio.sleep(warmup)
+    await asyncio.sleep(max(0.0, await begin - time.monotonic()))
     answered, cpu, started = state["answered"], _cpu_seconds(engine_pid), time.monotonic()
     await asyncio.sleep(seconds)
     result = {
@@ -314,10 +354,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _feeder_main(argv: list[str]) -> int:
-    """``python -m bench.engine_load feed C WARMUP SECONDS OUT FD INDEX`` (the engine adds
-    the last two, as for a front end)."""
-    _, concurrency, warmup, seconds, out, fd, _index = argv
-    asyncio.run(feed(int(fd), int(concurrency), float(warmup), float(seconds), Path(out)))
+    """``python -m bench.engine_load feed C SECONDS OUT FD INDEX`` (the engine adds the last
+    two, as for a front end)."""
+    _, concurrency, seconds, out, fd, _index = argv
+    asyncio.run(feed(int(fd), int(concurrency), float(seconds), Path(out)))
     return 0
 
 

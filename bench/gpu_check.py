@@ -328,6 +328,7 @@ def main(args: argparse.Namespace) -> int:
     engine = engine_load.execute(
         engine_load.EnginePlan(
             concurrencies=(1, 8) if dry else (1, 16, 64, 256),
+            feeders=(1,) if dry else (1, 8),
             seconds=0.5 if dry else 4.0,
             warmup=0.2 if dry else 1.0,
             rounds=1 if dry else 2,
