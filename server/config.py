@@ -281,8 +281,9 @@ class Settings(BaseSettings):
     frontends: Annotated[int | Literal["auto"], Flag(read=str, metavar="N|auto")] = Field(
         "auto",
         description="front-end processes sharing the gRPC and HTTP ports, beside one engine "
-        "process that runs the models; 0: one process does everything; auto: "
-        "Settings.frontend_count's rule",
+        "process that runs the models; 0: one process does everything; auto: where the "
+        "models run on a GPU, one per core left once the engine has one (at most 8), "
+        "else 0",
     )
     frontend_shm_bytes: int = Field(
         64 << 20,
