@@ -16,6 +16,8 @@ one of them, so that each front end answers some of them:
 - explicit load and unload through one front end are what every front end answers
   once the call returns (ModelReady, inference), over gRPC and HTTP; an unloaded
   version's series leave /metrics as they do in one process;
+- a call expired or cancelled in a front end while queued is dropped by the engine
+  before compute (its own server: resnet18, one front end);
 - TLS with a bearer token; process names (``rs-engine``, ``rs-frontend-<i>``);
   ``RESNET_SERVE_FRONTENDS``; bad counts refused at start (exit 2).
 
@@ -29,6 +31,7 @@ import json
 import os
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -46,12 +49,16 @@ import tritonclient.http as httpclient
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from resnet_serve_client import TLS, ChannelOptions, Client, Unauthenticated
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
+from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from bench import serving
 from server import shm
 from server.config import Settings
+from tests.fixtures.messages import float_tensor, random_chw
+from tests.fixtures.messages import sample as scraped
 from tests.reliability.repos import derive
 from tests.security.certs import PKI, make_pki
 from tests.shared_data import PHOTOS
@@ -488,6 +495,45 @@ def test_tls_and_bearer_token_through_frontends(
 
 def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
+    model_repo: Path, tmp_path: Path, started: Callable[..., serving.Server]
+) -> None:
+    """A call whose deadline passes, and one its caller cancels, while queued behind a
+    busy model: the engine drops both before compute (only the busy call's images and a
+    last call's, queued after them, are run), and the front end counts them
+    DEADLINE_EXCEEDED and CANCELLED."""
+    repo = tmp_path / "repo"
+    derive(repo, model_repo / "resnet18", max_batch_size=32)
+    server = started(repo, ["--frontends", "1", "--device", "cpu", "--instances", "1"])
+    runs = ("resnet_serve_batch_size_sum", {"model": "resnet18", "version": "1"})
+    before = scraped(server.metrics(), runs[0], **runs[1])
+    big = pb.ClassifyRequest(model="resnet18",
+                             images=[float_tensor(random_chw(i)) for i in range(64)])  # fmt: skip
+    one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(99))])
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        busy = stub.Classify.future(big, timeout=300)  # two full batches: one runs, one waits
+        queued = time.monotonic() + 120
+        while scraped(server.metrics(), "resnet_serve_queue_depth", **runs[1]) < 32:
+            assert time.monotonic() < queued and not busy.done(), server.log()
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as expired:
+            stub.Classify(one, timeout=0.3)
+        assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        cancelled = stub.Classify.future(one, timeout=300)
+        time.sleep(0.3)
+        assert cancelled.cancel()
+        assert len(busy.result().results) == 64
+        # queued after both: answered once whatever was queued before it has run
+        assert len(stub.Classify(one, timeout=300).results) == 1
+    after = server.metrics()
+    assert scraped(after, runs[0], **runs[1]) - before == 64 + 1, "a dropped call was computed"
+    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+        assert scraped(after, "resnet_serve_requests_total", model="resnet18", version="1",
+                      code=code) == 1, (code, after)  # fmt: skip
 
 
 def test_process_names(split: serving.Server) -> None:
