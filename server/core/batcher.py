@@ -27,8 +27,12 @@ it down.
   compute (the latter fail with `DeadlineExceeded`).
 - A batch runs on a free instance (`server.core.instances`: its inference thread, the
   results back to the callers, retries).
-- asyncio objects are made in `start()`, inside the running loop.
-- Health: `on_unhealthy(reason)` is called once when the scheduler task dies,
+- Scheduling is callbacks on the event loop, no task: requests queued in one loop
+  iteration are looked at once, at the end of it (`_kick`); an instance coming free is
+  given its next batch in the callback that frees it; a wait (the delay, the refill) is
+  one timer.
+- `start()` runs inside the running loop.
+- Health: `on_unhealthy(reason)` is called once when scheduling fails,
   when ``max_failed_batches`` session runs fail in a row, or when one session run
   takes longer than ``run_timeout`` seconds (that run goes on; its callers still
   get its answer): the version's `server.core.health.Watchdog`. The model version then
@@ -40,6 +44,7 @@ Deadlines are absolute `time.monotonic()` values (the event loop's clock).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +58,8 @@ from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
 from server.repository import Batching
 from server.sessions import Runner
+
+log = logging.getLogger(__name__)
 
 
 class Batcher:
@@ -85,9 +92,12 @@ class Batcher:
         # its run's seconds)
         self._last_run: dict[Instance, tuple[int, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._free: asyncio.Queue[Instance] | None = None
-        self._scheduler: asyncio.Task[None] | None = None
+        self._free: deque[Instance] = deque()  # idle instances, the longest idle first
+        self._open = False  # scheduling: from start() until close() or a failure
+        self._kicked = False  # a look at the queue is due at the end of this iteration
+        self._pumping = False  # inside `_pump` (an instance freed there is just queued)
+        self._timer: asyncio.TimerHandle | None = None  # the end of a wait for more
+        self._refill_since: dict[Instance, float] = {}  # when its refill wait began
 
     # lifecycle
 
@@ -95,21 +105,13 @@ class Batcher:
         """Start scheduling; call from inside the running event loop."""
         self._loop = asyncio.get_running_loop()
         self.instances.start(self._loop)
-        self._wakeup = asyncio.Event()
-        self._free = asyncio.Queue()
-        for instance in self.instances.all:
-            self._free.put_nowait(instance)
-        self._scheduler = self._loop.create_task(
-            self._schedule(), name=f"batcher-{self.model}-{self.version}"
-        )
-        self._scheduler.add_done_callback(self.instances.log_crash)
-        self._scheduler.add_done_callback(self._watchdog.scheduler_ended)
+        self._free.extend(self.instances.all)
+        self._open = True
 
     async def close(self) -> None:
         """Stop scheduling after in-flight batches finish; queued items are cancelled."""
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            await asyncio.gather(self._scheduler, return_exceptions=True)
+        self._open = False
+        self._cancel_timer()
         await self.instances.finish()
         for item in self._queue:
             item.future.cancel()
@@ -146,7 +148,7 @@ class Batcher:
         (`server.engine` answers from their callbacks). Cancelling an item's future drops
         it before compute. `trace`: the request's span context (`server.tracing`; the
         current span's when None)."""
-        assert self._loop is not None and self._wakeup is not None, "start() first"
+        assert self._loop is not None, "start() first"
         count = len(inputs)
         limit = self.batching.max_queue_size  # a request is never larger (server.validation)
         if self._queued + count > limit:
@@ -166,88 +168,91 @@ class Batcher:
         ]
         self._queue.extend(items)
         self._set_queued(self._queued + count)
-        self._wakeup.set()
+        self._kick()
         return items
 
     # the scheduler's side
 
-    async def _schedule(self) -> None:
-        assert self._free is not None
-        while True:
-            instance = await self._free.get()
-            try:
-                batch = await self._next_batch(instance)
-            except BaseException:
-                self._free.put_nowait(instance)
-                raise
-            self._dispatch(instance, batch)
+    def _kick(self) -> None:
+        """Look at the queue at the end of this loop iteration (once, however many requests
+        it queues)."""
+        if not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._kicked_pump)  # type: ignore[union-attr]
 
-    async def _next_batch(self, instance: Instance) -> list[Item]:
+    def _kicked_pump(self) -> None:
+        self._kicked = False
+        self._pump()
+
+    def _pump(self) -> None:
+        """Give free instances their batches; wait (one timer) where the rules say to. A
+        failure here stops scheduling and is reported (the version stops serving)."""
+        if not self._open or self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._send_ready()
+        except Exception as exc:
+            self._open = False
+            log.error("batch scheduling of model %s version %s failed",
+                      self.model, self.version, exc_info=exc)  # fmt: skip
+            self._watchdog.scheduler_stopped(exc)
+        finally:
+            self._pumping = False
+
+    def _send_ready(self) -> None:
         assert self._loop is not None
+        self._cancel_timer()
+        if not self._free:  # every instance busy: one coming free looks again
+            return
+        self._drop_stale()
         delay = self.batching.max_queue_delay_us / 1e6
-        while True:
-            await self._wait_for_items()
+        while self._free and self._queue:
+            instance = self._free[0]
+            now = self._loop.time()
             if delay == 0:
-                await self._wait_for_refill(instance)
-                self._drop_stale()
-                if self._queue:
-                    return self._take(self._ready_count(final=True))
-                continue
-            while self._queue:
-                if ready := self._ready_count(final=False):
-                    return self._take(ready)
-                remaining = self._queue[0].arrival + delay - self._loop.time()
-                if remaining <= 0 or not await self._wait_wakeup(remaining):
-                    self._drop_stale()
-                    if self._queue:
-                        return self._take(self._ready_count(final=True))
-                self._drop_stale()
+                until = self._refill_until(instance, now)
+                if until is not None:
+                    self._hold(until - now)
+                    return
+                count = self._ready_count(final=True)
+            else:
+                count = self._ready_count(final=False)
+                if not count:
+                    until = self._queue[0].arrival + delay
+                    if now < until:
+                        self._hold(until - now)
+                        return
+                    count = self._ready_count(final=True)
+            self._free.popleft()
+            self._refill_since.pop(instance, None)
+            self._dispatch(instance, self._take(count))
+        if not self._queue:
+            self._refill_since.clear()  # a wait begins again with the next request
 
-    async def _wait_for_items(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            self._drop_stale()
-            if self._queue:
-                return
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    async def _wait_for_refill(self, instance: Instance) -> None:
-        """Wait until as many images are queued as `instance` answered last time plus those
-        queued by then (at most a full batch), or its time is up.
+    def _refill_until(self, instance: Instance, now: float) -> float | None:
+        """Until when `instance` waits for as many images as it answered last time plus those
+        queued by then (at most a full batch): None when it does not wait, or no longer.
 
         Never while another instance is idle: the wait keeps one instance's batches
         whole, and holding work back from an idle instance would cost more than it saves.
         """
-        assert self._loop is not None and self._free is not None
         last = self._last_run.get(instance)
-        if last is None or self.batching.refill_wait == 0:
-            return
-        target = min(last[0], self.batching.max_batch_size)
-        until = self._loop.time() + self.batching.refill_wait * last[1]
-        while self._queued < target and self._free.empty():
-            remaining = until - self._loop.time()
-            if remaining <= 0 or not await self._wait_wakeup(remaining):
-                return
+        if last is None or self.batching.refill_wait == 0 or len(self._free) > 1:
+            return None
+        if self._queued >= min(last[0], self.batching.max_batch_size):
+            return None
+        until = self._refill_since.setdefault(instance, now) + self.batching.refill_wait * last[1]
+        return until if now < until else None
 
-    async def _wait_wakeup(self, timeout: float) -> bool:
-        """Until woken (True) or `timeout` s (False); a timer, not a task per wait."""
-        assert self._wakeup is not None and self._loop is not None
-        wakeup = self._wakeup
-        wakeup.clear()
-        expired = False
+    def _hold(self, seconds: float) -> None:
+        """Look again in `seconds` (sooner if a request comes or an instance comes free)."""
+        self._timer = self._loop.call_later(seconds, self._pump)  # type: ignore[union-attr]
 
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            wakeup.set()
-
-        timer = self._loop.call_later(timeout, expire)
-        try:
-            await wakeup.wait()
-        finally:
-            timer.cancel()
-        return not expired
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _ready_count(self, *, final: bool) -> int:
         """How many queued items to send now: 0 means wait for more.
@@ -308,10 +313,10 @@ class Batcher:
         self._last_run[instance] = (images + self._queued, seconds)
 
     def _release(self, instance: Instance) -> None:
-        assert self._free is not None
-        self._free.put_nowait(instance)
-        if self._wakeup is not None:  # a refill wait ends when an instance comes free
-            self._wakeup.set()
+        """`instance` can take a batch: given one now, in this callback (inside `_pump`, the
+        pump's loop gives it one)."""
+        self._free.append(instance)
+        self._pump()
 
     def _set_queued(self, images: int) -> None:
         self._queued = images

@@ -196,12 +196,9 @@ class Watchdog:
             self.report(f"{self._failed_in_a_row} session runs in a row failed "
                         f"(max_failed_batches {self._max_failed})")  # fmt: skip
 
-    def scheduler_ended(self, task: asyncio.Task[None]) -> None:
-        """The batch scheduler's task is done: cancelled is a close, anything else a death."""
-        if not task.cancelled():
-            error = task.exception()
-            why = type(error).__name__ if error is not None else "returned"
-            self.report(f"its batch scheduler stopped ({why})")
+    def scheduler_stopped(self, error: BaseException) -> None:
+        """Batch scheduling failed with `error`: nothing queued will run."""
+        self.report(f"its batch scheduler stopped ({type(error).__name__})")
 
     def report(self, reason: str) -> None:
         """Unhealthy, once: the first reason is the one reported."""

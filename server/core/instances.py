@@ -190,25 +190,29 @@ class Instances:
         """Send `batch` to `instance`'s inference thread; the outputs are delivered by a
         callback (no task per batch). A batch that fails is retried item by item in a task."""
         try:
-            running = self._start(instance, batch)
+            running = self._start(instance, batch, functools.partial(self._finish, instance, batch))
         except Exception as exc:
             self._after_failure(instance, batch, exc)
             return
         if running is None:
             self._on_free(instance)
-            return
-        running.add_done_callback(functools.partial(self._finish, instance, batch))
 
-    def log_crash(self, task: asyncio.Task[None]) -> None:
+    def _log_crash(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error(
-                "batcher task of model %s version %s crashed",
+                "the item-by-item retry of a failed batch of model %s version %s crashed",
                 self.model, self.version, exc_info=task.exception(),
             )  # fmt: skip
 
-    def _start(self, instance: Instance, batch: list[Item]) -> asyncio.Future[None] | None:
+    def _start(
+        self,
+        instance: Instance,
+        batch: list[Item],
+        then: Callable[[asyncio.Future[None]], None] | None = None,
+    ) -> asyncio.Future[None] | None:
         """Start one session run over the live items of `batch` (None when none is live); the
-        future is done once their futures have their outputs, or fails with the run."""
+        future is done once their futures have their outputs, or fails with the run; `then`
+        is called with it when it is."""
         loop = self._loop
         assert loop is not None, "start() first"
         live = [item for item in batch if not item.future.done()]
@@ -221,9 +225,8 @@ class Instances:
         timer = self._watchdog.run_started(loop)
         delivered: asyncio.Future[None] = loop.create_future()
         self._running.add(delivered)
-        delivered.add_done_callback(self._running.discard)
         instance.in_flight.add(delivered)
-        delivered.add_done_callback(instance.in_flight.discard)
+        delivered.add_done_callback(functools.partial(self._ended, instance, then))
         span = self._trace(instance, live, size, started) if tracing.ENABLED else None
         deliver = functools.partial(
             self._deliver, instance, live, size, started, timer, delivered, span
@@ -280,6 +283,18 @@ class Instances:
             },
         )
 
+    def _ended(
+        self,
+        instance: Instance,
+        then: Callable[[asyncio.Future[None]], None] | None,
+        delivered: asyncio.Future[None],
+    ) -> None:
+        """A run's future is done (one callback for its bookkeeping and `then`)."""
+        self._running.discard(delivered)
+        instance.in_flight.discard(delivered)
+        if then is not None:
+            then(delivered)
+
     def _finish(self, instance: Instance, batch: list[Item], done: asyncio.Future[None]) -> None:
         exc = done.exception()
         if exc is None:
@@ -301,7 +316,7 @@ class Instances:
         task = self._loop.create_task(self._retry(instance, batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        task.add_done_callback(self.log_crash)
+        task.add_done_callback(self._log_crash)
 
     async def _retry(self, instance: Instance, batch: list[Item]) -> None:
         try:

@@ -223,15 +223,15 @@ async def test_an_even_split_closed_loop_merges_into_whole_batches() -> None:
 
 
 def _record_holds(batcher: Batcher, monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The timeout of every wait the scheduler makes for more requests, from now on."""
+    """The length of every wait the scheduler makes for more requests, from now on."""
     holds: list[float] = []
-    wait_wakeup = batcher._wait_wakeup
+    hold = batcher._hold
 
-    async def recorded(timeout: float) -> bool:
-        holds.append(timeout)
-        return await wait_wakeup(timeout)
+    def recorded(seconds: float) -> None:
+        holds.append(seconds)
+        hold(seconds)
 
-    monkeypatch.setattr(batcher, "_wait_wakeup", recorded)
+    monkeypatch.setattr(batcher, "_hold", recorded)
     return holds
 
 
