@@ -293,3 +293,26 @@ async def test_a_run_past_its_bound_is_reported_even_when_its_answer_comes_first
     assert out[0, 0] == 7
     assert reasons == ["a session run has taken more than 0.01 s (session_run_timeout)"]
     await batcher.close()
+
+
+async def test_a_failure_in_scheduling_stops_it_and_reports_the_version_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = FakeRunner()
+    reasons: list[str] = []
+    batcher = Batcher("m", "1", [runner], Batching(max_batch_size=4), Metrics(),
+                      on_unhealthy=reasons.append)  # fmt: skip
+    batcher.start()
+    assert (await batcher.submit(_images(1)))[0, 0] == 1
+
+    def broken(*, final: bool) -> int:
+        raise RuntimeError("a bug in batch forming")
+
+    monkeypatch.setattr(batcher, "_ready_count", broken)
+    call = asyncio.ensure_future(batcher.submit(_images(2)))
+    await asyncio.sleep(0.05)
+    assert reasons == ["its batch scheduler stopped (RuntimeError)"]
+    assert not call.done() and runner.batches == [1], "nothing more is run"
+    await batcher.close()  # the queued request is cancelled, not left waiting
+    with pytest.raises(asyncio.CancelledError):
+        await call
