@@ -143,8 +143,9 @@ def header(results: dict[str, Any], source: Path) -> str:
     meta, machine = results["meta"], results["meta"]["machine"]
     return (
         f"`{meta['command']}` on {machine['cpu']} ({machine['cores']} cores), "
-        f"{meta['started']}, {meta['seconds']:.0f} s, load average before "
-        f"{meta['load_average_before'][0]}, after {meta['load_average_after'][0]}; "
+        f"{meta['started']}, {meta['seconds']:.0f} s, load average "
+        f"{meta['load_average_before'][0]} at the start, {meta['load_average_after'][0]} at "
+        f"the end; "
         f"commit {machine['commit']}"
         + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
         + f"; raw JSON: [{source.name}](../bench/results/{source.name})."

@@ -174,8 +174,10 @@ async def _feeders(
         begin = time.monotonic() + plan.warmup  # every feeder loaded by then
         for link in links:
             link.channel.send(("begin", begin))
-    else:
+    else:  # one ended before attaching: the others would wait for a window for ever
         attached.cancel()
+        for link in links:
+            link.stop()
     codes = await asyncio.gather(*exits)
     if any(codes) or not all(out.is_file() for out in outs):
         raise RuntimeError(f"{feeders} feeders at concurrency {concurrency} ended with {codes}")
@@ -242,7 +244,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         us = row["engine_us_per_request"]
         lines.append(
-            f"| {row.get('feeders', 1)} | {row['concurrency']} | "
+            f"| {row['feeders']} | {row['concurrency']} | "
             f"{row['requests_per_second']:,.0f} | "
             f"{us if us is not None else '–'} | "
             f"{', '.join(str(s) for s in row['slices_us_per_request'])} | "

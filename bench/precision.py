@@ -188,8 +188,8 @@ def markdown(results: dict[str, Any], source: str) -> str:
     lines = [
         "## int8 vs fp32",
         "",
-        f"`{results['command']}` on {m['cpu']} ({m['cores']} cores, load before "
-        f"{m['load_before']:.2f}); raw JSON: [{Path(source).name}]({source}).",
+        f"`{results['command']}` on {m['cpu']} ({m['cores']} cores, load "
+        f"{m['load_before']:.2f} at the start); raw JSON: [{Path(source).name}]({source}).",
         "",
         "Raw ONNX Runtime, one session, images/s (int8: static QDQ, per-channel int8 weights, "
         "uint8 activations):",

@@ -190,7 +190,7 @@ def markdown(results: dict[str, Any], images: dict[str, str], source: str) -> st
     lines = [
         f"Run of {meta['started']} ({meta['seconds'] / 60:.1f} min), commit {m['commit']}, "
         f"{m['cores']} × {m['cpu']}, ONNX Runtime {m['onnxruntime']}, Python {m['python']}; "
-        f"load average before: {', '.join(map(str, meta['load_average_before']))}. "
+        f"load averages at the start: {', '.join(map(str, meta['load_average_before']))}. "
         f"Results: [{Path(source).name}]({source}). "
         f"Server flags: `{' '.join(meta['server_flags']) or '(defaults)'}`; "
         f"batching: max_batch_size {plan['knobs']['max_batch_size']}, "

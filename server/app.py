@@ -401,11 +401,15 @@ async def run(settings: Settings) -> int:
         raise StartupError(str(error))
     await signal_wait
     await running.stop()
-    # work still in a thread (a session opening when the drain began) ends before the
-    # last line, so nothing is logged after it
+    await exiting()
+    return 0
+
+
+async def exiting() -> None:
+    """A serving process's last line: work still in a thread (a session opening when the
+    drain began) ends first, so nothing is logged after it."""
     await asyncio.get_running_loop().shutdown_default_executor()
     log.info("exiting")
-    return 0
 
 
 def on_signals(grace_period: float) -> asyncio.Event:

@@ -607,8 +607,5 @@ async def run(settings: Settings, frontends: int) -> int:
     exporter.server_close()
     if error is not None:
         raise app.StartupError(str(error))
-    # work still in a thread (a session opening when the drain began) ends before the
-    # last line, so nothing is logged after it
-    await asyncio.get_running_loop().shutdown_default_executor()
-    log.info("exiting")
+    await app.exiting()
     return 0
