@@ -201,10 +201,19 @@ class Batcher:
             self._pumping = False
 
     def _send_ready(self) -> None:
+        until = self._dispatch_ready()
+        if until is None:
+            self._cancel_timer()
+        elif self._timer is None or self._timer.when() != until:
+            self._cancel_timer()  # (a wait that goes on keeps its timer)
+            self._hold(until)
+
+    def _dispatch_ready(self) -> float | None:
+        """Give free instances the batches that are ready: when to look again (on the loop's
+        clock) if a wait has begun, else None."""
         assert self._loop is not None
-        self._cancel_timer()
         if not self._free:  # every instance busy: one coming free looks again
-            return
+            return None
         self._drop_stale()
         delay = self.batching.max_queue_delay_us / 1e6
         while self._free and self._queue:
@@ -213,22 +222,21 @@ class Batcher:
             if delay == 0:
                 until = self._refill_until(instance, now)
                 if until is not None:
-                    self._hold(until - now)
-                    return
+                    return until
                 count = self._ready_count(final=True)
             else:
                 count = self._ready_count(final=False)
                 if not count:
                     until = self._queue[0].arrival + delay
                     if now < until:
-                        self._hold(until - now)
-                        return
+                        return until
                     count = self._ready_count(final=True)
             self._free.popleft()
             self._refill_since.pop(instance, None)
             self._dispatch(instance, self._take(count))
         if not self._queue:
             self._refill_since.clear()  # a wait begins again with the next request
+        return None
 
     def _refill_until(self, instance: Instance, now: float) -> float | None:
         """Until when `instance` waits for as many images as it answered last time plus those
@@ -245,9 +253,13 @@ class Batcher:
         until = self._refill_since.setdefault(instance, now) + self.batching.refill_wait * last[1]
         return until if now < until else None
 
-    def _hold(self, seconds: float) -> None:
-        """Look again in `seconds` (sooner if a request comes or an instance comes free)."""
-        self._timer = self._loop.call_later(seconds, self._pump)  # type: ignore[union-attr]
+    def _hold(self, until: float) -> None:
+        """Look again at `until` (sooner if a request comes or an instance comes free)."""
+        self._timer = self._loop.call_at(until, self._timer_fired)  # type: ignore[union-attr]
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._pump()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -30,6 +30,7 @@ with the reason, one ERROR line says why, and health follows at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -177,15 +178,33 @@ class Watchdog:
             f"a session run has taken more than {run_timeout:g} s (session_run_timeout)"
         )
         self.reason = ""  # why it stopped being healthy; "" while it is
+        self._keys = itertools.count()
+        self._running: dict[int, float] = {}  # the runs going on → when each began
+        self._timer: asyncio.TimerHandle | None = None  # at the oldest run's bound
 
-    def run_started(self, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle:
-        """A session run starts now: reported if it is still going past ``run_timeout``."""
-        return loop.call_later(self._run_timeout, self.report, self._overrun)
+    def run_started(self, loop: asyncio.AbstractEventLoop) -> int:
+        """A session run starts now: reported if it is still going past ``run_timeout``. One
+        timer watches the oldest run (not one timer per run)."""
+        key = next(self._keys)
+        self._running[key] = started = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(started + self._run_timeout, self._check, loop)
+        return key
 
-    def run_ended(self, timer: asyncio.TimerHandle, seconds: float, failed: bool) -> None:
-        """The run `timer` watched ended after `seconds` on the loop's clock; also reported
-        past ``run_timeout`` (its answer can reach the loop before the timer does)."""
-        timer.cancel()
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if not self._running:
+            return
+        oldest = next(iter(self._running.values()))  # runs are kept in the order they began
+        if loop.time() - oldest >= self._run_timeout:
+            self.report(self._overrun)
+        else:
+            self._timer = loop.call_at(oldest + self._run_timeout, self._check, loop)
+
+    def run_ended(self, run: int, seconds: float, failed: bool) -> None:
+        """The run `run_started` gave `run` ended after `seconds` on the loop's clock; also
+        reported past ``run_timeout`` (its answer can reach the loop before the timer does)."""
+        self._running.pop(run, None)
         if seconds > self._run_timeout:
             self.report(self._overrun)
         if not failed:

@@ -2,10 +2,16 @@
 their results handed back to the callers on the event loop.
 
 - ``session.run`` runs in the instance's own inference thread, and its outputs come back
-  to the event loop in one ``call_soon_threadsafe``; the event loop never blocks. (An
-  executor's hand-off, a concurrent future chained to an asyncio one, cost several loop
-  callbacks per batch: on a fast model, paid per request, it was the largest piece of the
-  loop's own time.)
+  to the event loop in one ``call_soon_threadsafe``. (An executor's hand-off, a concurrent
+  future chained to an asyncio one, cost several loop callbacks per batch: on a fast
+  model, paid per request, it was the largest piece of the loop's own time.)
+- On the CPU provider, a run expected to take less than `INLINE_RUN_SECONDS` runs on the
+  event loop itself: below that, the hand-off's two thread wake-ups cost about as much as
+  the run. The expectation is per batch size, the decaying mean of that size's runs on
+  the instance; a size not seen yet runs on the thread, which measures it. So a run holds
+  the loop at most about that long (a model that costs next to nothing), never a real
+  model's. A GPU run always goes to the thread, where a run that hangs is the watchdog's
+  to report, not a loop that stops answering.
 - Each run's outputs are split among the batch's items in the callback that receives
   them (no task per batch); the number of rows is checked against the batch.
 - A failing batch is retried item by item, so one bad request fails alone.
@@ -26,6 +32,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +42,7 @@ import numpy as np
 from server import threads, tracing
 from server.core.health import Watchdog
 from server.metrics import VersionMetrics
+from server.providers import CPU
 from server.sessions import Runner
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,13 @@ class Item:
     def __post_init__(self) -> None:
         self.size = len(self.inputs)
 
+
+# A run expected to take less than this many seconds runs on the event loop (the hand-off
+# to the inference thread and back costs about as much: 30-60 µs of CPU per batch measured
+# by `python -m bench frontend` on the null model).
+INLINE_RUN_SECONDS = 100e-6
+# The weight of a run in its batch size's decaying mean of run seconds.
+RECENT_WEIGHT = 0.25
 
 # How often a close waiting for runs looks for inference threads that died.
 DEATH_CHECK_SECONDS = 0.5
@@ -80,6 +95,9 @@ class Instance:
         ]
         self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # batch size → decaying mean of its runs' seconds (written by whichever thread ran)
+        self.recent: dict[int, float] = {}
+        self._inline = runner.provider == CPU  # runs may go on the loop (module docstring)
         self.in_flight: set[asyncio.Future[None]] = set()  # its runs not answered yet
 
     def died(self) -> bool:
@@ -89,7 +107,17 @@ class Instance:
     def submit(
         self, parts: list[np.ndarray], loop: asyncio.AbstractEventLoop, done: Done
     ) -> None:
-        """Run the batch made of `parts` (joined on the inference thread, off the loop)."""
+        """Run the batch made of `parts`: on the inference thread (joined there, off the
+        loop), or here when its size has run in less than `INLINE_RUN_SECONDS`."""
+        expected = self.recent.get(sum(len(part) for part in parts)) if self._inline else None
+        if expected is not None and expected < INLINE_RUN_SECONDS:
+            try:
+                outputs = self._run(parts)
+            except Exception as exc:
+                done(None, exc)
+            else:
+                done(outputs, None)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
@@ -109,13 +137,26 @@ class Instance:
             outputs: np.ndarray | None = None
             error: BaseException | None = None
             try:
-                outputs = self.runner.run(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                outputs = self._run(parts)
             except BaseException as exc:  # the loop's callback decides; the thread goes on
                 error = exc
             # RuntimeError: the loop has closed, nobody waits for this run any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(done, outputs, error)
             del job, parts, outputs, error
+
+
+    def _run(self, parts: list[np.ndarray]) -> np.ndarray:
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        started = time.perf_counter()
+        try:
+            return self.runner.run(batch)
+        finally:
+            seconds = time.perf_counter() - started
+            mean = self.recent.get(len(batch))
+            self.recent[len(batch)] = (
+                seconds if mean is None else mean + RECENT_WEIGHT * (seconds - mean)
+            )
 
 
 def settle(future: asyncio.Future[np.ndarray], outputs: np.ndarray | None,
@@ -222,14 +263,14 @@ class Instances:
         size = sum(item.size for item in live)
         self._metrics.batch_size.observe(size)
         started = loop.time()
-        timer = self._watchdog.run_started(loop)
+        run = self._watchdog.run_started(loop)
         delivered: asyncio.Future[None] = loop.create_future()
         self._running.add(delivered)
         instance.in_flight.add(delivered)
         delivered.add_done_callback(functools.partial(self._ended, instance, then))
         span = self._trace(instance, live, size, started) if tracing.ENABLED else None
         deliver = functools.partial(
-            self._deliver, instance, live, size, started, timer, delivered, span
+            self._deliver, instance, live, size, started, run, delivered, span
         )
         instance.submit(parts, loop, deliver)
         return delivered
@@ -240,7 +281,7 @@ class Instances:
         live: list[Item],
         size: int,
         started: float,
-        timer: asyncio.TimerHandle,
+        run: int,
         delivered: asyncio.Future[None],
         span: Any,
         outputs: np.ndarray | None,
@@ -253,7 +294,7 @@ class Instances:
             assert outputs is not None
             if len(outputs) != size:
                 error = RuntimeError(f"session returned {len(outputs)} rows for a batch of {size}")
-        self._watchdog.run_ended(timer, seconds, failed=error is not None)
+        self._watchdog.run_ended(run, seconds, failed=error is not None)
         if span is not None:
             tracing.batch_ended(span, error)
         if error is not None:

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from server.core import instances
 from server.core.batcher import Batcher
 from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
@@ -223,13 +224,13 @@ async def test_an_even_split_closed_loop_merges_into_whole_batches() -> None:
 
 
 def _record_holds(batcher: Batcher, monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The length of every wait the scheduler makes for more requests, from now on."""
+    """The length of every wait the scheduler begins for more requests, from now on."""
     holds: list[float] = []
     hold = batcher._hold
 
-    def recorded(seconds: float) -> None:
-        holds.append(seconds)
-        hold(seconds)
+    def recorded(until: float) -> None:
+        holds.append(until - asyncio.get_running_loop().time())
+        hold(until)
 
     monkeypatch.setattr(batcher, "_hold", recorded)
     return holds
@@ -316,3 +317,84 @@ async def test_a_failure_in_scheduling_stops_it_and_reports_the_version_unhealth
     await batcher.close()  # the queued request is cancelled, not left waiting
     with pytest.raises(asyncio.CancelledError):
         await call
+
+
+class Recording(FakeRunner):
+    """Records the thread each run is on; every run takes `seconds`."""
+
+    def __init__(self, seconds: float = 0.0, provider: str = "CPUExecutionProvider") -> None:
+        super().__init__()
+        self.seconds, self.provider = seconds, provider
+        self.threads: list[threading.Thread] = []
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread())
+        time.sleep(self.seconds)
+        return super().run(batch)
+
+
+async def test_a_batch_size_that_runs_in_next_to_no_time_runs_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A size's first run goes to the inference thread, which measures it; once that size
+    runs under the bound it runs on the loop itself. A size not seen yet, a slower model
+    and a GPU session stay on the thread."""
+    monkeypatch.setattr(instances, "INLINE_RUN_SECONDS", 0.02)  # the fake runs take µs
+    here = threading.current_thread()
+    fast, slow, gpu = Recording(), Recording(0.05), Recording(provider="CUDAExecutionProvider")
+    for runner in (fast, slow, gpu):
+        batcher = await _started(runner, max_batch_size=8)
+        for i in range(3):
+            assert (await batcher.submit(_images(i)))[0, 0] == i
+        await batcher.submit(_images(1, 2))
+        await batcher.close()
+    assert [t is here for t in fast.threads] == [False, True, True, False]
+    assert not any(t is here for t in slow.threads + gpu.threads)
+    assert len(slow.threads) == len(gpu.threads) == 4
+
+
+async def test_a_run_that_fails_on_the_event_loop_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(instances, "INLINE_RUN_SECONDS", 0.02)
+    runner = Recording()
+    batcher = await _started(runner, max_batch_size=8)
+    await batcher.submit(_images(1))
+    with pytest.raises(RuntimeError, match="bad input"):
+        await batcher.submit(_images(-1))
+    assert (await batcher.submit(_images(2)))[0, 0] == 2
+    assert runner.threads[1:] == [threading.current_thread()] * 2
+    await batcher.close()
+
+
+async def test_one_timer_watches_every_run_of_a_version() -> None:
+    """Runs shorter than the bound, back to back for longer than it, are never reported;
+    the one that passes it is, once."""
+    runner = SlowRunner(0.02)
+    reasons: list[str] = []
+    batcher = Batcher("m", "1", [runner], Batching(max_batch_size=1), Metrics(),
+                      on_unhealthy=reasons.append, run_timeout=0.25)  # fmt: skip
+    batcher.start()
+    for i in range(20):  # 400 ms of runs of 20 ms
+        await batcher.submit(_images(i))
+    assert reasons == []
+    runner.seconds = 0.4
+    await asyncio.gather(*(batcher.submit(_images(i)) for i in range(2)))
+    assert reasons == ["a session run has taken more than 0.25 s (session_run_timeout)"]
+    await batcher.close()
+
+
+async def test_a_wait_for_more_that_goes_on_keeps_its_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=8, max_queue_delay_us=200_000)
+    holds = _record_holds(batcher, monkeypatch)
+    calls = []
+    for i in range(3):  # each arrival looks at the queue again, within the oldest's delay
+        calls.append(asyncio.create_task(batcher.submit(_images(i))))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*calls)
+    assert runner.batches == [3]
+    assert len(holds) == 1, holds
+    await batcher.close()
