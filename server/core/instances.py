@@ -64,9 +64,8 @@ class Item:
         self.size = len(self.inputs)
 
 
-# A run expected to take less than this many seconds runs on the event loop (the hand-off
-# to the inference thread and back costs about as much: 30-60 µs of CPU per batch measured
-# by `python -m bench frontend` on the null model).
+# A CPU run expected to take less than this many seconds runs on the event loop: the
+# hand-off to the inference thread and back costs about as much (decision 0006).
 INLINE_RUN_SECONDS = 100e-6
 # The weight of a run in its batch size's decaying mean of run seconds.
 RECENT_WEIGHT = 0.25
@@ -144,7 +143,6 @@ class Instance:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(done, outputs, error)
             del job, parts, outputs, error
-
 
     def _run(self, parts: list[np.ndarray]) -> np.ndarray:
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
