@@ -188,47 +188,43 @@ class Link:
         size: int,
         trace: tuple[int, int, int] | None = None,
     ) -> None:
-        """Queue the request on its version's batcher; answered from the items' callbacks
-        (no task per request)."""
+        """Queue the request on its version's batcher; answered as its last item is settled
+        (`Request.item_done`: no task or loop callback per request)."""
         assert self.buffer is not None and self.channel is not None
+        request = Request(self, key, offset, size)
         try:
             served = self.engine.registry.get(model, version)
             batcher = served.scheduler()
             assert isinstance(batcher, Batcher)
             batch = shm.view(self.buffer, offset, dtype, shape)
-            items = batcher.enqueue(
-                batch, deadline=deadline, request_id=request_id, trace=tracing.received(trace)
-            )
+            request.items = batcher.enqueue(
+                batch, deadline=deadline, request_id=request_id, trace=tracing.received(trace),
+                on_done=request.item_done,
+            )  # fmt: skip
         except ServeError as exc:
             self.channel.send(("failed", key, exc))
             return
         served.acquire()  # released once answered: an unload waits for it
-        request = Request(self, key, served, offset, size, items)
+        request.served = served
         self.requests[key] = request
-        for item in items:
-            item.future.add_done_callback(request.item_done)
 
     def answer(self, request: Request) -> None:
         """Every item of `request` is done: its outputs into its slot, or why not."""
         channel = self.channel
         assert channel is not None
         del self.requests[request.key]
+        assert request.served is not None
         request.served.release()
-        futures = [item.future for item in request.items]
-        if any(future.cancelled() for future in futures):
+        outputs = request.outcome()
+        if isinstance(outputs, asyncio.CancelledError):
             channel.send(("cancelled", request.key))
             return
-        error = next((f.exception() for f in futures if f.exception() is not None), None)
-        if error is not None:
+        if isinstance(outputs, BaseException):
+            error = outputs
             if isinstance(error, ProviderLost):
                 error = request.served.lost(error)
             channel.send(("failed", request.key, _portable(error)))
             return
-        outputs = (
-            futures[0].result()
-            if len(futures) == 1
-            else np.concatenate([future.result() for future in futures])
-        )
         if outputs.nbytes <= request.size and self.buffer is not None:
             shm.view(self.buffer, request.offset, outputs.dtype.str, outputs.shape)[...] = outputs
             channel.send(("done", request.key, outputs.dtype.str, outputs.shape))
@@ -300,30 +296,43 @@ class Link:
 
 
 class Request:
-    """One front end's request in the engine: its queued items, answered once all are done."""
+    """One front end's request in the engine: its queued items, answered once all are done
+    (in the callback that settles the last one)."""
 
     __slots__ = ("_pending", "items", "key", "link", "offset", "served", "size")
 
-    def __init__(
-        self, link: Link, key: int, served: ModelVersion, offset: int, size: int, items: list[Item]
-    ) -> None:
-        self.link, self.key, self.served = link, key, served
-        self.offset, self.size, self.items = offset, size, items
-        self._pending = len(items)
+    def __init__(self, link: Link, key: int, offset: int, size: int) -> None:
+        self.link, self.key, self.offset, self.size = link, key, offset, size
+        self.items: list[Item] = []
+        self.served: ModelVersion | None = None
+        self._pending = 0
 
-    def item_done(self, future: asyncio.Future[np.ndarray]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            for item in self.items:  # its siblings are not computed
-                if not item.future.done():
-                    item.future.cancel()
-        self._pending -= 1
-        if self._pending == 0:
+    def item_done(self, item: Item) -> None:
+        """An item's future is settled (`Item.on_done`)."""
+        self._pending += 1
+        if self._pending == len(self.items):
             self.link.answer(self)
+        elif item.future.cancelled() or item.future.exception() is not None:
+            for sibling in self.items:  # not computed: each one's cancel comes back here
+                sibling.cancel()
 
     def cancel(self) -> None:
         """The caller went away: items still queued are dropped before compute."""
         for item in self.items:
-            item.future.cancel()
+            item.cancel()
+
+    def outcome(self) -> np.ndarray | BaseException:
+        """Once every item is done: the rows of all, in order; else the first failure (its
+        siblings were cancelled, not computed); else `asyncio.CancelledError`."""
+        futures = [item.future for item in self.items]
+        for future in futures:
+            if not future.cancelled() and future.exception() is not None:
+                return future.exception()  # type: ignore[return-value]
+        if any(future.cancelled() for future in futures):
+            return asyncio.CancelledError()
+        if len(futures) == 1:
+            return futures[0].result()
+        return np.concatenate([future.result() for future in futures])
 
 
 def counting(families: list[Metric], forget: tuple[str, str] | None = None) -> list[Metric]:

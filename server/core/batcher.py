@@ -114,7 +114,7 @@ class Batcher:
         self._cancel_timer()
         await self.instances.finish()
         for item in self._queue:
-            item.future.cancel()
+            item.cancel()
         self._queue.clear()
         self._set_queued(0)
         self.instances.stop()
@@ -132,8 +132,7 @@ class Batcher:
             outputs = await asyncio.gather(*(item.future for item in items))
         finally:
             for item in items:  # a failed or cancelled sibling leaves nothing to compute
-                if not item.future.done():
-                    item.future.cancel()
+                item.cancel()
         return np.concatenate(outputs)
 
     def enqueue(
@@ -143,11 +142,13 @@ class Batcher:
         deadline: float | None = None,
         request_id: str = "",
         trace: Any = None,
+        on_done: Callable[[Item], None] | None = None,
     ) -> list[Item]:
-        """`submit` without waiting: the queued items, each with the future of its rows
-        (`server.engine` answers from their callbacks). Cancelling an item's future drops
-        it before compute. `trace`: the request's span context (`server.tracing`; the
-        current span's when None)."""
+        """`submit` without waiting: the queued items, each with the future of its rows.
+        `Item.cancel` drops one before compute. `on_done(item)` is called as each item's
+        future is settled, in the callback that settles it (`server.engine` answers from
+        it). `trace`: the request's span context (`server.tracing`; the current span's when
+        None)."""
         assert self._loop is not None, "start() first"
         count = len(inputs)
         limit = self.batching.max_queue_size  # a request is never larger (server.validation)
@@ -162,8 +163,9 @@ class Batcher:
         step = self.batching.max_batch_size
         if trace is None and tracing.ENABLED:
             trace = tracing.current()
+        future = self._loop.create_future
         items = [
-            Item(inputs[i : i + step], self._loop.create_future(), now, deadline, request_id, trace)
+            Item(inputs[i : i + step], future(), now, deadline, request_id, trace, on_done)
             for i in range(0, count, step)
         ]
         self._queue.extend(items)
@@ -295,12 +297,17 @@ class Batcher:
         """Forget cancelled items and fail expired ones, before any compute."""
         assert self._loop is not None
         now = self._loop.time()
+        for item in self._queue:  # (the usual look finds nothing to drop)
+            if item.future.done() or (item.deadline is not None and item.deadline <= now):
+                break
+        else:
+            return
         kept: deque[Item] = deque()
         for item in self._queue:
             if item.future.done():
                 continue
             if item.deadline is not None and item.deadline <= now:
-                item.future.set_exception(
+                item.fail(
                     DeadlineExceeded(
                         f"deadline passed after {now - item.arrival:.3f} s in the queue of "
                         f"model {self.model} version {self.version}; nothing was computed"

@@ -34,7 +34,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,20 +47,55 @@ from server.sessions import Runner
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
 class Item:
-    """A request's images (at most a batch of them) waiting for their outputs."""
+    """A request's images (at most a batch of them) waiting for their outputs.
 
-    inputs: np.ndarray
-    future: asyncio.Future[np.ndarray]
-    arrival: float
-    deadline: float | None
-    request_id: str
-    trace: Any = None  # the request's span context (`server.tracing`), None untraced
-    size: int = field(init=False)
+    Its future is settled only through `resolve`, `fail` and `cancel`, each of which then
+    calls ``on_done(item)`` at once (no loop callback in between): how `server.engine`
+    answers a front end in the same callback that delivers the batch.
+    """
 
-    def __post_init__(self) -> None:
-        self.size = len(self.inputs)
+    __slots__ = ("arrival", "deadline", "future", "inputs", "on_done", "request_id", "size",
+                 "trace")  # fmt: skip
+
+    def __init__(
+        self,
+        inputs: np.ndarray,
+        future: asyncio.Future[np.ndarray],
+        arrival: float,
+        deadline: float | None,
+        request_id: str,
+        trace: Any = None,  # the request's span context (`server.tracing`), None untraced
+        on_done: Callable[[Item], None] | None = None,
+    ) -> None:
+        self.inputs, self.future, self.arrival = inputs, future, arrival
+        self.deadline, self.request_id, self.trace = deadline, request_id, trace
+        self.on_done = on_done
+        self.size = len(inputs)
+
+    def resolve(self, rows: np.ndarray) -> None:
+        if not self.future.done():
+            self.future.set_result(rows)
+            self._done()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+            self._done()
+
+    def cancel(self) -> None:
+        """Dropped before compute if still queued; a run that has it discards its rows."""
+        if self.future.cancel():
+            self._done()
+
+    def _done(self) -> None:
+        """``on_done``, whose failure is logged and goes no further: the batch that settles
+        this item goes on with its other items."""
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:
+                log.exception("answering request %s failed", self.request_id)
 
 
 # A CPU run expected to take less than this many seconds runs on the event loop: the
@@ -97,7 +131,9 @@ class Instance:
         # batch size → decaying mean of its runs' seconds (written by whichever thread ran)
         self.recent: dict[int, float] = {}
         self._inline = runner.provider == CPU  # runs may go on the loop (module docstring)
-        self.in_flight: set[asyncio.Future[None]] = set()  # its runs not answered yet
+        # its runs not answered yet → what each calls once it is (`Instances._ended`)
+        self.in_flight: dict[asyncio.Future[None], Callable[[asyncio.Future[None]], None] | None]
+        self.in_flight = {}
 
     def died(self) -> bool:
         """Its thread was started and is gone without `stop`: its runs never end."""
@@ -205,10 +241,9 @@ class Instances:
             for instance in self.all:
                 if instance.died():
                     for run in list(instance.in_flight):
-                        if not run.done():
-                            run.set_exception(InstanceDied(
-                                f"the inference thread of model {self.model} version "
-                                f"{self.version} ended before its run did"))  # fmt: skip
+                        self._ended(instance, run, InstanceDied(
+                            f"the inference thread of model {self.model} version "
+                            f"{self.version} ended before its run did"))  # fmt: skip
 
     def stop(self) -> None:
         """End every inference thread (after `finish`)."""
@@ -264,8 +299,7 @@ class Instances:
         run = self._watchdog.run_started(loop)
         delivered: asyncio.Future[None] = loop.create_future()
         self._running.add(delivered)
-        instance.in_flight.add(delivered)
-        delivered.add_done_callback(functools.partial(self._ended, instance, then))
+        instance.in_flight[delivered] = then
         span = self._trace(instance, live, size, started) if tracing.ENABLED else None
         deliver = functools.partial(
             self._deliver, instance, live, size, started, run, delivered, span
@@ -296,16 +330,15 @@ class Instances:
         if span is not None:
             tracing.batch_ended(span, error)
         if error is not None:
-            delivered.set_exception(error)
+            self._ended(instance, delivered, error)
             return
         self._metrics.inference_duration.observe(seconds)
         self._on_ran(instance, size, seconds)
         offset = 0
         for item in live:
-            if not item.future.done():
-                item.future.set_result(outputs[offset : offset + item.size])  # type: ignore[index]
+            item.resolve(outputs[offset : offset + item.size])  # type: ignore[index]
             offset += item.size
-        delivered.set_result(None)
+        self._ended(instance, delivered)
 
     def _trace(self, instance: Instance, live: list[Item], size: int, started: float) -> Any:
         """The run's ``batch`` span and its requests' ``queue`` spans (`server.tracing`)."""
@@ -325,12 +358,19 @@ class Instances:
     def _ended(
         self,
         instance: Instance,
-        then: Callable[[asyncio.Future[None]], None] | None,
         delivered: asyncio.Future[None],
+        error: BaseException | None = None,
     ) -> None:
-        """A run's future is done (one callback for its bookkeeping and `then`)."""
+        """A run is over: its future settled, then its bookkeeping and `then`, in this same
+        callback (an instance freed here is given its next batch here)."""
+        if delivered.done():
+            return
+        then = instance.in_flight.pop(delivered, None)
         self._running.discard(delivered)
-        instance.in_flight.discard(delivered)
+        if error is None:
+            delivered.set_result(None)
+        else:
+            delivered.set_exception(error)
         if then is not None:
             then(delivered)
 
@@ -373,4 +413,4 @@ class Instances:
 def _fail(item: Item, exc: Exception) -> None:
     if not item.future.done():
         log.error("inference failed for request %s", item.request_id, exc_info=exc)
-        item.future.set_exception(exc)
+        item.fail(exc)
