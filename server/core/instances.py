@@ -101,8 +101,12 @@ class Item:
 # A CPU run expected to take less than this many seconds runs on the event loop: the
 # hand-off to the inference thread and back costs about as much (decision 0006).
 INLINE_RUN_SECONDS = 100e-6
-# The weight of a run in its batch size's decaying mean of run seconds.
+# The weight of a run in its batch size's decaying mean of run seconds, and the most one
+# run counts there, in multiples of INLINE_RUN_SECONDS: a run the kernel preempted, or one
+# on the thread that waited for the GIL after it, moves the mean by a bounded step, while
+# a model that always takes longer still settles above the bound.
 RECENT_WEIGHT = 0.25
+RECENT_CAP = 2.0
 
 # How often a close waiting for runs looks for inference threads that died.
 DEATH_CHECK_SECONDS = 0.5
@@ -128,7 +132,8 @@ class Instance:
         ]
         self._jobs = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        # batch size → decaying mean of its runs' seconds (written by whichever thread ran)
+        # batch size → decaying mean of its runs' seconds, each at most RECENT_CAP bounds
+        # (written by whichever thread ran)
         self.recent: dict[int, float] = {}
         self._inline = runner.provider == CPU  # runs may go on the loop (module docstring)
         # its runs not answered yet → what each calls once it is (`Instances._ended`)
@@ -186,7 +191,7 @@ class Instance:
         try:
             return self.runner.run(batch)
         finally:
-            seconds = time.perf_counter() - started
+            seconds = min(time.perf_counter() - started, RECENT_CAP * INLINE_RUN_SECONDS)
             mean = self.recent.get(len(batch))
             self.recent[len(batch)] = (
                 seconds if mean is None else mean + RECENT_WEIGHT * (seconds - mean)

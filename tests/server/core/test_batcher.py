@@ -353,6 +353,25 @@ async def test_a_batch_size_that_runs_in_next_to_no_time_runs_on_the_event_loop(
     assert len(slow.threads) == len(gpu.threads) == 4
 
 
+async def test_one_slow_run_does_not_move_a_fast_batch_size_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run the kernel preempted counts at most RECENT_CAP bounds in its size's mean: the
+    size stays on the loop; a model that keeps taking longer still leaves it."""
+    monkeypatch.setattr(instances, "INLINE_RUN_SECONDS", 0.02)
+    here = threading.current_thread()
+    runner = Recording()
+    batcher = await _started(runner, max_batch_size=8)
+    for i, seconds in enumerate([0.0, 0.0, 0.3, 0.0, 0.3, 0.3, 0.3, 0.0]):
+        runner.seconds = seconds
+        await batcher.submit(_images(i))
+    await batcher.close()
+    on_loop = [t is here for t in runner.threads]
+    # first on the thread, which measures it; the one slow run leaves the size on the
+    # loop; slow runs in a row move it to the thread, where the next fast one runs
+    assert on_loop == [False, True, True, True, True, True, False, False]
+
+
 async def test_a_run_that_fails_on_the_event_loop_fails_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
