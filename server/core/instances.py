@@ -8,12 +8,15 @@ their results handed back to the callers on the event loop.
 - On the CPU provider, a run expected to take less than `INLINE_RUN_SECONDS` runs on the
   event loop itself: below that, the hand-off's two thread wake-ups cost about as much as
   the run. The expectation is per batch size, the decaying mean of that size's runs on
-  the instance; a size not seen yet runs on the thread, which measures it. So a run holds
-  the loop at most about that long (a model that costs next to nothing), never a real
-  model's. A GPU run always goes to the thread, where a run that hangs is the watchdog's
-  to report, not a loop that stops answering.
+  the instance (each run counting at most `RECENT_CAP` bounds, so that one preempted run
+  moves it by a bounded step); a size not seen yet runs on the thread, which measures it.
+  So a run holds the loop at most about that long (a model that costs next to nothing),
+  never a real model's. A GPU run always goes to the thread, where a run that hangs is
+  the watchdog's to report, not a loop that stops answering.
 - Each run's outputs are split among the batch's items in the callback that receives
-  them (no task per batch); the number of rows is checked against the batch.
+  them (no task per batch); the number of rows is checked against the batch. Each item's
+  ``on_done`` is called as it is settled, and the instance is free again, in that same
+  callback.
 - A failing batch is retried item by item, so one bad request fails alone.
 - Every run is told to the version's `server.core.health.Watchdog` (its time, whether it
   failed).
