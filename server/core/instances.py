@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 class Item:
     """A request's images (at most a batch of them) waiting for their outputs.
 
-    Its future is settled only through `resolve`, `fail` and `cancel`, each of which then
-    calls ``on_done(item)`` at once (no loop callback in between): how `server.engine`
-    answers a front end in the same callback that delivers the batch.
+    The batcher and the instances settle its future through `resolve`, `fail` and
+    `cancel`, each of which then calls ``on_done(item)`` at once (no loop callback in
+    between): how `server.engine` answers a front end in the same callback that delivers
+    the batch. An item with an ``on_done`` is never awaited, so nothing else settles it.
     """
 
     __slots__ = ("arrival", "deadline", "future", "inputs", "on_done", "request_id", "size",
