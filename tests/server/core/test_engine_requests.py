@@ -62,10 +62,11 @@ async def test_a_failing_item_fails_the_request_and_its_queued_siblings_are_not_
 
 async def test_a_cancelled_request_is_answered_at_once_and_dropped_before_compute() -> None:
     runner, answers = FakeRunner(), Answers()
-    batcher = await _started(runner, max_batch_size=8)
+    batcher = await _started(runner, max_batch_size=1)
     busy = await _blocked(runner, batcher)
     request = _request(answers)
-    request.items = batcher.enqueue(_images(1, 2), on_done=request.item_done)
+    request.items = batcher.enqueue(_images(1, 2, 3), on_done=request.item_done)
+    assert len(request.items) == 3
     request.cancel()
     assert len(answers.answered) == 1  # in the call that cancelled it
     assert isinstance(answers.answered[0][1], asyncio.CancelledError)
