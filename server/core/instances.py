@@ -93,11 +93,15 @@ class Item:
             self._done()
 
     def _done(self) -> None:
-        """``on_done``, whose failure is logged and goes no further: the batch that settles
-        this item goes on with its other items."""
-        if self.on_done is not None:
+        """``on_done``, once, whose failure is logged and goes no further: the batch that
+        settles this item goes on with its other items. Dropped once called: an
+        ``on_done`` that holds the item (the engine's request holds its items) would
+        otherwise keep both, and the inputs' memory (a front end's shared-memory
+        segment), alive until the garbage collector's next pass."""
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
             try:
-                self.on_done(self)
+                on_done(self)
             except Exception:
                 log.exception("answering request %s failed", self.request_id)
 
@@ -187,7 +191,7 @@ class Instance:
             # RuntimeError: the loop has closed, nobody waits for this run any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(done, outputs, error)
-            del job, parts, outputs, error
+            del job, parts, loop, done, outputs, error  # (nothing of a batch kept while idle)
 
     def _run(self, parts: list[np.ndarray]) -> np.ndarray:
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)

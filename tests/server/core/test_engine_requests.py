@@ -5,6 +5,8 @@ came to."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 
@@ -111,4 +113,31 @@ async def test_an_answer_that_raises_is_logged_and_the_batch_goes_on(caplog) -> 
     assert runner.batches == [1, 2]  # one batch of both, both answered
     assert "answering request" in caplog.text and "cannot answer" in caplog.text
     assert (await batcher.submit(_images(3)))[0, 0] == 3  # the instance is free again
+    await batcher.close()
+
+
+async def test_an_answered_request_is_freed_without_the_garbage_collector() -> None:
+    """Once answered, a request and its items hold no cycle: their inputs (views of a
+    front end's shared-memory segment) go as soon as the answer is out, and a dead front
+    end's segment is unmapped without waiting for a collection."""
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=1)
+    answered = asyncio.Event()
+
+    class Link:
+        def answer(self, request: Request) -> None:
+            answered.set()
+
+    gc.disable()
+    try:
+        inputs = _images(1, 2).copy()  # each item's inputs are a view of it, as of a segment
+        request = Request(Link(), 0, 0, 0)  # type: ignore[arg-type]
+        request.items = batcher.enqueue(inputs, on_done=request.item_done)
+        freed = weakref.ref(inputs)
+        del request, inputs
+        await asyncio.wait_for(answered.wait(), 10)
+        await asyncio.sleep(0.05)
+        assert freed() is None
+    finally:
+        gc.enable()
     await batcher.close()
