@@ -417,3 +417,22 @@ async def test_a_wait_for_more_that_goes_on_keeps_its_timer(
     assert runner.batches == [3]
     assert len(holds) == 1, holds
     await batcher.close()
+
+
+async def test_a_run_whose_inference_thread_died_fails_as_the_batcher_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread that ends holding a run never answers it: closing fails that run's request
+    (`InstanceDied`) instead of waiting for it for ever."""
+
+    def dies(self: instances.Instance) -> None:
+        self._jobs.get()  # takes the run and ends without answering
+
+    monkeypatch.setattr(instances.Instance, "_work", dies)
+    batcher = await _started(FakeRunner(), max_batch_size=8)
+    call = asyncio.create_task(batcher.submit(_images(1)))
+    await asyncio.sleep(0.1)
+    assert not call.done()
+    await asyncio.wait_for(batcher.close(), 5)
+    with pytest.raises(instances.InstanceDied, match="ended before its run did"):
+        await call
