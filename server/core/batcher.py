@@ -297,11 +297,6 @@ class Batcher:
         """Forget cancelled items and fail expired ones, before any compute."""
         assert self._loop is not None
         now = self._loop.time()
-        for item in self._queue:  # (the usual look finds nothing to drop)
-            if item.future.done() or (item.deadline is not None and item.deadline <= now):
-                break
-        else:
-            return
         kept: deque[Item] = deque()
         for item in self._queue:
             if item.future.done():
