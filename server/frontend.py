@@ -53,6 +53,9 @@ log = logging.getLogger("server.frontend")  # also when run as __main__
 EXIT_ENGINE_GONE = 1
 # How long a front end whose engine died takes to answer what it holds before it exits.
 ENGINE_GONE_GRACE = 2.0
+# A busy front end holds its messages to the engine up to this long, while its loop has
+# other work ready, and sends them in one frame (`server.ipc.Channel`).
+FLUSH_HOLD = 0.001
 
 
 class EngineLink:
@@ -322,7 +325,7 @@ class Mirror:
 
 async def serve(sock: socket.socket, index: int) -> int:
     link = EngineLink()
-    link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed)
+    link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed, FLUSH_HOLD)
     settings = await link.settings
     logs.configure(settings.log_format, settings.log_level)
     tracing.configure(settings.trace_endpoint, f"frontend-{index}")

@@ -3,13 +3,16 @@
 Messages sent in one loop iteration go out as one frame and arrive in one
 `on_messages` call, in order; frames far larger than one read (5 MB) arrive whole;
 frames sent back to back arrive as separate calls; each side hears `on_closed`
-when the other closes, and sending after that is a no-op.
+when the other closes, and sending after that is a no-op. A channel with ``hold`` keeps
+its messages while its loop has other callbacks ready, up to ``hold`` seconds, and sends
+them at once when the loop has nothing else to run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -41,10 +44,10 @@ class End:
         return self.frames
 
 
-async def pair() -> tuple[ipc.Channel, End, ipc.Channel, End]:
+async def pair(hold: float = 0.0) -> tuple[ipc.Channel, End, ipc.Channel, End]:
     a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a_end, b_end = End(), End()
-    a = await ipc.Channel.open(a_sock, a_end.on_messages, a_end.on_closed)
+    a = await ipc.Channel.open(a_sock, a_end.on_messages, a_end.on_closed, hold)
     b = await ipc.Channel.open(b_sock, b_end.on_messages, b_end.on_closed)
     return a, a_end, b, b_end
 
@@ -110,3 +113,65 @@ async def test_on_closed_when_the_peer_closes_and_no_send_after() -> None:
     await asyncio.wait_for(a_end.closed.wait(), 60)
     assert a_end.frames == []
     b.close()
+
+
+def send_in_turns(channel: ipc.Channel, turns: int, busy: float = 0.0) -> None:
+    """One message per loop iteration for `turns` iterations, the loop never idle between
+    them (each turn schedules the next), each turn `busy` seconds long."""
+    loop = asyncio.get_running_loop()
+
+    def turn(i: int) -> None:
+        time.sleep(busy)
+        channel.send(("infer", i))
+        if i + 1 < turns:
+            loop.call_soon(turn, i + 1)
+
+    loop.call_soon(turn, 0)
+
+
+async def test_a_busy_loop_sends_what_it_queued_in_one_frame_once_idle() -> None:
+    a, _, b, b_end = await pair(hold=60)
+    try:
+        send_in_turns(a, 5)
+        frames = await b_end.until(1)
+        assert frames == [[("infer", i) for i in range(5)]]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_without_hold_each_iteration_is_its_own_frame() -> None:
+    a, _, b, b_end = await pair()
+    try:
+        send_in_turns(a, 5)
+        frames = await b_end.until(5)
+        assert frames == [[("infer", i)] for i in range(5)]
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_hold_bounds_how_long_a_busy_loop_keeps_a_message() -> None:
+    a, _, b, b_end = await pair(hold=0.01)
+    try:
+        send_in_turns(a, 12, busy=0.004)  # 48 ms of busy turns: frames of about 3
+        await b_end.until(1)
+        while sum(len(frame) for frame in b_end.frames) < 12:
+            await b_end.until(len(b_end.frames) + 1)
+        assert [m for frame in b_end.frames for m in frame] == [("infer", i) for i in range(12)]
+        assert len(b_end.frames) >= 3
+        assert max(len(frame) for frame in b_end.frames) <= 4
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_an_idle_loop_sends_at_once_whatever_the_hold() -> None:
+    a, _, b, b_end = await pair(hold=60)
+    try:
+        a.send(("cancel", 1))
+        frames = await asyncio.wait_for(b_end.until(1), 5)
+        assert frames == [[("cancel", 1)]]
+    finally:
+        a.close()
+        b.close()
