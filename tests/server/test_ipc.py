@@ -11,8 +11,10 @@ them at once when the loop has nothing else to run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -44,17 +46,22 @@ class End:
         return self.frames
 
 
-async def pair(hold: float = 0.0) -> tuple[ipc.Channel, End, ipc.Channel, End]:
+@contextlib.asynccontextmanager
+async def pair(hold: float = 0.0) -> AsyncIterator[tuple[ipc.Channel, End, ipc.Channel, End]]:
+    """Two channels over one socket pair (``a`` with `hold`), both closed at the end."""
     a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a_end, b_end = End(), End()
     a = await ipc.Channel.open(a_sock, a_end.on_messages, a_end.on_closed, hold)
     b = await ipc.Channel.open(b_sock, b_end.on_messages, b_end.on_closed)
-    return a, a_end, b, b_end
+    try:
+        yield a, a_end, b, b_end
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_one_iteration_is_one_frame_in_order() -> None:
-    a, _, b, b_end = await pair()
-    try:
+    async with pair() as (a, _, _, b_end):
         for i in range(100):
             a.send(("infer", i, "cifar", "1"))
         frames = await b_end.until(1)
@@ -65,27 +72,19 @@ async def test_one_iteration_is_one_frame_in_order() -> None:
         a.send(("cancel", 3))
         frames = await b_end.until(3)
         assert frames[1:] == [[("cancel", 1)], [("cancel", 2), ("cancel", 3)]]
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_both_directions_at_once() -> None:
-    a, a_end, b, b_end = await pair()
-    try:
+    async with pair() as (a, a_end, b, b_end):
         a.send(("hello", "segment", 4096))
         b.send(("settings", {"port": 1}))
         assert await b_end.until(1) == [[("hello", "segment", 4096)]]
         assert await a_end.until(1) == [[("settings", {"port": 1})]]
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_large_frames_split_across_reads_arrive_whole() -> None:
-    a, _, b, b_end = await pair()
     big = np.random.default_rng(0).standard_normal(5_000_000 // 4).astype(np.float32)
-    try:
+    async with pair() as (a, _, _, b_end):
         a.send(("done", 1, big))
         a.send(("done", 2, big[:10]))
         await asyncio.sleep(0)
@@ -96,23 +95,19 @@ async def test_large_frames_split_across_reads_arrive_whole() -> None:
         assert one[:2] == ("done", 1) and np.array_equal(one[2], big)
         assert two[:2] == ("done", 2) and np.array_equal(two[2], big[:10])
         assert three == ("done", 3, bytes(range(256)) * 20_000)
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_on_closed_when_the_peer_closes_and_no_send_after() -> None:
-    a, a_end, b, b_end = await pair()
-    a.send(("answer", 7, None, None))
-    a.close()  # what was queued still goes out first
-    assert await b_end.until(1) == [[("answer", 7, None, None)]]
-    await asyncio.wait_for(b_end.closed.wait(), 60)
-    assert b.closed
-    b.send(("collect", 1))  # dropped: the peer is gone
-    await asyncio.sleep(0)
-    await asyncio.wait_for(a_end.closed.wait(), 60)
-    assert a_end.frames == []
-    b.close()
+    async with pair() as (a, a_end, b, b_end):
+        a.send(("answer", 7, None, None))
+        a.close()  # what was queued still goes out first
+        assert await b_end.until(1) == [[("answer", 7, None, None)]]
+        await asyncio.wait_for(b_end.closed.wait(), 60)
+        assert b.closed
+        b.send(("collect", 1))  # dropped: the peer is gone
+        await asyncio.sleep(0)
+        await asyncio.wait_for(a_end.closed.wait(), 60)
+        assert a_end.frames == []
 
 
 def send_in_turns(channel: ipc.Channel, turns: int, busy: float = 0.0) -> None:
@@ -130,30 +125,21 @@ def send_in_turns(channel: ipc.Channel, turns: int, busy: float = 0.0) -> None:
 
 
 async def test_a_busy_loop_sends_what_it_queued_in_one_frame_once_idle() -> None:
-    a, _, b, b_end = await pair(hold=60)
-    try:
+    async with pair(hold=60) as (a, _, _, b_end):
         send_in_turns(a, 5)
         frames = await b_end.until(1)
         assert frames == [[("infer", i) for i in range(5)]]
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_without_hold_each_iteration_is_its_own_frame() -> None:
-    a, _, b, b_end = await pair()
-    try:
+    async with pair() as (a, _, _, b_end):
         send_in_turns(a, 5)
         frames = await b_end.until(5)
         assert frames == [[("infer", i)] for i in range(5)]
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_hold_bounds_how_long_a_busy_loop_keeps_a_message() -> None:
-    a, _, b, b_end = await pair(hold=0.01)
-    try:
+    async with pair(hold=0.01) as (a, _, _, b_end):
         send_in_turns(a, 12, busy=0.004)  # 48 ms of busy turns: frames of about 3
         await b_end.until(1)
         while sum(len(frame) for frame in b_end.frames) < 12:
@@ -161,17 +147,10 @@ async def test_hold_bounds_how_long_a_busy_loop_keeps_a_message() -> None:
         assert [m for frame in b_end.frames for m in frame] == [("infer", i) for i in range(12)]
         assert len(b_end.frames) >= 3
         assert max(len(frame) for frame in b_end.frames) <= 4
-    finally:
-        a.close()
-        b.close()
 
 
 async def test_an_idle_loop_sends_at_once_whatever_the_hold() -> None:
-    a, _, b, b_end = await pair(hold=60)
-    try:
+    async with pair(hold=60) as (a, _, _, b_end):
         a.send(("cancel", 1))
         frames = await asyncio.wait_for(b_end.until(1), 5)
         assert frames == [[("cancel", 1)]]
-    finally:
-        a.close()
-        b.close()
