@@ -9,9 +9,9 @@ back to each front end in one write. A channel opened with ``hold`` (the front e
 keeps its queue while its loop has other callbacks ready to run, up to ``hold`` seconds
 after the first message, and writes it once the loop has nothing else to do: a busy front
 end sends a frame per few requests, and each frame costs the engine one wake-up; an idle
-one sends at once. The other side gets each frame's messages in one
-call of `on_messages`. Pickle is safe here: the socket pair is created by the engine
-before it starts the front end, so only the two processes hold its ends.
+one sends at once. The other side gets each frame's messages in one call of
+`on_messages`. Pickle is safe here: the socket pair is created by the engine before it
+starts the front end, so only the two processes hold its ends.
 """
 
 from __future__ import annotations
