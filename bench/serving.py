@@ -115,6 +115,7 @@ def start(
     http_port: int | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
     attempts: int = 3,
     serving: bool = True,
     command: Sequence[str] = SERVE,
@@ -125,7 +126,8 @@ def start(
 
     Ports not given (gRPC, metrics, HTTP) are free ones, chosen again (up to `attempts`
     times) if another process took one first. ``env`` adds variables (``RESNET_SERVE_*``
-    settings) to this process's environment. ``command`` is the program given these flags
+    settings) to this process's environment; ``cwd`` is its working directory (this
+    process's when None). ``command`` is the program given these flags
     (the bench's floor server, `bench.floor`, takes them too). Raises `StartError`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,7 @@ def start(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
             )
         server = Server(
             address=f"127.0.0.1:{grpc_port}",

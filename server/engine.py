@@ -53,6 +53,7 @@ import logging
 import mmap
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -105,6 +106,21 @@ def _version_row(mv: ModelVersion) -> tuple[Any, ...]:
             mv.weights, mv.random_weights)  # fmt: skip
 
 
+def frontend_environment() -> dict[str, str]:
+    """A front end's environment: the engine's, with the directory the engine's own `server`
+    package came from first on PYTHONPATH (unless it is a site-packages directory, which
+    every interpreter has). The front end runs with ``-P``, which keeps its working
+    directory off `sys.path`: it imports the engine's code, never a ``server`` package that
+    happens to be in the directory the server was started from."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    environment = dict(os.environ)
+    everywhere = [*site.getsitepackages(), site.getusersitepackages()]
+    if root not in {os.path.realpath(path) for path in everywhere}:
+        paths = [root, *filter(None, environment.get("PYTHONPATH", "").split(os.pathsep))]
+        environment["PYTHONPATH"] = os.pathsep.join(paths)
+    return environment
+
+
 class Link:
     """One front end as the engine sees it: its process, channel, segment, requests."""
 
@@ -131,8 +147,9 @@ class Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, *self.program, str(theirs.fileno()), str(self.index)],
+                [sys.executable, "-P", *self.program, str(theirs.fileno()), str(self.index)],
                 pass_fds=(theirs.fileno(),),
+                env=frontend_environment(),
             )
         self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
         self.channel.send(("settings", self.engine.frontend_settings))

@@ -557,6 +557,26 @@ def test_frontend_count_from_the_environment(
         assert infers_everywhere(channels, "cifar") == {"OK"}
 
 
+def test_frontends_run_the_engines_code_whatever_the_working_directory_holds(
+    repo: Path, started: Callable[..., serving.Server], tmp_path: Path
+) -> None:
+    """A ``server`` package in the directory the server starts from (another checkout, an
+    application's own module) is not what the front ends import."""
+    here = tmp_path / "elsewhere"
+    (here / "server").mkdir(parents=True)
+    (here / "server" / "__init__.py").write_text("")
+    marker = tmp_path / "imported"
+    (here / "server" / "frontend.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n"
+    )
+    server = started(repo, ["--device", "cpu", "--frontends", "2"], cwd=here)
+    assert sorted(comm(pid) for pid in frontend_pids(server)) == ["rs-frontend-0",
+                                                                  "rs-frontend-1"]  # fmt: skip
+    with spread(server, at_least=2) as channels:
+        assert infers_everywhere(channels, "cifar") == {"OK"}
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(("flag", "env"), [("-1", None), ("x", None), ("1.5", None),
                                            (None, "-2"), (None, "many")])  # fmt: skip
 def test_bad_frontend_counts_are_refused_at_start(
