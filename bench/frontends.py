@@ -23,6 +23,13 @@ From those, per configuration: CPU µs per request by role, and the **projected 
 of a K-core node, one core for the engine and the rest for front ends:
 ``min(1e6 / engine µs, (K - 1) * 1e6 / front-end µs)`` (`ceiling`), beside the single
 process's own (``1e6 / whole µs``) and what it measured.
+
+**The floor** (`bench.floor`: a bare ``grpc.aio`` v2 server answering a fixed output, one
+process) runs beside them as one more configuration of every round (`FLOOR`, its rows'
+``frontends``), its requests counted by its ModelStatistics. Each configuration's whole
+CPU per request is also given as a multiple of the floor's at the same model and
+concurrency (``x_floor``): hosts of one kind differ by 2× and more through gRPC, and that
+ratio, measured side by side, is what carries from one to another.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from resnet_serve_client.bench import Level, LevelResult, Stop, run_level
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import perf_analyzer
+from bench import floor, perf_analyzer
 from bench.cli import say
 from bench.serving import Server, start
 
@@ -50,6 +57,7 @@ ENGINE = "rs-engine"
 FRONTEND = "rs-frontend-"
 ROLES = ("engine", "frontends", "other", "whole")
 CORES = (16, 32)  # the nodes the ceiling is projected for
+FLOOR = -1  # the floor's place among the front-end counts (its rows' ``frontends``)
 CALL_TIMEOUT = 60.0
 _PROC = Path("/proc")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -68,6 +76,11 @@ class SweepPlan:
     client: str = "perf_analyzer"  # or "sdk"
     server_flags: tuple[str, ...] = ()
     cores: tuple[int, ...] = CORES
+    floor: bool = True  # the bare grpc.aio floor as one more configuration
+
+    def configurations(self) -> tuple[int, ...]:
+        """The front-end counts, then `FLOOR` when the floor is measured."""
+        return (*self.frontends, FLOOR) if self.floor else self.frontends
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,7 +272,7 @@ class Cell:
         requests = self.counted.ok
         per = 1e6 / requests if requests > 0 else 0.0
         us = {name: round(seconds * per, 1) for name, seconds in self.cpu.items()}
-        if self.frontends == 0:  # the single process is only "whole"
+        if self.frontends <= 0:  # the single process and the floor are only "whole"
             us = {"whole": us["whole"]}
         elif not us["other"]:
             del us["other"]
@@ -282,15 +295,20 @@ class Cell:
 
 @contextlib.contextmanager
 def servers(repo: Path, work: Path, plan: SweepPlan) -> Iterator[dict[int, Server]]:
-    """A server per front-end count, all running at once; stopped on exit."""
+    """A server per front-end count (and the floor, under `FLOOR`), all running at once;
+    stopped on exit."""
     flags = ["--device", plan.device, "--no-reflection", *plan.server_flags]
     with contextlib.ExitStack() as stack:
         running: dict[int, Server] = {}
-        for n in plan.frontends:
-            say(f"starting the server with --frontends {n} over {repo} {' '.join(flags)}")
-            running[n] = start(
-                repo, work / f"server-frontends-{n}.log", [*flags, "--frontends", str(n)]
-            )
+        for n in plan.configurations():
+            if n == FLOOR:
+                say(f"starting the floor over {repo}")
+                running[n] = start(repo, work / "floor.log", command=floor.COMMAND)
+            else:
+                say(f"starting the server with --frontends {n} over {repo} {' '.join(flags)}")
+                running[n] = start(
+                    repo, work / f"server-frontends-{n}.log", [*flags, "--frontends", str(n)]
+                )
             stack.callback(_stop, running[n])
         yield running
 
@@ -364,14 +382,28 @@ async def _slice(
     plan: SweepPlan,
     work: Path,
 ) -> tuple[LevelResult, Counts, dict[str, float], int]:
-    before_counts = counts(await asyncio.to_thread(server.metrics), model)
+    read = floor_counts if n == FLOOR else _metrics_counts
+    before_counts = await asyncio.to_thread(read, server, model)
     before = process_tree(server.process.pid)
     result = await _drive(
         server, model, request, concurrency, seconds, plan, work / f"frontends-{n}"
     )
     after = process_tree(server.process.pid)
-    after_counts = counts(await asyncio.to_thread(server.metrics), model)
+    after_counts = await asyncio.to_thread(read, server, model)
     return result, after_counts - before_counts, cpu_by_role(before, after), replaced(before, after)
+
+
+def _metrics_counts(server: Server, model: str) -> Counts:
+    return counts(server.metrics(), model)
+
+
+def floor_counts(server: Server, model: str) -> Counts:
+    """What the floor answered of `model`: it has no /metrics, and no batches."""
+    with server.channel() as channel:
+        stats = v2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=CALL_TIMEOUT
+        )
+    return Counts(ok=sum(s.inference_stats.success.count for s in stats.model_stats))
 
 
 async def measure(
@@ -395,8 +427,9 @@ async def measure(
                 )
     cells: dict[tuple[str, int, int], Cell] = {}
     seconds = plan.seconds / plan.rounds
+    configurations = plan.configurations()
     for round_ in range(plan.rounds):
-        order = list(plan.frontends) if round_ % 2 == 0 else list(reversed(plan.frontends))
+        order = list(configurations) if round_ % 2 == 0 else list(reversed(configurations))
         for concurrency in plan.concurrencies:
             for model, request in requests.items():
                 for n in order:
@@ -414,12 +447,13 @@ async def measure(
     rows = []
     for model in requests:
         for concurrency in plan.concurrencies:
-            for n in plan.frontends:
+            for n in configurations:
                 row = cells[(model, n, concurrency)].row()
                 rows.append(row)
                 cpu = ", ".join(f"{k} {v:.0f}" for k, v in row["cpu_us_per_request"].items())
                 say(
-                    f"{model:>9} frontends {n} c={concurrency:<3} {row['req_per_s']:8.1f} req/s "
+                    f"{model:>9} {_configuration(n):>14} c={concurrency:<3} "
+                    f"{row['req_per_s']:8.1f} req/s "
                     f"p50 {row['p50_ms']:6.2f} ms p99 {row['p99_ms']:6.2f} ms batch "
                     f"{row['batch_mean']} CPU µs/req {cpu}"
                     + (f" errors {row['errors']}" if row["errors"] else "")
@@ -454,10 +488,20 @@ def cpu_concurrency(rows: list[dict[str, Any]]) -> int:
     return 64 if 64 in levels else max(levels, default=0)
 
 
+def x_floor(rows: list[dict[str, Any]], row: dict[str, Any]) -> float | None:
+    """`row`'s whole CPU per request as a multiple of the floor's at the same model and
+    concurrency (None without the floor)."""
+    bottom = _find(rows, row["model"], FLOOR, row["concurrency"])
+    if bottom is None or not bottom["cpu_us_per_request"]["whole"]:
+        return None
+    return round(row["cpu_us_per_request"]["whole"] / bottom["cpu_us_per_request"]["whole"], 2)
+
+
 def ceilings(rows: list[dict[str, Any]], cores: Sequence[int] = CORES) -> list[dict[str, Any]]:
-    """Per model and front-end count, at `cpu_concurrency`: CPU µs per request by role, the
-    measured requests/s and the ceiling (projected for each of `cores` with front ends; the
-    single process's own, 1e6 / whole µs, without)."""
+    """Per model and configuration, at `cpu_concurrency`: CPU µs per request by role (and
+    the whole as a multiple of the floor's), the measured requests/s and the ceiling
+    (projected for each of `cores` with front ends; the single process's and the floor's
+    own, 1e6 / whole µs, without)."""
     at = cpu_concurrency(rows)
     out = []
     for row in (r for r in rows if r["concurrency"] == at):
@@ -467,9 +511,10 @@ def ceilings(rows: list[dict[str, Any]], cores: Sequence[int] = CORES) -> list[d
             "frontends": row["frontends"],
             "concurrency": at,
             "cpu_us_per_request": us,
+            "x_floor": x_floor(rows, row),
             "req_per_s": row["req_per_s"],
         }
-        if row["frontends"] == 0:
+        if row["frontends"] <= 0:
             entry["ceiling"] = round(1e6 / us["whole"]) if us["whole"] > 0 else None
         elif us.get("engine", 0) > 0 and us.get("frontends", 0) > 0:
             entry["projected"] = {
@@ -489,6 +534,8 @@ def _find(rows: list[dict[str, Any]], model: str, n: int, c: int) -> dict[str, A
 
 
 def _configuration(n: int) -> str:
+    if n == FLOOR:
+        return "grpc.aio floor"
     return "single process" if n == 0 else f"{n} front end{'s' if n > 1 else ''}"
 
 
@@ -506,27 +553,33 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     cores = plan["cores"]
     at = cpu_concurrency(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
+    floor_measured = plan.get("floor", False)
     out = [
-        f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process), "
-        f"{plan['rounds']} interleaved rounds of {plan['seconds'] / plan['rounds']:.1f} s per "
-        f"cell, device {plan['device']}, load by {plan['client']}: one client at concurrency 1, "
-        f"else {plan['clients']} client processes sharing the concurrency.",
+        f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process)"
+        + (", and the bare `grpc.aio` floor (`bench.floor`, one process)" if floor_measured
+           else "")
+        + f", {plan['rounds']} interleaved rounds of {plan['seconds'] / plan['rounds']:.1f} s "
+        f"per cell, device {plan['device']}, load by {plan['client']}: one client at "
+        f"concurrency 1, else {plan['clients']} client processes sharing the concurrency.",
         "",
         f"#### CPU per request by process, concurrency {at}",
         "",
         "CPU µs per request from `/proc/<pid>/stat` of the server's processes over the "
-        "window, requests counted by the server's /metrics. Ceiling: the single process's "
-        "own (1e6 / whole µs); with front ends, projected for a K-core node as "
+        "window, requests counted by the server's /metrics (the floor's by its "
+        "ModelStatistics). × floor: the whole server's CPU per request over the floor's, "
+        "measured side by side. Ceiling: the single process's (and the floor's) own "
+        "(1e6 / whole µs); with front ends, projected for a K-core node as "
         "min(1e6 / engine µs, (K − 1) · 1e6 / front-end µs).",
         "",
-        "| model | processes | engine µs | front ends µs | whole µs | req/s measured "
+        "| model | processes | engine µs | front ends µs | whole µs | × floor | req/s measured "
         + "".join(f"| ceiling, {k} cores " for k in cores)
         + "|",
-        "|---|---|---:|---:|---:|---:" + "|---:" * len(cores) + "|",
-    ]
+        "|---|---|---:|---:|---:|---:|---:" + "|---:" * len(cores) + "|",
+    ]  # fmt: skip
     for entry in sweep["ceilings"]:
         us = entry["cpu_us_per_request"]
-        if entry["frontends"] == 0:
+        multiple = entry.get("x_floor")
+        if entry["frontends"] <= 0:
             limits = [f"{entry['ceiling']:,} (one process)" if entry.get("ceiling") else "–"]
             limits *= len(cores)
         else:
@@ -535,6 +588,7 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
         out.append(
             f"| {entry['model']} | {_configuration(entry['frontends'])} "
             f"| {_us(us.get('engine'))} | {_us(us.get('frontends'))} | {_us(us['whole'])} "
+            f"| {'–' if multiple is None else f'{multiple:.2f}'} "
             f"| {entry['req_per_s']:.0f} | " + " | ".join(limits) + " |"
         )
     out.append("")
@@ -575,8 +629,10 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
 
 def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
     """The ratios named in one line each: 2 front ends / 1 and best split / single per level,
-    and the p50 cost of a front end at concurrency 1."""
+    the p50 cost of a front end at concurrency 1, and (with the floor) each configuration's
+    whole CPU per request over the floor's at `cpu_concurrency`."""
     lines = []
+    at = cpu_concurrency(rows)
     levels = sorted({r["concurrency"] for r in rows})
     for model in models:
         parts = []
@@ -600,4 +656,16 @@ def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
                 text += f", p50 1 front end − single {one['p50_ms'] - single['p50_ms']:+.2f} ms"
             parts.append(text)
         lines.append(f"- {model} req/s: " + "; ".join(parts) + ".")
+        multiples = [
+            f"{_configuration(r['frontends'])} {multiple:.2f}"
+            for r in rows
+            if r["model"] == model and r["concurrency"] == at and r["frontends"] != FLOOR
+            if (multiple := x_floor(rows, r)) is not None
+        ]
+        if multiples:
+            lines.append(
+                f"- {model} whole CPU per request / the floor's, c={at}: "
+                + ", ".join(multiples)
+                + "."
+            )
     return [*lines, ""]

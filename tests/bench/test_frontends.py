@@ -47,7 +47,24 @@ def test_ceilings_project_each_split_and_keep_the_single_process_measured() -> N
     assert single["frontends"] == 0 and single["ceiling"] == 1250 and "projected" not in single
     assert single["req_per_s"] == 1200.0 and single["concurrency"] == 64  # read at 64
     assert split_["projected"] == {"16": 4000, "32": 4000}  # the engine binds: 1e6 / 250
+    assert single["x_floor"] is None and split_["x_floor"] is None  # no floor measured
     assert frontends.ceilings(rows[2:])[0]["concurrency"] == 16  # the top one without 64
+
+
+def test_the_floor_is_measured_beside_and_each_whole_is_read_against_it() -> None:
+    plan = frontends.SweepPlan(frontends=(0, 1))
+    assert plan.configurations() == (0, 1, frontends.FLOOR)
+    assert frontends.SweepPlan(frontends=(0, 1), floor=False).configurations() == (0, 1)
+    rows = [
+        _row("null", 0, 64, 1200.0, {"whole": 800.0}),
+        _row("null", 1, 64, 1500.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+        _row("null", frontends.FLOOR, 64, 2000.0, {"whole": 500.0}),
+        _row("null", 1, 16, 1400.0, {"engine": 300.0, "frontends": 1100.0, "whole": 1400.0}),
+    ]
+    single, split_, bottom = frontends.ceilings(rows)
+    assert (single["x_floor"], split_["x_floor"], bottom["x_floor"]) == (1.6, 2.5, 1.0)
+    assert bottom["ceiling"] == 2000 and "projected" not in bottom  # its own, one process
+    assert frontends.x_floor(rows, rows[3]) is None  # no floor measured at 16
 
 
 def test_concurrency_is_split_between_at_most_the_client_processes() -> None:
@@ -148,6 +165,7 @@ def test_the_report_states_the_ratios_against_the_single_process() -> None:
         _row("null", 0, 64, 1000.0, {"whole": 800.0}),
         _row("null", 1, 64, 1500.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
         _row("null", 2, 64, 2400.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+        _row("null", frontends.FLOOR, 64, 3000.0, {"whole": 500.0}),
     ]
     plan = frontends.SweepPlan(models=("null",), frontends=(0, 1, 2), concurrencies=(1, 64))
     text = "\n".join(frontends.markdown(
@@ -155,10 +173,16 @@ def test_the_report_states_the_ratios_against_the_single_process() -> None:
     ))  # fmt: skip
     assert "| 64 | 2 front ends | 4 | 2400 | 2.40 | 1.60 |" in text
     assert "| 1 | 1 front end | 1 | 400 | 0.80 | 1.00 | 1.50 | +0.50 |" in text
-    assert "| null | single process | – | – | 800 | 1000 | 1,250 (one process) |" in text
-    assert "| null | 2 front ends | 250 | 1,000 | 1,250 | 2400 | 4,000 | 4,000 |" in text
+    assert "| null | single process | – | – | 800 | 1.60 | 1000 | 1,250 (one process) |" in text
+    assert "| null | 2 front ends | 250 | 1,000 | 1,250 | 2.50 | 2400 | 4,000 | 4,000 |" in text
+    assert "| null | grpc.aio floor | – | – | 500 | 1.00 | 3000 | 2,000 (one process) |" in text
+    assert "| 64 | grpc.aio floor | 4 | 3000 | 3.00 |" in text
     assert "c=64: best split (2 front ends) / single 2.40, 2 front ends / 1 1.60" in text
     assert "p50 1 front end − single +0.50 ms" in text
+    assert (
+        "null whole CPU per request / the floor's, c=64: single process 1.60, "
+        "1 front end 2.50, 2 front ends 2.50." in text
+    )
 
 
 def _row(model: str, n: int, c: int, rate: float, us: dict[str, float],
@@ -226,22 +250,29 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     assert code == 0
     (path,) = (tmp_path / "results").glob("frontend-*.json")
     sweep = json.loads(path.read_text())["sweep"]
+    floor = frontends.FLOOR
     assert sweep["processes"] == {
         "0": {"engine": 0, "frontends": 0, "other": 1},
         "1": {"engine": 1, "frontends": 1, "other": 0},
+        str(floor): {"engine": 0, "frontends": 0, "other": 1},  # the floor, one process
     }
     cells = {(r["model"], r["frontends"], r["concurrency"]): r for r in sweep["rows"]}
-    assert set(cells) == {(null_model.NAME, n, c) for n in (0, 1) for c in (1, 4)}
+    assert set(cells) == {(null_model.NAME, n, c) for n in (0, 1, floor) for c in (1, 4)}
     for (_, n, c), row in cells.items():
         assert row["ok"] > 0 and not row["errors"], row
+        # the server by its /metrics, the floor by its ModelStatistics: every call counted
         assert row["server_requests"] >= row["ok"] and row["server_failed"] == 0, row
-        assert row["clients"] == (1 if c == 1 else 4) and row["batch_mean"] >= 1
-        roles = {"whole"} if n == 0 else {"engine", "frontends", "whole"}
+        assert row["clients"] == (1 if c == 1 else 4)
+        assert row["batch_mean"] is None if n == floor else row["batch_mean"] >= 1
+        roles = {"whole"} if n in (0, floor) else {"engine", "frontends", "whole"}
         assert set(row["cpu_us_per_request"]) == roles, row
         assert row["processes_replaced"] == 0
-    (single, split_) = sweep["ceilings"]
+    (single, split_, bottom) = sweep["ceilings"]
     assert single["concurrency"] == 4 and single["ceiling"] > 0
     assert set(split_["projected"]) == {"16", "32"}
+    assert bottom["frontends"] == floor and bottom["x_floor"] == 1.0
+    assert single["x_floor"] > 0 and split_["x_floor"] > 0
     text = doc.read_text()
     assert text.startswith(f"# Benchmarks\n\n{cost}\n\n") and text.endswith("\n\nafter\n")
     assert "\nold\n" not in text and path.name in text and "ceiling, 32 cores" in text
+    assert "| grpc.aio floor |" in text and "/ the floor's, c=4:" in text
