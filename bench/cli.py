@@ -148,5 +148,6 @@ def header(results: dict[str, Any], source: Path) -> str:
         f"the end; "
         f"commit {machine['commit']}"
         + (f" with {', '.join(meta['modified'])} modified" if meta.get("modified") else "")
+        + (f"; grpcio {machine['grpcio']}" if "grpcio" in machine else "")
         + f"; raw JSON: [{source.name}](../bench/results/{source.name})."
     )

@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import onnxruntime as ort
 
 from bench import load, perf_analyzer, raw
@@ -53,6 +54,7 @@ def machine() -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,  # the server's per-call cost depends on it (decision 0013)
         "commit": _git_commit(),
     }
 

@@ -249,7 +249,9 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     ])  # fmt: skip
     assert code == 0
     (path,) = (tmp_path / "results").glob("frontend-*.json")
-    sweep = json.loads(path.read_text())["sweep"]
+    results = json.loads(path.read_text())
+    sweep = results["sweep"]
+    assert results["meta"]["machine"]["grpcio"] == grpc.__version__  # what the figures ran on
     floor = frontends.FLOOR
     assert sweep["processes"] == {
         "0": {"engine": 0, "frontends": 0, "other": 1},
@@ -276,3 +278,4 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     assert text.startswith(f"# Benchmarks\n\n{cost}\n\n") and text.endswith("\n\nafter\n")
     assert "\nold\n" not in text and path.name in text and "ceiling, 32 cores" in text
     assert "| grpc.aio floor |" in text and "/ the floor's, c=4:" in text
+    assert f"; grpcio {grpc.__version__}; raw JSON" in text
