@@ -17,10 +17,11 @@ calls `RequestPath.infer`, and encodes the `Result` as its response. Here, in or
 4. `server.validation.accept` checks it against the model, limits before any work;
 5. the images are prepared concurrently on the preprocessing pool (encoded files decoded,
    pixels resized), each error naming the image's index, and the time is observed in the
-   preprocess histogram; a request that sent the graph's own batch skips this step (a
-   batch still `Unread` is read on the preprocessing pool, off the event loop); the first
-   image that fails cancels the others, so their decodes still waiting for a worker never
-   start;
+   preprocess histogram; float32 tensors of the model's size need nothing, and a request
+   of only those reaches the batcher in the loop step that admitted it; a request that
+   sent the graph's own batch skips this step (a batch still `Unread` is read on the
+   preprocessing pool, off the event loop); the first image that fails cancels the
+   others, so their decodes still waiting for a worker never start;
 6. with ``reject_non_finite``, a float tensor the caller sent (not one decoded here)
    holding NaN or Inf is refused; otherwise it is computed, as Triton does;
 7. the model version's batcher computes the logits.
@@ -137,18 +138,23 @@ class RequestPath:
 
     async def _prepare(self, images: Sequence[Accepted], served: ModelVersion) -> np.ndarray:
         started = time.perf_counter()
-        tasks = [
-            asyncio.ensure_future(self._prepare_one(i, image, served))
-            for i, image in enumerate(images)
-        ]
-        try:
-            inputs = await asyncio.gather(*tasks)
-        except BaseException:
-            # the first image that fails (or the caller's cancel) stops its siblings: a
-            # decode still waiting for a worker is never started
-            for task in tasks:
-                task.cancel()
-            raise
+        if all(_ready(image) for image in images):
+            # nothing to prepare: no task and no wait, so the batcher takes (or refuses)
+            # the request in the loop step that admitted it
+            inputs: Sequence[np.ndarray] = images  # type: ignore[assignment]
+        else:
+            tasks = [
+                asyncio.ensure_future(self._prepare_one(i, image, served))
+                for i, image in enumerate(images)
+            ]
+            try:
+                inputs = await asyncio.gather(*tasks)
+            except BaseException:
+                # the first image that fails (or the caller's cancel) stops its siblings: a
+                # decode still waiting for a worker is never started
+                for task in tasks:
+                    task.cancel()
+                raise
         self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )
@@ -160,8 +166,14 @@ class RequestPath:
         try:
             if isinstance(image, bytes):
                 return await self._preprocessor.encoded(image, served.config)
-            if image.dtype == np.uint8:  # pixels of any size: resized as a decoded file is
+            if not _ready(image):  # uint8 pixels of any size: resized as a decoded file is
                 return await self._preprocessor.pixels(image, served.config)
             return image
         except InvalidInput as exc:
             raise InvalidInput(f"image {index}: {exc}") from None
+
+
+def _ready(image: Accepted) -> bool:
+    """An accepted image that is the model's input as it stands (a float32 tensor of its
+    size); encoded files and uint8 pixels are prepared on the pool."""
+    return not isinstance(image, bytes) and image.dtype != np.uint8

@@ -127,7 +127,8 @@ async def test_burst_of_ten_times_capacity(
     print(
         f"\ncapacity {capacity:.1f} calls/s; burst {burst.report()}; "
         f"RSS {baseline / MIB:.0f} MiB, peak +{(peak_rss - baseline) / MIB:.1f} MiB; "
-        f"after: {after.report()}"
+        f"peak queue {max(depth for _, depth, _ in samples):.0f} images, "
+        f"{max(calls for _, _, calls in samples):.0f} calls; after: {after.report()}"
     )
     assert set(burst.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, burst.report()
     assert sum(burst.codes.values()) >= 0.9 * planned, "the client fell short of the burst"
