@@ -3,12 +3,14 @@
 Decoding runs in a thread pool (`Preprocessor`): Pillow releases the GIL in
 decode and resize, and threads avoid copying every result between processes.
 The pool's backlog is bounded (``max_decode_backlog`` images, server-wide):
-past it an image is refused at once with `QueueFull` (RESOURCE_EXHAUSTED),
-so an overload of encoded images cannot pile up unbounded waits and memory
-in front of the models' own bounded queues.
+each call takes its place in the backlog as it is made, before anything is
+awaited, and past the bound an image is refused at once with `QueueFull`
+(RESOURCE_EXHAUSTED), so an overload of encoded images cannot pile up
+unbounded waits and memory in front of the models' own bounded queues. The
+place is given back when the image's future is done (or cancelled).
 The transform's `ImageError` becomes `InvalidInput` (INVALID_ARGUMENT) here.
 
-API for servicers::
+API for servicers (each call returns the image's future at once)::
 
     pre = Preprocessor(settings)
     chw = await pre.encoded(jpeg_bytes, model.config)   # InvalidInput on bad images
@@ -55,36 +57,51 @@ class Preprocessor:
             initargs=("decode",),
         )
 
-    async def encoded(self, data: bytes, config: ModelConfig) -> np.ndarray:
-        return await self._run(prepare_encoded, data, config, self.limits)
+    def encoded(self, data: bytes, config: ModelConfig) -> asyncio.Future[np.ndarray]:
+        return self._run(prepare_encoded, data, config, self.limits)
 
-    async def pixels(self, pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
+    def pixels(self, pixels: np.ndarray, config: ModelConfig) -> asyncio.Future[np.ndarray]:
         # a crop copies at most crop² × 3 bytes (~20 µs): cheaper on the event loop than
         # the two thread hand-overs of a worker
         cropped = crop_only(pixels, config)
         if cropped is not None:
-            return cropped
-        return await self._run(prepare_pixels, pixels, config)
+            done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+            done.set_result(cropped)
+            return done
+        return self._run(prepare_pixels, pixels, config)
 
-    async def read(self, function: Callable[[], np.ndarray]) -> np.ndarray:
+    def read(self, function: Callable[[], np.ndarray]) -> asyncio.Future[np.ndarray]:
         """A tensor that takes work to read (v2 typed contents), read on a worker; it counts
         as one image of the backlog."""
-        return await self._run(function)
+        return self._run(function)
 
-    async def _run(self, function: Callable[..., np.ndarray], *args: object) -> np.ndarray:
+    def _run(
+        self, function: Callable[..., np.ndarray], *args: object
+    ) -> asyncio.Future[np.ndarray]:
+        """`function` on a worker, its place in the backlog taken now (`QueueFull` when
+        there is none) and given back when its future is done or cancelled."""
         if self.backlog >= self.max_backlog:
             raise QueueFull(
                 f"{self.backlog} images are waiting to be decoded (at most {self.max_backlog}); "
                 f"retry later"
             )
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool, _image_errors, function, *args
+        )
         self.backlog += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, function, *args)
-        except ImageError as exc:
-            raise InvalidInput(str(exc)) from None
-        finally:
-            self.backlog -= 1
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, _: asyncio.Future[np.ndarray]) -> None:
+        self.backlog -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _image_errors(function: Callable[..., np.ndarray], *args: object) -> np.ndarray:
+    """`function(*args)` on a worker, an `ImageError` raised as `InvalidInput`."""
+    try:
+        return function(*args)
+    except ImageError as exc:
+        raise InvalidInput(str(exc)) from None

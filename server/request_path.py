@@ -139,38 +139,44 @@ class RequestPath:
     async def _prepare(self, images: Sequence[Accepted], served: ModelVersion) -> np.ndarray:
         started = time.perf_counter()
         if all(_ready(image) for image in images):
-            # nothing to prepare: no task and no wait, so the batcher takes (or refuses)
-            # the request in the loop step that admitted it
+            # nothing to prepare: no wait, so the batcher takes (or refuses) the request in
+            # the loop step that admitted it
             inputs: Sequence[np.ndarray] = images  # type: ignore[assignment]
         else:
-            tasks = [
-                asyncio.ensure_future(self._prepare_one(i, image, served))
-                for i, image in enumerate(images)
-            ]
+            # each image takes its place in the decode backlog here, before anything is
+            # awaited: past the bound the call is refused in the step that admitted it
+            futures: list[asyncio.Future[np.ndarray]] = []
             try:
-                inputs = await asyncio.gather(*tasks)
-            except BaseException:
+                for image in images:
+                    futures.append(self._start(image, served))
+                inputs = await asyncio.gather(*futures)
+            except BaseException as exc:
                 # the first image that fails (or the caller's cancel) stops its siblings: a
                 # decode still waiting for a worker is never started
-                for task in tasks:
-                    task.cancel()
+                for future in futures:
+                    future.cancel()
+                failed = [
+                    i for i, future in enumerate(futures)
+                    if future.done() and not future.cancelled() and future.exception() is exc
+                ]  # fmt: skip
+                if isinstance(exc, InvalidInput) and failed:
+                    raise InvalidInput(f"image {failed[0]}: {exc}") from None
                 raise
         self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )
         return np.stack(inputs)
 
-    async def _prepare_one(
-        self, index: int, image: Accepted, served: ModelVersion
-    ) -> np.ndarray:
-        try:
-            if isinstance(image, bytes):
-                return await self._preprocessor.encoded(image, served.config)
-            if not _ready(image):  # uint8 pixels of any size: resized as a decoded file is
-                return await self._preprocessor.pixels(image, served.config)
-            return image
-        except InvalidInput as exc:
-            raise InvalidInput(f"image {index}: {exc}") from None
+    def _start(self, image: Accepted, served: ModelVersion) -> asyncio.Future[np.ndarray]:
+        """`image` prepared: an encoded file decoded, uint8 pixels of any size resized as a
+        decoded file is, on the pool; a float32 tensor as it stands."""
+        if isinstance(image, bytes):
+            return self._preprocessor.encoded(image, served.config)
+        if not _ready(image):
+            return self._preprocessor.pixels(image, served.config)
+        ready: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        ready.set_result(image)
+        return ready
 
 
 def _ready(image: Accepted) -> bool:

@@ -1,5 +1,6 @@
 """The request path's own rules, apart from any protocol: a failed image stops its siblings;
-float tensors go to the batcher without a wait."""
+a call takes its places in the decode backlog, or is refused, before it waits; float tensors
+go to the batcher without a wait."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from server.config import Settings
-from server.errors import InvalidInput
+from server.errors import InvalidInput, QueueFull
 from server.metrics import Metrics
 from server.preprocess import Preprocessor
 from server.request_path import RequestPath
@@ -36,10 +37,13 @@ async def test_a_failed_image_cancels_the_decodes_of_its_siblings(tmp_path: Path
         time.sleep(DECODE_SECONDS)
         return np.zeros((3, 2, 2), np.float32)
 
-    async def encoded(data: bytes, config: object) -> np.ndarray:
+    def encoded(data: bytes, config: object) -> asyncio.Future[np.ndarray]:
         if data == b"bad":
-            raise InvalidInput("not an image")
-        return await preprocessor.read(decode)
+            return preprocessor.read(not_an_image)
+        return preprocessor.read(decode)
+
+    def not_an_image() -> np.ndarray:
+        raise InvalidInput("not an image")
 
     preprocessor.encoded = encoded  # type: ignore[method-assign]
     images: list[Any] = [b"good", b"bad", *[b"good"] * SIBLINGS]
@@ -77,4 +81,41 @@ async def test_float_tensors_reach_the_batcher_in_the_step_that_admitted_them(
         observed = metrics.version("m", "1").preprocess_duration.collect()[0].samples
         assert next(s.value for s in observed if s.name.endswith("_count")) == 1
     finally:
+        preprocessor.close()
+
+
+async def test_a_full_decode_backlog_refuses_the_call_in_the_step_that_admitted_it(
+    tmp_path: Path,
+) -> None:
+    """Places in the backlog are taken as the call is made: a burst admitted in one loop
+    step never holds more calls than the backlog has places, even for a moment."""
+    settings = Settings(repo=tmp_path, decode_workers=1, max_decode_backlog=2,
+                        max_images_per_request=2)  # fmt: skip
+    preprocessor = Preprocessor(settings)
+    release = threading.Event()
+
+    def decode() -> np.ndarray:
+        release.wait(10)
+        return np.zeros((3, 2, 2), np.float32)
+
+    preprocessor.encoded = lambda data, config: preprocessor.read(decode)  # type: ignore[method-assign]
+    path = RequestPath(settings, None, preprocessor, Metrics())  # type: ignore[arg-type]
+    served = SimpleNamespace(name="m", version="1", config=None)
+    try:
+        first = path._prepare([b"a"], served)  # type: ignore[arg-type]
+        first.send(None)  # its place taken, waiting for its decode
+        assert preprocessor.backlog == 1
+        second = path._prepare([b"b", b"c"], served)  # type: ignore[arg-type]
+        with pytest.raises(QueueFull, match=r"at most 2"):
+            second.send(None)  # refused on its first step, the place it took given back
+        await asyncio.sleep(0)
+        assert preprocessor.backlog == 1
+        release.set()
+        await asyncio.sleep(0.2)
+        with pytest.raises(StopIteration) as done:
+            first.send(None)
+        assert done.value.value.shape == (1, 3, 2, 2)
+        assert preprocessor.backlog == 0
+    finally:
+        release.set()
         preprocessor.close()
