@@ -65,9 +65,7 @@ class Preprocessor:
         # the two thread hand-overs of a worker
         cropped = crop_only(pixels, config)
         if cropped is not None:
-            done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-            done.set_result(cropped)
-            return done
+            return resolved(cropped)
         return self._run(prepare_pixels, pixels, config)
 
     def read(self, function: Callable[[], np.ndarray]) -> asyncio.Future[np.ndarray]:
@@ -97,6 +95,13 @@ class Preprocessor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def resolved(value: np.ndarray) -> asyncio.Future[np.ndarray]:
+    """A future already holding `value` (an image that needs no worker)."""
+    future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def _image_errors(function: Callable[..., np.ndarray], *args: object) -> np.ndarray:

@@ -48,7 +48,7 @@ from server.core.registry import ModelRegistry, ModelVersion
 from server.errors import DeadlineExceeded, InvalidInput
 from server.logs import REQUEST_ID
 from server.metrics import Metrics
-from server.preprocess import Preprocessor
+from server.preprocess import Preprocessor, resolved
 from server.request import InferRequest
 from server.shared_memory import SharedMemory
 from server.validation import (
@@ -155,12 +155,12 @@ class RequestPath:
                 # decode still waiting for a worker is never started
                 for future in futures:
                     future.cancel()
-                failed = [
+                failed = next((
                     i for i, future in enumerate(futures)
                     if future.done() and not future.cancelled() and future.exception() is exc
-                ]  # fmt: skip
-                if isinstance(exc, InvalidInput) and failed:
-                    raise InvalidInput(f"image {failed[0]}: {exc}") from None
+                ), None)  # fmt: skip
+                if isinstance(exc, InvalidInput) and failed is not None:
+                    raise InvalidInput(f"image {failed}: {exc}") from None
                 raise
         self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
@@ -174,9 +174,7 @@ class RequestPath:
             return self._preprocessor.encoded(image, served.config)
         if not _ready(image):
             return self._preprocessor.pixels(image, served.config)
-        ready: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        ready.set_result(image)
-        return ready
+        return resolved(image)
 
 
 def _ready(image: Accepted) -> bool:
