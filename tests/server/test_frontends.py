@@ -497,16 +497,21 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
+BUSY = 4  # calls of 64 images that keep the model busy
+
+
 def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
     model_repo: Path, tmp_path: Path, started: Callable[..., serving.Server]
 ) -> None:
     """A call whose deadline passes, and one its caller cancels, while queued behind a
-    busy model: the engine drops both before compute (only the busy call's images and a
+    busy model: the engine drops both before compute (only the busy calls' images and a
     last call's, queued after them, are run), and the front end counts them
     DEADLINE_EXCEEDED and CANCELLED."""
     repo = tmp_path / "repo"
-    derive(repo, model_repo / "resnet18", max_batch_size=32)
-    server = started(repo, ["--frontends", "1", "--device", "cpu", "--instances", "1"])
+    derive(repo, model_repo / "resnet18", max_batch_size=32, max_queue_size=BUSY * 64 + 32)
+    # the busy calls' float tensors (38.5 MB each) in flight at once in the front end's slots
+    server = started(repo, ["--frontends", "1", "--device", "cpu", "--instances", "1",
+                            "--frontend-shm-bytes", str(BUSY * 64 << 20)])  # fmt: skip
     runs = ("resnet_serve_batch_size_sum", {"model": "resnet18", "version": "1"})
     before = scraped(server.metrics(), runs[0], **runs[1])
     big = pb.ClassifyRequest(model="resnet18",
@@ -515,10 +520,12 @@ def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
     options = [("grpc.max_send_message_length", 64 << 20)]
     with grpc.insecure_channel(server.address, options=options) as channel:
         stub = pb_grpc.ClassifierStub(channel)
-        busy = stub.Classify.future(big, timeout=300)  # two full batches: one runs, one waits
+        # 2 × BUSY full batches (one runs, the rest wait) keep the model busy past both
+        # calls below, on a quick host too
+        busy = [stub.Classify.future(big, timeout=300) for _ in range(BUSY)]
         queued = time.monotonic() + 120
         while scraped(server.metrics(), "resnet_serve_queue_depth", **runs[1]) < 32:
-            assert time.monotonic() < queued and not busy.done(), server.log()
+            assert time.monotonic() < queued and not any(b.done() for b in busy), server.log()
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as expired:
             stub.Classify(one, timeout=0.3)
@@ -526,11 +533,14 @@ def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
         cancelled = stub.Classify.future(one, timeout=300)
         time.sleep(0.3)
         assert cancelled.cancel()
-        assert len(busy.result().results) == 64
+        for call in busy:
+            assert len(call.result().results) == 64
         # queued after both: answered once whatever was queued before it has run
         assert len(stub.Classify(one, timeout=300).results) == 1
     after = server.metrics()
-    assert scraped(after, runs[0], **runs[1]) - before == 64 + 1, "a dropped call was computed"
+    assert scraped(after, runs[0], **runs[1]) - before == BUSY * 64 + 1, (
+        "a dropped call was computed"
+    )
     for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
         assert scraped(after, "resnet_serve_requests_total", model="resnet18", version="1",
                       code=code) == 1, (code, after)  # fmt: skip
