@@ -4,6 +4,7 @@ clients are in the middle of their work, and every image still gets its answer."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -147,4 +148,18 @@ def test_without_waiting_a_stopped_server_is_unavailable(
         with pytest.raises(rsc.Unavailable):
             client.classify(b"\xff\xd8\xff")
         restartable.server = restartable.start()
-        assert client.health() is rsc.HealthStatus.SERVING
+        assert _reconnected(client) is rsc.HealthStatus.SERVING
+
+
+def _reconnected(client: rsc.Client, seconds: float = 30.0) -> rsc.HealthStatus:
+    """The server's health once the client's channel has connected again: a channel whose
+    connect was refused waits out gRPC's reconnect backoff (about a second, then longer),
+    and a fail-fast call in that window is UNAVAILABLE however soon the server is back."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return client.health()
+        except rsc.Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
