@@ -30,6 +30,13 @@ process) runs beside them as one more configuration of every round (`FLOOR`, its
 CPU per request is also given as a multiple of the floor's at the same model and
 concurrency (``x_floor``): hosts of one kind differ by 2× and more through gRPC, and that
 ratio, measured side by side, is what carries from one to another.
+
+**The split floor** (`bench.floor` with ``--split``, `SPLIT_FLOOR`) runs with it: the floor
+answering through the split's transport alone (the input written into a shared-memory
+slot, a frame each way over `server.ipc` to an echo engine process that writes the
+logits into the slot). Its two processes are counted as a front end and an engine, so its
+row shows what the split costs at the least, by role, beside what the server's front ends
+and engine cost over it.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ FRONTEND = "rs-frontend-"
 ROLES = ("engine", "frontends", "other", "whole")
 CORES = (16, 32)  # the nodes the ceiling is projected for
 FLOOR = -1  # the floor's place among the front-end counts (its rows' ``frontends``)
+SPLIT_FLOOR = -2  # the split floor's
 CALL_TIMEOUT = 60.0
 _PROC = Path("/proc")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -76,11 +84,11 @@ class SweepPlan:
     client: str = "perf_analyzer"  # or "sdk"
     server_flags: tuple[str, ...] = ()
     cores: tuple[int, ...] = CORES
-    floor: bool = True  # the bare grpc.aio floor as one more configuration
+    floor: bool = True  # the bare grpc.aio floor and the split floor as two more configurations
 
     def configurations(self) -> tuple[int, ...]:
-        """The front-end counts, then `FLOOR` when the floor is measured."""
-        return (*self.frontends, FLOOR) if self.floor else self.frontends
+        """The front-end counts, then `FLOOR` and `SPLIT_FLOOR` when the floors are measured."""
+        return (*self.frontends, FLOOR, SPLIT_FLOOR) if self.floor else self.frontends
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,9 +141,9 @@ def process_tree(root: int, processes: Iterable[Proc] | None = None) -> dict[int
 
 
 def role(comm: str) -> str:
-    if comm == ENGINE:
+    if comm in (ENGINE, floor.ECHO_ENGINE):
         return "engine"
-    if comm.startswith(FRONTEND):
+    if comm.startswith(FRONTEND) or comm == floor.SPLIT_FRONTEND:
         return "frontends"
     return "other"
 
@@ -272,7 +280,7 @@ class Cell:
         requests = self.counted.ok
         per = 1e6 / requests if requests > 0 else 0.0
         us = {name: round(seconds * per, 1) for name, seconds in self.cpu.items()}
-        if self.frontends <= 0:  # the single process and the floor are only "whole"
+        if self.frontends in (0, FLOOR):  # the single process and the floor are only "whole"
             us = {"whole": us["whole"]}
         elif not us["other"]:
             del us["other"]
@@ -295,15 +303,19 @@ class Cell:
 
 @contextlib.contextmanager
 def servers(repo: Path, work: Path, plan: SweepPlan) -> Iterator[dict[int, Server]]:
-    """A server per front-end count (and the floor, under `FLOOR`), all running at once;
-    stopped on exit."""
+    """A server per front-end count (and the floors, under `FLOOR` and `SPLIT_FLOOR`), all
+    running at once; stopped on exit."""
     flags = ["--device", plan.device, "--no-reflection", *plan.server_flags]
     with contextlib.ExitStack() as stack:
         running: dict[int, Server] = {}
         for n in plan.configurations():
-            if n == FLOOR:
-                say(f"starting the floor over {repo}")
-                running[n] = start(repo, work / "floor.log", command=floor.COMMAND)
+            if n in (FLOOR, SPLIT_FLOOR):
+                split_ = ["--split"] if n == SPLIT_FLOOR else []
+                say(f"starting the {_configuration(n)} over {repo}")
+                running[n] = start(
+                    repo, work / f"floor{'-split' * bool(split_)}.log", split_,
+                    command=floor.COMMAND,
+                )  # fmt: skip
             else:
                 say(f"starting the server with --frontends {n} over {repo} {' '.join(flags)}")
                 running[n] = start(
@@ -382,7 +394,7 @@ async def _slice(
     plan: SweepPlan,
     work: Path,
 ) -> tuple[LevelResult, Counts, dict[str, float], int]:
-    read = floor_counts if n == FLOOR else _metrics_counts
+    read = floor_counts if n in (FLOOR, SPLIT_FLOOR) else _metrics_counts
     before_counts = await asyncio.to_thread(read, server, model)
     before = process_tree(server.process.pid)
     result = await _drive(
@@ -514,7 +526,7 @@ def ceilings(rows: list[dict[str, Any]], cores: Sequence[int] = CORES) -> list[d
             "x_floor": x_floor(rows, row),
             "req_per_s": row["req_per_s"],
         }
-        if row["frontends"] <= 0:
+        if row["frontends"] in (0, FLOOR):
             entry["ceiling"] = round(1e6 / us["whole"]) if us["whole"] > 0 else None
         elif us.get("engine", 0) > 0 and us.get("frontends", 0) > 0:
             entry["projected"] = {
@@ -536,6 +548,8 @@ def _find(rows: list[dict[str, Any]], model: str, n: int, c: int) -> dict[str, A
 def _configuration(n: int) -> str:
     if n == FLOOR:
         return "grpc.aio floor"
+    if n == SPLIT_FLOOR:
+        return "split floor"
     return "single process" if n == 0 else f"{n} front end{'s' if n > 1 else ''}"
 
 
@@ -556,8 +570,9 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     floor_measured = plan.get("floor", False)
     out = [
         f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process)"
-        + (", and the bare `grpc.aio` floor (`bench.floor`, one process)" if floor_measured
-           else "")
+        + (", the bare `grpc.aio` floor (`bench.floor`, one process) and the split floor "
+           "(the floor through a shared-memory slot and an echo engine process: the split's "
+           "transport alone)" if floor_measured else "")
         + f", {plan['rounds']} interleaved rounds of {plan['seconds'] / plan['rounds']:.1f} s "
         f"per cell, device {plan['device']}, load by {plan['client']}: one client at "
         f"concurrency 1, else {plan['clients']} client processes sharing the concurrency.",
@@ -579,7 +594,7 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     for entry in sweep["ceilings"]:
         us = entry["cpu_us_per_request"]
         multiple = entry.get("x_floor")
-        if entry["frontends"] <= 0:
+        if entry["frontends"] in (0, FLOOR):
             limits = [f"{entry['ceiling']:,} (one process)" if entry.get("ceiling") else "–"]
             limits *= len(cores)
         else:
@@ -668,4 +683,27 @@ def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
                 + ", ".join(multiples)
                 + "."
             )
+        over = _over_split_floor(rows, model, at)
+        if over:
+            lines.append(f"- {model} CPU µs per request over the split floor's, c={at}: {over}.")
     return [*lines, ""]
+
+
+def _over_split_floor(rows: list[dict[str, Any]], model: str, at: int) -> str:
+    """Each front-end count's engine and front ends over the split floor's echo engine and
+    front end: what the server's own code costs per request, by role."""
+    bottom = _find(rows, model, SPLIT_FLOOR, at)
+    if bottom is None:
+        return ""
+    base = bottom["cpu_us_per_request"]
+    parts = []
+    for row in rows:
+        us = row["cpu_us_per_request"]
+        if row["model"] != model or row["concurrency"] != at or row["frontends"] <= 0:
+            continue
+        if "engine" in us and "frontends" in us and "engine" in base and "frontends" in base:
+            parts.append(
+                f"{_configuration(row['frontends'])}: engine {us['engine'] - base['engine']:+.0f}"
+                f", front ends {us['frontends'] - base['frontends']:+.0f}"
+            )
+    return "; ".join(parts)

@@ -53,7 +53,7 @@ def test_ceilings_project_each_split_and_keep_the_single_process_measured() -> N
 
 def test_the_floor_is_measured_beside_and_each_whole_is_read_against_it() -> None:
     plan = frontends.SweepPlan(frontends=(0, 1))
-    assert plan.configurations() == (0, 1, frontends.FLOOR)
+    assert plan.configurations() == (0, 1, frontends.FLOOR, frontends.SPLIT_FLOOR)
     assert frontends.SweepPlan(frontends=(0, 1), floor=False).configurations() == (0, 1)
     rows = [
         _row("null", 0, 64, 1200.0, {"whole": 800.0}),
@@ -65,6 +65,31 @@ def test_the_floor_is_measured_beside_and_each_whole_is_read_against_it() -> Non
     assert (single["x_floor"], split_["x_floor"], bottom["x_floor"]) == (1.6, 2.5, 1.0)
     assert bottom["ceiling"] == 2000 and "projected" not in bottom  # its own, one process
     assert frontends.x_floor(rows, rows[3]) is None  # no floor measured at 16
+
+
+def test_the_split_floor_is_read_by_role_and_what_is_ours_over_it() -> None:
+    assert frontends.role("floor-engine") == "engine"
+    assert frontends.role("floor-frontend") == "frontends"
+    assert frontends.role("python") == "other"
+    rows = [
+        _row("null", 1, 64, 1500.0, {"engine": 110.0, "frontends": 500.0, "whole": 610.0}),
+        _row("null", 2, 64, 1600.0, {"engine": 100.0, "frontends": 560.0, "whole": 660.0}),
+        _row("null", frontends.FLOOR, 64, 4000.0, {"whole": 250.0}),
+        _row("null", frontends.SPLIT_FLOOR, 64, 3000.0, {"engine": 25.0, "frontends": 300.0}),
+    ]
+    rows[-1]["cpu_us_per_request"]["whole"] = 325.0  # type: ignore[index]
+    *_, split_floor = frontends.ceilings(rows)
+    assert split_floor["x_floor"] == 1.3
+    assert split_floor["projected"] == {"16": 40_000, "32": 40_000}  # the echo engine binds
+    plan = frontends.SweepPlan(models=("null",), frontends=(1, 2), concurrencies=(64,))
+    text = "\n".join(frontends.markdown(
+        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
+    ))  # fmt: skip
+    assert "| null | split floor | 25 | 300 | 325 | 1.30 | 3000 | 40,000 | 40,000 |" in text
+    assert (
+        "null CPU µs per request over the split floor's, c=64: 1 front end: engine +85, "
+        "front ends +200; 2 front ends: engine +75, front ends +260." in text
+    )
 
 
 def test_concurrency_is_split_between_at_most_the_client_processes() -> None:
@@ -252,30 +277,34 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     results = json.loads(path.read_text())
     sweep = results["sweep"]
     assert results["meta"]["machine"]["grpcio"] == grpc.__version__  # what the figures ran on
-    floor = frontends.FLOOR
+    floor, split_floor = frontends.FLOOR, frontends.SPLIT_FLOOR
     assert sweep["processes"] == {
         "0": {"engine": 0, "frontends": 0, "other": 1},
         "1": {"engine": 1, "frontends": 1, "other": 0},
         str(floor): {"engine": 0, "frontends": 0, "other": 1},  # the floor, one process
+        str(split_floor): {"engine": 1, "frontends": 1, "other": 0},  # and its echo engine
     }
     cells = {(r["model"], r["frontends"], r["concurrency"]): r for r in sweep["rows"]}
-    assert set(cells) == {(null_model.NAME, n, c) for n in (0, 1, floor) for c in (1, 4)}
+    configurations = (0, 1, floor, split_floor)
+    assert set(cells) == {(null_model.NAME, n, c) for n in configurations for c in (1, 4)}
     for (_, n, c), row in cells.items():
         assert row["ok"] > 0 and not row["errors"], row
         # the server by its /metrics, the floor by its ModelStatistics: every call counted
         assert row["server_requests"] >= row["ok"] and row["server_failed"] == 0, row
         assert row["clients"] == (1 if c == 1 else 4)
-        assert row["batch_mean"] is None if n == floor else row["batch_mean"] >= 1
+        assert row["batch_mean"] is None if n < 0 else row["batch_mean"] >= 1
         roles = {"whole"} if n in (0, floor) else {"engine", "frontends", "whole"}
         assert set(row["cpu_us_per_request"]) == roles, row
         assert row["processes_replaced"] == 0
-    (single, split_, bottom) = sweep["ceilings"]
+    (single, split_, bottom, through) = sweep["ceilings"]
     assert single["concurrency"] == 4 and single["ceiling"] > 0
     assert set(split_["projected"]) == {"16", "32"}
     assert bottom["frontends"] == floor and bottom["x_floor"] == 1.0
-    assert single["x_floor"] > 0 and split_["x_floor"] > 0
+    assert single["x_floor"] > 0 and split_["x_floor"] > 0 and through["x_floor"] > 0
+    assert through["frontends"] == split_floor and set(through["projected"]) == {"16", "32"}
     text = doc.read_text()
     assert text.startswith(f"# Benchmarks\n\n{cost}\n\n") and text.endswith("\n\nafter\n")
     assert "\nold\n" not in text and path.name in text and "ceiling, 32 cores" in text
     assert "| grpc.aio floor |" in text and "/ the floor's, c=4:" in text
+    assert "| split floor |" in text and "over the split floor's, c=4: 1 front end: engine" in text
     assert f"; grpcio {grpc.__version__}; raw JSON" in text

@@ -44,11 +44,11 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert {"fp32_random", "fp32_photos", "fp16_photos", "fp16_digits"} == set(results["logits"])
     assert [row["concurrency"] for row in results["speed"]["server"]] == [1, 4]
     # the front-end sweep, tiny: the null model, one process against one front end and the
-    # floor beside them
+    # floors beside them
     sweep = results["sweep"]
     assert sweep["plan"]["device"] == "cpu" and sweep["processes"]["1"]["frontends"] == 1
     assert {(r["frontends"], r["concurrency"]) for r in sweep["rows"]} == {
-        (0, 4), (1, 4), (frontends.FLOOR, 4)
+        (0, 4), (1, 4), (frontends.FLOOR, 4), (frontends.SPLIT_FLOOR, 4)
     }  # fmt: skip
     for row in sweep["rows"]:
         assert row["ok"] > 0 and not row["errors"] and row["server_requests"] >= row["ok"], row
