@@ -67,7 +67,6 @@ SEGMENT_BYTES = Settings().frontend_shm_bytes  # as a front end's segment by def
 # an engine)
 SPLIT_FRONTEND = "floor-frontend"
 ECHO_ENGINE = "floor-engine"
-LOGITS_BYTES = 4 * 1000  # written back into each slot, the null model's [1, 1000] float32
 
 
 class Floor(pb_grpc.GRPCInferenceServiceServicer):
@@ -78,6 +77,7 @@ class Floor(pb_grpc.GRPCInferenceServiceServicer):
         self._logits = {name: _logits(c) for name, c in configs.items()}
         self._top1 = {name: _top1(c) for name, c in configs.items()}
         self._answered = dict.fromkeys(configs, 0)
+        self._logits_bytes = {name: 4 * c.num_classes for name, c in configs.items()}
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -114,7 +114,7 @@ class Floor(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         name = request.model_name
         if self._link is not None:
-            await self._link.round_trip(request.raw_input_contents[0])
+            await self._link.round_trip(request.raw_input_contents[0], self._logits_bytes[name])
         self._answered[name] += 1
         return (self._top1 if request.outputs else self._logits)[name]
 
@@ -129,7 +129,8 @@ class EchoLink:
         self.segment = shm.segment_name(os.getpid())
         self.process: subprocess.Popen[bytes] | None = None
         self._keys = itertools.count()
-        self._pending: dict[int, tuple[asyncio.Future[bytes], int, int]] = {}
+        # key -> (future, slot offset, output bytes, slot size)
+        self._pending: dict[int, tuple[asyncio.Future[bytes], int, int, int]] = {}
         self._attached: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -144,14 +145,15 @@ class EchoLink:
         self.channel.send(("hello", self.segment, SEGMENT_BYTES))
         await self._attached  # the echo engine runs, named, with the segment mapped
 
-    async def round_trip(self, data: bytes) -> bytes:
+    async def round_trip(self, data: bytes, out_bytes: int) -> bytes:
+        """`data` through the echo engine: the `out_bytes` it wrote back into the slot."""
         assert self.buffer is not None and self.channel is not None
-        offset, size = self.slots.take(max(len(data), LOGITS_BYTES))
+        offset, size = self.slots.take(max(len(data), out_bytes))
         self.buffer[offset : offset + len(data)] = data
         key = next(self._keys)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[key] = (future, offset, size)
-        self.channel.send(("infer", key, offset, len(data)))
+        self._pending[key] = (future, offset, out_bytes, size)
+        self.channel.send(("infer", key, offset, len(data), out_bytes))
         return await future
 
     def on_messages(self, messages: list[tuple[Any, ...]]) -> None:
@@ -161,8 +163,8 @@ class EchoLink:
                 assert self._attached is not None
                 self._attached.set_result(None)
                 continue
-            future, offset, size = self._pending.pop(message[1])
-            future.set_result(self.buffer[offset : offset + LOGITS_BYTES])
+            future, offset, out_bytes, size = self._pending.pop(message[1])
+            future.set_result(self.buffer[offset : offset + out_bytes])
             self.slots.give(offset, size)
 
     def stop(self) -> None:
@@ -177,7 +179,6 @@ async def echo_engine(fd: int) -> None:
     the answers of one wake-up in one frame; ends with its channel."""
     buffer: mmap.mmap | None = None
     closed = asyncio.Event()
-    logits = bytes(LOGITS_BYTES)
 
     def on_messages(messages: list[tuple[Any, ...]]) -> None:
         nonlocal buffer
@@ -186,10 +187,10 @@ async def echo_engine(fd: int) -> None:
                 buffer = shm.attach(message[1], message[2])
                 channel.send(("attached",))
                 continue
-            _, key, offset, nbytes = message
+            _, key, offset, nbytes, out_bytes = message
             assert buffer is not None
             shm.view(buffer, offset, "|u1", (nbytes,))  # the input, in place
-            buffer[offset : offset + LOGITS_BYTES] = logits
+            buffer[offset : offset + out_bytes] = bytes(out_bytes)  # the logits (zeros)
             channel.send(("done", key))
 
     channel = await ipc.Channel.open(socket.socket(fileno=fd), on_messages, closed.set)
