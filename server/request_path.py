@@ -143,6 +143,8 @@ class RequestPath:
             # the loop step that admitted it
             inputs: Sequence[np.ndarray] = images  # type: ignore[assignment]
         else:
+            # a full model queue refuses the call before any of its images is decoded
+            served.scheduler().check_room(len(images))
             # each image takes its place in the decode backlog here, before anything is
             # awaited: past the bound the call is refused in the step that admitted it
             futures: list[asyncio.Future[np.ndarray]] = []

@@ -151,14 +151,7 @@ class Batcher:
         None)."""
         assert self._loop is not None, "start() first"
         count = len(inputs)
-        limit = self.batching.max_queue_size  # a request is never larger (server.validation)
-        if self._queued + count > limit:
-            self._drop_stale()
-        if self._queued + count > limit:
-            raise QueueFull(
-                f"model {self.model} version {self.version} has {self._queued} of {limit} "
-                f"images queued; retry later"
-            )
+        self.check_room(count)
         now = self._loop.time()
         step = self.batching.max_batch_size
         if trace is None and tracing.ENABLED:
@@ -172,6 +165,19 @@ class Batcher:
         self._set_queued(self._queued + count)
         self._kick()
         return items
+
+    def check_room(self, count: int) -> None:
+        """QueueFull unless `count` more images fit in the queue now (cancelled and expired
+        items dropped first): what `enqueue` asks, and what the request path asks before it
+        decodes a call's images."""
+        limit = self.batching.max_queue_size  # a request is never larger (server.validation)
+        if self._queued + count > limit:
+            self._drop_stale()
+        if self._queued + count > limit:
+            raise QueueFull(
+                f"model {self.model} version {self.version} has {self._queued} of {limit} "
+                f"images queued; retry later"
+            )
 
     # the scheduler's side
 

@@ -55,6 +55,9 @@ class Scheduler(Protocol):
         self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray: ...
 
+    def check_room(self, count: int) -> None:
+        """QueueFull unless `count` more images fit in the queue now."""
+
     async def close(self) -> None: ...
 
 

@@ -1,6 +1,7 @@
 """The request path's own rules, apart from any protocol: a failed image stops its siblings;
-a call takes its places in the decode backlog, or is refused, before it waits; float tensors
-go to the batcher without a wait."""
+a call takes its places in the decode backlog, or is refused, before it waits; a full model
+queue refuses images before they are decoded; float tensors go to the batcher without a
+wait."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from server.request_path import RequestPath
 
 SIBLINGS = 20
 DECODE_SECONDS = 0.05
+# a served version whose queue has room for anything
+ROOMY = SimpleNamespace(check_room=lambda count: None)
 
 
 async def test_a_failed_image_cancels_the_decodes_of_its_siblings(tmp_path: Path) -> None:
@@ -48,7 +51,7 @@ async def test_a_failed_image_cancels_the_decodes_of_its_siblings(tmp_path: Path
     preprocessor.encoded = encoded  # type: ignore[method-assign]
     images: list[Any] = [b"good", b"bad", *[b"good"] * SIBLINGS]
     path = RequestPath(settings, None, preprocessor, None)  # type: ignore[arg-type]
-    served = SimpleNamespace(name="m", version="1", config=None)
+    served = SimpleNamespace(name="m", version="1", config=None, scheduler=lambda: ROOMY)
     try:
         with pytest.raises(InvalidInput, match="image 1: not an image"):
             await path._prepare(images, served)  # type: ignore[arg-type]
@@ -100,7 +103,7 @@ async def test_a_full_decode_backlog_refuses_the_call_in_the_step_that_admitted_
 
     preprocessor.encoded = lambda data, config: preprocessor.read(decode)  # type: ignore[method-assign]
     path = RequestPath(settings, None, preprocessor, Metrics())  # type: ignore[arg-type]
-    served = SimpleNamespace(name="m", version="1", config=None)
+    served = SimpleNamespace(name="m", version="1", config=None, scheduler=lambda: ROOMY)
     try:
         first = path._prepare([b"a"], served)  # type: ignore[arg-type]
         first.send(None)  # its place taken, waiting for its decode
@@ -118,4 +121,37 @@ async def test_a_full_decode_backlog_refuses_the_call_in_the_step_that_admitted_
         assert preprocessor.backlog == 0
     finally:
         release.set()
+        preprocessor.close()
+
+
+async def test_a_full_model_queue_refuses_images_before_they_are_decoded(tmp_path: Path) -> None:
+    """Images to decode ask the model's queue for room first: a call that could not be
+    queued costs no decode and takes no place in the backlog."""
+    settings = Settings(repo=tmp_path, decode_workers=1)
+    preprocessor = Preprocessor(settings)
+    decoded: list[bytes] = []
+
+    def encoded(data: bytes, config: object) -> asyncio.Future[np.ndarray]:
+        decoded.append(data)
+        return preprocessor.read(lambda: np.zeros((3, 2, 2), np.float32))
+
+    asked: list[int] = []
+
+    def check_room(count: int) -> None:
+        asked.append(count)
+        raise QueueFull("model m version 1 has 16 of 16 images queued; retry later")
+
+    preprocessor.encoded = encoded  # type: ignore[method-assign]
+    full = SimpleNamespace(check_room=check_room)
+    served = SimpleNamespace(name="m", version="1", config=None, scheduler=lambda: full)
+    path = RequestPath(settings, None, preprocessor, Metrics())  # type: ignore[arg-type]
+    try:
+        step = path._prepare([b"a", b"b"], served)  # type: ignore[arg-type]
+        with pytest.raises(QueueFull, match="16 of 16 images queued"):
+            step.send(None)  # on its first step
+        assert asked == [2] and decoded == [] and preprocessor.backlog == 0
+        served.scheduler = lambda: ROOMY  # room again: both decoded
+        batch = await path._prepare([b"a", b"b"], served)  # type: ignore[arg-type]
+        assert batch.shape == (2, 3, 2, 2) and decoded == [b"a", b"b"]
+    finally:
         preprocessor.close()

@@ -91,6 +91,26 @@ async def test_full_queue_refuses_at_once() -> None:
     await batcher.close()
 
 
+async def test_check_room_answers_what_a_request_of_that_size_would_get() -> None:
+    runner = FakeRunner()
+    batcher = await _started(runner, max_batch_size=2, max_queue_size=3)
+    first = await _blocked(runner, batcher)
+    batcher.check_room(3)  # an empty queue takes a whole queue's worth
+    queued = asyncio.create_task(batcher.submit(_images(1, 2)))
+    await asyncio.sleep(0.01)
+    batcher.check_room(1)
+    with pytest.raises(QueueFull, match="2 of 3 images queued"):
+        batcher.check_room(2)
+    queued.cancel()  # a cancelled request's images make room again
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    batcher.check_room(3)
+    runner.gate.set()
+    await first
+    assert runner.batches == [1]  # the cancelled request was never computed
+    await batcher.close()
+
+
 async def test_expired_and_cancelled_requests_are_not_computed() -> None:
     runner = FakeRunner()
     batcher = await _started(runner, max_batch_size=8)
