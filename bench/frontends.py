@@ -695,15 +695,11 @@ def _over_split_floor(rows: list[dict[str, Any]], model: str, at: int) -> str:
     bottom = _find(rows, model, SPLIT_FLOOR, at)
     if bottom is None:
         return ""
-    base = bottom["cpu_us_per_request"]
-    parts = []
-    for row in rows:
-        us = row["cpu_us_per_request"]
-        if row["model"] != model or row["concurrency"] != at or row["frontends"] <= 0:
-            continue
-        if "engine" in us and "frontends" in us and "engine" in base and "frontends" in base:
-            parts.append(
-                f"{_configuration(row['frontends'])}: engine {us['engine'] - base['engine']:+.0f}"
-                f", front ends {us['frontends'] - base['frontends']:+.0f}"
-            )
-    return "; ".join(parts)
+    base = bottom["cpu_us_per_request"]  # a split's rows and this one have both roles
+    return "; ".join(
+        f"{_configuration(row['frontends'])}: "
+        f"engine {row['cpu_us_per_request']['engine'] - base['engine']:+.0f}, "
+        f"front ends {row['cpu_us_per_request']['frontends'] - base['frontends']:+.0f}"
+        for row in rows
+        if row["model"] == model and row["concurrency"] == at and row["frontends"] > 0
+    )

@@ -17,11 +17,13 @@ calls `RequestPath.infer`, and encodes the `Result` as its response. Here, in or
 4. `server.validation.accept` checks it against the model, limits before any work;
 5. the images are prepared concurrently on the preprocessing pool (encoded files decoded,
    pixels resized), each error naming the image's index, and the time is observed in the
-   preprocess histogram; float32 tensors of the model's size need nothing, and a request
-   of only those reaches the batcher in the loop step that admitted it; a request that
-   sent the graph's own batch skips this step (a batch still `Unread` is read on the
-   preprocessing pool, off the event loop); the first image that fails cancels the
-   others, so their decodes still waiting for a worker never start;
+   preprocess histogram; a request with images to prepare first asks the model's queue
+   for room, so a call that could not be queued costs no decode; float32 tensors of the
+   model's size need nothing, and a request of only those reaches the batcher in the
+   loop step that admitted it; a request that sent the graph's own batch skips this step
+   (a batch still `Unread` is read on the preprocessing pool, off the event loop); the
+   first image that fails cancels the others, so their decodes still waiting for a
+   worker never start;
 6. with ``reject_non_finite``, a float tensor the caller sent (not one decoded here)
    holding NaN or Inf is refused; otherwise it is computed, as Triton does;
 7. the model version's batcher computes the logits.
