@@ -358,7 +358,7 @@ def _cpu_seconds(pid: int) -> float:
 def _feeder_main(argv: list[str]) -> int:
     """``python -m bench.engine_load feed C SECONDS OUT FD INDEX`` (the engine adds the last
     two, as for a front end)."""
-    _, concurrency, seconds, out, fd, _index = argv
+    _, concurrency, seconds, out, fd, _index, *_ = argv  # then the board's fd, unread
     asyncio.run(feed(int(fd), int(concurrency), float(seconds), Path(out)))
     return 0
 

@@ -9,7 +9,9 @@ It holds both ports bound (SO_REUSEPORT, never listening) so that a port 0 becom
 number for all front ends and a replaced front end finds its port free.
 
 Per front end (`Link`): a Unix socket pair (`server.ipc.Channel`, messages batched per
-wake-up) and the front end's shared-memory segment (`server.shm`). The messages:
+wake-up) and the front end's shared-memory segment (`server.shm`). Every front end also
+maps the engine's `server.shm.Board` read-only (its descriptor is the front end's third
+argument), where each batcher's queued images are in sight. The messages:
 
 front end → engine
     ``("hello", segment name, size)``: once; the engine maps the segment
@@ -26,6 +28,7 @@ front end → engine
     ``("collected", id, families)``: the answer to ``collect``
 engine → front end
     ``("settings", Settings)``, then ``("registry", snapshot, loaded)`` at each change
+    (each version's row ends with its cell on the board, or None)
     ``("regions", snapshot)``: the shared-memory regions, at start and at each change
     (before the ``answer`` to the ``shared_memory`` that made it)
     ``("done", key, dtype, shape)``: outputs written at the request's offset
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import mmap
@@ -89,21 +93,31 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
 
 
-def snapshot(registry: ModelRegistry) -> list[tuple[Any, ...]]:
-    """The registry as plain data for the front ends' mirror (`server.frontend`)."""
-    return [
-        (
-            model.name,
-            model.config,
-            [_version_row(mv) for mv in model.versions.values()],
-        )
+def snapshot(registry: ModelRegistry, board: shm.Board | None = None) -> list[tuple[Any, ...]]:
+    """The registry as plain data for the front ends' mirror (`server.frontend`); with
+    `board`, each batcher's cell there (assigned now, and the cells of batchers no longer
+    served released), so that front ends see its queue."""
+    rows = [
+        (model.name, model.config, [_version_row(mv, board) for mv in model.versions.values()])
         for model in registry.models()
     ]
+    if board is not None:
+        served = {mv.batcher for model in registry.models() for mv in model.versions.values()}
+        for batcher in board.release(served):
+            assert isinstance(batcher, Batcher)
+            batcher.on_queued = None  # its cell may be another's now
+    return rows
 
 
-def _version_row(mv: ModelVersion) -> tuple[Any, ...]:
+def _version_row(mv: ModelVersion, board: shm.Board | None) -> tuple[Any, ...]:
+    cell = None
+    if board is not None and isinstance(mv.batcher, Batcher):
+        cell = board.assign(mv.batcher)
+        if cell is not None and mv.batcher.on_queued is None:
+            mv.batcher.on_queued = functools.partial(board.cells.__setitem__, cell)
+            mv.batcher.on_queued(mv.batcher.queued)
     return (mv.version, mv.labels, mv.path, mv.state.value, mv.reason, mv.providers,
-            mv.weights, mv.random_weights)  # fmt: skip
+            mv.weights, mv.random_weights, cell)  # fmt: skip
 
 
 def frontend_environment() -> dict[str, str]:
@@ -146,9 +160,11 @@ class Link:
         self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
+            board = self.engine.board.fd
             self.process = subprocess.Popen(
-                [sys.executable, "-P", *self.program, str(theirs.fileno()), str(self.index)],
-                pass_fds=(theirs.fileno(),),
+                [sys.executable, "-P", *self.program, str(theirs.fileno()), str(self.index),
+                 str(board)],
+                pass_fds=(theirs.fileno(), board),
                 env=frontend_environment(),
             )
         self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
@@ -389,6 +405,7 @@ class Engine:
         self.shared_memory = core.shared_memory  # the server's one table of regions
         self.frontend_settings = settings
         self.links = [Link(self, i) for i in range(frontends)]
+        self.board = shm.Board()  # every batcher's queue, for the front ends to see
         self.ids = itertools.count()
         self.draining = False
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -413,7 +430,7 @@ class Engine:
         return self.core.health.is_loaded
 
     def snapshot(self) -> list[tuple[Any, ...]]:
-        return snapshot(self.registry)
+        return snapshot(self.registry, self.board)
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

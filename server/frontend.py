@@ -1,7 +1,7 @@
 """A front-end process: every protocol, admission, validation and preprocessing of
 `server.app`, with the models computed by the engine (`server.engine`).
 
-Started by the engine as ``python -m server.frontend <socket fd> <index>`` and named
+Started by the engine as ``python -m server.frontend <socket fd> <index> <board fd>`` and named
 ``rs-frontend-<index>``. It gets its settings and the engine's registry over the socket
 (`server.ipc`), creates its shared-memory segment (`server.shm`), and then serves the
 gRPC and HTTP ports, which every front end shares (SO_REUSEPORT), exactly as one process
@@ -10,7 +10,8 @@ would (`server.app.start`), except that:
 - its registry is a mirror of the engine's, replaced at each change the engine sends;
   a READY version's scheduler is `EngineScheduler`: the request's tensor is written
   once into a slot of the segment, its header goes to the engine, and the outputs come
-  back in the same slot;
+  back in the same slot; a call that would not fit in the engine's queue, as the engine's
+  board shows it (`server.shm.Board`), is refused before it is decoded or sent;
 - model control (v2 load and unload) is asked of the engine (`EngineManager`), and so are
   system shared-memory registrations: its table of regions is a mirror of the engine's
   (`server.shared_memory`), replaced at each change before the engine answers;
@@ -41,6 +42,7 @@ from prometheus_client.metrics_core import Metric
 
 from server import app, ipc, logs, shm, threads, tracing
 from server.config import Settings
+from server.core.batcher import check_queue
 from server.core.health import Health
 from server.core.registry import Model, ModelRegistry, ModelVersion, State
 from server.drain import Drain
@@ -70,6 +72,7 @@ class EngineLink:
         self.buffer: mmap.mmap | None = None
         self.slots: shm.Slots | None = None
         self.mirror: Mirror | None = None
+        self.board: shm.Board | None = None  # the engine's queues, read-only
         self.snapshot: tuple[list[tuple[Any, ...]], bool] | None = None
         self.loaded = asyncio.Event()
         self._keys = itertools.count()
@@ -218,15 +221,23 @@ class EngineScheduler:
 
     def __init__(self, link: EngineLink, mv: ModelVersion) -> None:
         self._link, self._mv = link, mv
+        self.cell: int | None = None  # its batcher's cell on the engine's board
 
     async def submit(
         self, inputs: np.ndarray, *, deadline: float | None = None, request_id: str = ""
     ) -> np.ndarray:
+        self.check_room(len(inputs))
         return await self._link.submit(self._mv, inputs, deadline, request_id)
 
     def check_room(self, count: int) -> None:
-        """Nothing: the engine's queue is out of sight here; the engine refuses a call past
-        it when the call reaches it."""
+        """QueueFull unless `count` more images fit in the engine's queue as its board shows
+        it (the engine, which also drops the cancelled and expired items first, decides
+        again when the call reaches it); nothing when its batcher has no cell."""
+        board = self._link.board
+        if board is not None and self.cell is not None:
+            mv = self._mv
+            check_queue(board.cells[self.cell], count, mv.config.batching.max_queue_size,
+                        mv.name, mv.version)  # fmt: skip
 
     async def close(self) -> None:
         """Nothing to close: the engine owns the batcher."""
@@ -282,13 +293,15 @@ class Mirror:
                 self._registry.add(model)
             model.config = config
             listed = set()
-            for version, labels, path, state, reason, providers, weights, random in versions:
+            for version, labels, path, state, reason, providers, weights, random, cell in versions:
                 listed.add(version)
                 mv = model.versions.get(version)
                 if mv is None:
                     mv = ModelVersion(name, version, config, labels, path)
                     mv.batcher = EngineScheduler(self._link, mv)
                     model.put(mv)
+                assert isinstance(mv.batcher, EngineScheduler)
+                mv.batcher.cell = cell
                 before = mv.state
                 mv.config, mv.labels, mv.path = config, labels, path
                 mv.state, mv.reason, mv.providers = State(state), reason, tuple(providers)
@@ -327,8 +340,9 @@ class Mirror:
         task.add_done_callback(self._publishing.discard)
 
 
-async def serve(sock: socket.socket, index: int) -> int:
+async def serve(sock: socket.socket, index: int, board: int) -> int:
     link = EngineLink()
+    link.board = shm.Board(board)
     link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed, FLUSH_HOLD)
     settings = await link.settings
     logs.configure(settings.log_format, settings.log_level)
@@ -371,11 +385,11 @@ async def serve(sock: socket.socket, index: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    fd, index = int(args[0]), int(args[1])
+    fd, index, board = int(args[0]), int(args[1]), int(args[2])
     threads.name_process(f"rs-frontend-{index}")
     sock = socket.socket(fileno=fd)
     try:
-        return asyncio.run(serve(sock, index))
+        return asyncio.run(serve(sock, index, board))
     finally:
         tracing.shutdown()  # the spans still buffered are exported
 

@@ -14,6 +14,13 @@ Inside a segment the front end allocates one slot per request (`Slots.take`): a 
 engine's answer (outputs, error or cancellation) has arrived (`Slots.give`), never
 before: until then the engine may still be reading it. No slot free is the front end's
 back-pressure: the call is refused at once with RESOURCE_EXHAUSTED.
+
+The engine's queues are in sight of every front end through one more piece of shared
+memory, the `Board`: an int64 cell per model version holding the images its batcher has
+queued, written by the engine as the queue changes and read by a front end before it
+decodes or sends a call (`server.frontend.EngineScheduler.check_room`). It is a memfd,
+which has no name at all: each front end gets its descriptor when it starts and maps it
+read-only, and the memory goes back to the system with the last process holding it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from server.errors import QueueFull
 SHM_DIR = Path("/dev/shm")
 PREFIX = "resnet-serve."
 CHUNK = 4096
+BOARD_CELLS = 512  # model versions whose queues the front ends see (beyond: the engine's)
 
 
 def segment_name(engine_pid: int) -> str:
@@ -136,3 +144,42 @@ class Slots:
             return
         self._starts.insert(i, start)
         self._lengths.insert(i, length)
+
+
+class Board:
+    """The queued images of each model version, one int64 cell per version, in a memfd.
+
+    ``Board()`` is the engine's: it creates the memory, `assign`s a cell to each batcher
+    it serves (its index goes to the front ends with the registry) and `release`s it when
+    the batcher is gone. ``Board(fd)`` is a front end's: the same memory, read-only; a
+    cell is read with ``board.cells[index]`` (an aligned 8-byte load: never torn)."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        owner = fd is None
+        if fd is None:
+            fd = os.memfd_create("resnet-serve-queues", os.MFD_CLOEXEC)
+            os.ftruncate(fd, BOARD_CELLS * 8)
+        self.fd = fd
+        access = mmap.ACCESS_WRITE if owner else mmap.ACCESS_READ
+        self._memory = mmap.mmap(fd, BOARD_CELLS * 8, access=access)
+        self.cells = memoryview(self._memory).cast("q")
+        self._free = list(range(BOARD_CELLS - 1, -1, -1))  # the lowest index first
+        self._held: dict[object, int] = {}
+
+    def assign(self, owner: object) -> int | None:
+        """`owner`'s cell (the same one on every call); None once every cell is held."""
+        index = self._held.get(owner)
+        if index is None and self._free:
+            index = self._held[owner] = self._free.pop()
+            self.cells[index] = 0
+        return index
+
+    def release(self, keep: set[object]) -> list[object]:
+        """The cells of owners not in `keep` back to the free list, zeroed (a front end that
+        still reads one sees room, and the engine decides); those owners."""
+        gone = [owner for owner in self._held if owner not in keep]
+        for owner in gone:
+            index = self._held.pop(owner)
+            self.cells[index] = 0
+            self._free.append(index)
+        return gone

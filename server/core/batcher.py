@@ -22,7 +22,8 @@ never waits, and nothing waits while another instance is idle; when traffic
 drops, one wait of at most that fraction is lost before the target follows
 it down.
 
-- The queue is bounded in images: `submit` raises `QueueFull` at once.
+- The queue is bounded in images: `submit` raises `QueueFull` at once (`check_queue`, the
+  rule, also asked by a front end of the engine's queue as `on_queued` shows it).
 - Items whose caller cancelled or whose deadline passed are dropped before
   compute (the latter fail with `DeadlineExceeded`).
 - A batch runs on a free instance (`server.core.instances`: its inference thread, the
@@ -62,6 +63,16 @@ from server.sessions import Runner
 log = logging.getLogger(__name__)
 
 
+def check_queue(queued: int, count: int, limit: int, model: str, version: str) -> None:
+    """QueueFull unless `count` more images fit beside the `queued` ones (at most
+    ``max_queue_size``, `limit`)."""
+    if queued + count > limit:
+        raise QueueFull(
+            f"model {model} version {version} has {queued} of {limit} images queued; "
+            f"retry later"
+        )
+
+
 class Batcher:
     def __init__(
         self,
@@ -98,6 +109,9 @@ class Batcher:
         self._pumping = False  # inside `_pump` (an instance freed there is just queued)
         self._timer: asyncio.TimerHandle | None = None  # the end of a wait for more
         self._refill_since: dict[Instance, float] = {}  # when its refill wait began
+        # called with the queued images at each change (the engine shows them to the front
+        # ends: `server.shm.Board`)
+        self.on_queued: Callable[[int], None] | None = None
 
     # lifecycle
 
@@ -166,6 +180,11 @@ class Batcher:
         self._kick()
         return items
 
+    @property
+    def queued(self) -> int:
+        """Images queued now."""
+        return self._queued
+
     def check_room(self, count: int) -> None:
         """QueueFull unless `count` more images fit in the queue now (cancelled and expired
         items dropped first): what `enqueue` asks, and what the request path asks before it
@@ -173,11 +192,7 @@ class Batcher:
         limit = self.batching.max_queue_size  # a request is never larger (server.validation)
         if self._queued + count > limit:
             self._drop_stale()
-        if self._queued + count > limit:
-            raise QueueFull(
-                f"model {self.model} version {self.version} has {self._queued} of {limit} "
-                f"images queued; retry later"
-            )
+        check_queue(self._queued, count, limit, self.model, self.version)
 
     # the scheduler's side
 
@@ -341,3 +356,5 @@ class Batcher:
     def _set_queued(self, images: int) -> None:
         self._queued = images
         self._metrics.queue_depth.set(images)
+        if self.on_queued is not None:
+            self.on_queued(images)

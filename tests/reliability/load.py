@@ -8,6 +8,7 @@ kept for the report (never asserted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
@@ -106,7 +107,13 @@ async def open_loop(call: Call, rate: float, seconds: float, max_in_flight: int)
 
 
 def rss(server: serving.Server) -> int:
-    return psutil.Process(server.process.pid).memory_info().rss
+    """Resident memory of the server: its process and, with ``--frontends``, its front ends."""
+    process = psutil.Process(server.process.pid)
+    total = 0
+    for each in [process, *process.children()]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += each.memory_info().rss
+    return total
 
 
 def gauges(server: serving.Endpoints, model: str, version: str = "1") -> tuple[float, float]:

@@ -6,7 +6,8 @@ backlog of `DECODE_BACKLOG` images, so the server's capacity is low and easy
 to exceed from one client process.
 
 - Burst, once with float32 tensors (the model's queue is the limit) and once
-  with JPEGs (the decode backlog is the first limit): capacity is measured
+  with JPEGs (the decode backlog is the first limit), against one process and
+  against one front end and the engine (`--frontends 1`): capacity is measured
   first (closed loop), then calls are started at `BURST_FACTOR` times that
   rate for `BURST_SECONDS` (the issue's full 30 s runs are the
   ``soak``-marked variants). Every call ends OK or RESOURCE_EXHAUSTED; the
@@ -36,7 +37,7 @@ from grpc_health.v1 import health_pb2
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from bench import serving
-from tests.fixtures.messages import CHELSEA
+from tests.fixtures.messages import CHELSEA, sample
 from tests.reliability.load import (
     closed_loop,
     computed,
@@ -67,8 +68,9 @@ PAYLOADS = {"tensor": REQUEST, "jpeg": classify(MODEL, CHELSEA)}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-@pytest.fixture(scope="module")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
+def _serve(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, flags: list[str]
+) -> Iterator[serving.Server]:
     repo = tmp_path_factory.mktemp("overload-repo")
     derive(repo, model_repo / "resnet18", MODEL, max_batch_size=MAX_BATCH,
            max_queue_size=MAX_QUEUE)  # fmt: skip
@@ -79,10 +81,27 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # cap, a stream the client counts as closed but the server not yet can be refused
         # (RST_STREAM REFUSED_STREAM, seen as UNAVAILABLE under heavy load); this test is of
         # the queue bound, so the cap sits above the burst.
-        "--max-streams-per-connection", "8192",
+        "--max-streams-per-connection", "8192", *flags,
     ])  # fmt: skip
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
+    yield from _serve(model_repo, tmp_path_factory, [])
+
+
+@pytest.fixture(scope="module")
+def split(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
+    """The same server as one front end and the engine."""
+    yield from _serve(model_repo, tmp_path_factory, ["--frontends", "1"])
+
+
+def _prepared(server: serving.Server) -> float:
+    """Calls whose images were prepared (decoded, or float32 tensors read) so far."""
+    text = server.metrics()
+    return sample(text, "resnet_serve_preprocess_duration_seconds_count", model=MODEL, version="1")
 
 
 async def _sample(server: serving.Server, into: list[tuple[int, float, float]]) -> None:
@@ -93,25 +112,28 @@ async def _sample(server: serving.Server, into: list[tuple[int, float, float]]) 
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("layout", ["server", "split"], ids=["one-process", "frontends"])
 @pytest.mark.parametrize(
     "seconds",
     [BURST_SECONDS, pytest.param(FULL_BURST_SECONDS, marks=pytest.mark.soak)],
     ids=["burst", "full-burst"],
 )
 async def test_burst_of_ten_times_capacity(
-    server: serving.Server, seconds: float, payload: str
+    layout: str, seconds: float, payload: str, request: pytest.FixtureRequest
 ) -> None:
-    request = PAYLOADS[payload]
+    server: serving.Server = request.getfixturevalue(layout)
+    message = PAYLOADS[payload]
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
 
         def call() -> grpc.aio.UnaryUnaryCall:
-            return stub.Classify(request, timeout=120)
+            return stub.Classify(message, timeout=120)
 
         measured = await closed_loop(call, concurrency=MAX_BATCH, seconds=3.0)
         assert set(measured.codes) == {"OK"}, measured.report()
         capacity = measured.rate()
         baseline, before = rss(server), computed(server, MODEL)
+        prepared = _prepared(server)
 
         samples: list[tuple[int, float, float]] = []
         sampler = asyncio.ensure_future(_sample(server, samples))
@@ -120,15 +142,17 @@ async def test_burst_of_ten_times_capacity(
         finally:
             sampler.cancel()
         await until_idle(server, MODEL)
+        prepared = _prepared(server) - prepared
         after = await closed_loop(call, concurrency=2, seconds=2.0)
 
     planned = BURST_FACTOR * capacity * seconds
     peak_rss = max(r for r, _, _ in samples)
     print(
-        f"\ncapacity {capacity:.1f} calls/s; burst {burst.report()}; "
+        f"\n{layout}, {payload}: capacity {capacity:.1f} calls/s; burst {burst.report()}; "
         f"RSS {baseline / MIB:.0f} MiB, peak +{(peak_rss - baseline) / MIB:.1f} MiB; "
         f"peak queue {max(depth for _, depth, _ in samples):.0f} images, "
-        f"{max(calls for _, _, calls in samples):.0f} calls; after: {after.report()}"
+        f"{max(calls for _, _, calls in samples):.0f} calls; {prepared:.0f} calls prepared "
+        f"(decoded or read); after: {after.report()}"
     )
     assert set(burst.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, burst.report()
     assert sum(burst.codes.values()) >= 0.9 * planned, "the client fell short of the burst"

@@ -57,7 +57,7 @@ from tritonclient.grpc import service_pb2_grpc as v2_grpc
 from bench import serving
 from server import shm
 from server.config import Settings
-from tests.fixtures.messages import float_tensor, random_chw
+from tests.fixtures.messages import encoded, float_tensor, random_chw
 from tests.fixtures.messages import sample as scraped
 from tests.reliability.repos import derive
 from tests.security.certs import PKI, make_pki
@@ -524,7 +524,11 @@ def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
         # calls below, on a quick host too
         busy = [stub.Classify.future(big, timeout=300) for _ in range(BUSY)]
         queued = time.monotonic() + 120
-        while scraped(server.metrics(), "resnet_serve_queue_depth", **runs[1]) < 32:
+        # every busy image queued or taken by a batch: the front end has passed all of them
+        # to the engine, so the calls below reach it at once (a deadline of 0.3 s that
+        # passed while it still read the busy calls would never reach the handler)
+        while (scraped(text := server.metrics(), "resnet_serve_queue_depth", **runs[1])
+               + scraped(text, runs[0], **runs[1]) - before) < BUSY * 64:  # fmt: skip
             assert time.monotonic() < queued and not any(b.done() for b in busy), server.log()
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as expired:
@@ -544,6 +548,48 @@ def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
     for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
         assert scraped(after, "resnet_serve_requests_total", model="resnet18", version="1",
                       code=code) == 1, (code, after)  # fmt: skip
+
+
+HELD = 3.0  # seconds a lone batch waits for a fuller one in the test below
+
+
+def test_a_frontend_refuses_a_call_past_the_engines_queue_before_decoding_it(
+    model_repo: Path, tmp_path: Path, started: Callable[..., serving.Server]
+) -> None:
+    """While the engine's queue is full (a call of `max_queue_size` images held for a fuller
+    batch), a call of a JPEG gets RESOURCE_EXHAUSTED from its front end with the engine's
+    own message, and nothing of it is decoded; once the queue has room the same call is
+    answered."""
+    repo = tmp_path / "repo"
+    derive(repo, model_repo / "cifar", name="held", max_batch_size=64, max_queue_size=16,
+           max_queue_delay_us=int(HELD * 1e6))  # fmt: skip
+    server = started(repo, ["--frontends", "1", "--device", "cpu"])
+    labels = {"model": "held", "version": "1"}
+    decodes = "resnet_serve_preprocess_duration_seconds_count"
+    full = pb.ClassifyRequest(model="held", images=[float_tensor(random_chw(i, 32))
+                                                    for i in range(16)])  # fmt: skip
+    jpeg = encoded((PHOTOS / "chelsea.jpg").read_bytes())
+    photo = pb.ClassifyRequest(model="held", images=[jpeg])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        held = stub.Classify.future(full, timeout=60)
+        queued = time.monotonic() + 30
+        while scraped(server.metrics(), "resnet_serve_queue_depth", **labels) < 16:
+            assert time.monotonic() < queued and not held.done(), server.log()
+            time.sleep(0.02)
+        before = scraped(server.metrics(), decodes, **labels)
+        started_at = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(photo, timeout=60)
+        assert time.monotonic() - started_at < HELD, "refused only once the queue had room"
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == (
+            "model held version 1 has 16 of 16 images queued; retry later"
+        )
+        assert scraped(server.metrics(), decodes, **labels) == before, "a refused JPEG decoded"
+        assert len(held.result().results) == 16
+        assert len(stub.Classify(photo, timeout=60).results) == 1
+    assert scraped(server.metrics(), decodes, **labels) == before + 1
 
 
 def test_process_names(split: serving.Server) -> None:

@@ -8,6 +8,9 @@
 - `create`, `attach`, `unlink`, `remove_stale`: on a temporary directory (0600, never
   over an existing name, no symbolic links followed, names and sizes checked) and on
   /dev/shm itself (a mapping outlives its name).
+- `Board`: a cell per owner, the same on every call, released and zeroed when its owner
+  is gone, none past `BOARD_CELLS`; another process given its descriptor reads what the
+  engine writes, cannot write, and finds no name for it anywhere.
 """
 
 from __future__ import annotations
@@ -209,3 +212,50 @@ def test_dev_shm_mapping_outlives_its_name() -> None:
     finally:
         mine.close()
         shm.unlink(name)
+
+
+def test_board_cells_are_assigned_once_released_zeroed_and_bounded() -> None:
+    board = shm.Board()
+    first, second = object(), object()
+    a, b = board.assign(first), board.assign(second)
+    assert (a, b) == (0, 1) and board.assign(first) == a
+    board.cells[a], board.cells[b] = 7, 9
+    assert board.release({second}) == [first]
+    assert board.cells[a] == 0 and board.cells[b] == 9
+    owners = [object() for _ in range(shm.BOARD_CELLS)]
+    cells = [board.assign(owner) for owner in owners]
+    assert None in cells and cells[0] == a  # the freed cell is reused first
+    assert sorted(c for c in cells if c is not None) == [
+        c for c in range(shm.BOARD_CELLS) if c != b
+    ]
+
+
+READER = """
+import sys, time
+from server import shm
+board = shm.Board(int(sys.argv[1]))
+try:
+    board.cells[0] = 1
+except TypeError:
+    print("read-only", flush=True)
+deadline = time.monotonic() + 30
+while board.cells[3] != 41 and time.monotonic() < deadline:
+    time.sleep(0.001)
+print(board.cells[3], flush=True)
+"""
+
+
+def test_board_is_read_by_another_process_through_its_descriptor_alone() -> None:
+    board = shm.Board()
+    assert os.readlink(f"/proc/self/fd/{board.fd}").startswith("/memfd:")  # no file anywhere
+    assert not list(shm.SHM_DIR.glob("*resnet-serve-queues*"))
+    board.cells[3] = 40
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(board.fd)], pass_fds=(board.fd,),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert reader.stdout is not None
+    assert reader.stdout.readline().strip() == "read-only"
+    board.cells[3] = 41
+    assert reader.stdout.readline().strip() == "41"
+    assert reader.wait(timeout=30) == 0
