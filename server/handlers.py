@@ -43,9 +43,15 @@ def wrap_registrations(server: grpc.aio.Server, wrap: Wrap) -> None:
     This does what a server interceptor would, without one: gRPC runs an interceptor chain
     (coroutines, a fresh handler object) on every call, a wrapped handler costs the one
     function it is.
+
+    Methods that generated code registers one by one (``add_registered_method_handlers``)
+    are served as one generic handler per service instead: grpc.aio keeps a pending
+    request-call future per registered method and, for every call it accepts, waits on
+    all of them at once (``asyncio.wait``: a done-callback added to and removed from each),
+    so each registered method costs every call; a generic handler is one future, and
+    finding the method is one dictionary lookup.
     """
     add_generic = server.add_generic_rpc_handlers
-    add_registered = server.add_registered_method_handlers
 
     def add_generic_rpc_handlers(generic: Sequence[grpc.GenericRpcHandler]) -> None:
         add_generic(tuple(_Wrapped(handler, wrap) for handler in generic))
@@ -53,9 +59,8 @@ def wrap_registrations(server: grpc.aio.Server, wrap: Wrap) -> None:
     def add_registered_method_handlers(
         service: str, method_handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        add_registered(
-            service, {m: wrap(h, f"/{service}/{m}") for m, h in method_handlers.items()}
-        )
+        wrapped = {m: wrap(h, f"/{service}/{m}") for m, h in method_handlers.items()}
+        add_generic((grpc.method_handlers_generic_handler(service, wrapped),))
 
     # instance attributes: `server` stays the grpc.aio.Server that services expect
     server.add_generic_rpc_handlers = add_generic_rpc_handlers  # type: ignore[method-assign]

@@ -1,4 +1,5 @@
-"""The handler wrapper on an in-process grpc.aio server: domain errors, unknown errors, draining."""
+"""The handler wrapper on an in-process grpc.aio server: domain errors, unknown errors, draining;
+with the handlers added both ways generated code adds them (generic, registered)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ class Harness:
         self.calls = Calls()
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
+@pytest.fixture(params=["generic", "registered"])
+async def served(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
     harness = Harness()
     server = grpc.aio.server()
     wrap_registrations(server, Guard(Admission(harness.draining, harness.calls)).wrap)
@@ -54,7 +57,10 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, Harness]]:
         "Unary": grpc.unary_unary_rpc_method_handler(_unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream, _identity, _identity),
     }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    if request.param == "generic":
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    else:
+        server.add_registered_method_handlers(SERVICE, handlers)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
