@@ -1,10 +1,12 @@
 """The floor: the same stack with nothing of ours on it.
 
 A bare ``grpc.aio`` server with the v2 protocol's generated servicer, as the server has,
-and no model, batcher, interceptor, metrics or request path: ``ModelInfer`` answers a
-response built once at start. What a client measures against it is what grpc.aio,
-protobuf and one Python process cost per request on this machine; the server's figures
-beside it show how much on top of that is ours (``python -m bench frontend``).
+added as the server adds it (one generic handler per service:
+`server.handlers.wrap_registrations`, here wrapping nothing), and no model, batcher,
+interceptor, metrics or request path: ``ModelInfer`` answers a response built once at
+start. What a client measures against it is what grpc.aio, protobuf and one Python
+process cost per request on this machine; the server's figures beside it show how much
+on top of that is ours (``python -m bench frontend``).
 
 It answers what perf_analyzer and the SDK's load generator ask of a v2 server, for every
 model of ``--repo`` (its config.json): ServerLive, ServerReady, ModelReady,
@@ -56,6 +58,7 @@ from resnet_serve_client.proto.inference import model_config_pb2 as mc
 from server import ipc, shm, threads
 from server.config import Settings
 from server.frontend import FLUSH_HOLD
+from server.handlers import wrap_registrations
 from server.repository import ModelConfig
 
 COMMAND = [sys.executable, "-m", "bench.floor"]
@@ -269,6 +272,7 @@ async def _serve(
     configs: dict[str, ModelConfig], address: str, reuse_port: bool, link: EchoLink | None
 ) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+    wrap_registrations(server, lambda handler, _method: handler)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(configs, link), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
