@@ -95,18 +95,17 @@ STABLE_AFTER = 10.0
 
 def snapshot(registry: ModelRegistry, board: shm.Board | None = None) -> list[tuple[Any, ...]]:
     """The registry as plain data for the front ends' mirror (`server.frontend`); with
-    `board`, each batcher's cell there (assigned now, and the cells of batchers no longer
-    served released), so that front ends see its queue."""
-    rows = [
-        (model.name, model.config, [_version_row(mv, board) for mv in model.versions.values()])
-        for model in registry.models()
-    ]
+    `board`, each batcher's cell there (the cells of batchers no longer served released
+    first, then one assigned to each new batcher), so that front ends see its queue."""
     if board is not None:
         served = {mv.batcher for model in registry.models() for mv in model.versions.values()}
         for batcher in board.release(served):
             assert isinstance(batcher, Batcher)
             batcher.on_queued = None  # its cell may be another's now
-    return rows
+    return [
+        (model.name, model.config, [_version_row(mv, board) for mv in model.versions.values()])
+        for model in registry.models()
+    ]
 
 
 def _version_row(mv: ModelVersion, board: shm.Board | None) -> tuple[Any, ...]:
