@@ -356,9 +356,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _feeder_main(argv: list[str]) -> int:
-    """``python -m bench.engine_load feed C SECONDS OUT FD INDEX`` (the engine adds the last
-    two, as for a front end)."""
-    _, concurrency, seconds, out, fd, _index, *_ = argv  # then the board's fd, unread
+    """``python -m bench.engine_load feed C SECONDS OUT FD INDEX BOARD`` (the engine adds the
+    last three, as for a front end; the board is not read)."""
+    _, concurrency, seconds, out, fd, _index, _board = argv
     asyncio.run(feed(int(fd), int(concurrency), float(seconds), Path(out)))
     return 0
 
