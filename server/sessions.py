@@ -18,18 +18,21 @@ or file it misses) so that it is logged in one line. The session factory, the
 driver probe and that diagnosis are parameters, so the choice is unit-tested on CPU.
 The providers' names and the options sessions are opened with are `server.providers`'.
 
-`Runner` runs batches on one session. On CUDA it pads each batch to the model's
-bucket sizes when config.json asks for them (CUDA graphs need fixed shapes), and
-checks after every run that the session still runs on the provider it was opened
-on (`ProviderLost` otherwise).
+`Runner` runs batches on one session. It takes a batch as the requests' tensors and copies
+each image once, into what the session reads (on CUDA with pinned memory, the page-locked
+buffer ONNX Runtime copies to the GPU from), padding it there to the model's bucket sizes
+when config.json asks for them (CUDA graphs need fixed shapes). It checks after every run
+that the session still runs on the provider it was opened on (`ProviderLost` otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import io
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,14 +217,31 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a batch of {size} is above the largest bucket {buckets[-1]}")
 
 
+def _join(parts: Sequence[np.ndarray], size: int, out: np.ndarray) -> None:
+    """`parts` copied into the first `size` rows of `out`, cast to its type; the rows after
+    them (a bucket's padding) zeroed."""
+    if len(parts) == 1:
+        out[:size] = parts[0]
+    else:
+        np.concatenate(parts, out=out[:size], casting="same_kind")
+    if size < len(out):
+        out[size:] = 0
+
+
 class Runner:
     """Runs batches on one session; on the GPU through I/O binding when configured.
 
-    ``feed_dtype`` (see `graph_feed_dtype`): cast each batch to it before running; the
-    logits always come back as float32. ``buckets`` (GPU only): pad each batch to the
-    smallest of these sizes and cut the logits back. ``pinned``: stage inputs in
-    page-locked host memory before they are copied to the GPU. ``graphs``: replay one
-    CUDA graph per bucket (inputs and outputs bound to fixed device buffers).
+    A batch comes as its parts (`join`: the requests' tensors, each ``[n, *dims]``, in
+    order), and each image is copied once, into the array the session reads: the parts are
+    joined, padded to the bucket and cast to the graph's input type in that one copy, or
+    not copied at all when a single part is already the batch; `run_joined` runs it.
+    ``feed_dtype`` (see `graph_feed_dtype`): the type the graph takes; the logits always
+    come back as float32.
+    ``buckets`` (GPU only): pad each batch with zero rows to the smallest of these sizes and
+    cut the logits back. ``pinned``: the batch is joined straight into page-locked host
+    memory (`host_device`; one buffer per batch shape, reused), which ONNX Runtime copies to
+    the GPU. ``graphs``: replay one CUDA graph per bucket (inputs and outputs bound to fixed
+    device buffers, filled from that host buffer).
     """
 
     def __init__(
@@ -237,6 +257,7 @@ class Runner:
         pinned: bool = False,
         graphs: bool = False,
         instance: int = 0,
+        host_device: str = "cuda_pinned",
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
@@ -250,19 +271,37 @@ class Runner:
         self.buckets = tuple(buckets) if on_gpu else ()
         self._pinned = pinned and self._bind
         self._graphs = graphs and on_gpu and bool(self.buckets)
-        self._staging: dict[tuple[int, ...], Any] = {}  # shape → pinned or device OrtValue
+        self._host_device = host_device  # where pinned batches live (tests: "cpu")
+        # batch shape → (its OrtValue, a numpy view of its memory): the pinned host buffers
+        self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
+        self._devices: dict[tuple[int, ...], Any] = {}  # batch shape → CUDA graphs' input
         self._graph_bindings: dict[int, tuple[Any, Any, Any]] = {}  # bucket → binding, out, opts
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Blocking: call from an executor thread, never on the event loop."""
-        size = len(batch)
-        if self.buckets:
-            bucket = bucket_for(size, self.buckets)
-            if bucket != size:
-                pad = np.zeros((bucket - size, *batch.shape[1:]), batch.dtype)
-                batch = np.concatenate([batch, pad])
-        if self._feed_dtype is not None:
-            batch = batch.astype(self._feed_dtype)
+        """The logits of `batch`, one row per image (blocking: call from an inference thread,
+        never on a busy event loop)."""
+        return self.run_joined(*self.join([batch]))
+
+    def join(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+        """The batch made of `parts` as the session reads it, and how many of its rows are
+        images (the rest pad it to a bucket): the one part itself when it already is that
+        batch, else one array (pinned: the shape's page-locked buffer) the parts are copied
+        into."""
+        size = sum(len(part) for part in parts)
+        rows = bucket_for(size, self.buckets) if self.buckets else size
+        shape = (rows, *parts[0].shape[1:])
+        dtype = self._feed_dtype if self._feed_dtype is not None else parts[0].dtype
+        if self._pinned:
+            batch = self._host(shape, dtype)[1]
+        elif len(parts) == 1 and parts[0].shape == shape and parts[0].dtype == dtype:
+            return parts[0], size  # read where it is
+        else:
+            batch = np.empty(shape, dtype)
+        _join(parts, size, batch)
+        return batch, size
+
+    def run_joined(self, batch: np.ndarray, size: int) -> np.ndarray:
+        """The logits of the first `size` rows of a batch from `join` (blocking)."""
         logits = self._run(batch)
         if self.provider != CPU and self.session.get_providers()[0] != self.provider:
             raise ProviderLost(
@@ -279,23 +318,38 @@ class Runner:
         if not self._bind:
             return self.session.run([self._output], {self._input: batch})[0]
         binding = self.session.io_binding()
-        if self._pinned:
-            binding.bind_ortvalue_input(self._input, self._staged(batch, "cuda_pinned"))
+        host = self._hosts.get(batch.shape)
+        if host is not None and host[1] is batch:  # joined into its pinned buffer
+            binding.bind_ortvalue_input(self._input, host[0])
         else:
             binding.bind_cpu_input(self._input, batch)
         binding.bind_output(self._output, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def _staged(self, batch: np.ndarray, device: str) -> Any:
-        """A buffer of `batch`'s shape on `device`, reused across runs, holding `batch`."""
-        value = self._staging.get(batch.shape)
+    def _host(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray]:
+        """The page-locked buffer of `shape` (made once, zeroed) and a numpy view of it."""
+        found = self._hosts.get(shape)
+        if found is None:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, dtype, self._host_device, self._device_id
+            )
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            memory = (ctypes.c_char * nbytes).from_address(value.data_ptr())
+            view = np.frombuffer(memory, dtype).reshape(shape)
+            view[...] = 0
+            found = self._hosts[shape] = (value, view)
+        return found
+
+    def _device(self, batch: np.ndarray) -> Any:
+        """The CUDA graphs' device buffer of `batch`'s shape (made once), holding `batch`."""
+        value = self._devices.get(batch.shape)
         if value is None:
             value = ort.OrtValue.ortvalue_from_shape_and_type(
-                batch.shape, batch.dtype, device, self._device_id
+                batch.shape, batch.dtype, "cuda", self._device_id
             )
-            self._staging[batch.shape] = value
-        value.update_inplace(np.ascontiguousarray(batch))
+            self._devices[batch.shape] = value
+        value.update_inplace(batch)
         return value
 
     def _run_graph(self, batch: np.ndarray) -> np.ndarray:
@@ -308,14 +362,14 @@ class Runner:
                 (bucket, *classes), np.float32, "cuda", self._device_id
             )
             binding = self.session.io_binding()
-            binding.bind_ortvalue_input(self._input, self._staged(batch, "cuda"))
+            binding.bind_ortvalue_input(self._input, self._device(batch))
             binding.bind_ortvalue_output(self._output, output)
             run_options = ort.RunOptions()
             run_options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(bucket) + 1))
             found = (binding, output, run_options)
             self._graph_bindings[bucket] = found
         else:
-            self._staged(batch, "cuda")  # the same device buffer, new contents
+            self._device(batch)  # the same device buffer, new contents
         binding, output, run_options = found
         self.session.run_with_iobinding(binding, run_options)
         return output.numpy()

@@ -194,14 +194,14 @@ class Instance:
             del job, parts, loop, done, outputs, error  # (nothing of a batch kept while idle)
 
     def _run(self, parts: list[np.ndarray]) -> np.ndarray:
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        batch, size = self.runner.join(parts)  # into the array the session reads
         started = time.perf_counter()
         try:
-            return self.runner.run(batch)
+            return self.runner.run_joined(batch, size)
         finally:
             seconds = min(time.perf_counter() - started, RECENT_CAP * INLINE_RUN_SECONDS)
-            mean = self.recent.get(len(batch))
-            self.recent[len(batch)] = (
+            mean = self.recent.get(size)
+            self.recent[size] = (
                 seconds if mean is None else mean + RECENT_WEIGHT * (seconds - mean)
             )
 

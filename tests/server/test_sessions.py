@@ -31,6 +31,7 @@ from server.sessions import (
     ProviderLost,
     Runner,
     bucket_for,
+    graph_feed_dtype,
     open_session,
 )
 
@@ -297,15 +298,16 @@ def test_threads_default_to_cores_per_instance() -> None:
     assert Settings(intra_op_threads=1).threads_per_session(1, 3) == 1
 
 
-def _tiny_onnx(path: Path) -> Path:
-    """A real graph: images [N,3,4,4] float32 → logits [N,3] (spatial mean)."""
-    from onnx import TensorProto, helper, save
+def _tiny_onnx(path: Path, elements: int = 1) -> Path:
+    """A real graph: images [N,3,4,4] float32 (`elements`: an ONNX TensorProto type) →
+    logits [N,3] of that type (spatial mean)."""
+    from onnx import helper, save
 
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["images"], ["logits"], axes=[2, 3], keepdims=0)],
         "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("images", elements, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", elements, ["N", 3])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     save(model, path)
@@ -357,3 +359,107 @@ def test_spinning_options(settings: Settings, spinning: str, duration: str | Non
             options.get_session_config_entry(key)
     else:
         assert options.get_session_config_entry(key) == duration
+
+
+class OnGpu:
+    """A real CPU session that says it runs on CUDA: a GPU runner's binding, staging and
+    padding run for real on this machine, with its pinned buffers in CPU memory."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.fed: list[Any] = []  # each run's input as bound: the array or the OrtValue
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def get_providers(self) -> list[str]:
+        return [CUDA, CPU]
+
+    def run(self, outputs: Any, feed: dict[str, Any]) -> list[np.ndarray]:
+        self.fed.extend(feed.values())
+        return self._session.run(outputs, feed)
+
+    def io_binding(self) -> Any:
+        binding, fed = self._session.io_binding(), self.fed
+
+        class Recorded:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(binding, name)
+
+            def bind_ortvalue_input(self, name: str, value: Any) -> None:
+                fed.append(value)
+                binding.bind_ortvalue_input(name, value)
+
+            def bind_cpu_input(self, name: str, value: np.ndarray) -> None:
+                fed.append(value)
+                binding.bind_cpu_input(name, value)
+
+        return Recorded()
+
+
+def _on_gpu(tmp_path: Path, elements: int = 1, **options: Any) -> tuple[Runner, OnGpu]:
+    model = _tiny_onnx(tmp_path / "m.onnx", elements)
+    session = OnGpu(open_session(model, Settings(device="cpu"), 1).session)
+    feed = graph_feed_dtype(session)  # type: ignore[arg-type]
+    runner = Runner(Opened(session, CUDA, "test"), "images", "logits", device_id=0,  # type: ignore[arg-type]
+                    feed_dtype=feed, host_device="cpu", **options)  # fmt: skip
+    return runner, session
+
+
+def _run_parts(runner: Runner, parts: list[np.ndarray]) -> np.ndarray:
+    return runner.run_joined(*runner.join(parts))
+
+
+def _parts(*sizes: int) -> list[np.ndarray]:
+    """Requests' tensors of `sizes` images, every value distinct."""
+    start, parts = 0, []
+    for size in sizes:
+        count = size * 3 * 16
+        parts.append(np.arange(start, start + count, dtype=np.float32).reshape(size, 3, 4, 4))
+        start += count
+    return parts
+
+
+def test_a_pinned_runner_joins_the_parts_into_one_reused_buffer_zero_padded(
+    tmp_path: Path,
+) -> None:
+    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, buckets=(4, 8))
+    for sizes in [(2, 2), (1, 1, 1), (3, 2)]:  # a full bucket, then one row short of it
+        parts = _parts(*sizes)
+        logits = _run_parts(runner, parts)
+        np.testing.assert_allclose(logits, np.concatenate(parts).mean(axis=(2, 3)), rtol=1e-6)
+    bound = session.fed
+    assert all(isinstance(value, ort.OrtValue) for value in bound)
+    # one page-locked buffer per bucket, bound on every run of its size
+    assert [value.shape() for value in bound] == [[4, 3, 4, 4], [4, 3, 4, 4], [8, 3, 4, 4]]
+    assert bound[0].data_ptr() == bound[1].data_ptr() != bound[2].data_ptr()
+    # the three images of the second run, then zeros where the first run's fourth was
+    staged = bound[1].numpy()
+    np.testing.assert_array_equal(staged[:3], np.concatenate(_parts(1, 1, 1)))
+    assert not staged[3].any() and not bound[2].numpy()[5:].any()
+
+
+def test_a_pinned_runner_casts_as_it_joins(tmp_path: Path) -> None:
+    """A float16 graph (``--fp16-io``) gets the float32 requests cast in the same copy."""
+    runner, session = _on_gpu(tmp_path, 10, io_binding=True, pinned=True)  # 10: FLOAT16
+    parts = _parts(1, 2)
+    logits = _run_parts(runner, parts)
+    assert logits.dtype == np.float32 and session.fed[0].data_type() == "tensor(float16)"
+    expected = np.concatenate(parts).astype(np.float16).mean(axis=(2, 3))
+    np.testing.assert_allclose(logits, expected, rtol=1e-3)
+
+
+def test_a_single_part_that_is_the_batch_is_read_where_it_is(tmp_path: Path) -> None:
+    """No copy where none is needed: the tensor in the front end's slot is what the session
+    reads; several parts, a bucket to pad to or a type to cast to make one array."""
+    (part,) = _parts(3)
+    runner, session = _on_gpu(tmp_path, io_binding=False)
+    _run_parts(runner, [part])
+    assert session.fed[-1] is part
+    _run_parts(runner, _parts(1, 2))
+    np.testing.assert_array_equal(session.fed[-1], np.concatenate(_parts(1, 2)))
+    runner, session = _on_gpu(tmp_path, io_binding=True, buckets=(4,))
+    _run_parts(runner, [part])
+    assert session.fed[-1].shape == (4, 3, 4, 4) and not np.shares_memory(session.fed[-1], part)
+    np.testing.assert_array_equal(session.fed[-1][:3], part)
+    assert not session.fed[-1][3].any()

@@ -26,6 +26,12 @@ class FakeRunner:
         self.gate = threading.Event()
         self.gate.set()
 
+    def join(self, parts: list[np.ndarray]) -> tuple[np.ndarray, int]:
+        return np.concatenate(parts), sum(len(part) for part in parts)
+
+    def run_joined(self, batch: np.ndarray, size: int) -> np.ndarray:
+        return self.run(batch)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.gate.wait(10)
         self.batches.append(len(batch))
