@@ -101,14 +101,14 @@ def test_a_session_run_that_never_returns_turns_its_model_not_serving(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     hang, release = threading.Event(), threading.Event()
-    run = Runner.run
+    run = Runner.run_joined
 
-    def hanging(self: Runner, inputs: Any) -> Any:
+    def hanging(self: Runner, batch: Any, size: int) -> Any:
         if hang.is_set() and threading.current_thread().name.startswith("infer-victim-"):
             release.wait(120)
-        return run(self, inputs)
+        return run(self, batch, size)
 
-    monkeypatch.setattr(Runner, "run", hanging)
+    monkeypatch.setattr(Runner, "run_joined", hanging)
     repo = two_models(model_repo, tmp_path / "repo")
     server = inprocess_factory(repo, "--session-run-timeout", str(RUN_TIMEOUT))
     hang.set()
