@@ -169,6 +169,8 @@ class RequestPath:
         self._metrics.version(served.name, served.version).preprocess_duration.observe(
             time.perf_counter() - started
         )
+        if len(inputs) == 1:  # one image: the batch is a view of it, not a copy
+            return inputs[0][np.newaxis]
         return np.stack(inputs)
 
     def _start(self, image: Accepted, served: ModelVersion) -> asyncio.Future[np.ndarray]:

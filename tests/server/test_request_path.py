@@ -87,6 +87,31 @@ async def test_float_tensors_reach_the_batcher_in_the_step_that_admitted_them(
         preprocessor.close()
 
 
+async def test_one_prepared_image_is_its_batch_without_a_copy(tmp_path: Path) -> None:
+    """A call of one image hands on the decoded image itself as a batch of one (the array a
+    front end copies into its slot, or the session reads in one process); several images
+    are stacked into one array."""
+    settings = Settings(repo=tmp_path)
+    preprocessor = Preprocessor(settings)
+    decoded: list[np.ndarray] = []
+
+    def decode() -> np.ndarray:
+        decoded.append(np.full((3, 2, 2), len(decoded), np.float32))
+        return decoded[-1]
+
+    preprocessor.encoded = lambda data, config: preprocessor.read(decode)  # type: ignore[method-assign]
+    path = RequestPath(settings, None, preprocessor, Metrics())  # type: ignore[arg-type]
+    served = SimpleNamespace(name="m", version="1", config=None, scheduler=lambda: ROOMY)
+    try:
+        one = await path._prepare([b"a"], served)  # type: ignore[arg-type]
+        assert one.shape == (1, 3, 2, 2) and np.shares_memory(one, decoded[0])
+        two = await path._prepare([b"b", b"c"], served)  # type: ignore[arg-type]
+        assert two.shape == (2, 3, 2, 2) and [float(i[0, 0, 0]) for i in two] == [1.0, 2.0]
+        assert not any(np.shares_memory(two, image) for image in decoded[1:])
+    finally:
+        preprocessor.close()
+
+
 async def test_a_full_decode_backlog_refuses_the_call_in_the_step_that_admitted_it(
     tmp_path: Path,
 ) -> None:
