@@ -142,9 +142,9 @@ class Settings(BaseSettings):
     )
     pinned_memory: bool = Field(
         True,
-        description="with io_binding: stage each batch in page-locked host memory, reused "
-        "per batch shape, for a faster copy to the GPU; off: ONNX Runtime copies from the "
-        "batch's own (pageable) memory (bind_cpu_input)",
+        description="with io_binding: join each batch straight into page-locked host memory "
+        "(one buffer per batch shape, reused), for a faster copy to the GPU; off: ONNX "
+        "Runtime copies from the batch's own (pageable) memory (bind_cpu_input)",
     )
     tensorrt_cache_dir: Path | None = Field(
         None,
