@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     pinned_memory: bool = Field(
         True,
         description="with io_binding: join each batch straight into page-locked host memory "
-        "(one buffer per batch shape, reused), for a faster copy to the GPU; off: ONNX "
+        "(one buffer per batch shape, reused), for a faster copy to the GPU; where "
+        "onnxruntime offers none, a log line says why and batches go as when off; off: ONNX "
         "Runtime copies from the batch's own (pageable) memory (bind_cpu_input)",
     )
     tensorrt_cache_dir: Path | None = Field(

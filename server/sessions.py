@@ -217,6 +217,25 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a batch of {size} is above the largest bucket {buckets[-1]}")
 
 
+# (batch shape, element type, GPU ordinal) → an OrtValue in page-locked host memory
+PinnedAllocator = Callable[[tuple[int, ...], np.dtype, int], Any]
+
+
+def page_locked(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
+    """An OrtValue of `shape` in page-locked host memory, which the GPU copies from by DMA:
+    the host-accessible memory of ONNX Runtime's CUDA execution-provider device
+    (``get_ep_devices``; its Python API names no pinned device type). RuntimeError where
+    this onnxruntime lists none."""
+    for ep_device in ort.get_ep_devices():
+        if ep_device.ep_name == CUDA:
+            memory = ep_device.memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
+            if memory is not None:
+                return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, memory_info=memory)
+    raise RuntimeError(
+        f"onnxruntime {ort.__version__} lists no {CUDA} device with host-accessible memory"
+    )
+
+
 def _join(parts: Sequence[np.ndarray], size: int, out: np.ndarray) -> None:
     """`parts` copied into the first `size` rows of `out`, cast to its type; the rows after
     them (a bucket's padding) zeroed."""
@@ -239,9 +258,11 @@ class Runner:
     come back as float32.
     ``buckets`` (GPU only): pad each batch with zero rows to the smallest of these sizes and
     cut the logits back. ``pinned``: the batch is joined straight into page-locked host
-    memory (`host_device`; one buffer per batch shape, reused), which ONNX Runtime copies to
-    the GPU. ``graphs``: replay one CUDA graph per bucket (inputs and outputs bound to fixed
-    device buffers, filled from that host buffer).
+    memory (from `allocate`, `page_locked` by default; one buffer per batch shape, reused),
+    which ONNX Runtime copies to the GPU. Where that memory cannot be had, or the first run
+    bound to it fails and succeeds again from ordinary memory, the runner says why once and
+    goes on as ``--no-pinned-memory`` does. ``graphs``: replay one CUDA graph per bucket
+    (inputs and outputs bound to fixed device buffers, filled from the joined batch).
     """
 
     def __init__(
@@ -257,7 +278,8 @@ class Runner:
         pinned: bool = False,
         graphs: bool = False,
         instance: int = 0,
-        host_device: str = "cuda_pinned",
+        allocate: PinnedAllocator = page_locked,
+        served: str = "",
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
@@ -271,7 +293,9 @@ class Runner:
         self.buckets = tuple(buckets) if on_gpu else ()
         self._pinned = pinned and self._bind
         self._graphs = graphs and on_gpu and bool(self.buckets)
-        self._host_device = host_device  # where pinned batches live (tests: "cpu")
+        self._allocate = allocate
+        self._served = served  # "model M version V", for its log line
+        self._pinned_ran = False  # a run bound to page-locked memory has succeeded
         # batch shape → (its OrtValue, a numpy view of its memory): the pinned host buffers
         self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
         self._devices: dict[tuple[int, ...], Any] = {}  # batch shape → CUDA graphs' input
@@ -291,8 +315,9 @@ class Runner:
         rows = bucket_for(size, self.buckets) if self.buckets else size
         shape = (rows, *parts[0].shape[1:])
         dtype = self._feed_dtype if self._feed_dtype is not None else parts[0].dtype
-        if self._pinned:
-            batch = self._host(shape, dtype)[1]
+        host = self._host(shape, dtype) if self._pinned else None
+        if host is not None:
+            batch = host[1]
         elif len(parts) == 1 and parts[0].shape == shape and parts[0].dtype == dtype:
             return parts[0], size  # read where it is
         else:
@@ -302,7 +327,16 @@ class Runner:
 
     def run_joined(self, batch: np.ndarray, size: int) -> np.ndarray:
         """The logits of the first `size` rows of a batch from `join` (blocking)."""
-        logits = self._run(batch)
+        try:
+            logits = self._run(batch)
+        except Exception as exc:
+            if not self._pinned or self._pinned_ran or self._graphs:
+                raise
+            logits = self._run(batch, pinned=False)  # what fails again is not the memory's
+            self._unpin(f"a run bound to it failed ({one_line(exc)}) and the same run from "
+                        "ordinary memory did not")  # fmt: skip
+        else:
+            self._pinned_ran = self._pinned_ran or self._pinned
         if self.provider != CPU and self.session.get_providers()[0] != self.provider:
             raise ProviderLost(
                 f"instance {self.instance} was opened on {self.provider} and now runs on "
@@ -312,13 +346,13 @@ class Runner:
             logits = logits.astype(np.float32)
         return logits[:size]
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, pinned: bool = True) -> np.ndarray:
         if self._graphs:
             return self._run_graph(batch)
         if not self._bind:
             return self.session.run([self._output], {self._input: batch})[0]
         binding = self.session.io_binding()
-        host = self._hosts.get(batch.shape)
+        host = self._hosts.get(batch.shape) if pinned and self._pinned else None
         if host is not None and host[1] is batch:  # joined into its pinned buffer
             binding.bind_ortvalue_input(self._input, host[0])
         else:
@@ -327,19 +361,30 @@ class Runner:
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def _host(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray]:
-        """The page-locked buffer of `shape` (made once, zeroed) and a numpy view of it."""
+    def _host(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray] | None:
+        """The page-locked buffer of `shape` (made once, zeroed) and a numpy view of it; None
+        once page-locked memory is given up."""
         found = self._hosts.get(shape)
         if found is None:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, dtype, self._host_device, self._device_id
-            )
+            try:
+                value = self._allocate(shape, np.dtype(dtype), self._device_id)
+            except Exception as exc:
+                self._unpin(f"it cannot be allocated: {one_line(exc)}")
+                return None
             nbytes = math.prod(shape) * np.dtype(dtype).itemsize
             memory = (ctypes.c_char * nbytes).from_address(value.data_ptr())
             view = np.frombuffer(memory, dtype).reshape(shape)
             view[...] = 0
             found = self._hosts[shape] = (value, view)
         return found
+
+    def _unpin(self, why: str) -> None:
+        """Go on without page-locked memory, as ``--no-pinned-memory`` does, saying why once."""
+        self._pinned = False
+        self._hosts.clear()
+        log.warning("%s instance %d: no page-locked memory for its batches, %s; ONNX Runtime "
+                    "copies them to the GPU from ordinary memory",
+                    self._served or "a model's", self.instance, why)  # fmt: skip
 
     def _device(self, batch: np.ndarray) -> Any:
         """The CUDA graphs' device buffer of `batch`'s shape (made once), holding `batch`."""

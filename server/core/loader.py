@@ -272,6 +272,7 @@ class Loader:
                 pinned=settings.pinned_memory,
                 graphs=mv.config.optimization.cuda.graphs,
                 instance=index,
+                served=f"model {mv.name} version {mv.version}",
             )
             for index, one in enumerate(opened)
         ]

@@ -33,6 +33,7 @@ from server.sessions import (
     bucket_for,
     graph_feed_dtype,
     open_session,
+    page_locked,
 )
 
 
@@ -397,12 +398,18 @@ class OnGpu:
         return Recorded()
 
 
+def in_cpu_memory(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
+    """What `page_locked` gives on a GPU node, in this machine's memory."""
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cpu", 0)
+
+
 def _on_gpu(tmp_path: Path, elements: int = 1, **options: Any) -> tuple[Runner, OnGpu]:
     model = _tiny_onnx(tmp_path / "m.onnx", elements)
     session = OnGpu(open_session(model, Settings(device="cpu"), 1).session)
     feed = graph_feed_dtype(session)  # type: ignore[arg-type]
+    options.setdefault("allocate", in_cpu_memory)
     runner = Runner(Opened(session, CUDA, "test"), "images", "logits", device_id=0,  # type: ignore[arg-type]
-                    feed_dtype=feed, host_device="cpu", **options)  # fmt: skip
+                    feed_dtype=feed, **options)  # fmt: skip
     return runner, session
 
 
@@ -463,3 +470,39 @@ def test_a_single_part_that_is_the_batch_is_read_where_it_is(tmp_path: Path) -> 
     assert session.fed[-1].shape == (4, 3, 4, 4) and not np.shares_memory(session.fed[-1], part)
     np.testing.assert_array_equal(session.fed[-1][:3], part)
     assert not session.fed[-1][3].any()
+
+
+def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real allocator on a machine whose onnxruntime has no CUDA device: every run still
+    computes, from ordinary memory, and the reason is logged once."""
+    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, allocate=page_locked)
+    for sizes in [(1, 2), (2,), (1, 1)]:
+        parts = _parts(*sizes)
+        logits = _run_parts(runner, parts)
+        np.testing.assert_allclose(logits, np.concatenate(parts).mean(axis=(2, 3)), rtol=1e-6)
+    assert all(isinstance(value, np.ndarray) for value in session.fed)  # bind_cpu_input
+    said = [r.getMessage() for r in caplog.records if "page-locked" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"lists no {CUDA} device with host-accessible memory" in said[0]
+
+
+def test_a_first_run_that_fails_on_page_locked_memory_runs_again_from_ordinary_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Memory that allocates but cannot be bound (here float64 for a float32 input): the
+    first run is answered from ordinary memory and the runner keeps to it, saying why."""
+
+    def wrong_type(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float64, "cpu", 0)
+
+    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, allocate=wrong_type)
+    for sizes in [(1, 2), (3,)]:
+        parts = _parts(*sizes)
+        logits = _run_parts(runner, parts)
+        np.testing.assert_allclose(logits, np.concatenate(parts).mean(axis=(2, 3)), rtol=1e-6)
+    kinds = [type(value).__name__ for value in session.fed]
+    assert kinds == ["OrtValue", "ndarray", "ndarray"], kinds  # the failed bind, then ordinary
+    said = [r.getMessage() for r in caplog.records if "page-locked" in r.getMessage()]
+    assert len(said) == 1 and "a run bound to it failed" in said[0], said
