@@ -353,8 +353,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def serving_lines(log: Path) -> list[str]:
-    """How each model came up: provider, instances, warm-up sizes and time."""
-    wanted = ("runs on", "READY in", "reopening", "UNAVAILABLE")
+    """How each model came up: provider, instances, warm-up sizes and time, and whether its
+    batches go to the GPU from page-locked memory (a line says so where they do not)."""
+    wanted = ("runs on", "READY in", "reopening", "UNAVAILABLE", "page-locked")
     return [line.strip() for line in log.read_text().splitlines() if any(w in line for w in wanted)]
 
 

@@ -20,6 +20,24 @@ def _gpu_check(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def test_the_record_keeps_how_each_model_came_up(tmp_path: Path) -> None:
+    """What the GPU run's record says of the warm-up, page-locked memory given up included
+    (the runner's own line, `server.sessions.Runner`)."""
+    from bench.gpu_check import serving_lines
+
+    lines = [
+        "INFO server.core.loader [-] model m version 1 runs on CUDAExecutionProvider (asked)",
+        "WARNING server.sessions [-] model m version 1 instance 0: no page-locked memory for "
+        "its batches, it cannot be allocated: none; ONNX Runtime copies them to the GPU from "
+        "ordinary memory",
+        "INFO server.app [-] listening on 127.0.0.1:1",
+        "INFO server.core.loader [-] model m version 1 READY in 2.0 s: 1 instance(s)",
+    ]
+    log = tmp_path / "server.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert serving_lines(log) == [lines[0], lines[1], lines[3]]
+
+
 def test_without_a_gpu_it_exits_2_and_says_why(tmp_path: Path) -> None:
     result = _gpu_check("--work", str(tmp_path), "--out", str(tmp_path), timeout=120)
     assert result.returncode == 2, result.stderr
