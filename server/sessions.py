@@ -394,7 +394,7 @@ class Runner:
                 batch.shape, batch.dtype, "cuda", self._device_id
             )
             self._devices[batch.shape] = value
-        value.update_inplace(batch)
+        value.update_inplace(np.ascontiguousarray(batch))
         return value
 
     def _run_graph(self, batch: np.ndarray) -> np.ndarray:
