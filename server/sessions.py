@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import io
 import logging
@@ -221,28 +222,35 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int:
 PinnedAllocator = Callable[[tuple[int, ...], np.dtype, int], Any]
 
 
+@functools.cache
+def _host_accessible() -> Any | None:
+    """The memory info of ONNX Runtime's CUDA execution-provider device for host-accessible
+    (page-locked) memory, looked up once; None where this onnxruntime lists none."""
+    for ep_device in ort.get_ep_devices():
+        if ep_device.ep_name == CUDA:
+            memory = ep_device.memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
+            if memory is not None:
+                return memory
+    return None
+
+
 def page_locked(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
     """An OrtValue of `shape` in page-locked host memory, which the GPU copies from by DMA:
     the host-accessible memory of ONNX Runtime's CUDA execution-provider device
     (``get_ep_devices``; its Python API names no pinned device type). RuntimeError where
     this onnxruntime lists none."""
-    for ep_device in ort.get_ep_devices():
-        if ep_device.ep_name == CUDA:
-            memory = ep_device.memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
-            if memory is not None:
-                return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, memory_info=memory)
-    raise RuntimeError(
-        f"onnxruntime {ort.__version__} lists no {CUDA} device with host-accessible memory"
-    )
+    memory = _host_accessible()
+    if memory is None:
+        raise RuntimeError(
+            f"onnxruntime {ort.__version__} lists no {CUDA} device with host-accessible memory"
+        )
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, memory_info=memory)
 
 
 def _join(parts: Sequence[np.ndarray], size: int, out: np.ndarray) -> None:
     """`parts` copied into the first `size` rows of `out`, cast to its type; the rows after
     them (a bucket's padding) zeroed."""
-    if len(parts) == 1:
-        out[:size] = parts[0]
-    else:
-        np.concatenate(parts, out=out[:size], casting="same_kind")
+    np.concatenate(parts, out=out[:size], casting="same_kind")
     if size < len(out):
         out[size:] = 0
 
@@ -295,7 +303,7 @@ class Runner:
         self._graphs = graphs and on_gpu and bool(self.buckets)
         self._allocate = allocate
         self._served = served  # "model M version V", for its log line
-        self._pinned_ran = False  # a run bound to page-locked memory has succeeded
+        self._pinned_ran = False  # a run has succeeded (pinned: bound to page-locked memory)
         # batch shape → (its OrtValue, a numpy view of its memory): the pinned host buffers
         self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
         self._devices: dict[tuple[int, ...], Any] = {}  # batch shape → CUDA graphs' input
@@ -336,7 +344,7 @@ class Runner:
             self._unpin(f"a run bound to it failed ({one_line(exc)}) and the same run from "
                         "ordinary memory did not")  # fmt: skip
         else:
-            self._pinned_ran = self._pinned_ran or self._pinned
+            self._pinned_ran = True  # (only a pinned run's failure is looked at above)
         if self.provider != CPU and self.session.get_providers()[0] != self.provider:
             raise ProviderLost(
                 f"instance {self.instance} was opened on {self.provider} and now runs on "
