@@ -34,6 +34,7 @@ import importlib.util
 import io
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,29 +222,34 @@ def bucket_for(size: int, buckets: Sequence[int]) -> int:
 # (batch shape, element type, GPU ordinal) → an OrtValue in page-locked host memory
 PinnedAllocator = Callable[[tuple[int, ...], np.dtype, int], Any]
 
+_registering = threading.Lock()
+
 
 @functools.cache
-def _host_accessible() -> Any | None:
-    """The memory info of ONNX Runtime's CUDA execution-provider device for host-accessible
-    (page-locked) memory, looked up once; None where this onnxruntime lists none."""
-    for ep_device in ort.get_ep_devices():
-        if ep_device.ep_name == CUDA:
-            memory = ep_device.memory_info(ort.OrtDeviceMemoryType.HOST_ACCESSIBLE)
-            if memory is not None:
-                return memory
-    return None
+def _page_locked_memory(device_id: int) -> Any:
+    """The memory info of page-locked host memory for CUDA device `device_id`, once ONNX
+    Runtime's environment has an allocator for it: the one a registered CUDA
+    execution-provider library shares, else the CUDA provider's own pinned allocator,
+    registered here (``create_and_register_allocator_v2``). RuntimeError, saying why, where
+    this onnxruntime has neither."""
+    memory = ort.OrtMemoryInfo.create_v2(
+        "CudaPinned", ort.OrtMemoryInfoDeviceType.GPU, int(ort.OrtDeviceVendorId.NVIDIA),
+        device_id, ort.OrtDeviceMemoryType.HOST_ACCESSIBLE, 0,
+        ort.OrtAllocatorType.ORT_DEVICE_ALLOCATOR,
+    )  # fmt: skip
+    try:
+        ort.OrtValue.ortvalue_from_shape_and_type((1,), np.uint8, memory_info=memory)
+    except RuntimeError:  # no allocator for it yet
+        ort.create_and_register_allocator_v2(CUDA, memory, {}, None)
+    return memory
 
 
 def page_locked(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
-    """An OrtValue of `shape` in page-locked host memory, which the GPU copies from by DMA:
-    the host-accessible memory of ONNX Runtime's CUDA execution-provider device
-    (``get_ep_devices``; its Python API names no pinned device type). RuntimeError where
-    this onnxruntime lists none."""
-    memory = _host_accessible()
-    if memory is None:
-        raise RuntimeError(
-            f"onnxruntime {ort.__version__} lists no {CUDA} device with host-accessible memory"
-        )
+    """An OrtValue of `shape` in page-locked host memory, which the GPU copies from by DMA
+    (ONNX Runtime's Python API names no pinned device type: the memory is asked for by its
+    memory info, `_page_locked_memory`). RuntimeError where this onnxruntime offers none."""
+    with _registering:  # one registration per device, whichever instance asks first
+        memory = _page_locked_memory(device_id)
     return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, memory_info=memory)
 
 

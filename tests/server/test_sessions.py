@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server import providers
+from server import providers, sessions
 from server.config import Settings
 from server.core.loader import GPU_MEMORY_SHARE, gpu_mem_limit
 from server.providers import (
@@ -475,8 +475,9 @@ def test_a_single_part_that_is_the_batch_is_read_where_it_is(tmp_path: Path) -> 
 def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_and_says_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The real allocator on a machine whose onnxruntime has no CUDA device: every run still
-    computes, from ordinary memory, and the reason is logged once."""
+    """The real allocator on a machine whose onnxruntime has no CUDA provider (it cannot
+    register the CUDA pinned allocator): every run still computes, from ordinary memory,
+    and the reason is logged once."""
     runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, allocate=page_locked)
     for sizes in [(1, 2), (2,), (1, 1)]:
         parts = _parts(*sizes)
@@ -485,7 +486,30 @@ def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_an
     assert all(isinstance(value, np.ndarray) for value in session.fed)  # bind_cpu_input
     said = [r.getMessage() for r in caplog.records if "page-locked" in r.getMessage()]
     assert len(said) == 1, said
-    assert f"lists no {CUDA} device with host-accessible memory" in said[0]
+    assert "it cannot be allocated" in said[0] and CUDA in said[0], said  # ONNX Runtime's why
+
+
+def test_page_locked_memory_is_asked_of_the_cuda_provider_once_per_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where ONNX Runtime's environment has no allocator for a device's page-locked memory
+    (onnxruntime-gpu registers none of its own), the CUDA provider's pinned allocator is
+    registered for it: host-accessible memory of that NVIDIA device, once per device."""
+    asked: list[tuple[str, int, Any, int]] = []
+
+    def register(provider: str, memory: Any, options: Any, arena: Any) -> None:
+        asked.append((provider, memory.device_id, memory.device_mem_type, memory.device_vendor_id))
+
+    monkeypatch.setattr(ort, "create_and_register_allocator_v2", register)
+    sessions._page_locked_memory.cache_clear()
+    try:
+        for device in (3, 3, 4):
+            with pytest.raises(RuntimeError):  # nothing was registered here after all
+                page_locked((2, 3), np.dtype(np.float32), device)
+    finally:
+        sessions._page_locked_memory.cache_clear()
+    host = ort.OrtDeviceMemoryType.HOST_ACCESSIBLE
+    assert asked == [(CUDA, 3, host, 0x10DE), (CUDA, 4, host, 0x10DE)]
 
 
 def test_a_first_run_that_fails_on_page_locked_memory_runs_again_from_ordinary_memory(
