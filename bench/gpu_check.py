@@ -4,14 +4,17 @@ One command, from a fresh clone on a bare GPU machine (``make gpu-check`` instal
 ``gpu`` extra first), in at most about 8 minutes, and about 4 more for step 6 (60 slices
 of 2 s, each with perf_analyzer's start-up):
 
-1. builds ARCH (resnet50) in fp32 and fp16, and trains the digits model in both;
+1. builds ARCH (resnet50) in fp32 and fp16, and once more in fp16 with float16 inputs and
+   outputs replayed as CUDA graphs over batch buckets (config.json's ``optimization``),
+   and trains the digits model in fp32 and fp16;
 2. serves them all with ``--device DEVICE`` (bench.serving, the bench's one harness);
 3. asserts every instance of every model runs on DEVICE's provider (the metric
    ``resnet_serve_execution_provider`` and GetModel's providers agree);
 4. compares the served logits (v2 ModelInfer) with CPU ONNX Runtime on the same inputs:
-   fp32 within the build's tolerance (verification.json), fp16's top-1 on the digits'
-   held-out images and the shared photos as the build judges precision: equal wherever
-   fp32's top-1 margin exceeds twice fp16's error bound (near-ties are counted, not failed);
+   fp32 within the build's tolerance (verification.json), fp16's top-1 (the graphs model's
+   too) on the digits' held-out images and the shared photos as the build judges
+   precision: equal wherever fp32's top-1 margin exceeds twice fp16's error bound
+   (near-ties are counted, not failed);
 5. measures raw ONNX Runtime on DEVICE (batch 1 and max_batch_size) and the server
    (Classify, uint8, the bench's load generator) at each concurrency;
 6. runs the front-end sweep of ``python -m bench frontend`` (`bench.frontends`) on DEVICE:
@@ -108,14 +111,24 @@ def _resnet_serve(*args: str) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
+# The graphs model's config.json: one CUDA graph per bucket (max_batch_size is always one)
+GRAPHS = {"graphs": True, "batch_buckets": [1, 8]}
+
+
 def build(repo: Path, work: Path, arch: str, epochs: int) -> dict[str, str]:
-    """Models built once into `repo`: role → model name."""
-    names = {"fp32": f"{arch}_fp32", "fp16": f"{arch}_fp16", "digits": "digits",
-             "digits_fp16": "digits_fp16"}  # fmt: skip
-    for precision in ("fp32", "fp16"):
-        if not (repo / names[precision]).is_dir():
-            _resnet_serve("build", arch, "--repo", str(repo), "--name", names[precision],
-                          "--precision", precision)  # fmt: skip
+    """Models built once into `repo`: role → model name. ``graphs``: fp16 with float16 inputs
+    and outputs (``--fp16-io``), replayed as CUDA graphs (`GRAPHS`): the GPU path's
+    buckets, graphs and casts, which no other model takes."""
+    names = {"fp32": f"{arch}_fp32", "fp16": f"{arch}_fp16", "graphs": f"{arch}_graphs",
+             "digits": "digits", "digits_fp16": "digits_fp16"}  # fmt: skip
+    for role, flags in (("fp32", ["fp32"]), ("fp16", ["fp16"]), ("graphs", ["fp16", "--fp16-io"])):
+        if not (repo / names[role]).is_dir():
+            _resnet_serve("build", arch, "--repo", str(repo), "--name", names[role],
+                          "--precision", *flags)  # fmt: skip
+    config_file = repo / names["graphs"] / "config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault("optimization", {}).setdefault("cuda", {}).update(GRAPHS)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
     if not (repo / "digits_fp16").is_dir():
         _resnet_serve("train", "--repo", str(repo), "--out", str(work / "digits"),
                       "--epochs", str(epochs), "--precision", "fp32", "fp16")  # fmt: skip
@@ -202,23 +215,27 @@ def logits_check(address: str, repo: Path, names: dict[str, str], photos: Path |
             "images": len(batch), "max_abs_error": abs_error, "max_rel_error": rel_error,
             "limits": [max_abs, max_rel], "passed": abs_error <= max_abs and rel_error <= max_rel,
         }  # fmt: skip
-    for fp32, fp16, source in (("fp32", "fp16", "photos"), ("digits", "digits_fp16", "digits")):
+    for fp32, fp16, source in (("fp32", "fp16", "photos"), ("fp32", "graphs", "photos"),
+                               ("digits", "digits_fp16", "digits")):  # fmt: skip
         config = ModelConfig.load(repo / names[fp32])
         if source == "digits":
             batch, _labels = digits_batch(config)
         else:
             batch = real
+        key = f"{'graphs' if fp16 == 'graphs' else 'fp16'}_{source}"
         if batch is None:
-            out[f"fp16_{source}"] = {"skipped": "no photos found"}
+            out[key] = {"skipped": "no photos found"}
             continue
         reference = cpu_logits(latest_version(repo / names[fp32]) / MODEL_FILE, config, batch)
-        served = np.concatenate([
-            served_logits(address, names[fp16], config, part)
-            for part in np.array_split(batch, max(1, len(batch) // 32))
-        ])  # fmt: skip
+        # the graphs model's calls fill each of its buckets: 1 image, up to 8, the rest
+        parts = (np.split(batch, [1, 9]) if fp16 == "graphs"
+                 else np.array_split(batch, max(1, len(batch) // 32)))  # fmt: skip
+        served = np.concatenate(
+            [served_logits(address, names[fp16], config, part) for part in parts if len(part)]
+        )
         bound = Verification.load(latest_version(repo / names[fp16])).thresholds
         agreement = top1_agreement(reference, served, float(bound.get("max_abs_error", 0.25)))
-        out[f"fp16_{source}"] = agreement.as_dict()
+        out[key] = agreement.as_dict()
     return out
 
 
@@ -230,14 +247,20 @@ def speed(server: serving.Server, repo: Path, name: str, device: str, levels: li
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
         from server.providers import CUDA, cuda_provider_options
+        from server.sessions import preload_cuda_libraries
 
+        # the CUDA libraries of the gpu extra's wheels are found as the server finds them;
+        # without them ONNX Runtime would open this session on the CPU and say so only in
+        # its log
+        preload_cuda_libraries()
         providers = [(CUDA, cuda_provider_options(Settings()))]
     session = raw.Raw(model_file, config.input, providers=providers)
+    came_up = session.session.get_providers()[0]  # the check fails unless it is DEVICE's
     try:
         raw_rows = [
             session.measure(batch, seconds).result().as_dict()
             for batch in sorted({1, config.batching.max_batch_size})
-        ]
+        ] if came_up == PROVIDERS[device] else []  # fmt: skip
     finally:
         session.close()
     served = Served(name, config, model_file)
@@ -250,7 +273,7 @@ def speed(server: serving.Server, repo: Path, name: str, device: str, levels: li
                              warmup=min(2.0, seconds), seconds=seconds)
         )  # fmt: skip
         rows.append(load.level_row(served, variant, level) | {"concurrency": concurrency})
-    return {"raw": raw_rows, "server": rows}
+    return {"raw_provider": came_up, "raw": raw_rows, "server": rows}
 
 
 def sweep(args: argparse.Namespace, dry: bool) -> dict[str, Any]:
@@ -289,6 +312,9 @@ def markdown(results: dict[str, Any]) -> str:
         else:
             error = f"max abs {value['max_abs_error']:.2e}, rel {value['max_rel_error']:.2e}"
             lines.append(f"| {key} | {value['images']} | {error} (limits {value['limits']}) |")
+    raw_on = results["speed"].get("raw_provider")
+    if raw_on is not None and raw_on != PROVIDERS[results["device"]]:
+        lines += ["", f"Raw ONNX Runtime came up on {raw_on}: no raw figures (check failed)."]
     lines += ["", "| raw ONNX Runtime batch | img/s | p50 ms | p99 ms |", "|---:|---:|---:|---:|"]
     for row in results["speed"]["raw"]:
         lines.append(f"| {row['batch']} | {row['img_per_s']} | {row['p50_ms']} | {row['p99_ms']} |")
@@ -336,7 +362,8 @@ def main(args: argparse.Namespace) -> int:
         ),
         args.work / "engine",
     )
-    passed = providers["passed"] and all(v.get("passed", True) for v in logits.values())
+    passed = (providers["passed"] and all(v.get("passed", True) for v in logits.values())
+              and measured["raw_provider"] == expected)  # fmt: skip
     results = {
         "arch": arch, "device": args.device,
         "gpu": platform.processor() if dry else _gpu_name(),

@@ -130,18 +130,20 @@ def tensorrt_provider_options(settings: Settings, config: ModelConfig) -> dict[s
     def shape(batch: int) -> str:
         return f"{name}:" + "x".join(str(d) for d in config.input.shape(batch))
 
+    # ONNX Runtime's Python API takes TensorRT's switches as "True" or "False" and refuses the
+    # session on anything else ("1" included), where CUDA's take "1" and "0"
     options = {
         "device_id": str(settings.cuda_device_id),
-        "trt_fp16_enable": "1" if trt.precision == "fp16" else "0",
+        "trt_fp16_enable": str(trt.precision == "fp16"),
         "trt_max_workspace_size": str(trt.max_workspace_bytes),
-        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(cache),
         "trt_profile_min_shapes": shape(1),
         "trt_profile_opt_shapes": shape(config.batching.max_batch_size),
         "trt_profile_max_shapes": shape(config.batching.max_batch_size),
     }
     if config.optimization.cuda.graphs:
-        options["trt_cuda_graph_enable"] = "1"
+        options["trt_cuda_graph_enable"] = "True"
     return options

@@ -3,8 +3,9 @@
 `open_session` is the one place that picks an execution provider:
 
 - ``cpu``: the CPU provider, nothing else is tried.
-- ``cuda``: the CUDA provider (TensorRT first where config.json opts in), or a
-  `DeviceUnavailable` error naming the reason.
+- ``cuda``: the CUDA provider (TensorRT first where config.json opts in; a session that
+  fails for TensorRT is opened again on CUDA alone), or a `DeviceUnavailable` error
+  naming the reason.
 - ``auto``: as ``cuda``, but where CUDA does not come up the session is opened on
   the CPU, and `Opened.reason` says why.
 
@@ -171,17 +172,30 @@ def open_session(
                 session = factory(source, options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
                 reason = f"the CUDA session failed: {one_line(exc)}"
+                if providers[0][0] == TENSORRT:
+                    # TensorRT's own failure (its libraries missing, its options refused)
+                    # fails the whole session: CUDA alone is tried again
+                    _tensorrt_failed(model, one_line(exc))
+                    providers = providers[1:]
+                    try:
+                        session = factory(source, options, providers=providers, enable_fallback=0)
+                    except Exception as again:
+                        reason = f"the CUDA session failed: {one_line(again)}"
         if session is not None:
             first = session.get_providers()[0]
             if first in GPU_PROVIDERS:
                 if providers[0][0] == TENSORRT and first != TENSORRT:
-                    log.warning("TensorRT did not come up%s; running on CUDA",
-                                "" if isinstance(model, bytes) else f" for {model}")  # fmt: skip
+                    _tensorrt_failed(model, "the session has no TensorRT provider")
                 return Opened(session, first, f"--device {settings.device}")
             reason = diagnose()
     if settings.device == "cuda":
         raise DeviceUnavailable(f"--device cuda, but {reason}")
     return Opened(factory(source, options, providers=[CPU]), CPU, reason)
+
+
+def _tensorrt_failed(model: bytes | Path, why: str) -> None:
+    log.warning("TensorRT did not come up%s (%s); running on CUDA",
+                "" if isinstance(model, bytes) else f" for {model}", why)  # fmt: skip
 
 
 def _gpu_providers(
@@ -209,6 +223,10 @@ def graph_feed_dtype(session: Session) -> np.dtype | None:
     if session.get_inputs()[0].type == "tensor(float16)":
         return np.dtype(np.float16)
     return None
+
+
+# ONNX Runtime's names of the element types a graph's output may have here
+_ELEMENT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def bucket_for(size: int, buckets: Sequence[int]) -> int:
@@ -294,6 +312,7 @@ class Runner:
         instance: int = 0,
         allocate: PinnedAllocator = page_locked,
         served: str = "",
+        graph_memory: str = "cuda",
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
@@ -309,6 +328,7 @@ class Runner:
         self._graphs = graphs and on_gpu and bool(self.buckets)
         self._allocate = allocate
         self._served = served  # "model M version V", for its log line
+        self._graph_memory = graph_memory  # where the CUDA graphs' buffers are (tests: "cpu")
         self._pinned_ran = False  # a run has succeeded (pinned: bound to page-locked memory)
         # batch shape → (its OrtValue, a numpy view of its memory): the pinned host buffers
         self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
@@ -405,7 +425,7 @@ class Runner:
         value = self._devices.get(batch.shape)
         if value is None:
             value = ort.OrtValue.ortvalue_from_shape_and_type(
-                batch.shape, batch.dtype, "cuda", self._device_id
+                batch.shape, batch.dtype, self._graph_memory, self._device_id
             )
             self._devices[batch.shape] = value
         value.update_inplace(np.ascontiguousarray(batch))
@@ -416,10 +436,13 @@ class Runner:
         bucket = len(batch)
         found = self._graph_bindings.get(bucket)
         if found is None:
-            classes = self.session.get_outputs()[0].shape[1:]
+            logits = self.session.get_outputs()[0]
+            # the graph's own output type: float16 for a ``--fp16-io`` graph (`run_joined`
+            # gives float32 back either way)
             output = ort.OrtValue.ortvalue_from_shape_and_type(
-                (bucket, *classes), np.float32, "cuda", self._device_id
-            )
+                (bucket, *logits.shape[1:]), _ELEMENT_TYPES.get(logits.type, np.float32),
+                self._graph_memory, self._device_id,
+            )  # fmt: skip
             binding = self.session.io_binding()
             binding.bind_ortvalue_input(self._input, self._device(batch))
             binding.bind_ortvalue_output(self._output, output)

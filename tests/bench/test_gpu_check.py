@@ -57,10 +57,16 @@ def test_dry_run_on_the_cpu(tmp_path: Path) -> None:
     results = json.loads((out / "gpu-check.json").read_text())
     assert results["passed"] and results["providers"]["passed"]
     assert set(results["providers"]["get_model"]) == {
-        "resnet20_fp32", "resnet20_fp16", "digits", "digits_fp16"
+        "resnet20_fp32", "resnet20_fp16", "resnet20_graphs", "digits", "digits_fp16"
     }  # fmt: skip
-    assert {"fp32_random", "fp32_photos", "fp16_photos", "fp16_digits"} == set(results["logits"])
+    assert set(results["logits"]) == {
+        "fp32_random", "fp32_photos", "fp16_photos", "graphs_photos", "fp16_digits"
+    }  # fmt: skip
+    assert results["logits"]["graphs_photos"]["images"] > 9  # every bucket of the graphs model
     assert [row["concurrency"] for row in results["speed"]["server"]] == [1, 4]
+    # raw ONNX Runtime's figures are the device's: the check says where its session ran
+    assert results["speed"]["raw_provider"] == "CPUExecutionProvider"
+    assert [row["batch"] for row in results["speed"]["raw"]] == [1, 32]
     # the front-end sweep, tiny: the null model, one process against one front end and the
     # floors beside them
     sweep = results["sweep"]

@@ -59,14 +59,20 @@ class FakeSession:
 
 class FakeFactory:
     """Records what each session was asked for; `cuda_comes_up` decides what a GPU request
-    gets, `cuda_raises` makes it raise, `tensorrt_comes_up` whether TensorRT is first."""
+    gets, `cuda_raises` makes it raise, `tensorrt_comes_up` whether TensorRT is first,
+    `tensorrt_raises` makes a session asked for TensorRT raise (its libraries missing)."""
 
     def __init__(
-        self, cuda_comes_up: bool = True, cuda_raises: bool = False, tensorrt_comes_up: bool = True
+        self,
+        cuda_comes_up: bool = True,
+        cuda_raises: bool = False,
+        tensorrt_comes_up: bool = True,
+        tensorrt_raises: bool = False,
     ) -> None:
         self.cuda_comes_up = cuda_comes_up
         self.cuda_raises = cuda_raises
         self.tensorrt_comes_up = tensorrt_comes_up
+        self.tensorrt_raises = tensorrt_raises
         self.calls: list[list[Any]] = []
         self.kwargs: list[dict[str, Any]] = []
         self.models: list[str | bytes] = []  # what each session was created from
@@ -78,6 +84,9 @@ class FakeFactory:
         self.calls.append(providers)
         self.kwargs.append(kwargs)
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        if TENSORRT in names and self.tensorrt_raises:
+            raise RuntimeError("Please install TensorRT libraries as mentioned in the GPU "
+                               "requirements page")  # fmt: skip
         if CUDA in names:
             if self.cuda_raises:
                 raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
@@ -218,13 +227,17 @@ def test_tensorrt_is_tried_first_with_its_cache_and_shapes(tmp_path: Path) -> No
     assert opened.provider == TENSORRT and opened.on_gpu
     (trt, trt_options), (cuda, _) = factory.calls[0]
     assert (trt, cuda) == (TENSORRT, CUDA), "CUDA behind TensorRT takes what it cannot run"
-    assert trt_options["trt_fp16_enable"] == "1"
-    assert trt_options["trt_engine_cache_enable"] == "1"
+    # ONNX Runtime's Python API refuses any other spelling of TensorRT's switches
+    assert trt_options["trt_fp16_enable"] == "True"
+    assert trt_options["trt_engine_cache_enable"] == "True"
+    assert trt_options["trt_timing_cache_enable"] == "True"
     assert trt_options["trt_engine_cache_path"] == str(tmp_path)
     assert trt_options["trt_profile_min_shapes"] == "images:1x3x4x4"
     assert trt_options["trt_profile_max_shapes"] == "images:32x3x4x4"
     fp32 = tensorrt_provider_options(Settings(), _with(tensorrt=TensorRT(precision="fp32")))
-    assert fp32["trt_fp16_enable"] == "0"
+    assert fp32["trt_fp16_enable"] == "False" and "trt_cuda_graph_enable" not in fp32
+    graphs = _with(tensorrt=TensorRT(), cuda=CudaOptions(graphs=True, batch_buckets=[8]))
+    assert tensorrt_provider_options(Settings(), graphs)["trt_cuda_graph_enable"] == "True"
     assert fp32["trt_engine_cache_path"].endswith("resnet-serve-tensorrt")
 
 
@@ -236,6 +249,26 @@ def test_tensorrt_falls_back_to_cuda() -> None:
     factory = FakeFactory()
     opened = _open("cuda", factory, config=config, providers=(CUDA, CPU))
     assert opened.provider == CUDA and [p[0] for p in factory.calls[0]] == [CUDA]
+
+
+def test_a_session_that_fails_for_tensorrt_comes_up_on_cuda(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """onnxruntime-gpu lists TensorRT wherever its libraries are missing too, and then fails
+    the whole session: CUDA alone is asked for next, and the log says why."""
+    factory = FakeFactory(tensorrt_raises=True)
+    opened = _open("cuda", factory, config=_with(tensorrt=TensorRT()))
+    assert opened.provider == CUDA
+    assert [[p[0] for p in call] for call in factory.calls] == [[TENSORRT, CUDA], [CUDA]]
+    said = [r.getMessage() for r in caplog.records if "TensorRT did not come up" in r.getMessage()]
+    assert len(said) == 1 and "Please install TensorRT libraries" in said[0], said
+    # where CUDA fails too, CUDA's failure is the reason given
+    factory = FakeFactory(tensorrt_raises=True, cuda_raises=True)
+    opened = _open("auto", factory, config=_with(tensorrt=TensorRT()))
+    assert opened.provider == CPU and "no CUDA-capable device" in opened.reason
+    with pytest.raises(DeviceUnavailable, match="no CUDA-capable device"):
+        _open("cuda", FakeFactory(tensorrt_raises=True, cuda_raises=True),
+              config=_with(tensorrt=TensorRT()))  # fmt: skip
 
 
 def test_tensorrt_is_never_tried_unless_config_json_asks() -> None:
@@ -470,6 +503,26 @@ def test_a_single_part_that_is_the_batch_is_read_where_it_is(tmp_path: Path) -> 
     assert session.fed[-1].shape == (4, 3, 4, 4) and not np.shares_memory(session.fed[-1], part)
     np.testing.assert_array_equal(session.fed[-1][:3], part)
     assert not session.fed[-1][3].any()
+
+
+@pytest.mark.parametrize("elements", [1, 10])  # FLOAT, FLOAT16 (a ``--fp16-io`` graph)
+def test_cuda_graphs_replay_one_binding_per_bucket_with_the_graphs_own_output_type(
+    tmp_path: Path, elements: int
+) -> None:
+    """The graphs' runs bound for real (their buffers in this machine's memory): one fixed
+    input and output per bucket, the output of the graph's own type, refilled each run."""
+    runner, session = _on_gpu(tmp_path, elements, io_binding=True, graphs=True,
+                              buckets=(2, 4), graph_memory="cpu")  # fmt: skip
+    cast = np.float16 if elements == 10 else np.float32
+    for sizes in [(1, 1), (1,), (2, 1), (1, 1, 1, 1), (1, 1)]:
+        parts = [part.astype(cast) for part in _parts(*sizes)]
+        logits = _run_parts(runner, parts)
+        assert logits.dtype == np.float32 and len(logits) == sum(sizes)
+        expected = np.concatenate(parts).mean(axis=(2, 3), dtype=np.float32)
+        np.testing.assert_allclose(logits, expected, rtol=1e-3 if elements == 10 else 1e-6)
+    assert sorted(runner._graph_bindings) == [2, 4]
+    bound = [value for value in session.fed if isinstance(value, ort.OrtValue)]
+    assert len(bound) == 2, "one input buffer per bucket, bound once"
 
 
 def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_and_says_why(
