@@ -257,7 +257,7 @@ def _page_locked_memory(device_id: int) -> Any:
     )  # fmt: skip
     try:
         ort.OrtValue.ortvalue_from_shape_and_type((1,), np.uint8, memory_info=memory)
-    except RuntimeError:  # no allocator for it yet
+    except Exception:  # no allocator for it yet (ONNX Runtime's own error types vary)
         ort.create_and_register_allocator_v2(CUDA, memory, {}, None)
     return memory
 
