@@ -72,6 +72,9 @@ bench: $(STAMP) deps-system
 # 2 without a GPU. DEVICE=cpu: the small dry run the test suite runs, in the ordinary venv.
 DEVICE ?= cuda
 GPU_VENV := .venv-gpu
+# torch (the builder's) from PyTorch's CPU index, as the image takes it: PyPI's build of the
+# same version needs CUDA wheels other than the ones the lock pins for onnxruntime-gpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 gpu-check:
 ifeq ($(DEVICE),cpu)
 	$(MAKE) venv
@@ -79,7 +82,8 @@ ifeq ($(DEVICE),cpu)
 else
 	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) --upgrade pip
-	$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ./clients/python -e '.[gpu,builder,dev]'
+	PIP_EXTRA_INDEX_URL="$${PIP_EXTRA_INDEX_URL:-} $(TORCH_INDEX_URL)" \
+		$(GPU_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ./clients/python -e '.[gpu,builder,dev]'
 	test -x $(GPU_VENV)/perf-analyzer/bin/perf_analyzer || \
 		$(GPU_VENV)/bin/python -m pip install --quiet --no-deps --target $(GPU_VENV)/perf-analyzer 'tritonclient==2.41.0'
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

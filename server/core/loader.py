@@ -16,7 +16,8 @@ Where each version runs: every instance's provider is recorded (`ModelVersion.pr
 the metric ``resnet_serve_execution_provider``). A version's instances all run on the
 GPU or all on the CPU. With ``--device auto`` a version whose sessions or warm-up fail
 on the GPU is reopened on the CPU, and the log says why; with ``--device cuda`` that is
-`DeviceUnavailable`, which ends loading and so the server's start. A session that
+`DeviceUnavailable`, which ends loading and so the server's start; after the start (a
+poll, a v2 load) that version alone is refused, UNAVAILABLE. A session that
 leaves the GPU while serving (`ProviderLost`) makes its version UNAVAILABLE
 (`server.core.health`).
 
@@ -77,6 +78,7 @@ class LoadError(Exception):
 
 
 LOAD_FAILED = "could not be loaded; the server log says why"
+NOT_ON_GPU = "does not run on the GPU (--device cuda); the server log says why"
 
 # The share of a GPU's memory the sessions of one server divide between them when
 # --cuda-mem-limit is unset; the rest is left to the CUDA context, cuDNN/cuBLAS
@@ -105,6 +107,9 @@ class Loader:
         self._opener = opener
         self._gpu_memory = gpu_memory or _gpu_memory_if_driver
         self._mem_limit: int | None = None
+        # True while the models found at start load: `DeviceUnavailable` then ends loading
+        # (and the start); after it, a version that cannot run on the GPU is refused alone
+        self.starting = True
 
     def session_mem_limit(self) -> int | None:
         """Each GPU session's arena limit: its share of the GPU among every session the
@@ -164,8 +169,12 @@ class Loader:
         try:
             model = await self._verified(mv)
             batcher, runners, sizes = await self._open_and_warm(mv, model)
-        except DeviceUnavailable:
-            raise
+        except DeviceUnavailable as exc:
+            if self.starting:
+                raise
+            mv.state, mv.reason = State.UNAVAILABLE, NOT_ON_GPU
+            log.error("model %s version %s refused: %s", mv.name, mv.version, one_line(exc))
+            return
         # Whatever the reason (ONNX Runtime's own exceptions are not RuntimeErrors), one
         # version that cannot load is refused and logged; the others still load.
         except Exception as exc:

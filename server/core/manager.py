@@ -163,6 +163,7 @@ class RepositoryManager:
             failures = await self.sync(name, AT_START)
             if named and (failures or not self._serves(name)):
                 failed.append(f"model {name}: {'; '.join(failures) or 'no version to serve'}")
+        self._loader.starting = False  # a version that cannot run on the GPU is refused
         if failed:
             raise ControlRefused(f"--load-model: {'; '.join(failed)}")
         await self._health.loaded()

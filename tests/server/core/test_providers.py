@@ -244,6 +244,27 @@ async def test_device_cuda_refuses_to_load_anywhere_else(
     await found.registry.close()
 
 
+async def test_device_cuda_after_the_start_refuses_only_the_version_off_the_gpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model found by a later poll that cannot run on the GPU does not end the server (its
+    start is over): that version alone is UNAVAILABLE, saying why, the others serve on."""
+    factory = FakeFactory()
+    repo = make_repo(tmp_path, {"net": CONFIG})
+    found, _ = registry(repo, factory, device="cuda")
+    await load_all(found)
+    factory.cuda_comes_up = False
+    make_repo(tmp_path, {"late": CONFIG})  # added to the same repository
+    with caplog.at_level(logging.ERROR, "server.core.loader"):
+        await found.manager.poll()
+    late = found.registry.model("late").version("1")
+    assert late.state is State.UNAVAILABLE and "does not run on the GPU" in late.reason
+    [line] = [r.getMessage() for r in caplog.records if "late" in r.getMessage()]
+    assert "--device cuda, but" in line and "libcudart.so.13" in line
+    assert found.registry.get("net").state is State.READY
+    await found.registry.close()
+
+
 async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path: Path) -> None:
     class SecondFails(FakeFactory):
         def __call__(self, *args: Any, **kwargs: Any) -> FakeSession:
