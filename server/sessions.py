@@ -24,6 +24,8 @@ each image once, into what the session reads (on CUDA with pinned memory, the pa
 buffer ONNX Runtime copies to the GPU from), padding it there to the model's bucket sizes
 when config.json asks for them (CUDA graphs need fixed shapes). It checks after every run
 that the session still runs on the provider it was opened on (`ProviderLost` otherwise).
+Every GPU run, session opening and page-locked allocation holds `GATE` shared; a run that
+may capture a CUDA graph holds it alone (`CaptureGate`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import io
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -124,6 +126,58 @@ def _quiet_ort() -> Any:
         ort.set_default_logger_severity(_ORT_WARNING)
 
 
+class CaptureGate:
+    """CUDA graph captures against the process's other GPU work.
+
+    ONNX Runtime captures a CUDA graph in CUDA's global capture mode: while one thread
+    captures, a synchronous copy or an allocation on any other thread fails, and spoils
+    the capture too. So every GPU run, session opening and page-locked allocation holds
+    the gate shared, and a run that may capture (`Runner`: a bucket's first
+    `GRAPH_CAPTURE_RUNS`) holds it alone: it waits for the others to finish, and new ones
+    wait for it (a capture waiting goes first)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing = 0
+        self._waiting = 0  # captures waiting for the shared holds to end
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            while self._capturing or self._waiting:
+                self._changed.wait()
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._sharing -= 1
+                if not self._sharing:
+                    self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            while self._capturing or self._sharing:
+                self._changed.wait()
+            self._waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._capturing = False
+                self._changed.notify_all()
+
+
+GATE = CaptureGate()
+# ONNX Runtime's CUDA provider runs a graph once before it captures it (to allocate), and
+# captures on the next run; the first runs of a bucket hold the gate alone
+GRAPH_CAPTURE_RUNS = 2
+
+
 @dataclass(frozen=True)
 class Opened:
     session: Session
@@ -167,7 +221,7 @@ def open_session(
         preload_cuda_libraries()
         providers = _gpu_providers(settings, config, mem_limit, available)
         session, reason = None, ""
-        with _quiet_ort():
+        with _quiet_ort(), GATE.shared():
             try:
                 session = factory(source, options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
@@ -313,6 +367,7 @@ class Runner:
         allocate: PinnedAllocator = page_locked,
         served: str = "",
         graph_memory: str = "cuda",
+        gate: CaptureGate = GATE,
     ) -> None:
         self.session = opened.session
         self.provider = opened.provider
@@ -334,6 +389,8 @@ class Runner:
         self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
         self._devices: dict[tuple[int, ...], Any] = {}  # batch shape → CUDA graphs' input
         self._graph_bindings: dict[int, tuple[Any, Any, Any]] = {}  # bucket → binding, out, opts
+        self._graph_runs: dict[int, int] = {}  # bucket → its runs so far
+        self._gate = gate
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The logits of `batch`, one row per image (blocking: call from an inference thread,
@@ -361,6 +418,19 @@ class Runner:
 
     def run_joined(self, batch: np.ndarray, size: int) -> np.ndarray:
         """The logits of the first `size` rows of a batch from `join` (blocking)."""
+        with self._hold(len(batch)):
+            return self._run_joined(batch, size)
+
+    def _hold(self, rows: int) -> contextlib.AbstractContextManager[None]:
+        """How a run of `rows` holds the `CaptureGate`: alone where it may capture a CUDA
+        graph, else shared; not at all on the CPU."""
+        if self.provider == CPU:
+            return contextlib.nullcontext()
+        if self._graphs and self._graph_runs.get(rows, 0) < GRAPH_CAPTURE_RUNS:
+            return self._gate.alone()
+        return self._gate.shared()
+
+    def _run_joined(self, batch: np.ndarray, size: int) -> np.ndarray:
         try:
             logits = self._run(batch)
         except Exception as exc:
@@ -401,7 +471,8 @@ class Runner:
         found = self._hosts.get(shape)
         if found is None:
             try:
-                value = self._allocate(shape, np.dtype(dtype), self._device_id)
+                with self._gate.shared():
+                    value = self._allocate(shape, np.dtype(dtype), self._device_id)
             except Exception as exc:
                 self._unpin(f"it cannot be allocated: {one_line(exc)}")
                 return None
@@ -453,5 +524,6 @@ class Runner:
         else:
             self._device(batch)  # the same device buffer, new contents
         binding, output, run_options = found
+        self._graph_runs[bucket] = self._graph_runs.get(bucket, 0) + 1
         self.session.run_with_iobinding(binding, run_options)
         return output.numpy()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +28,8 @@ from server.providers import (
 )
 from server.repository import CudaOptions, InputSpec, ModelConfig, Optimization, TensorRT
 from server.sessions import (
+    GRAPH_CAPTURE_RUNS,
+    CaptureGate,
     DeviceUnavailable,
     Opened,
     ProviderLost,
@@ -523,6 +527,78 @@ def test_cuda_graphs_replay_one_binding_per_bucket_with_the_graphs_own_output_ty
     assert sorted(runner._graph_bindings) == [2, 4]
     bound = [value for value in session.fed if isinstance(value, ort.OrtValue)]
     assert len(bound) == 2, "one input buffer per bucket, bound once"
+
+
+def test_a_capture_waits_for_the_gpu_work_under_way_and_holds_back_new_work() -> None:
+    """Shared holds overlap; a capture waits until they end, new shared holds wait behind
+    a capture that waits, and go once it is done."""
+    gate, said = CaptureGate(), []
+    first_in, release_first, capture_done = (threading.Event() for _ in range(3))
+
+    def first() -> None:
+        with gate.shared():
+            said.append("first runs")
+            first_in.set()
+            release_first.wait(5)
+            said.append("first ends")
+
+    def capture() -> None:
+        with gate.alone():
+            said.append("capture")
+        capture_done.set()
+
+    def later() -> None:
+        with gate.shared():
+            said.append("later runs")
+
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert first_in.wait(5)
+    with gate.shared():  # shared holds overlap
+        said.append("second runs")
+    threads.append(threading.Thread(target=capture))
+    threads[1].start()
+    while not gate._waiting:  # the capture is waiting for the first run
+        time.sleep(0.001)
+    threads.append(threading.Thread(target=later))
+    threads[2].start()
+    time.sleep(0.05)
+    assert said == ["first runs", "second runs"], "the capture and the later run wait"
+    release_first.set()
+    for thread in threads:
+        thread.join(5)
+    assert capture_done.is_set()
+    assert said == ["first runs", "second runs", "first ends", "capture", "later runs"]
+
+
+class Recording(CaptureGate):
+    def __init__(self) -> None:
+        super().__init__()
+        self.holds: list[str] = []
+
+    def shared(self) -> Any:
+        self.holds.append("shared")
+        return super().shared()
+
+    def alone(self) -> Any:
+        self.holds.append("alone")
+        return super().alone()
+
+
+def test_a_buckets_first_graph_runs_hold_the_gate_alone_and_later_ones_share_it(
+    tmp_path: Path,
+) -> None:
+    gate = Recording()
+    runner, _ = _on_gpu(tmp_path, io_binding=True, graphs=True, buckets=(2, 4),
+                        graph_memory="cpu", gate=gate)  # fmt: skip
+    for sizes in [(1, 1), (3,), (2,), (2,), (1,)]:  # buckets 2, 4, 2, 2, 2
+        _run_parts(runner, _parts(*sizes))
+    assert GRAPH_CAPTURE_RUNS == 2
+    assert gate.holds == ["alone", "alone", "alone", "shared", "shared"]
+    cpu = Runner(open_session(_tiny_onnx(tmp_path / "c.onnx"), Settings(device="cpu"), 1),
+                 "images", "logits", io_binding=True, device_id=0, gate=gate)  # fmt: skip
+    cpu.run(_parts(2)[0])
+    assert len(gate.holds) == 5, "a CPU run holds nothing"
 
 
 def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_and_says_why(
