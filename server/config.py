@@ -174,7 +174,8 @@ class Settings(BaseSettings):
         "stay hot inside a run and sleep between requests; 0: ONNX Runtime's own default",
     )
     decode_workers: int | None = Field(
-        None, ge=1, description="image decode threads; unset: one per core (cgroup quota aware)"
+        None, ge=1, description="image decode threads (of each front end); unset: one per core "
+        "(cgroup quota aware), divided among the front ends"
     )
 
     # limits
@@ -464,9 +465,14 @@ class Settings(BaseSettings):
             return 0
         return max(1, min(8, (cores or available_cores()) - 1))
 
-    def decode_threads(self, cores: int | None = None) -> int:
-        """Decode workers: flag/env, else one per usable core (`available_cores()`)."""
-        return self.decode_workers or cores or available_cores()
+    def decode_threads(self, cores: int | None = None, frontends: int = 0) -> int:
+        """Decode workers of one process: flag/env, else one per usable core
+        (`available_cores()`), shared out among `frontends` front ends where there are any
+        (each its own pool: they would otherwise take every core each)."""
+        if self.decode_workers:
+            return self.decode_workers
+        usable = cores or available_cores()
+        return max(1, usable // frontends) if frontends else usable
 
 
 def env_var(field: str) -> str:

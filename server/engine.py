@@ -466,7 +466,9 @@ class Engine:
         ports = {"port": self.settings.port}
         if self.settings.http_port:
             ports["http_port"] = self.settings.http_port
-        chosen = {}
+        # each front end's decode pool takes its share of the cores
+        chosen: dict[str, int] = {"decode_workers": self.settings.decode_threads(
+            frontends=len(self.links))}  # fmt: skip
         for field, port in ports.items():
             sock = _reserve(self.settings.host, port, field)
             self._reserved.append(sock)

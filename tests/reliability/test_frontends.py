@@ -701,3 +701,13 @@ def test_process_names(start: Callable[[], Cluster]) -> None:
     assert rows[cluster.engine.pid][1] == "rs-engine", shown
     names = sorted(comm for pid, (ppid, comm) in rows.items() if ppid == cluster.engine.pid)
     assert names == [f"rs-frontend-{i}" for i in range(FRONTENDS)], shown
+
+
+def test_the_front_ends_share_the_decode_workers_out(start: Callable[[], Cluster]) -> None:
+    """Each front end's decode pool is its share of the cores, not one per core each."""
+    cluster = start()
+    said = re.findall(r"CPU: (\d+) usable core\(s\).*?, (\d+) decode worker\(s\)",
+                      cluster.server.log())  # fmt: skip
+    cores = int(said[0][0])
+    workers = [int(w) for _, w in said]
+    assert workers == [max(1, cores // FRONTENDS)] * FRONTENDS, said  # each front end's line

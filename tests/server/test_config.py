@@ -109,6 +109,10 @@ def test_threads_and_decode_workers_follow_the_quota(tmp_path: Path) -> None:
     assert settings.threads_per_session(2, None, cores) == max(1, cores // 2)
     assert settings.decode_threads(cores) == cores
     assert Settings(decode_workers=7).decode_threads(cores) == 7  # explicit settings win
+    # front ends share them out, each at least one
+    assert settings.decode_threads(16, frontends=8) == 2
+    assert settings.decode_threads(6, frontends=4) == settings.decode_threads(2, frontends=3) == 1
+    assert Settings(decode_workers=7).decode_threads(16, frontends=8) == 7
     assert settings.threads_per_session(1, 3, cores) == 3  # and so does config.json
     (root / "cpu.max").write_text("50000 100000\n")
     assert config.available_cores(root, proc) == 1
