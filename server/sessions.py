@@ -302,8 +302,8 @@ def _page_locked_memory(device_id: int) -> Any:
     """The memory info of page-locked host memory for CUDA device `device_id`, once ONNX
     Runtime's environment has an allocator for it: the one a registered CUDA
     execution-provider library shares, else the CUDA provider's own pinned allocator,
-    registered here (``create_and_register_allocator_v2``). RuntimeError, saying why, where
-    this onnxruntime has neither."""
+    registered here (``create_and_register_allocator_v2``). ONNX Runtime's error, saying
+    why, where this onnxruntime has neither."""
     memory = ort.OrtMemoryInfo.create_v2(
         "CudaPinned", ort.OrtMemoryInfoDeviceType.GPU, int(ort.OrtDeviceVendorId.NVIDIA),
         device_id, ort.OrtDeviceMemoryType.HOST_ACCESSIBLE, 0,
@@ -319,7 +319,7 @@ def _page_locked_memory(device_id: int) -> Any:
 def page_locked(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
     """An OrtValue of `shape` in page-locked host memory, which the GPU copies from by DMA
     (ONNX Runtime's Python API names no pinned device type: the memory is asked for by its
-    memory info, `_page_locked_memory`). RuntimeError where this onnxruntime offers none."""
+    memory info, `_page_locked_memory`). An error where this onnxruntime offers none."""
     with _registering:  # one registration per device, whichever instance asks first
         memory = _page_locked_memory(device_id)
     return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, memory_info=memory)
