@@ -143,7 +143,8 @@ class Settings(BaseSettings):
     pinned_memory: bool = Field(
         True,
         description="with io_binding: join each batch straight into page-locked host memory "
-        "(one buffer per batch shape, reused), for a faster copy to the GPU; where "
+        "(one buffer per image shape, reused, its rows the next power of two a batch needs), "
+        "for a faster copy to the GPU; where "
         "onnxruntime offers none, a log line says why and batches go as when off; off: ONNX "
         "Runtime copies from the batch's own (pageable) memory (bind_cpu_input)",
     )

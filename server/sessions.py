@@ -24,8 +24,8 @@ each image once, into what the session reads (on CUDA with pinned memory, the pa
 buffer ONNX Runtime copies to the GPU from), padding it there to the model's bucket sizes
 when config.json asks for them (CUDA graphs need fixed shapes). It checks after every run
 that the session still runs on the provider it was opened on (`ProviderLost` otherwise).
-Every GPU run, session opening and page-locked allocation holds `GATE` shared; a run that
-may capture a CUDA graph holds it alone (`CaptureGate`).
+Every GPU run and page-locked allocation holds `GATE` shared; a run that may capture a
+CUDA graph holds it alone (`CaptureGate`).
 """
 
 from __future__ import annotations
@@ -131,10 +131,13 @@ class CaptureGate:
 
     ONNX Runtime captures a CUDA graph in CUDA's global capture mode: while one thread
     captures, a synchronous copy or an allocation on any other thread fails, and spoils
-    the capture too. So every GPU run, session opening and page-locked allocation holds
-    the gate shared, and a run that may capture (`Runner`: a bucket's first
-    `GRAPH_CAPTURE_RUNS`) holds it alone: it waits for the others to finish, and new ones
-    wait for it (a capture waiting goes first)."""
+    the capture too. So every GPU run and page-locked allocation holds the gate shared,
+    and a run that may capture (`Runner`: a bucket's first `GRAPH_CAPTURE_RUNS`, which
+    its warm-up makes) holds it alone: it waits for the others to finish, and new ones
+    wait for it (a capture waiting goes first). Opening a session does not hold it: that
+    can take minutes (TensorRT builds its engines), and a capture waiting behind it would
+    hold every run of the process back. A capture spoiled by a session opening at the same
+    time (two loads at once) fails its version's warm-up like any other failure."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -221,7 +224,7 @@ def open_session(
         preload_cuda_libraries()
         providers = _gpu_providers(settings, config, mem_limit, available)
         session, reason = None, ""
-        with _quiet_ort(), GATE.shared():
+        with _quiet_ort():
             try:
                 session = factory(source, options, providers=providers, enable_fallback=0)
             except Exception as exc:  # ORT raises bare RuntimeErrors/Fails here
@@ -344,8 +347,9 @@ class Runner:
     come back as float32.
     ``buckets`` (GPU only): pad each batch with zero rows to the smallest of these sizes and
     cut the logits back. ``pinned``: the batch is joined straight into page-locked host
-    memory (from `allocate`, `page_locked` by default; one buffer per batch shape, reused),
-    which ONNX Runtime copies to the GPU. Where that memory cannot be had, or the first run
+    memory (from `allocate`, `page_locked` by default; one buffer per image shape and type,
+    the batch in its first rows, grown to the next power of two rows a batch needs), which
+    ONNX Runtime copies to the GPU. Where that memory cannot be had, or the first run
     bound to it fails and succeeds again from ordinary memory, the runner says why once and
     goes on as ``--no-pinned-memory`` does. ``graphs``: replay one CUDA graph per bucket
     (inputs and outputs bound to fixed device buffers, filled from the joined batch).
@@ -385,12 +389,19 @@ class Runner:
         self._served = served  # "model M version V", for its log line
         self._graph_memory = graph_memory  # where the CUDA graphs' buffers are (tests: "cpu")
         self._pinned_ran = False  # a run has succeeded (pinned: bound to page-locked memory)
-        # batch shape → (its OrtValue, a numpy view of its memory): the pinned host buffers
-        self._hosts: dict[tuple[int, ...], tuple[Any, np.ndarray]] = {}
+        # (image shape, element type) → (an OrtValue, a numpy view of its memory): the pinned
+        # host buffer of batches of that image, its rows a power of two (`_host`)
+        self._hosts: dict[tuple[tuple[int, ...], np.dtype], tuple[Any, np.ndarray]] = {}
         self._devices: dict[tuple[int, ...], Any] = {}  # batch shape → CUDA graphs' input
         self._graph_bindings: dict[int, tuple[Any, Any, Any]] = {}  # bucket → binding, out, opts
         self._graph_runs: dict[int, int] = {}  # bucket → its runs so far
         self._gate = gate
+
+    @property
+    def warm_runs(self) -> int:
+        """Runs of each batch size its warm-up makes: with CUDA graphs, those that may
+        capture one (`GRAPH_CAPTURE_RUNS`), so that no served batch does."""
+        return GRAPH_CAPTURE_RUNS if self._graphs else 1
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The logits of `batch`, one row per image (blocking: call from an inference thread,
@@ -400,15 +411,15 @@ class Runner:
     def join(self, parts: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
         """The batch made of `parts` as the session reads it, and how many of its rows are
         images (the rest pad it to a bucket): the one part itself when it already is that
-        batch, else one array (pinned: the shape's page-locked buffer) the parts are copied
-        into."""
+        batch, else one array (pinned: the first rows of the page-locked buffer) the parts
+        are copied into."""
         size = sum(len(part) for part in parts)
         rows = bucket_for(size, self.buckets) if self.buckets else size
         shape = (rows, *parts[0].shape[1:])
         dtype = self._feed_dtype if self._feed_dtype is not None else parts[0].dtype
-        host = self._host(shape, dtype) if self._pinned else None
+        host = self._host(shape, np.dtype(dtype)) if self._pinned else None
         if host is not None:
-            batch = host[1]
+            batch = host
         elif len(parts) == 1 and parts[0].shape == shape and parts[0].dtype == dtype:
             return parts[0], size  # read where it is
         else:
@@ -456,32 +467,39 @@ class Runner:
         if not self._bind:
             return self.session.run([self._output], {self._input: batch})[0]
         binding = self.session.io_binding()
-        host = self._hosts.get(batch.shape) if pinned and self._pinned else None
-        if host is not None and host[1] is batch:  # joined into its pinned buffer
-            binding.bind_ortvalue_input(self._input, host[0])
+        host = self._hosts.get((batch.shape[1:], batch.dtype)) if pinned and self._pinned else None
+        if host is not None and batch.ctypes.data == host[0].data_ptr():
+            # joined into the first rows of its pinned buffer: those rows, by address (the
+            # driver copies page-locked memory to the GPU by DMA whatever ONNX Runtime calls it)
+            binding.bind_input(self._input, "cpu", 0, batch.dtype.type, list(batch.shape),
+                               host[0].data_ptr())  # fmt: skip
         else:
             binding.bind_cpu_input(self._input, batch)
         binding.bind_output(self._output, "cpu")
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
-    def _host(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, np.ndarray] | None:
-        """The page-locked buffer of `shape` (made once, zeroed) and a numpy view of it; None
-        once page-locked memory is given up."""
-        found = self._hosts.get(shape)
-        if found is None:
+    def _host(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A batch of `shape` in page-locked memory: the first rows of the one buffer of its
+        image shape and type, which grows to the next power of two rows a batch needs (one
+        buffer per batch size would hold 1 + 2 + … + max_batch_size images, where a GPU
+        warms every size); None once page-locked memory is given up."""
+        rows, key = shape[0], (shape[1:], dtype)
+        found = self._hosts.get(key)
+        if found is None or len(found[1]) < rows:
+            whole = (1 << (rows - 1).bit_length(), *shape[1:])
             try:
                 with self._gate.shared():
-                    value = self._allocate(shape, np.dtype(dtype), self._device_id)
+                    value = self._allocate(whole, dtype, self._device_id)
             except Exception as exc:
                 self._unpin(f"it cannot be allocated: {one_line(exc)}")
                 return None
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            nbytes = math.prod(whole) * dtype.itemsize
             memory = (ctypes.c_char * nbytes).from_address(value.data_ptr())
-            view = np.frombuffer(memory, dtype).reshape(shape)
+            view = np.frombuffer(memory, dtype).reshape(whole)
             view[...] = 0
-            found = self._hosts[shape] = (value, view)
-        return found
+            found = self._hosts[key] = (value, view)  # a smaller one before it is freed
+        return found[1][:rows]
 
     def _unpin(self, why: str) -> None:
         """Go on without page-locked memory, as ``--no-pinned-memory`` does, saying why once."""

@@ -243,7 +243,8 @@ class Loader:
         try:
             for size in sizes:
                 zeros = np.zeros(mv.config.input.shape(size), mv.input_dtype)
-                await batcher.instances.run_on_each(zeros)
+                for _ in range(runners[0].warm_runs):  # CUDA graphs: until captured
+                    await batcher.instances.run_on_each(zeros)
         except BaseException:
             await batcher.close()  # stop its scheduler and threads
             raise

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import math
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -405,7 +408,9 @@ class OnGpu:
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session = session
-        self.fed: list[Any] = []  # each run's input as bound: the array or the OrtValue
+        # each run's input as bound: the array, the OrtValue, or the memory `ByAddress`
+        self.fed: list[Any] = []
+        self.refuse_by_address = False  # memory bound by address fails, as a GPU's might
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -432,7 +437,31 @@ class OnGpu:
                 fed.append(value)
                 binding.bind_cpu_input(name, value)
 
+            def bind_input(self, name: str, device: str, device_id: int, element: Any,
+                           shape: list[int], address: int) -> None:  # fmt: skip
+                bound = ByAddress(address, tuple(shape), _at(address, element, shape).copy())
+                fed.append(bound)
+                if outer.refuse_by_address:
+                    raise RuntimeError("CUDA failure 1: invalid argument")
+                binding.bind_input(name, device, device_id, element, shape, address)
+
+        outer = self
         return Recorded()
+
+
+@dataclass
+class ByAddress:
+    """An input bound by its memory's address: where, its shape, what it held then."""
+
+    address: int
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+def _at(address: int, element: Any, shape: list[int]) -> np.ndarray:
+    dtype = np.dtype(element)
+    memory = (ctypes.c_char * (math.prod(shape) * dtype.itemsize)).from_address(address)
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def in_cpu_memory(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
@@ -468,19 +497,40 @@ def test_a_pinned_runner_joins_the_parts_into_one_reused_buffer_zero_padded(
     tmp_path: Path,
 ) -> None:
     runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, buckets=(4, 8))
-    for sizes in [(2, 2), (1, 1, 1), (3, 2)]:  # a full bucket, then one row short of it
+    # a full bucket, one row short of it, the larger bucket, the smaller one again
+    for sizes in [(2, 2), (1, 1, 1), (3, 2), (1,)]:
         parts = _parts(*sizes)
         logits = _run_parts(runner, parts)
         np.testing.assert_allclose(logits, np.concatenate(parts).mean(axis=(2, 3)), rtol=1e-6)
     bound = session.fed
-    assert all(isinstance(value, ort.OrtValue) for value in bound)
-    # one page-locked buffer per bucket, bound on every run of its size
-    assert [value.shape() for value in bound] == [[4, 3, 4, 4], [4, 3, 4, 4], [8, 3, 4, 4]]
-    assert bound[0].data_ptr() == bound[1].data_ptr() != bound[2].data_ptr()
+    assert all(isinstance(value, ByAddress) for value in bound)
+    assert [value.shape for value in bound] == [(4, 3, 4, 4)] * 2 + [(8, 3, 4, 4), (4, 3, 4, 4)]
+    # one page-locked buffer, grown for the larger bucket: each batch in its first rows
+    first, _, grown, again = (value.address for value in bound)
+    assert bound[1].address == first != grown == again
     # the three images of the second run, then zeros where the first run's fourth was
-    staged = bound[1].numpy()
+    staged = bound[1].data
     np.testing.assert_array_equal(staged[:3], np.concatenate(_parts(1, 1, 1)))
-    assert not staged[3].any() and not bound[2].numpy()[5:].any()
+    assert not staged[3].any() and not bound[2].data[5:].any() and not bound[3].data[1:].any()
+
+
+def test_a_pinned_runner_warmed_at_every_size_holds_one_buffer_of_the_largest(
+    tmp_path: Path,
+) -> None:
+    """A GPU warms every batch size 1..max: the page-locked memory grows by powers of two
+    to the largest, one buffer at a time, not a buffer per size."""
+    allocated: list[tuple[int, ...]] = []
+
+    def counted(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
+        allocated.append(shape)
+        return in_cpu_memory(shape, dtype, device_id)
+
+    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, allocate=counted)
+    for size in range(1, 10):
+        _run_parts(runner, _parts(size))
+    assert [shape[0] for shape in allocated] == [1, 2, 4, 8, 16]
+    assert len(runner._hosts) == 1 and len(next(iter(runner._hosts.values()))[1]) == 16
+    assert [value.shape[0] for value in session.fed] == list(range(1, 10))
 
 
 def test_a_pinned_runner_casts_as_it_joins(tmp_path: Path) -> None:
@@ -488,7 +538,7 @@ def test_a_pinned_runner_casts_as_it_joins(tmp_path: Path) -> None:
     runner, session = _on_gpu(tmp_path, 10, io_binding=True, pinned=True)  # 10: FLOAT16
     parts = _parts(1, 2)
     logits = _run_parts(runner, parts)
-    assert logits.dtype == np.float32 and session.fed[0].data_type() == "tensor(float16)"
+    assert logits.dtype == np.float32 and session.fed[0].data.dtype == np.float16
     expected = np.concatenate(parts).astype(np.float16).mean(axis=(2, 3))
     np.testing.assert_allclose(logits, expected, rtol=1e-3)
 
@@ -593,12 +643,12 @@ def test_a_buckets_first_graph_runs_hold_the_gate_alone_and_later_ones_share_it(
                         graph_memory="cpu", gate=gate)  # fmt: skip
     for sizes in [(1, 1), (3,), (2,), (2,), (1,)]:  # buckets 2, 4, 2, 2, 2
         _run_parts(runner, _parts(*sizes))
-    assert GRAPH_CAPTURE_RUNS == 2
+    assert GRAPH_CAPTURE_RUNS == 2 and runner.warm_runs == 2  # warm-up makes the captures
     assert gate.holds == ["alone", "alone", "alone", "shared", "shared"]
     cpu = Runner(open_session(_tiny_onnx(tmp_path / "c.onnx"), Settings(device="cpu"), 1),
                  "images", "logits", io_binding=True, device_id=0, gate=gate)  # fmt: skip
     cpu.run(_parts(2)[0])
-    assert len(gate.holds) == 5, "a CPU run holds nothing"
+    assert len(gate.holds) == 5 and cpu.warm_runs == 1, "a CPU run holds nothing"
 
 
 def test_without_page_locked_memory_a_pinned_runner_runs_from_ordinary_memory_and_says_why(
@@ -644,18 +694,15 @@ def test_page_locked_memory_is_asked_of_the_cuda_provider_once_per_device(
 def test_a_first_run_that_fails_on_page_locked_memory_runs_again_from_ordinary_memory(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Memory that allocates but cannot be bound (here float64 for a float32 input): the
-    first run is answered from ordinary memory and the runner keeps to it, saying why."""
-
-    def wrong_type(shape: tuple[int, ...], dtype: np.dtype, device_id: int) -> Any:
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float64, "cpu", 0)
-
-    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True, allocate=wrong_type)
+    """Memory that allocates but cannot be bound: the first run is answered from ordinary
+    memory and the runner keeps to it, saying why."""
+    runner, session = _on_gpu(tmp_path, io_binding=True, pinned=True)
+    session.refuse_by_address = True
     for sizes in [(1, 2), (3,)]:
         parts = _parts(*sizes)
         logits = _run_parts(runner, parts)
         np.testing.assert_allclose(logits, np.concatenate(parts).mean(axis=(2, 3)), rtol=1e-6)
     kinds = [type(value).__name__ for value in session.fed]
-    assert kinds == ["OrtValue", "ndarray", "ndarray"], kinds  # the failed bind, then ordinary
+    assert kinds == ["ByAddress", "ndarray", "ndarray"], kinds  # the failed bind, then ordinary
     said = [r.getMessage() for r in caplog.records if "page-locked" in r.getMessage()]
     assert len(said) == 1 and "a run bound to it failed" in said[0], said
