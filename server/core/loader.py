@@ -167,7 +167,7 @@ class Loader:
     async def _load(self, mv: ModelVersion) -> None:
         started = time.monotonic()
         try:
-            model = await self._verified(mv)
+            model, precision = await self._verified(mv)
             batcher, runners, sizes = await self._open_and_warm(mv, model)
         except DeviceUnavailable as exc:
             if self.starting:
@@ -194,9 +194,17 @@ class Loader:
         seconds = time.monotonic() - started
         self._metrics.load_seconds.labels(mv.name, mv.version).set(seconds)
         _log_ready(mv, seconds, len(runners), sizes)
+        if precision == "int8" and mv.provider != CPU:
+            log.warning(
+                "model %s version %s is int8 (quantize and dequantize nodes around fp32 "
+                "operators) and runs on %s, which has no int8 kernels for them: slower than "
+                "fp32 there; build fp16 for GPUs",
+                mv.name, mv.version, mv.provider,
+            )  # fmt: skip
 
-    async def _verified(self, mv: ModelVersion) -> bytes:
-        """The bytes of `mv`'s model.onnx that passed the version check (LoadError if not)."""
+    async def _verified(self, mv: ModelVersion) -> tuple[bytes, str]:
+        """The bytes of `mv`'s model.onnx that passed the version check (LoadError if not),
+        and the precision its record gives."""
         check = await asyncio.to_thread(
             check_version, mv.path, labels=mv.config.labels, keep_model=True
         )
@@ -204,7 +212,7 @@ class Loader:
             raise LoadError(check.reason)
         mv.weights = check.weights
         mv.random_weights = check.record is not None and check.record.random_weights
-        return check.model
+        return check.model, check.record.precision if check.record is not None else "fp32"
 
     async def _open_and_warm(
         self, mv: ModelVersion, model: bytes

@@ -265,6 +265,23 @@ async def test_device_cuda_after_the_start_refuses_only_the_version_off_the_gpu(
     await found.registry.close()
 
 
+async def test_an_int8_version_on_the_gpu_is_served_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """int8 graphs are for CPUs: on CUDA they serve, and the log says to build fp16."""
+    repo = make_repo(tmp_path, {"net": CONFIG, "plain": CONFIG})
+    vdir = repo / "net" / "1"
+    Verification(passed=True, sha256=sha256_file(vdir / MODEL_FILE), precision="int8").write(vdir)
+    found, _ = registry(repo, FakeFactory(), device="auto")
+    with caplog.at_level(logging.WARNING, "server.core.loader"):
+        await load_all(found)
+    assert found.registry.get("net").state is State.READY
+    said = [r.getMessage() for r in caplog.records if "int8" in r.getMessage()]
+    assert len(said) == 1 and "model net version 1 is int8" in said[0], said
+    assert "build fp16 for GPUs" in said[0]
+    await found.registry.close()
+
+
 async def test_one_instance_off_the_gpu_moves_every_instance_to_the_cpu(tmp_path: Path) -> None:
     class SecondFails(FakeFactory):
         def __call__(self, *args: Any, **kwargs: Any) -> FakeSession:
