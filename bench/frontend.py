@@ -88,8 +88,9 @@ class FrontendPlan:
     frontends: tuple[int, ...] = (0, 1, 2, 4)  # the sweep's front-end counts; 0: one process
     client_processes: int = 4  # the sweep's perf_analyzer processes at concurrency ≥ 4
     sweep_seconds: float = 3.0  # the sweep's measured seconds per cell, over all rounds
+    device: str = "cpu"  # where the sweep's servers run their models (the cost part: the CPU)
 
-    def sweep(self, device: str = "cpu") -> frontends.SweepPlan:
+    def sweep(self, device: str | None = None) -> frontends.SweepPlan:
         return frontends.SweepPlan(
             models=self.models,
             frontends=self.frontends,
@@ -97,7 +98,7 @@ class FrontendPlan:
             clients=self.client_processes,
             seconds=self.sweep_seconds,
             rounds=self.rounds,
-            device=device,
+            device=device or self.device,
             client="perf_analyzer" if "perf_analyzer" in self.clients else "sdk",
             server_flags=self.server_flags,
         )
@@ -134,6 +135,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the sweep's measured seconds per cell, over all rounds; default %(default)s",
     )
     add("--models", type=cli.names, default=plan.models, help="default %(default)s")
+    add("--device", choices=("cpu", "cuda"), default=plan.device,
+        help="where the sweep's servers run the models (the cost part runs on the CPU); "
+        "default %(default)s")  # fmt: skip
     add(
         "--repo",
         type=Path,
@@ -172,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
         frontends=args.frontends,
         client_processes=args.client_processes,
         sweep_seconds=args.sweep_seconds,
+        device=args.device,
     )
     if unknown := set(plan.parts) - set(PARTS):
         raise SystemExit(f"unknown --parts {sorted(unknown)}: choose among {list(PARTS)}")

@@ -3,6 +3,7 @@ counting adds up, the report is written. Nothing here is timed or compared."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -51,6 +52,18 @@ def test_frontend_measures_server_and_floor_and_writes_the_report(
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nprose\n") and text.endswith("\n\nafter\n")
     assert "\nold\n" not in text and "#### Targets" in text and path.name in text
+
+
+def test_the_sweep_runs_on_the_device_asked_for_and_the_record_says_which() -> None:
+    """``--device cuda`` reaches the sweep's servers and its record; the cost part stays on
+    the CPU (raw ONNX Runtime there)."""
+    parser = argparse.ArgumentParser()
+    frontend.register(parser.add_subparsers())
+    args = parser.parse_args(["frontend", "--device", "cuda"])
+    assert args.device == "cuda"
+    plan = frontend.FrontendPlan(device="cuda")
+    assert plan.sweep().device == "cuda" and plan.as_dict()["device"] == "cuda"
+    assert frontend.FrontendPlan().sweep().device == "cpu"
 
 
 def test_null_model_passes_the_repository_check(tmp_path: Path) -> None:
