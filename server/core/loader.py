@@ -42,7 +42,7 @@ from server import threads
 from server.config import Settings
 from server.core.batcher import Batcher
 from server.core.health import Health
-from server.core.registry import ModelRegistry, ModelVersion, State
+from server.core.registry import Model, ModelRegistry, ModelVersion, State
 from server.logs import one_line
 from server.metrics import Metrics
 from server.providers import CPU, cuda_driver_present, cuda_total_memory
@@ -113,11 +113,12 @@ class Loader:
 
     def session_mem_limit(self) -> int | None:
         """Each GPU session's arena limit: its share of the GPU among every session the
-        repository asks for (each version of each model, times its instances)."""
+        repository asks for (each version of each model its version policy can serve, times
+        its instances)."""
         if self._settings.device == "cpu" or self._settings.cuda_mem_limit is not None:
             return None
         sessions = sum(
-            len(model.versions) * self._settings.instances_for(model.config.instances.count)
+            _serving_at_most(model) * self._settings.instances_for(model.config.instances.count)
             for model in self._registry.models()
         )
         return gpu_mem_limit(self._gpu_memory(self._settings.cuda_device_id), sessions)
@@ -300,6 +301,16 @@ class Loader:
             mv.name, mv.version, first.provider, first.reason, count, intra_op,
         )  # fmt: skip
         return runners
+
+
+def _serving_at_most(model: Model) -> int:
+    """How many of `model`'s versions on disk its version policy can serve at once: all,
+    those named (``specific``), or at most N (``latest``, before any version check)."""
+    policy = model.config.version_policy
+    numbers = [int(version) for version in model.versions]
+    if policy.latest is not None:
+        return min(policy.latest.num_versions, len(numbers))
+    return len(policy.select(numbers, lambda _: True))
 
 
 def warmup_sizes(config: ModelConfig, runner: Runner | None = None) -> list[int]:

@@ -38,6 +38,7 @@ from server.repository import (
     ModelConfig,
     Optimization,
     Verification,
+    VersionPolicy,
     sha256_file,
 )
 from server.sessions import DeviceUnavailable, open_session
@@ -336,6 +337,24 @@ def test_gpu_sessions_share_the_gpus_memory(tmp_path: Path) -> None:
     assert flagged.loader.session_mem_limit() is None, "the flag is passed as it is"
     cpu, _ = registry(repo, FakeFactory(), device="cpu")
     assert cpu.loader.session_mem_limit() is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "sessions"),
+    [
+        ({"latest": {"num_versions": 1}}, 1),
+        ({"specific": {"versions": [2, 3, 9]}}, 2),
+        ({"all": {}}, 4),
+    ],
+)
+def test_the_share_counts_the_versions_the_policy_can_serve(
+    tmp_path: Path, policy: dict[str, Any], sessions: int
+) -> None:
+    """Versions kept on disk that the version policy leaves out take no share."""
+    config = CONFIG.model_copy(update={"version_policy": VersionPolicy(**policy)})
+    found, _ = registry(make_repo(tmp_path, {"a": config}, versions=4), FakeFactory(),
+                        device="auto")  # fmt: skip
+    assert found.loader.session_mem_limit() == int((10 << 30) * GPU_MEMORY_SHARE) // sessions
 
 
 async def test_the_share_reaches_every_gpu_session(tmp_path: Path) -> None:
