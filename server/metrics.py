@@ -11,6 +11,8 @@ of loads and unloads stay.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import operator
 import platform
 import socket
@@ -32,9 +34,15 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from server.errors import to_status
 from server.threads import ThreadCpuCollector
@@ -59,19 +67,12 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(ThreadCpuCollector())
-        self.request_duration = Histogram(
-            "resnet_serve_request_duration_seconds",
-            "Time from receiving a classification request to its response.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        # each version's requests, counted in plain numbers (`RequestCounts`)
+        self._versions: dict[tuple[str, str], VersionMetrics] = {}
+        r.register(_RequestFamilies(self._versions))
         self.queue_duration = Histogram(
             "resnet_serve_queue_duration_seconds",
             "Time a batch item waited in its model's queue.",
-            _MV, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.preprocess_duration = Histogram(
-            "resnet_serve_preprocess_duration_seconds",
-            "Time to decode and transform one request's images.",
             _MV, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inference_duration = Histogram(
@@ -84,30 +85,9 @@ class Metrics:
             "Images per session run.",
             _MV, buckets=BATCH_BUCKETS, registry=r,
         )  # fmt: skip
-        self.requests = Counter(
-            "resnet_serve_requests",
-            "Classification requests by outcome (gRPC status code name).",
-            (*_MV, "code"), registry=r,
-        )  # fmt: skip
-        self.images = Counter("resnet_serve_images", "Images classified.", _MV, registry=r)
-        self.request_seconds = Counter(
-            "resnet_serve_request_seconds",
-            "Summed request durations by outcome (ok, failed); the v2 ModelStatistics reads it.",
-            (*_MV, "outcome"), registry=r,
-        )  # fmt: skip
-        self.last_success = Gauge(
-            "resnet_serve_last_success_timestamp_seconds",
-            "When a request of the model version last succeeded (Unix time).",
-            _MV, registry=r,
-        )  # fmt: skip
         self.queue_depth = Gauge(
             "resnet_serve_queue_depth", "Images waiting in the model's queue.", _MV, registry=r
         )
-        self.inflight = Gauge(
-            "resnet_serve_inflight_requests",
-            "Requests received and not yet answered.",
-            _MV, registry=r,
-        )  # fmt: skip
         self.load_seconds = Gauge(
             "resnet_serve_model_load_seconds",
             "Time to load and warm up a model version.",
@@ -139,22 +119,15 @@ class Metrics:
         # In the engine: told each version `forget` drops, so every front end drops it too.
         self.on_forget: Callable[[str, str], None] | None = None
         # the families whose series belong to one loaded version, with their label names
+        # (the request families' series go with the version's `RequestCounts`)
         self._per_version = (
-            (self.request_duration, _MV),
             (self.queue_duration, _MV),
-            (self.preprocess_duration, _MV),
             (self.inference_duration, _MV),
             (self.batch_size, _MV),
-            (self.requests, (*_MV, "code")),
-            (self.images, _MV),
-            (self.request_seconds, (*_MV, "outcome")),
-            (self.last_success, _MV),
             (self.queue_depth, _MV),
-            (self.inflight, _MV),
             (self.load_seconds, _MV),
             (self.execution_provider, (*_MV, "instance", "provider")),
         )
-        self._versions: dict[tuple[str, str], VersionMetrics] = {}
         self.build = Info(
             "resnet_serve_build", "Versions of the server and its runtime.", registry=r
         )
@@ -271,51 +244,142 @@ def merge_families(sources: Iterable[Iterable[Metric]]) -> list[Metric]:
 
 class VersionMetrics:
     """One model version's children of the families, resolved once (``.labels()`` takes a
-    lock and builds a key on every call; the request path counts several per request)."""
+    lock and builds a key on every call), and its `RequestCounts`."""
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
         labels = (model, version)
-        self._metrics, self._labels = metrics, labels
-        self.request_duration = metrics.request_duration.labels(*labels)
         self.queue_duration = metrics.queue_duration.labels(*labels)
-        self.preprocess_duration = metrics.preprocess_duration.labels(*labels)
         self.inference_duration = metrics.inference_duration.labels(*labels)
         self.batch_size = metrics.batch_size.labels(*labels)
-        self.images = metrics.images.labels(*labels)
-        self.ok_seconds = metrics.request_seconds.labels(*labels, "ok")
-        self.failed_seconds = metrics.request_seconds.labels(*labels, "failed")
-        self.last_success = metrics.last_success.labels(*labels)
         self.queue_depth = metrics.queue_depth.labels(*labels)
-        self.inflight = metrics.inflight.labels(*labels)
-        self._requests: dict[str, Any] = {}
-
-    def requests(self, code: str) -> Any:
-        """The requests counter's child for a status code name."""
-        child = self._requests.get(code)
-        if child is None:
-            child = self._requests[code] = self._metrics.requests.labels(*self._labels, code)
-        return child
+        self.requests = RequestCounts()
 
     def track_request(self, images: int, deadline: float | None = None) -> _Tracked:
         """See `Metrics.track_request`."""
-        return _Tracked(self, images, deadline)
+        return _Tracked(self.requests, images, deadline)
+
+    def observe_preprocess(self, seconds: float) -> None:
+        """One request's images decoded and transformed in `seconds`."""
+        counts = self.requests
+        counts.preprocess[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        counts.preprocess_sum += seconds
+
+
+# The families of `RequestCounts`, as `_RequestFamilies` shows them.
+REQUEST_DURATION = "resnet_serve_request_duration_seconds"
+PREPROCESS_DURATION = "resnet_serve_preprocess_duration_seconds"
+REQUESTS = "resnet_serve_requests"
+IMAGES = "resnet_serve_images"
+REQUEST_SECONDS = "resnet_serve_request_seconds"
+LAST_SUCCESS = "resnet_serve_last_success_timestamp_seconds"
+INFLIGHT = "resnet_serve_inflight_requests"
+
+
+class RequestCounts:
+    """One version's requests, counted in plain numbers: the families of each request, with
+    no lock and no Prometheus child per update (those cost the request path ~4 µs a call).
+    Only the thread that answers calls (the event loop's) writes them; /metrics reads them
+    from its own thread (`_RequestFamilies`), each number as it was before or after an
+    update, as Prometheus's own children are read."""
+
+    __slots__ = (
+        "codes", "duration_sum", "durations", "failed_seconds", "images", "inflight",
+        "last_success", "ok_seconds", "preprocess", "preprocess_sum",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.codes: dict[str, int] = {}  # requests by gRPC status code name
+        self.images = 0  # of successful requests
+        self.ok_seconds = self.failed_seconds = 0.0
+        self.last_success = 0.0  # Unix time
+        # histograms: a count per bucket of LATENCY_BUCKETS (not cumulative), then +Inf
+        self.durations = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.preprocess = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.preprocess_sum = 0.0
+
+
+class _RequestFamilies:
+    """The request families of every version's `RequestCounts`, made at collect time."""
+
+    def __init__(self, versions: dict[tuple[str, str], VersionMetrics]) -> None:
+        self._versions = versions
+
+    def describe(self) -> list[Metric]:
+        return self._families()
+
+    def collect(self) -> list[Metric]:
+        families = self._families()
+        for labels, found in list(self._versions.items()):
+            self._add(families, list(labels), found.requests)
+        return families
+
+    @staticmethod
+    def _families() -> list[Metric]:
+        return [
+            HistogramMetricFamily(
+                REQUEST_DURATION, "Time from receiving a classification request to its "
+                "response.", labels=_MV,
+            ),
+            HistogramMetricFamily(
+                PREPROCESS_DURATION, "Time to decode and transform one request's images.",
+                labels=_MV,
+            ),
+            CounterMetricFamily(
+                REQUESTS, "Classification requests by outcome (gRPC status code name).",
+                labels=(*_MV, "code"),
+            ),
+            CounterMetricFamily(IMAGES, "Images classified.", labels=_MV),
+            CounterMetricFamily(
+                REQUEST_SECONDS, "Summed request durations by outcome (ok, failed); the v2 "
+                "ModelStatistics reads it.", labels=(*_MV, "outcome"),
+            ),
+            GaugeMetricFamily(
+                LAST_SUCCESS, "When a request of the model version last succeeded (Unix "
+                "time).", labels=_MV,
+            ),
+            GaugeMetricFamily(
+                INFLIGHT, "Requests received and not yet answered.", labels=_MV
+            ),
+        ]  # fmt: skip
+
+    @staticmethod
+    def _add(families: list[Metric], labels: list[str], counts: RequestCounts) -> None:
+        durations, preprocess, requests, images, seconds, last, inflight = families
+        durations.add_metric(labels, _buckets(counts.durations), counts.duration_sum)
+        preprocess.add_metric(labels, _buckets(counts.preprocess), counts.preprocess_sum)
+        for code, count in list(counts.codes.items()):
+            requests.add_metric([*labels, code], count)
+        images.add_metric(labels, counts.images)
+        seconds.add_metric([*labels, "ok"], counts.ok_seconds)
+        seconds.add_metric([*labels, "failed"], counts.failed_seconds)
+        last.add_metric(labels, counts.last_success)
+        inflight.add_metric(labels, counts.inflight)
+
+
+_BOUNDS = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]  # the buckets' ``le`` labels
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """A histogram's cumulative buckets from its counts per bucket."""
+    return list(zip(_BOUNDS, itertools.accumulate(counts), strict=True))
 
 
 class _Tracked:
     """One request being counted (a plain context manager: no generator per request)."""
 
-    __slots__ = ("_children", "_deadline", "_images", "_started")
+    __slots__ = ("_counts", "_deadline", "_images", "_started")
 
-    def __init__(self, children: VersionMetrics, images: int, deadline: float | None) -> None:
-        self._children, self._images, self._deadline = children, images, deadline
+    def __init__(self, counts: RequestCounts, images: int, deadline: float | None) -> None:
+        self._counts, self._images, self._deadline = counts, images, deadline
 
     def __enter__(self) -> None:
-        self._children.inflight.inc()
+        self._counts.inflight += 1
         self._started = time.perf_counter()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
         elapsed = time.perf_counter() - self._started
-        children = self._children
         if exc is None:
             code = "OK"
         elif isinstance(exc, Exception):
@@ -324,13 +388,17 @@ class _Tracked:
             code = "DEADLINE_EXCEEDED"
         else:
             code = "CANCELLED"
-        children.inflight.dec()
-        children.request_duration.observe(elapsed)
-        (children.ok_seconds if code == "OK" else children.failed_seconds).inc(elapsed)
-        children.requests(code).inc()
+        counts = self._counts
+        counts.inflight -= 1
+        counts.durations[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        counts.duration_sum += elapsed
+        counts.codes[code] = counts.codes.get(code, 0) + 1
         if code == "OK":
-            children.images.inc(self._images)
-            children.last_success.set_to_current_time()
+            counts.ok_seconds += elapsed
+            counts.images += self._images
+            counts.last_success = time.time()
+        else:
+            counts.failed_seconds += elapsed
 
 
 class _Quiet(WSGIRequestHandler):

@@ -41,6 +41,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,11 @@ from server.validation import (
 # a generator seeded once from the system's entropy (no system call per request, a fifth
 # of uuid4's cost). An id tells nothing of the process or of how many calls it has served.
 _ids = random.Random()
+
+# `Timeouts`: the calls of one tick share a timer; a tick is a 64th of the timeout, at most
+# a quarter of a second (the default 60 s gives a call 60 to 60.25 s).
+TIMEOUT_TICKS = 64
+MAX_TIMEOUT_TICK = 0.25
 
 
 def new_request_id() -> str:
@@ -96,7 +102,7 @@ class RequestPath:
             max_image_pixels=settings.max_image_pixels,
             reject_non_finite=settings.reject_non_finite,
         )
-        self._default_timeout = settings.default_timeout
+        self._timeouts = Timeouts(settings.default_timeout)
         self._registry = registry
         self._preprocessor = preprocessor
         self._metrics = metrics
@@ -108,22 +114,30 @@ class RequestPath:
         served = self._registry.get(request.model, request.version)
         if request.deadline is not None:  # gRPC cancels the call when it passes
             return await self._infer(request, request_id, served, request.deadline)
-        deadline = time.monotonic() + self._default_timeout
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = self._timeouts.start(task)
         try:
-            async with asyncio.timeout(self._default_timeout):
-                return await self._infer(request, request_id, served, deadline)
-        except TimeoutError:
+            return await self._infer(request, request_id, served, deadline)
+        except asyncio.CancelledError:
+            if not self._timeouts.expired(task):
+                raise
             raise DeadlineExceeded(
-                f"no answer within {self._default_timeout:g} s, the server's timeout for "
+                f"no answer within {self._timeouts.seconds:g} s, the server's timeout for "
                 f"calls without a deadline (default_timeout); set a deadline on the call"
             ) from None
+        finally:
+            self._timeouts.stop(task, deadline)
 
     async def _infer(
         self, request: InferRequest, request_id: str, served: ModelVersion, deadline: float
     ) -> Result:
         # held until answered: a version being unloaded finishes the requests it let in
-        with served.hold(), self._metrics.version(served.name, served.version).track_request(
-            request.declared_images(), deadline
+        with (
+            served.hold(),
+            self._metrics.version(served.name, served.version).track_request(
+                request.declared_images(), deadline
+            ),
         ):
             with tracing.step(tracing.PREPROCESS):  # a no-op unless tracing is on
                 checked = accept(request, served.config, self._limits, self._shared_memory)
@@ -166,7 +180,7 @@ class RequestPath:
                 if isinstance(exc, InvalidInput) and failed is not None:
                     raise InvalidInput(f"image {failed}: {exc}") from None
                 raise
-        self._metrics.version(served.name, served.version).preprocess_duration.observe(
+        self._metrics.version(served.name, served.version).observe_preprocess(
             time.perf_counter() - started
         )
         if len(inputs) == 1:  # one image: the batch is a view of it, not a copy
@@ -181,6 +195,53 @@ class RequestPath:
         if not _ready(image):
             return self._preprocessor.pixels(image, served.config)
         return resolved(image)
+
+
+class Timeouts:
+    """The server's timeout for calls without a deadline (``default_timeout``), kept for
+    all of them by a timer per tick rather than one per call: the calls that start within
+    one tick share a deadline, the tick's end plus the timeout, and one timer cancels those
+    still running then. A call so gets between ``seconds`` and ``seconds + tick``. A timer
+    per call (`asyncio.timeout`) cost several microseconds of the event loop's thread per
+    call; this costs a set's insert and removal (docs/decisions/0012)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._tick = min(seconds / TIMEOUT_TICKS, MAX_TIMEOUT_TICK)
+        self._running: dict[float, set[asyncio.Task[object]]] = {}  # deadline: its calls
+        self._expired: set[asyncio.Task[object]] = set()
+
+    def start(self, task: asyncio.Task[Any]) -> float:
+        """Count `task` in: the `time.monotonic()` deadline it was given."""
+        now = time.monotonic()
+        deadline = (now // self._tick + 1) * self._tick + self.seconds
+        calls = self._running.get(deadline)
+        if calls is None:
+            calls = self._running[deadline] = set()
+            asyncio.get_running_loop().call_at(deadline, self._expire, deadline)
+        calls.add(task)
+        return deadline
+
+    def stop(self, task: asyncio.Task[Any], deadline: float) -> None:
+        """`task` is answered (or has failed): no timer cancels it any more."""
+        calls = self._running.get(deadline)
+        if calls is not None:
+            calls.discard(task)
+        self._expired.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether a cancel of `task` was its timeout's (and no one else's): then the
+        cancel is taken back, and the call answers DEADLINE_EXCEEDED."""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() == 0
+
+    def _expire(self, deadline: float) -> None:
+        for task in self._running.pop(deadline, ()):
+            if not task.done():
+                self._expired.add(task)
+                task.cancel()
 
 
 def _ready(image: Accepted) -> bool:

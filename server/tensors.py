@@ -71,15 +71,16 @@ def datatype(name: str) -> Datatype:
 
 
 def check_shape(tensor: str, shape: Sequence[int]) -> tuple[int, ...]:
-    if any(d < 0 for d in shape):
+    dims = tuple(map(int, shape))
+    if dims and min(dims) < 0:
         raise TensorError(f"input '{tensor}' has shape {list(shape)}; dimensions must be >= 0")
     # numpy refuses such a shape even when a zero dimension leaves it empty
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    if math.prod(filter(None, dims)) > MAX_ELEMENTS:
         raise TensorError(
             f"input '{tensor}' has shape {list(shape)}; its non-zero dimensions may multiply "
             f"to at most {MAX_ELEMENTS}"
         )
-    return tuple(int(d) for d in shape)
+    return dims
 
 
 def decode_raw(

@@ -41,11 +41,12 @@ def processes() -> tuple[Metrics, Metrics, Metrics]:
         for _ in range(ok):
             with v1.track_request(2):
                 pass
-        v1.requests("INVALID_ARGUMENT").inc(invalid)
-    one.version("cifar", "1").inflight.inc(2)
-    two.version("cifar", "1").inflight.inc(3)
-    one.version("cifar", "1").last_success.set(1000.0)
-    two.version("cifar", "1").last_success.set(2000.0)
+        if invalid:
+            v1.requests.codes["INVALID_ARGUMENT"] = invalid
+    for metrics, inflight, last_success in ((one, 2, 1000.0), (two, 3, 2000.0)):
+        counts = metrics.version("cifar", "1").requests
+        counts.inflight += inflight
+        counts.last_success = last_success
     return engine, one, two
 
 

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.errors import InvalidInput, QueueFull
 from server.metrics import Metrics
 from server.preprocess import Preprocessor
-from server.request_path import RequestPath
+from server.request_path import RequestPath, Timeouts
 
 SIBLINGS = 20
 DECODE_SECONDS = 0.05
@@ -81,8 +81,10 @@ async def test_float_tensors_reach_the_batcher_in_the_step_that_admitted_them(
         batch = done.value.value
         assert batch.shape == (3, 3, 4, 4)
         assert [float(image[0, 0, 0]) for image in batch] == [0.0, 1.0, 2.0]
-        observed = metrics.version("m", "1").preprocess_duration.collect()[0].samples
-        assert next(s.value for s in observed if s.name.endswith("_count")) == 1
+        observed = metrics.registry.get_sample_value(
+            "resnet_serve_preprocess_duration_seconds_count", {"model": "m", "version": "1"}
+        )
+        assert observed == 1
     finally:
         preprocessor.close()
 
@@ -180,3 +182,60 @@ async def test_a_full_model_queue_refuses_images_before_they_are_decoded(tmp_pat
         assert batch.shape == (2, 3, 2, 2) and decoded == [b"a", b"b"]
     finally:
         preprocessor.close()
+
+
+async def test_calls_of_one_tick_share_one_timer_and_expire_after_the_timeout() -> None:
+    """Calls without a deadline that start within a tick share one timer; each is cancelled
+    no sooner than the timeout and at most a tick after it, and reported as expired."""
+    timeouts = Timeouts(0.064)  # a 1 ms tick
+    started = time.monotonic()
+    results: list[str] = []
+
+    async def call() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = timeouts.start(task)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            results.append("expired" if timeouts.expired(task) else "cancelled")
+        finally:
+            timeouts.stop(task, deadline)
+
+    tasks = [asyncio.create_task(call()) for _ in range(50)]
+    await asyncio.sleep(0)  # every call started, within a tick or across two
+    assert 1 <= len(timeouts._running) <= 2  # a timer each, not one per call
+    await asyncio.gather(*tasks)
+    took = time.monotonic() - started
+    assert results == ["expired"] * 50
+    assert 0.064 <= took < 0.064 + 0.5  # the tick is 1 ms; the rest is this host's noise
+
+
+async def test_a_call_answered_in_time_or_cancelled_by_its_caller_is_not_expired() -> None:
+    timeouts = Timeouts(0.05)
+    outcomes: dict[str, str] = {}
+
+    async def call(name: str, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = timeouts.start(task)
+        try:
+            await asyncio.sleep(seconds)
+            outcomes[name] = "answered"
+        except asyncio.CancelledError:
+            outcomes[name] = "expired" if timeouts.expired(task) else "cancelled"
+            raise
+        finally:
+            timeouts.stop(task, deadline)
+
+    quick = asyncio.create_task(call("quick", 0.001))
+    slow = asyncio.create_task(call("slow", 10))
+    await asyncio.sleep(0.01)
+    slow.cancel()  # the caller's own cancel, before the timeout
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    await quick
+    # the timer of their tick fires and finds nothing to cancel
+    await asyncio.sleep(0.1)
+    assert outcomes == {"quick": "answered", "slow": "cancelled"}
+    assert not timeouts._expired and not any(timeouts._running.values())

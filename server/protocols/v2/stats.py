@@ -23,7 +23,14 @@ from prometheus_client.metrics_core import Metric
 from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 
 from server.core.registry import Model, ModelRegistry, ModelVersion, State, by_version
-from server.metrics import Metrics
+from server.metrics import (
+    IMAGES,
+    LAST_SUCCESS,
+    PREPROCESS_DURATION,
+    REQUEST_SECONDS,
+    REQUESTS,
+    Metrics,
+)
 
 _NS = 1_000_000_000
 
@@ -60,8 +67,9 @@ class _Families:
         self.metrics = metrics
         self._by_name = {family.name: family for family in families}
 
-    def __call__(self, family: MetricWrapperBase) -> Metric | None:
-        return self._by_name.get(family._name)
+    def __call__(self, family: MetricWrapperBase | str) -> Metric | None:
+        """A family by its Prometheus object or its name."""
+        return self._by_name.get(family if isinstance(family, str) else family._name)
 
 
 def _one(families: _Families, mv: ModelVersion) -> pb.ModelStatistics:
@@ -69,30 +77,30 @@ def _one(families: _Families, mv: ModelVersion) -> pb.ModelStatistics:
     labels = {"model": mv.name, "version": mv.version}
 
     def _value(
-        family: MetricWrapperBase, suffix: str, labels: dict[str, str], **more: str
+        family: MetricWrapperBase | str, suffix: str, labels: dict[str, str], **more: str
     ) -> float:
         return _sum(families(family), suffix, labels, **more)
 
     def _histogram(family: Histogram, labels: dict[str, str]) -> pb.StatisticDuration:
         return _duration(_value(family, "_count", labels), _value(family, "_sum", labels))
 
-    ok = _value(metrics.requests, "_total", labels, code="OK")
+    ok = _value(REQUESTS, "_total", labels, code="OK")
     executions = _value(metrics.batch_size, "_count", labels)
-    failed = _value(metrics.requests, "_total", labels) - ok
+    failed = _value(REQUESTS, "_total", labels) - ok
     return pb.ModelStatistics(
         name=mv.name,
         version=mv.version,
-        last_inference=int(_value(metrics.last_success, "_seconds", labels) * 1000),
-        inference_count=int(_value(metrics.images, "_total", labels)),
+        last_inference=int(_value(LAST_SUCCESS, "_seconds", labels) * 1000),
+        inference_count=int(_value(IMAGES, "_total", labels)),
         execution_count=int(executions),
         inference_stats=pb.InferStatistics(
-            success=_duration(ok, _value(metrics.request_seconds, "_total", labels, outcome="ok")),
+            success=_duration(ok, _value(REQUEST_SECONDS, "_total", labels, outcome="ok")),
             fail=_duration(
-                failed, _value(metrics.request_seconds, "_total", labels, outcome="failed")
+                failed, _value(REQUEST_SECONDS, "_total", labels, outcome="failed")
             ),
             queue=_histogram(metrics.queue_duration, labels),
             compute_input=_duration(
-                executions, _value(metrics.preprocess_duration, "_sum", labels)
+                executions, _value(PREPROCESS_DURATION, "_sum", labels)
             ),
             compute_infer=_duration(
                 executions, _value(metrics.inference_duration, "_sum", labels)
