@@ -80,30 +80,33 @@ def _bound(value: float) -> str:
 
 
 def metrics_table() -> str:
-    """The metric families: name as scraped, type, labels, help; then histogram buckets."""
+    """The metric families: name as scraped, type, labels, help; then histogram buckets.
+    In the registry's order, with one model version's series, so that every family
+    collected at scrape time shows its labels and buckets."""
     metrics = Metrics()
+    metrics.version("model", "version")
     wrappers = {
         wrapper._name: wrapper
         for wrapper in vars(metrics).values()
         if isinstance(wrapper, MetricWrapperBase)
     }
-    order = list(wrappers)
-    families = sorted(
-        (f for f in metrics.registry.collect() if f.name.startswith(PREFIX)),
-        key=lambda f: order.index(f.name) if f.name in wrappers else len(order),
-    )
+    families = [f for f in metrics.registry.collect() if f.name.startswith(PREFIX)]
     lines = ["| family | type | labels | meaning |", "|---|---|---|---|"]
     buckets: dict[tuple[float, ...], list[str]] = {}
     for family in families:
-        wrapper = wrappers.get(family.name)
-        labels = list(getattr(wrapper, "_labelnames", ()))
+        # a wrapper's label names, or those a collector's family was made with
+        labels = list(getattr(wrappers.get(family.name), "_labelnames", ()))
+        labels += [key for key in getattr(family, "_labelnames", ()) if key not in labels]
         for sample in family.samples:  # info keys, labels of a plain collector's family
             labels += [key for key in sample.labels if key not in labels and key != "le"]
         exposed = family.name + EXPOSED_SUFFIX.get(family.type, "")
         shown = ", ".join(f"`{label}`" for label in labels) or "—"
         lines.append(f"| `{exposed}` | {family.type} | {shown} | {_cell(family.documentation)} |")
-        if family.type == "histogram" and wrapper is not None:
-            bounds = tuple(b for b in wrapper._upper_bounds if b != float("inf"))
+        if family.type == "histogram":
+            bounds = tuple(dict.fromkeys(
+                float(sample.labels["le"]) for sample in family.samples
+                if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf"
+            ))  # fmt: skip
             buckets.setdefault(bounds, []).append(exposed)
     for bounds, names in buckets.items():
         lines += [

@@ -66,7 +66,6 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        r.register(ThreadCpuCollector())
         # each version's requests, counted in plain numbers (`RequestCounts`)
         self._versions: dict[tuple[str, str], VersionMetrics] = {}
         r.register(_RequestFamilies(self._versions))
@@ -138,6 +137,7 @@ class Metrics:
                 "python": platform.python_version(),
             }
         )
+        r.register(ThreadCpuCollector())
 
     def version(self, model: str, version: str) -> VersionMetrics:
         """The children of every family for one model version, made once and kept."""
