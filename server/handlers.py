@@ -105,13 +105,16 @@ def behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
 
 
 def replace_behavior(
-    handler: grpc.RpcMethodHandler, answer: Callable[..., Any]
+    handler: grpc.RpcMethodHandler,
+    answer: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s shape and (de)serializers that answers with `answer` (aio
-    takes a coroutine function for every shape, an async generator for streamed answers)."""
+    takes a coroutine function for every shape, an async generator for streamed answers),
+    its requests read by `request_deserializer` if one is given."""
     factory = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
     return factory(
         answer,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

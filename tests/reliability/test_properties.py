@@ -12,7 +12,10 @@ examples are in test_catalogue.py.
 - v2 tensors: any datatype name, shape and raw buffer through ``decode_raw``,
   BYTES buffers through ``bytes_tensor.deserialize`` (and back), typed contents
   through ``decode_contents``, whole ``ModelInferRequest`` messages through
-  ``parse_images`` and ``parse_outputs``.
+  ``parse_images`` and ``parse_outputs``;
+- received messages: any ``ModelInferRequest``, large enough for the codec's ``parse`` to
+  take its raw contents out of the received bytes, and any bytes at all, read as protobuf
+  reads them (the same fields, the same raw contents, the same refusal).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resnet_serve_client import bytes_tensor
@@ -200,6 +204,62 @@ def test_any_infer_request_parses_or_is_invalid(request: v2.ModelInferRequest) -
         return
     assert parsed.tensor is not None or parsed.images
     assert outputs
+
+
+@CASES
+@given(request=infer_requests(), large=st.binary(min_size=1, max_size=64), spare=st.binary())
+def test_a_received_message_reads_as_protobuf_reads_it(
+    request: v2.ModelInferRequest, large: bytes, spare: bytes
+) -> None:
+    """With an entry past ``RAW_SPLIT_BYTES`` and unknown fields of every wire type."""
+    request.raw_input_contents.append(large * (v2_request.RAW_SPLIT_BYTES // len(large) + 1))
+    data = request.SerializeToString() + _unknown_fields(spare)
+    received = v2_request.parse(data)
+    whole = v2.ModelInferRequest.FromString(data)
+    assert [bytes(raw) for raw in received.raw] == list(whole.raw_input_contents)
+    assert all(isinstance(raw, memoryview) and raw.obj is data for raw in received.raw)
+    del whole.raw_input_contents[:]
+    assert _same(received.message, whole)
+
+
+def _unknown_fields(seed: bytes) -> bytes:
+    """Fields numbered above the message's: a varint, 64 and 32 bits, bytes."""
+    return (
+        b"\xa8\x06" + bytes([len(seed) & 0x7F])  # field 101, varint
+        + b"\xb1\x06" + (seed + bytes(8))[:8]  # field 102, 64-bit
+        + b"\xbd\x06" + (seed + bytes(4))[:4]  # field 103, 32-bit
+        + b"\xc2\x06" + bytes([min(len(seed), 127)]) + seed[:127]  # field 104, bytes
+    )  # fmt: skip
+
+
+@CASES
+@given(head=st.binary(max_size=64), tail=st.binary(max_size=64))
+def test_any_bytes_around_a_large_entry_parse_as_protobuf_parses_them(
+    head: bytes, tail: bytes
+) -> None:
+    """Any bytes before and after a raw contents entry past ``RAW_SPLIT_BYTES``."""
+    size = v2_request.RAW_SPLIT_BYTES
+    length = bytes([0x80 | size & 0x7F, 0x80 | size >> 7 & 0x7F, size >> 14])  # a varint
+    entry = b"\x3a" + length + bytes(size)  # field 7 (raw_input_contents), bytes
+    data = head + entry + tail
+    try:
+        whole = v2.ModelInferRequest.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            v2_request.parse(data)
+        return
+    received = v2_request.parse(data)
+    assert [bytes(raw) for raw in received.raw] == list(whole.raw_input_contents)
+    del whole.raw_input_contents[:]
+    assert _same(received.message, whole)
+
+
+def _same(message: Any, other: Any) -> bool:
+    """The same fields, unknown ones included (the server's generated classes are not
+    tritonclient's, so they never compare equal)."""
+    return message.SerializeToString(deterministic=True) == other.SerializeToString(
+        deterministic=True
+    )
 
 
 def test_the_seeds_are_valid_images() -> None:

@@ -25,13 +25,23 @@ repeated field (`server.request.Elements`); what cannot be read at all (data in 
 places, in neither, a non-integer classification count) travels as
 `server.request.Invalid`. `server.validation` checks the request against the model
 before any data is read.
+
+A received message is `parse`d into a `Received`: a message of
+``RAW_SPLIT_BYTES`` or more has its ``raw_input_contents`` entries taken as views of the
+bytes gRPC received (found by the protobuf wire format's top-level fields: a tag, a
+length, the bytes), and only its other fields parsed by protobuf. Parsing the whole
+message copies each entry into protobuf's arena, and reading an entry copies it once
+more; an input is then copied once, where it goes (a front end's slot, the batch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from resnet_serve_client.proto.inference import grpc_service_pb2 as pb
 
 from server import shared_memory
 from server.protocols.v2 import tensors
@@ -41,22 +51,113 @@ from server.validation import CLASSIFICATION
 
 _NONE: frozenset[str] = frozenset()
 
+# A message this large or larger has its raw contents split off as it is received (`parse`);
+# below it, copying them costs less than finding them.
+RAW_SPLIT_BYTES = 32 * 1024
+_RAW_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_LENGTH_DELIMITED, _VARINT, _FIXED64, _FIXED32 = 2, 0, 1, 5
 
-def infer_request(message: Any, deadline: float | None) -> InferRequest:
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A ModelInferRequest as received: the message, and its inputs' raw contents (the
+    message's own ``raw_input_contents``, or views of the received bytes that `parse` took
+    out of it)."""
+
+    message: Any  # pb.ModelInferRequest
+    raw: Sequence[bytes | memoryview]
+
+
+def parse(data: bytes) -> Received:
+    """gRPC's request deserializer for ModelInfer and ModelStreamInfer (see the module).
+    A message whose top-level fields cannot be walked is parsed whole, as protobuf parses
+    it (and refuses it) anyway."""
+    split = None
+    if len(data) >= RAW_SPLIT_BYTES:
+        try:
+            split = _split_raw(data)
+        except IndexError:  # a varint that runs past the end
+            split = None
+    if split is None:
+        message = pb.ModelInferRequest.FromString(data)
+        return Received(message, message.raw_input_contents)
+    rest, raw = split
+    return Received(pb.ModelInferRequest.FromString(rest), raw)
+
+
+def received(message: Any) -> Received:
+    """A message built here (tests, tools) as if received."""
+    return Received(message, message.raw_input_contents)
+
+
+def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
+    """The message's bytes without its ``raw_input_contents`` fields, and those fields'
+    contents as views of `data`, in order; None where the wire format is not as expected
+    (a group, a length past the end)."""
+    view = memoryview(data)
+    rest: list[memoryview] = []
+    raw: list[memoryview] = []
+    end = len(data)
+    at = 0
+    while at < end:
+        start = at
+        key, at = _varint(data, at)
+        kind = key & 7
+        if kind == _LENGTH_DELIMITED:
+            length, at = _varint(data, at)
+            if at + length > end:
+                return None
+            if key >> 3 == _RAW_FIELD:
+                raw.append(view[at : at + length])
+            else:
+                rest.append(view[start : at + length])
+            at += length
+            continue
+        if kind == _VARINT:
+            _, at = _varint(data, at)
+        elif kind == _FIXED64:
+            at += 8
+        elif kind == _FIXED32:
+            at += 4
+        else:
+            return None
+        rest.append(view[start:at])
+    if at != end:
+        return None
+    return b"".join(rest), raw
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The base-128 varint at `at` and where the next field starts; IndexError past the
+    end is the caller's to treat as malformed."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def infer_request(received: Received, deadline: float | None) -> InferRequest:
     """The message as the neutral request (nothing checked against a model)."""
+    message = received.message
     return InferRequest(
         model=message.model_name,
         version=message.model_version,
         id=message.id,
         deadline=deadline,
-        inputs=inputs(message),
+        inputs=inputs(message, received.raw),
         outputs=outputs(message),
     )
 
 
-def inputs(message: Any) -> tuple[Tensor, ...]:
+def inputs(message: Any, raw: Sequence[bytes | memoryview] | None = None) -> tuple[Tensor, ...]:
+    """The message's input tensors; their raw contents `raw`, by default the message's."""
+    contents = message.raw_input_contents if raw is None else raw
     return tuple(
-        Tensor(t.name, t.datatype, tuple(t.shape), _data(message, t),
+        Tensor(t.name, t.datatype, tuple(t.shape), _data(message, t, contents),
                frozenset(t.parameters) if t.parameters else _NONE)
         for t in message.inputs
     )
@@ -135,22 +236,22 @@ def write_shared(memory: SharedMemory | None, output: Output, raw: bytes) -> boo
     return True
 
 
-def _data(message: Any, tensor: Any) -> TensorData:
+def _data(message: Any, tensor: Any, raw: Sequence[bytes | memoryview]) -> TensorData:
     """The input's raw contents or typed elements, as sent, or its shared-memory range
     (nothing read)."""
     has_contents = tensor.HasField("contents")
     region = _shared(f"input '{tensor.name}'", tensor.parameters)
     if region is not None:
-        if message.raw_input_contents or has_contents:
+        if raw or has_contents:
             return Invalid(
                 f"input '{tensor.name}' is in shared memory ('{shared_memory.REGION}') and also "
                 "carries data in the request; send one or the other"
             )
         return region
-    if message.raw_input_contents:
-        if len(message.raw_input_contents) != len(message.inputs):
+    if raw:
+        if len(raw) != len(message.inputs):
             return Invalid(
-                f"raw_input_contents has {len(message.raw_input_contents)} entries for "
+                f"raw_input_contents has {len(raw)} entries for "
                 f"{len(message.inputs)} input(s); it needs one per input, in order"
             )
         if has_contents:
@@ -158,7 +259,7 @@ def _data(message: Any, tensor: Any) -> TensorData:
                 f"input '{tensor.name}' sets contents while the request uses raw_input_contents; "
                 f"use one or the other"
             )
-        return message.raw_input_contents[0]
+        return raw[0]
     if not has_contents:
         return Invalid(
             f"input '{tensor.name}' carries no data; send it in raw_input_contents or contents"

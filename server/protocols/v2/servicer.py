@@ -12,7 +12,9 @@ and the stream goes on. RepositoryModelLoad and RepositoryModelUnload go to
 naming the switch, when it is none; unload only when it is explicit). The system
 shared-memory RPCs go to the server's one table (`server.shared_memory`; with front ends,
 the engine's). Triton RPCs this server does not implement (CUDA shared memory, trace)
-answer UNIMPLEMENTED and say why.
+answer UNIMPLEMENTED and say why. ModelInfer and ModelStreamInfer receive their messages
+as the v2 codec's `parse` reads them (`Received`: a large message's raw contents are not
+copied out of the received bytes).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server import tracing
 from server.context import ServingContext
 from server.errors import ServeError
+from server.handlers import behavior, replace_behavior
 from server.logs import log_settings, update_log_settings
 from server.protocols.calls import answer_in_order, deadline_of
 from server.protocols.shared import UNLOAD_PARAMETERS, check_control
 from server.protocols.v2 import describe, stats
-from server.protocols.v2.request import fill_response, infer_request
+from server.protocols.v2.request import Received, fill_response, infer_request, parse
 from server.request_path import Result
 from server.shared_memory import CUDA_UNSUPPORTED
 
@@ -69,9 +72,34 @@ def _offered(ctx: ServingContext) -> tuple[str, bool]:
     return ctx.settings.model_control_mode, ctx.settings.shared_memory_regions > 0
 
 
+# the RPCs whose requests `parse` reads
+_PARSED = ("ModelInfer", "ModelStreamInfer")
+
+
 def add_to_server(server: grpc.aio.Server, ctx: ServingContext) -> str:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(ctx), server)
+    generated = _Registered()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(ctx), generated)
+    handlers = {
+        name: replace_behavior(handler, behavior(handler), parse) if name in _PARSED else handler
+        for name, handler in generated.handlers.items()
+    }
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     return SERVICE_NAME
+
+
+class _Registered:
+    """Keeps the method handlers generated code registers (it gives them twice: as a
+    generic handler, and by method)."""
+
+    handlers: dict[str, grpc.RpcMethodHandler]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = handlers
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -196,22 +224,23 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # inference
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: Received, context: Context) -> pb.ModelInferResponse:
         return await self._infer(request, deadline_of(context))
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, request_iterator: AsyncIterator[Received], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
 
-        async def answer(message: pb.ModelInferRequest, _: int) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(message, deadline))
+        async def answer(received: Received, _: int) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                infer_response=await self._infer(received, deadline)
+            )
 
         def failed(
-            message: pb.ModelInferRequest, _: int, code: grpc.StatusCode, error: str
+            received: Received, _: int, code: grpc.StatusCode, error: str
         ) -> pb.ModelStreamInferResponse:
+            message = received.message
             return pb.ModelStreamInferResponse(
                 error_message=error,
                 infer_response=pb.ModelInferResponse(
@@ -226,12 +255,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         ):
             yield response
 
-    async def _infer(
-        self, message: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelInferResponse:
-        result = await self._path.infer(infer_request(message, deadline))
+    async def _infer(self, received: Received, deadline: float | None) -> pb.ModelInferResponse:
+        result = await self._path.infer(infer_request(received, deadline))
         with tracing.step(tracing.ENCODE):
-            return self._response(message, result)
+            return self._response(received.message, result)
 
     def _response(self, message: pb.ModelInferRequest, result: Result) -> pb.ModelInferResponse:
         served = result.served
