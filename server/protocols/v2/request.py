@@ -85,11 +85,6 @@ def parse(data: bytes) -> Received:
     return Received(pb.ModelInferRequest.FromString(rest), raw)
 
 
-def received(message: Any) -> Received:
-    """A message built here (tests, tools) as if received."""
-    return Received(message, message.raw_input_contents)
-
-
 def _split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
     """The message's bytes without its ``raw_input_contents`` fields, and those fields'
     contents as views of `data`, in order; None where the wire format is not as expected
