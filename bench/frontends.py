@@ -7,7 +7,10 @@ drift on a shared machine falls on all alike. Each slice drives one server with
 perf_analyzer: one client at concurrency 1, else up to ``clients`` client processes with the
 concurrency split between them (one HTTP/2 connection lands on one front end, so the load
 comes over several connections for the kernel to spread). Without perf_analyzer the SDK's
-load generator drives it instead, one channel (its own connection) per client.
+load generator drives it instead, one channel (its own connection) per client. The calls
+are v2 gRPC, or with ``protocol`` ``http`` v2 HTTP/REST with binary tensor data to the
+HTTP port, which the front ends share as they share the gRPC port (perf_analyzer only;
+the floors below speak gRPC and are left out).
 
 Per slice, from the server itself:
 
@@ -66,6 +69,7 @@ ROLES = ("engine", "frontends", "other", "whole")
 CORES = (16, 32)  # the nodes the ceiling is projected for
 FLOOR = -1  # the floor's place among the front-end counts (its rows' ``frontends``)
 SPLIT_FLOOR = -2  # the split floor's
+PROTOCOLS = {"grpc": "v2 gRPC", "http": "v2 HTTP/REST with binary tensor data"}
 CALL_TIMEOUT = 60.0
 _PROC = Path("/proc")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -85,10 +89,14 @@ class SweepPlan:
     server_flags: tuple[str, ...] = ()
     cores: tuple[int, ...] = CORES
     floor: bool = True  # the bare grpc.aio floor and the split floor as two more configurations
+    protocol: str = "grpc"  # or "http": v2 REST with binary tensor data (perf_analyzer -i http)
 
     def configurations(self) -> tuple[int, ...]:
-        """The front-end counts, then `FLOOR` and `SPLIT_FLOOR` when the floors are measured."""
-        return (*self.frontends, FLOOR, SPLIT_FLOOR) if self.floor else self.frontends
+        """The front-end counts, then `FLOOR` and `SPLIT_FLOOR` when the floors are measured
+        (they speak gRPC alone: not over HTTP)."""
+        if self.floor and self.protocol == "grpc":
+            return (*self.frontends, FLOOR, SPLIT_FLOOR)
+        return self.frontends
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,16 +352,21 @@ async def _drive(
         inputs = {
             t.name: b for t, b in zip(request.inputs, request.raw_input_contents, strict=True)
         }
+        address = server.address
+        if plan.protocol == "http":
+            assert server.http_url is not None
+            address = server.http_url.removeprefix("http://")
         results = await asyncio.gather(
             *(
                 asyncio.to_thread(
                     perf_analyzer.measure,
-                    server.address,
+                    address,
                     model,
                     share,
                     seconds,
                     work / f"client-{i}",
                     inputs,
+                    plan.protocol,
                 )
                 for i, share in enumerate(shares)
             )
@@ -483,6 +496,9 @@ def run(
     if plan.client == "perf_analyzer" and (why := perf_analyzer.unavailable()) is not None:
         say(f"front-end sweep: perf_analyzer left out ({why}); the SDK drives it")
         plan = SweepPlan(**{**plan.as_dict(), "client": "sdk"})
+    if plan.protocol != "grpc" and plan.client != "perf_analyzer":
+        raise SystemExit(f"the sweep over {plan.protocol} needs perf_analyzer (the SDK's load "
+                         "speaks gRPC): " + (perf_analyzer.unavailable() or "not chosen"))
     with servers(repo, work, plan) as running:
         processes = {str(n): roles_of(process_tree(s.process.pid)) for n, s in running.items()}
         rows = asyncio.run(measure(running, requests, plan, work))
@@ -567,29 +583,34 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     cores = plan["cores"]
     at = cpu_concurrency(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
-    floor_measured = plan.get("floor", False)
+    protocol = plan.get("protocol", "grpc")
+    floor_measured = plan.get("floor", False) and protocol == "grpc"
     out = [
         f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process)"
         + (", the bare `grpc.aio` floor (`bench.floor`, one process) and the split floor "
            "(the floor through a shared-memory slot and an echo engine process: the split's "
            "transport alone)" if floor_measured else "")
         + f", {plan['rounds']} interleaved rounds of {plan['seconds'] / plan['rounds']:.1f} s "
-        f"per cell, device {plan['device']}, load by {plan['client']}: one client at "
+        f"per cell, device {plan['device']}, load by {plan['client']} over "
+        f"{PROTOCOLS[protocol]}: one client at "
         f"concurrency 1, else {plan['clients']} client processes sharing the concurrency.",
         "",
         f"#### CPU per request by process, concurrency {at}",
         "",
         "CPU µs per request from `/proc/<pid>/stat` of the server's processes over the "
-        "window, requests counted by the server's /metrics (the floor's by its "
-        "ModelStatistics). × floor: the whole server's CPU per request over the floor's, "
-        "measured side by side. Ceiling: the single process's (and the floor's) own "
-        "(1e6 / whole µs); with front ends, projected for a K-core node as "
+        "window, requests counted by the server's /metrics"
+        + (" (the floor's by its ModelStatistics). × floor: the whole server's CPU per "
+           "request over the floor's, measured side by side" if floor_measured else "")
+        + ". Ceiling: the single process's" + (" (and the floor's)" if floor_measured else "")
+        + " own (1e6 / whole µs); with front ends, projected for a K-core node as "
         "min(1e6 / engine µs, (K − 1) · 1e6 / front-end µs).",
         "",
-        "| model | processes | engine µs | front ends µs | whole µs | × floor | req/s measured "
+        "| model | processes | engine µs | front ends µs | whole µs "
+        + ("| × floor " if floor_measured else "") + "| req/s measured "
         + "".join(f"| ceiling, {k} cores " for k in cores)
         + "|",
-        "|---|---|---:|---:|---:|---:|---:" + "|---:" * len(cores) + "|",
+        "|---|---|---:|---:|---:" + "|---:" * floor_measured + "|---:"
+        + "|---:" * len(cores) + "|",
     ]  # fmt: skip
     for entry in sweep["ceilings"]:
         us = entry["cpu_us_per_request"]
@@ -603,8 +624,8 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
         out.append(
             f"| {entry['model']} | {_configuration(entry['frontends'])} "
             f"| {_us(us.get('engine'))} | {_us(us.get('frontends'))} | {_us(us['whole'])} "
-            f"| {'–' if multiple is None else f'{multiple:.2f}'} "
-            f"| {entry['req_per_s']:.0f} | " + " | ".join(limits) + " |"
+            + (f"| {'–' if multiple is None else f'{multiple:.2f}'} " if floor_measured else "")
+            + f"| {entry['req_per_s']:.0f} | " + " | ".join(limits) + " |"
         )
     out.append("")
     for model in models:

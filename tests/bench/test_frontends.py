@@ -13,7 +13,7 @@ import pytest
 from resnet_serve_client.bench import LevelResult
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import frontend, frontends, null_model
+from bench import frontend, frontends, null_model, perf_analyzer
 from bench.__main__ import main
 from bench.frontends import Counts, Proc
 from bench.repository import Served
@@ -55,6 +55,8 @@ def test_the_floor_is_measured_beside_and_each_whole_is_read_against_it() -> Non
     plan = frontends.SweepPlan(frontends=(0, 1))
     assert plan.configurations() == (0, 1, frontends.FLOOR, frontends.SPLIT_FLOOR)
     assert frontends.SweepPlan(frontends=(0, 1), floor=False).configurations() == (0, 1)
+    # the floors speak gRPC alone: a sweep over HTTP has none
+    assert frontends.SweepPlan(frontends=(0, 1), protocol="http").configurations() == (0, 1)
     rows = [
         _row("null", 0, 64, 1200.0, {"whole": 800.0}),
         _row("null", 1, 64, 1500.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
@@ -308,3 +310,37 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     assert "| grpc.aio floor |" in text and "/ the floor's, c=4:" in text
     assert "| split floor |" in text and "over the split floor's, c=4: 1 front end: engine" in text
     assert f"; grpcio {grpc.__version__}; raw JSON" in text
+
+
+def test_the_sweep_over_http_drives_the_rest_port_and_writes_its_own_block(
+    tmp_path: Path,
+) -> None:
+    """``--protocol http``: perf_analyzer speaks v2 REST (binary tensor data) to each
+    server's HTTP port, which every front end shares; the server counts each call, and the
+    report goes into the HTTP block, the gRPC sweep's left as it was."""
+    if (reason := perf_analyzer.unavailable()) is not None:
+        pytest.skip(reason)
+    doc = tmp_path / "benchmarks.md"
+    grpc_block = f"{frontend.SWEEP_BEGIN}\nthe gRPC sweep, kept\n{frontend.SWEEP_END}"
+    doc.write_text(f"# Benchmarks\n\n{grpc_block}\n\n{frontend.SWEEP_HTTP_BEGIN}\nold\n"
+                   f"{frontend.SWEEP_HTTP_END}\n")  # fmt: skip
+    code = main([
+        "frontend", "--parts", "sweep", "--protocol", "http", "--repo", str(tmp_path / "none"),
+        "--no-build", "--models", null_model.NAME, "--frontends", "0,2", "--concurrency", "4",
+        "--sweep-seconds", "0.8", "--rounds", "2", "--work", str(tmp_path / "work"),
+        "--results", str(tmp_path / "results"), "--doc", str(doc),
+    ])  # fmt: skip
+    assert code == 0
+    (path,) = (tmp_path / "results").glob("frontend-*.json")
+    sweep = json.loads(path.read_text())["sweep"]
+    assert sweep["plan"]["protocol"] == "http" and sweep["plan"]["client"] == "perf_analyzer"
+    assert set(sweep["processes"]) == {"0", "2"}  # no floor
+    for row in sweep["rows"]:
+        assert row["ok"] > 0 and not row["errors"], row
+        # perf_analyzer's calls reached the HTTP port: the server counted them, OK
+        assert row["server_requests"] >= row["ok"] and row["server_failed"] == 0, row
+    (split_,) = (r for r in sweep["rows"] if r["frontends"] == 2)
+    assert set(split_["cpu_us_per_request"]) == {"engine", "frontends", "whole"}
+    text = doc.read_text()
+    assert f"\n{grpc_block}\n" in text and "\nold\n" not in text
+    assert "over v2 HTTP/REST with binary tensor data" in text and "floor |" not in text
