@@ -16,7 +16,7 @@ class Knobs:
     instances: sessions per model version, each with its own batch in flight.
     decode_workers: threads decoding and resizing images (server default: one per core).
     allow_spinning: ONNX Runtime's idle threads busy-wait for work instead of sleeping.
-    spin_duration_us: how long they do (server default 200; 0: ONNX Runtime's own).
+    spin_duration_us: how long they do (server default 20; 0: ONNX Runtime's own).
     max_batch_size, max_queue_delay_us, refill_wait: dynamic batching, written into each
     config.json (refill_wait None: the config's default).
     """
@@ -63,6 +63,7 @@ SWEEP = {
     "server defaults": Knobs(),
     "ORT threads never spin": Knobs(allow_spinning=False),
     "ORT's own spin duration": Knobs(spin_duration_us=0),
+    "spinning 200 µs": Knobs(spin_duration_us=200),
     "2 instances × 1 thread": Knobs(instances=2, intra_op_threads=1),
     "1 intra-op thread": Knobs(intra_op_threads=1),
     "1 decode worker": Knobs(decode_workers=1),

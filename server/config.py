@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads spin between parallel sections instead of sleeping",
     )
     spin_duration_us: int = Field(
-        200,
+        20,
         ge=0,
         description="how long an idle ONNX Runtime thread spins before it sleeps, so threads "
         "stay hot inside a run and sleep between requests; 0: ONNX Runtime's own default",
@@ -445,7 +445,7 @@ class Settings(BaseSettings):
 
         cores / instances keeps a model's sessions from competing for cores with each
         other. The decode workers share those cores too, which is why an idle ONNX
-        Runtime thread spins only `spin_duration_us` (200 µs) before it sleeps, not
+        Runtime thread spins only `spin_duration_us` (20 µs) before it sleeps, not
         ONNX Runtime's own, longer spin (`allow_spinning` is on by default, as in ONNX
         Runtime).
         """

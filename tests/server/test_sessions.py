@@ -385,7 +385,7 @@ def test_cpu_runner_runs_batches(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "spinning", "duration"),
     [
-        (Settings(), "1", "200"),  # hot inside a run, asleep between requests
+        (Settings(), "1", "20"),  # hot inside a run, asleep between requests
         (Settings(spin_duration_us=0), "1", None),  # ONNX Runtime's own duration
         (Settings(allow_spinning=False), "0", None),
     ],
