@@ -584,7 +584,7 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     at = cpu_concurrency(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
     protocol = plan.get("protocol", "grpc")
-    floor_measured = plan.get("floor", False) and protocol == "grpc"
+    floor_measured = any(r["frontends"] == FLOOR for r in rows)
     out = [
         f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process)"
         + (", the bare `grpc.aio` floor (`bench.floor`, one process) and the split floor "
