@@ -71,14 +71,14 @@ def main(args: argparse.Namespace) -> int:
         for label, session in sessions.items():
             for gap in gaps:
                 key = (label, gap)
-                began_cpu, end = _cpu(), time.perf_counter() + args.slice
+                began_cpu, end = raw.cpu_seconds(), time.perf_counter() + args.slice
                 while time.perf_counter() < end:
                     start = time.perf_counter()
                     session.run(None, feed)
                     latencies[key].append(time.perf_counter() - start)
                     if gap:
                         time.sleep(gap)
-                cpu[key] += _cpu() - began_cpu
+                cpu[key] += raw.cpu_seconds() - began_cpu
     print(
         f"{args.model} batch {args.batch}, {threads} intra-op threads, {args.rounds} rounds of "
         f"{args.slice:g} s per setting\n"
@@ -93,9 +93,3 @@ def main(args: argparse.Namespace) -> int:
             f"| {ms.mean():.2f} | {per_run:.1f} |"
         )
     return 0
-
-
-def _cpu() -> float:
-    """The process's CPU seconds, every thread's (ONNX Runtime's too), to the nanosecond:
-    ``os.times`` counts clock ticks of 10 ms, longer than a small model's slice."""
-    return time.process_time()

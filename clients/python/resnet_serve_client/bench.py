@@ -3,15 +3,15 @@
 Each level runs for a duration or a number of requests, after a warm-up that
 is not recorded. Latency is measured per request; in open loop from the time
 the request was due, so a client that falls behind does not hide the delay
-(no coordinated omission). The client's own CPU use comes from ``os.times``
-(user + system, all threads) over the measured phase.
+(no coordinated omission). The client's own CPU use comes from
+``time.process_time`` (user + system, all threads, to the nanosecond) over the
+measured phase.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -111,8 +111,7 @@ async def run_level(
 
 
 def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
+    return time.process_time()
 
 
 async def _attempt(call: Call, number: int, due: float, result: LevelResult) -> None:
