@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add(
         "--protocol",
-        choices=("grpc", "http"),
+        choices=tuple(frontends.PROTOCOLS),
         default=plan.protocol,
         help="the sweep's protocol: v2 gRPC, or v2 HTTP/REST with binary tensor data "
         "(perf_analyzer -i http; no floors, which speak gRPC alone); default %(default)s",

@@ -107,7 +107,7 @@ class Raw:
         feed = self._feeds[batch]
         for _ in range(warmup_runs):
             self.session.run(None, feed)
-        runs, cpu = 0, cpu_seconds()
+        runs, cpu = 0, time.process_time()  # every thread's CPU, to the nanosecond
         start = time.perf_counter()
         while time.perf_counter() - start < seconds or runs < min_runs:
             began = time.perf_counter()
@@ -116,7 +116,7 @@ class Raw:
             runs += 1
         elapsed = time.perf_counter() - start
         samples.seconds += elapsed
-        samples.cpu_seconds += cpu_seconds() - cpu
+        samples.cpu_seconds += time.process_time() - cpu
         samples.window_img_per_s.append(round(batch * runs / elapsed, 2))
         return samples
 
@@ -134,12 +134,6 @@ def sweep(
         return [raw.measure(batch, seconds).result() for batch in batch_sizes]
     finally:
         raw.close()
-
-
-def cpu_seconds() -> float:
-    """This process's CPU seconds, every thread's (ONNX Runtime's too), to the nanosecond:
-    ``os.times`` counts clock ticks of 10 ms, longer than a short slice."""
-    return time.process_time()
 
 
 def reference_round(session: Raw, samples: dict[int, Samples], seconds: float) -> None:

@@ -71,14 +71,14 @@ def main(args: argparse.Namespace) -> int:
         for label, session in sessions.items():
             for gap in gaps:
                 key = (label, gap)
-                began_cpu, end = raw.cpu_seconds(), time.perf_counter() + args.slice
+                began_cpu, end = time.process_time(), time.perf_counter() + args.slice
                 while time.perf_counter() < end:
                     start = time.perf_counter()
                     session.run(None, feed)
                     latencies[key].append(time.perf_counter() - start)
                     if gap:
                         time.sleep(gap)
-                cpu[key] += raw.cpu_seconds() - began_cpu
+                cpu[key] += time.process_time() - began_cpu
     print(
         f"{args.model} batch {args.batch}, {threads} intra-op threads, {args.rounds} rounds of "
         f"{args.slice:g} s per setting\n"

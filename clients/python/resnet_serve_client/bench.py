@@ -102,16 +102,12 @@ async def run_level(
         scratch = LevelResult(level.concurrency, level.rate, images_per_request)
         await _phase(call, level, Stop(seconds=warmup), counter, scratch)
     result = LevelResult(level.concurrency, level.rate, images_per_request)
-    cpu = _cpu_seconds()
+    cpu = time.process_time()
     start = time.perf_counter()
     await _phase(call, level, stop, counter, result)
     result.seconds = time.perf_counter() - start
-    result.cpu_seconds = _cpu_seconds() - cpu
+    result.cpu_seconds = time.process_time() - cpu
     return result
-
-
-def _cpu_seconds() -> float:
-    return time.process_time()
 
 
 async def _attempt(call: Call, number: int, due: float, result: LevelResult) -> None:
