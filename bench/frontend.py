@@ -93,6 +93,7 @@ class FrontendPlan:
     sweep_seconds: float = 3.0  # the sweep's measured seconds per cell, over all rounds
     device: str = "cpu"  # where the sweep's servers run their models (the cost part: the CPU)
     protocol: str = "grpc"  # the sweep's: "grpc" or "http" (v2 REST, binary tensor data)
+    baseline: str | None = None  # the sweep's: a commit whose single process runs beside
 
     def sweep(self, device: str | None = None) -> frontends.SweepPlan:
         return frontends.SweepPlan(
@@ -106,6 +107,7 @@ class FrontendPlan:
             client="perf_analyzer" if "perf_analyzer" in self.clients else "sdk",
             server_flags=self.server_flags,
             protocol=self.protocol,
+            baseline=self.baseline,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -145,6 +147,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=plan.protocol,
         help="the sweep's protocol: v2 gRPC, or v2 HTTP/REST with binary tensor data "
         "(perf_analyzer -i http; no floors, which speak gRPC alone); default %(default)s",
+    )
+    add(
+        "--baseline",
+        metavar="REV",
+        default=plan.baseline,
+        help="the sweep also runs the single process of commit REV (its server package, "
+        "this tree's bench and client) beside the others, e.g. the commit before the split",
     )
     add("--models", type=cli.names, default=plan.models, help="default %(default)s")
     add("--device", choices=("cpu", "cuda"), default=plan.device,
@@ -190,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
         sweep_seconds=args.sweep_seconds,
         device=args.device,
         protocol=args.protocol,
+        baseline=args.baseline,
     )
     if unknown := set(plan.parts) - set(PARTS):
         raise SystemExit(f"unknown --parts {sorted(unknown)}: choose among {list(PARTS)}")

@@ -40,6 +40,13 @@ slot, a frame each way over `server.ipc` to an echo engine process that writes t
 logits into the slot). Its two processes are counted as a front end and an engine, so its
 row shows what the split costs at the least, by role, beside what the server's front ends
 and engine cost over it.
+
+**The baseline** (``baseline``, a git revision; `BASELINE`, its rows' ``frontends``): the
+single process of another commit (its ``server`` package from ``git archive``, this tree's
+bench and client; `bench.serving.baseline_command`) as one more configuration of every
+round, so that the split can be read against the server as it was before it, in one run:
+its rows give each configuration's requests/s over the baseline's and, at concurrency 1,
+the p50 against it.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
 from bench import floor, perf_analyzer
 from bench.cli import say
-from bench.serving import Server, start
+from bench.serving import Server, baseline_command, commit_of, start
 
 ENGINE = "rs-engine"
 FRONTEND = "rs-frontend-"
@@ -69,6 +76,8 @@ ROLES = ("engine", "frontends", "other", "whole")
 CORES = (16, 32)  # the nodes the ceiling is projected for
 FLOOR = -1  # the floor's place among the front-end counts (its rows' ``frontends``)
 SPLIT_FLOOR = -2  # the split floor's
+BASELINE = -3  # the baseline commit's single process
+ONE_PROCESS = (0, FLOOR, BASELINE)  # the configurations whose CPU is only "whole"
 PROTOCOLS = {"grpc": "v2 gRPC", "http": "v2 HTTP/REST with binary tensor data"}
 CALL_TIMEOUT = 60.0
 _PROC = Path("/proc")
@@ -90,13 +99,15 @@ class SweepPlan:
     cores: tuple[int, ...] = CORES
     floor: bool = True  # the bare grpc.aio floor and the split floor as two more configurations
     protocol: str = "grpc"  # or "http": v2 REST with binary tensor data (perf_analyzer -i http)
+    baseline: str | None = None  # a git revision whose single process runs beside (`BASELINE`)
 
     def configurations(self) -> tuple[int, ...]:
-        """The front-end counts, then `FLOOR` and `SPLIT_FLOOR` when the floors are measured
-        (they speak gRPC alone: not over HTTP)."""
+        """The front-end counts, `BASELINE` with a baseline, then `FLOOR` and `SPLIT_FLOOR`
+        when the floors are measured (they speak gRPC alone: not over HTTP)."""
+        found = (*self.frontends, *([BASELINE] if self.baseline else []))
         if self.floor and self.protocol == "grpc":
-            return (*self.frontends, FLOOR, SPLIT_FLOOR)
-        return self.frontends
+            return (*found, FLOOR, SPLIT_FLOOR)
+        return found
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,7 +299,7 @@ class Cell:
         requests = self.counted.ok
         per = 1e6 / requests if requests > 0 else 0.0
         us = {name: round(seconds * per, 1) for name, seconds in self.cpu.items()}
-        if self.frontends in (0, FLOOR):  # the single process and the floor are only "whole"
+        if self.frontends in ONE_PROCESS:  # one process: only "whole"
             us = {"whole": us["whole"]}
         elif not us["other"]:
             del us["other"]
@@ -311,8 +322,8 @@ class Cell:
 
 @contextlib.contextmanager
 def servers(repo: Path, work: Path, plan: SweepPlan) -> Iterator[dict[int, Server]]:
-    """A server per front-end count (and the floors, under `FLOOR` and `SPLIT_FLOOR`), all
-    running at once; stopped on exit."""
+    """A server per front-end count (and the baseline and the floors, under `BASELINE`,
+    `FLOOR` and `SPLIT_FLOOR`), all running at once; stopped on exit."""
     flags = ["--device", plan.device, "--no-reflection", *plan.server_flags]
     with contextlib.ExitStack() as stack:
         running: dict[int, Server] = {}
@@ -323,6 +334,13 @@ def servers(repo: Path, work: Path, plan: SweepPlan) -> Iterator[dict[int, Serve
                 running[n] = start(
                     repo, work / f"floor{'-split' * bool(split_)}.log", split_,
                     command=floor.COMMAND,
+                )  # fmt: skip
+            elif n == BASELINE:
+                assert plan.baseline is not None
+                say(f"starting the single process of {plan.baseline} over {repo} {' '.join(flags)}")
+                running[n] = start(
+                    repo, work / "server-baseline.log", flags,
+                    command=baseline_command(plan.baseline, work / "baseline"),
                 )  # fmt: skip
             else:
                 say(f"starting the server with --frontends {n} over {repo} {' '.join(flags)}")
@@ -499,6 +517,8 @@ def run(
     if plan.protocol != "grpc" and plan.client != "perf_analyzer":
         raise SystemExit(f"the sweep over {plan.protocol} needs perf_analyzer (the SDK's load "
                          "speaks gRPC): " + (perf_analyzer.unavailable() or "not chosen"))
+    if plan.baseline is not None:  # the record names the commit, not a moving name
+        plan = SweepPlan(**{**plan.as_dict(), "baseline": commit_of(plan.baseline)})
     with servers(repo, work, plan) as running:
         processes = {str(n): roles_of(process_tree(s.process.pid)) for n, s in running.items()}
         rows = asyncio.run(measure(running, requests, plan, work))
@@ -542,7 +562,7 @@ def ceilings(rows: list[dict[str, Any]], cores: Sequence[int] = CORES) -> list[d
             "x_floor": x_floor(rows, row),
             "req_per_s": row["req_per_s"],
         }
-        if row["frontends"] in (0, FLOOR):
+        if row["frontends"] in ONE_PROCESS:
             entry["ceiling"] = round(1e6 / us["whole"]) if us["whole"] > 0 else None
         elif us.get("engine", 0) > 0 and us.get("frontends", 0) > 0:
             entry["projected"] = {
@@ -566,6 +586,8 @@ def _configuration(n: int) -> str:
         return "grpc.aio floor"
     if n == SPLIT_FLOOR:
         return "split floor"
+    if n == BASELINE:
+        return "baseline single process"
     return "single process" if n == 0 else f"{n} front end{'s' if n > 1 else ''}"
 
 
@@ -585,8 +607,11 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     protocol = plan.get("protocol", "grpc")
     floor_measured = any(r["frontends"] == FLOOR for r in rows)
+    base = plan.get("baseline") if any(r["frontends"] == BASELINE for r in rows) else None
     out = [
         f"Front ends {', '.join(map(str, plan['frontends']))} (0: the single process)"
+        + (f", the baseline single process of commit {base} (its `server` package, this "
+           "tree's bench and client)" if base else "")
         + (", the bare `grpc.aio` floor (`bench.floor`, one process) and the split floor "
            "(the floor through a shared-memory slot and an echo engine process: the split's "
            "transport alone)" if floor_measured else "")
@@ -615,7 +640,7 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
     for entry in sweep["ceilings"]:
         us = entry["cpu_us_per_request"]
         multiple = entry.get("x_floor")
-        if entry["frontends"] in (0, FLOOR):
+        if entry["frontends"] in ONE_PROCESS:
             limits = [f"{entry['ceiling']:,} (one process)" if entry.get("ceiling") else "–"]
             limits *= len(cores)
         else:
@@ -632,14 +657,17 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
         out += [
             f"#### {model}: requests/s and latency",
             "",
-            "| c | processes | clients | req/s | × single | × 1 front end | p50 ms "
+            "| c | processes | clients | req/s | × single | × 1 front end "
+            + ("| × baseline " if base else "") + "| p50 ms "
             "| p50 − single ms | p99 ms | batch | server cores | CPU µs/req by role |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        ]
+            "|---:|---|---:|---:|---:|---:" + "|---:" * bool(base)
+            + "|---:|---:|---:|---:|---:|---|",
+        ]  # fmt: skip
         for row in (r for r in rows if r["model"] == model):
             c = row["concurrency"]
             single = _find(rows, model, 0, c)
             one = _find(rows, model, 1, c)
+            baseline = _find(rows, model, BASELINE, c)
             p50_delta = (
                 f"{row['p50_ms'] - single['p50_ms']:+.2f}" if single and row["frontends"] else "–"
             )
@@ -649,7 +677,9 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
                 f"| {row['req_per_s']:.0f} "
                 f"| {_ratio(row['req_per_s'], single['req_per_s']) if single else '–'} "
                 f"| {_ratio(row['req_per_s'], one['req_per_s']) if one else '–'} "
-                f"| {row['p50_ms']:.2f} | {p50_delta} | {row['p99_ms']:.2f} "
+                + (f"| {_ratio(row['req_per_s'], baseline['req_per_s']) if baseline else '–'} "
+                   if base else "")
+                + f"| {row['p50_ms']:.2f} | {p50_delta} | {row['p99_ms']:.2f} "
                 f"| {row['batch_mean'] or '–'} | {row['server_cores']} | {cpu} |"
                 + (f" errors {row['errors']}" if row["errors"] else "")
                 + (
@@ -664,16 +694,17 @@ def markdown(sweep: dict[str, Any]) -> list[str]:
 
 
 def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
-    """The ratios named in one line each: 2 front ends / 1 and best split / single per level,
-    the p50 cost of a front end at concurrency 1, and (with the floor) each configuration's
-    whole CPU per request over the floor's at `cpu_concurrency`."""
+    """The ratios named in one line each: 2 front ends / 1 and best split / single (and /
+    the baseline) per level, the p50 cost of a front end at concurrency 1 (and its p50
+    against the baseline's), and (with the floor) each configuration's whole CPU per
+    request over the floor's at `cpu_concurrency`."""
     lines = []
     at = cpu_concurrency(rows)
     levels = sorted({r["concurrency"] for r in rows})
     for model in models:
         parts = []
         for c in levels:
-            single, one, two = (_find(rows, model, n, c) for n in (0, 1, 2))
+            single, one, two, base = (_find(rows, model, n, c) for n in (0, 1, 2, BASELINE))
             split_rows = [
                 r
                 for r in rows
@@ -686,10 +717,14 @@ def _summary(rows: list[dict[str, Any]], models: list[str]) -> list[str]:
                     f" best split ({_configuration(best['frontends'])}) / single "
                     f"{_ratio(best['req_per_s'], single['req_per_s'])}"
                 )
+            if best and base:
+                text += f", best split / baseline {_ratio(best['req_per_s'], base['req_per_s'])}"
             if two and one:
                 text += f", 2 front ends / 1 {_ratio(two['req_per_s'], one['req_per_s'])}"
             if c == 1 and single and one:
                 text += f", p50 1 front end − single {one['p50_ms'] - single['p50_ms']:+.2f} ms"
+            if c == 1 and base and one:
+                text += f", p50 1 front end − baseline {one['p50_ms'] - base['p50_ms']:+.2f} ms"
             parts.append(text)
         lines.append(f"- {model} req/s: " + "; ".join(parts) + ".")
         multiples = [

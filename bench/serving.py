@@ -13,12 +13,14 @@ A server started with ``--tls-cert`` needs ``credentials`` (the client side,
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVE = [str(Path(sys.executable).with_name("resnet-serve")), "serve"]
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: git runs there
 START_TIMEOUT = 300.0
 STOP_TIMEOUT = 60.0
 
@@ -167,6 +170,33 @@ def start(
         if not chosen or attempt == attempts - 1 or "bind" not in server.log().lower():
             raise StartError(f"server exited with {process.returncode}:\n{server.log()}")
     raise AssertionError("unreachable")
+
+
+def baseline_command(revision: str, into: Path) -> list[str]:
+    """A `start` ``command`` that serves like ``resnet-serve serve`` with the ``server``
+    package of `revision` (unpacked into ``into/<commit>`` from ``git archive``) ahead of
+    this tree's: the bench's way to set a server of another commit beside this one's."""
+    commit = _git("rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
+    target = into / commit[:12]
+    if not (target / "server").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = _git("archive", "--format=tar", commit, "server")
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(target, filter="data")
+    code = (
+        f"import sys, runpy; sys.path.insert(0, {str(target)!r}); "
+        "runpy.run_module('server', run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", code]
+
+
+def commit_of(revision: str) -> str:
+    """`revision`'s commit, abbreviated as git does."""
+    return _git("rev-parse", "--short", f"{revision}^{{commit}}").decode().strip()
+
+
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=True).stdout
 
 
 def _wait_serving(server: Server, deadline: float, serving: bool = True) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from resnet_serve_client.bench import LevelResult
 from resnet_serve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 
-from bench import frontend, frontends, null_model, perf_analyzer
+from bench import frontend, frontends, null_model, perf_analyzer, serving
 from bench.__main__ import main
 from bench.frontends import Counts, Proc
 from bench.repository import Served
@@ -210,6 +210,33 @@ def test_the_report_states_the_ratios_against_the_single_process() -> None:
         "null whole CPU per request / the floor's, c=64: single process 1.60, "
         "1 front end 2.50, 2 front ends 2.50." in text
     )
+    assert "× baseline" not in text  # no baseline measured, no column for it
+
+
+def test_the_report_reads_each_configuration_against_the_baseline_commit() -> None:
+    base = frontends.BASELINE
+    rows = [
+        _row("null", 0, 1, 500.0, {"whole": 900.0}, p50=1.0),
+        _row("null", 1, 1, 400.0, {"engine": 300.0, "frontends": 900.0, "whole": 1200.0}, p50=1.5),
+        _row("null", base, 1, 250.0, {"whole": 1500.0}, p50=2.0),
+        _row("null", 0, 64, 1000.0, {"whole": 800.0}),
+        _row("null", 2, 64, 2400.0, {"engine": 250.0, "frontends": 1000.0, "whole": 1250.0}),
+        _row("null", base, 64, 800.0, {"whole": 1250.0}),
+    ]
+    plan = frontends.SweepPlan(models=("null",), frontends=(0, 1, 2), concurrencies=(1, 64),
+                               baseline="0123abc")  # fmt: skip
+    assert plan.configurations() == (0, 1, 2, base, frontends.FLOOR, frontends.SPLIT_FLOOR)
+    text = "\n".join(frontends.markdown(
+        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
+    ))  # fmt: skip
+    assert "the baseline single process of commit 0123abc" in text
+    assert "| p50 ms |" in text and "| × 1 front end | × baseline |" in text
+    assert "| 1 | 1 front end | 1 | 400 | 0.80 | 1.00 | 1.60 | 1.50 | +0.50 |" in text
+    assert "| 64 | baseline single process | 4 | 800 | 0.80 | – | 1.00 |" in text
+    assert "| null | baseline single process | – | – | 1,250 | 800 | 800 (one process) |" in text
+    assert "c=1: best split (1 front end) / single 0.80, best split / baseline 1.60" in text
+    assert "p50 1 front end − single +0.50 ms, p50 1 front end − baseline -0.50 ms" in text
+    assert "c=64: best split (2 front ends) / single 2.40, best split / baseline 3.00" in text
 
 
 def _row(model: str, n: int, c: int, rate: float, us: dict[str, float],
@@ -272,34 +299,36 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
         "frontend", "--parts", "sweep", "--repo", str(tmp_path / "none"), "--no-build",
         "--models", null_model.NAME, "--frontends", "0,1", "--concurrency", "1,4",
         "--sweep-seconds", "0.8", "--rounds", "2", "--work", str(tmp_path / "work"),
-        "--results", str(tmp_path / "results"), "--doc", str(doc),
+        "--results", str(tmp_path / "results"), "--doc", str(doc), "--baseline", "HEAD",
     ])  # fmt: skip
     assert code == 0
     (path,) = (tmp_path / "results").glob("frontend-*.json")
     results = json.loads(path.read_text())
     sweep = results["sweep"]
     assert results["meta"]["machine"]["grpcio"] == grpc.__version__  # what the figures ran on
-    floor, split_floor = frontends.FLOOR, frontends.SPLIT_FLOOR
+    assert sweep["plan"]["baseline"] == serving.commit_of("HEAD")  # named by its commit
+    floor, split_floor, base = frontends.FLOOR, frontends.SPLIT_FLOOR, frontends.BASELINE
     assert sweep["processes"] == {
         "0": {"engine": 0, "frontends": 0, "other": 1},
         "1": {"engine": 1, "frontends": 1, "other": 0},
+        str(base): {"engine": 0, "frontends": 0, "other": 1},  # the commit's one process
         str(floor): {"engine": 0, "frontends": 0, "other": 1},  # the floor, one process
         str(split_floor): {"engine": 1, "frontends": 1, "other": 0},  # and its echo engine
     }
     cells = {(r["model"], r["frontends"], r["concurrency"]): r for r in sweep["rows"]}
-    configurations = (0, 1, floor, split_floor)
+    configurations = (0, 1, base, floor, split_floor)
     assert set(cells) == {(null_model.NAME, n, c) for n in configurations for c in (1, 4)}
     for (_, n, c), row in cells.items():
         assert row["ok"] > 0 and not row["errors"], row
         # the server by its /metrics, the floor by its ModelStatistics: every call counted
         assert row["server_requests"] >= row["ok"] and row["server_failed"] == 0, row
         assert row["clients"] == (1 if c == 1 else 4)
-        assert row["batch_mean"] is None if n < 0 else row["batch_mean"] >= 1
-        roles = {"whole"} if n in (0, floor) else {"engine", "frontends", "whole"}
+        assert row["batch_mean"] is None if n in (floor, split_floor) else row["batch_mean"] >= 1
+        roles = {"whole"} if n in (0, base, floor) else {"engine", "frontends", "whole"}
         assert set(row["cpu_us_per_request"]) == roles, row
         assert row["processes_replaced"] == 0
-    (single, split_, bottom, through) = sweep["ceilings"]
-    assert single["concurrency"] == 4 and single["ceiling"] > 0
+    (single, split_, baseline, bottom, through) = sweep["ceilings"]
+    assert single["concurrency"] == 4 and single["ceiling"] > 0 and baseline["ceiling"] > 0
     assert set(split_["projected"]) == {"16", "32"}
     assert bottom["frontends"] == floor and bottom["x_floor"] == 1.0
     assert single["x_floor"] > 0 and split_["x_floor"] > 0 and through["x_floor"] > 0
@@ -309,6 +338,8 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     assert "\nold\n" not in text and path.name in text and "ceiling, 32 cores" in text
     assert "| grpc.aio floor |" in text and "/ the floor's, c=4:" in text
     assert "| split floor |" in text and "over the split floor's, c=4: 1 front end: engine" in text
+    assert f"the baseline single process of commit {serving.commit_of('HEAD')}" in text
+    assert "| 4 | baseline single process | 4 |" in text and "/ baseline " in text
     assert f"; grpcio {grpc.__version__}; raw JSON" in text
 
 

@@ -8,7 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bench import frontend, tracing
+from bench import frontend, serving, tracing
 from bench.__main__ import main
 
 
@@ -51,7 +51,7 @@ def test_the_baseline_serves_the_server_package_of_the_commit(tmp_path: Path) ->
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    command = tracing.baseline_command("HEAD", tmp_path)
+    command = serving.baseline_command("HEAD", tmp_path)
     unpacked = tmp_path / head[:12] / "server"  # by commit: a moved HEAD is unpacked anew
     assert (unpacked / "__main__.py").is_file() and (unpacked / "tracing.py").is_file()
     assert command[-1].startswith(
