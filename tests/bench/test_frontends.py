@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -84,9 +85,7 @@ def test_the_split_floor_is_read_by_role_and_what_is_ours_over_it() -> None:
     assert split_floor["x_floor"] == 1.3
     assert split_floor["projected"] == {"16": 40_000, "32": 40_000}  # the echo engine binds
     plan = frontends.SweepPlan(models=("null",), frontends=(1, 2), concurrencies=(64,))
-    text = "\n".join(frontends.markdown(
-        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
-    ))  # fmt: skip
+    text = _report(plan, rows)
     assert "| null | split floor | 25 | 300 | 325 | 1.30 | 3000 | 40,000 | 40,000 |" in text
     assert (
         "null CPU µs per request over the split floor's, c=64: 1 front end: engine +85, "
@@ -195,9 +194,7 @@ def test_the_report_states_the_ratios_against_the_single_process() -> None:
         _row("null", frontends.FLOOR, 64, 3000.0, {"whole": 500.0}),
     ]
     plan = frontends.SweepPlan(models=("null",), frontends=(0, 1, 2), concurrencies=(1, 64))
-    text = "\n".join(frontends.markdown(
-        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
-    ))  # fmt: skip
+    text = _report(plan, rows)
     assert "| 64 | 2 front ends | 4 | 2400 | 2.40 | 1.60 |" in text
     assert "| 1 | 1 front end | 1 | 400 | 0.80 | 1.00 | 1.50 | +0.50 |" in text
     assert "| null | single process | – | – | 800 | 1.60 | 1000 | 1,250 (one process) |" in text
@@ -226,9 +223,7 @@ def test_the_report_reads_each_configuration_against_the_baseline_commit() -> No
     plan = frontends.SweepPlan(models=("null",), frontends=(0, 1, 2), concurrencies=(1, 64),
                                baseline="0123abc")  # fmt: skip
     assert plan.configurations() == (0, 1, 2, base, frontends.FLOOR, frontends.SPLIT_FLOOR)
-    text = "\n".join(frontends.markdown(
-        {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
-    ))  # fmt: skip
+    text = _report(plan, rows)
     assert "the baseline single process of commit 0123abc" in text
     assert "| p50 ms |" in text and "| × 1 front end | × baseline |" in text
     assert "| 1 | 1 front end | 1 | 400 | 0.80 | 1.00 | 1.60 | 1.50 | +0.50 |" in text
@@ -237,6 +232,12 @@ def test_the_report_reads_each_configuration_against_the_baseline_commit() -> No
     assert "c=1: best split (1 front end) / single 0.80, best split / baseline 1.60" in text
     assert "p50 1 front end − single +0.50 ms, p50 1 front end − baseline -0.50 ms" in text
     assert "c=64: best split (2 front ends) / single 2.40, best split / baseline 3.00" in text
+
+
+def _report(plan: frontends.SweepPlan, rows: list[dict[str, Any]]) -> str:
+    """The sweep's report of `rows`, as `bench.frontends.markdown` writes it."""
+    sweep = {"plan": plan.as_dict(), "rows": rows, "ceilings": frontends.ceilings(rows)}
+    return "\n".join(frontends.markdown(sweep))
 
 
 def _row(model: str, n: int, c: int, rate: float, us: dict[str, float],
