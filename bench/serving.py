@@ -191,8 +191,15 @@ def baseline_command(revision: str, into: Path) -> list[str]:
 
 
 def commit_of(revision: str) -> str:
-    """`revision`'s commit, abbreviated as git does."""
-    return _git("rev-parse", "--short", f"{revision}^{{commit}}").decode().strip()
+    """`revision`'s commit, abbreviated as git does; SystemExit naming it where git cannot
+    resolve it in this checkout."""
+    try:
+        return _git("rev-parse", "--short", f"{revision}^{{commit}}").decode().strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        why = getattr(exc, "stderr", b"") or str(exc).encode()
+        raise SystemExit(
+            f"no commit {revision!r} in {ROOT}: {why.decode(errors='replace').strip()}"
+        ) from exc
 
 
 def _git(*args: str) -> bytes:

@@ -344,6 +344,18 @@ def test_the_sweep_runs_end_to_end_and_writes_its_block_only(tmp_path: Path) -> 
     assert f"; grpcio {grpc.__version__}; raw JSON" in text
 
 
+def test_a_baseline_git_cannot_find_is_refused_before_any_server_starts(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"no commit 'no-such-revision' in .*: fatal"):
+        main([
+            "frontend", "--parts", "sweep", "--repo", str(tmp_path / "none"), "--no-build",
+            "--models", null_model.NAME, "--frontends", "0", "--concurrency", "1",
+            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+            "--doc", str(tmp_path / "benchmarks.md"), "--baseline", "no-such-revision",
+        ])  # fmt: skip
+    assert not list((tmp_path / "work").rglob("server-*.log"))  # no server was started
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+
+
 def test_the_sweep_over_http_drives_the_rest_port_and_writes_its_own_block(
     tmp_path: Path,
 ) -> None:
