@@ -175,7 +175,9 @@ def start(
 def baseline_command(revision: str, into: Path) -> list[str]:
     """A `start` ``command`` that serves like ``resnet-serve serve`` with the ``server``
     package of `revision` (unpacked into ``into/<commit>`` from ``git archive``) ahead of
-    this tree's: the bench's way to set a server of another commit beside this one's."""
+    this tree's: the bench's way to set a server of another commit beside this one's.
+    SystemExit naming `revision` where git cannot resolve it (`commit_of`)."""
+    commit_of(revision)
     commit = _git("rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
     target = into / commit[:12]
     if not (target / "server").is_dir():
