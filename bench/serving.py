@@ -177,8 +177,7 @@ def baseline_command(revision: str, into: Path) -> list[str]:
     package of `revision` (unpacked into ``into/<commit>`` from ``git archive``) ahead of
     this tree's: the bench's way to set a server of another commit beside this one's.
     SystemExit naming `revision` where git cannot resolve it (`commit_of`)."""
-    commit_of(revision)
-    commit = _git("rev-parse", "--verify", f"{revision}^{{commit}}").decode().strip()
+    commit = commit_of(revision, short=False)
     target = into / commit[:12]
     if not (target / "server").is_dir():
         target.mkdir(parents=True, exist_ok=True)
@@ -192,11 +191,12 @@ def baseline_command(revision: str, into: Path) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def commit_of(revision: str) -> str:
-    """`revision`'s commit, abbreviated as git does; SystemExit naming it where git cannot
-    resolve it in this checkout."""
+def commit_of(revision: str, *, short: bool = True) -> str:
+    """`revision`'s commit (abbreviated as git does unless not `short`); SystemExit naming
+    it where git cannot resolve it in this checkout."""
+    length = ["--short"] if short else []
     try:
-        return _git("rev-parse", "--short", f"{revision}^{{commit}}").decode().strip()
+        return _git("rev-parse", *length, "--verify", f"{revision}^{{commit}}").decode().strip()
     except (OSError, subprocess.CalledProcessError) as exc:
         why = getattr(exc, "stderr", b"") or str(exc).encode()
         raise SystemExit(
