@@ -8,9 +8,10 @@ the server-side connections of each ``rs-frontend-<i>``. So a call's outcome is 
 together with the front end that served its connection.
 
 - SIGKILL of one front end under load: another ``rs-frontend-<i>`` (a new pid) replaces
-  it; the calls that fail are on the killed front end's connections and fail UNAVAILABLE;
-  every call on the other connections succeeds; new connections reach the replacement
-  and are answered.
+  it; the calls that fail are on the killed front end's connections and fail UNAVAILABLE,
+  among them one held in the engine's queue at the kill (on `HELD`, whose batch window
+  outlasts the test); every call on the other connections succeeds; new connections
+  reach the replacement and are answered.
 - Repeated SIGKILLs of front ends under load (5 here, 50 marked ``soak``): afterwards no
   segment name of the engine is left in /dev/shm, the engine maps exactly one segment
   per live front end, and its shared memory (``RssShmem``) and RSS are back near their
@@ -64,6 +65,8 @@ from tests.reliability.wire import classify, infer, uint8_image
 MODEL = null_model.NAME
 FRONTENDS = 2
 QUEUE_DELAY_US = 20_000  # a call waits this long for its batch: calls are in flight at a kill
+HELD = "held"  # the null model again, waiting HELD_DELAY_US for a batch: a call on it is
+HELD_DELAY_US = 600_000_000  # in flight until its deadline, or until its front end dies
 GRACE_SECONDS = 20.0
 FLAGS = (
     "--frontends", str(FRONTENDS), "--device", "cpu", "--instances", "1",
@@ -93,6 +96,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("frontends") / "models"
     repo.mkdir()
     derive(repo, built / MODEL, max_batch_size=8, max_queue_delay_us=QUEUE_DELAY_US)
+    derive(repo, built / MODEL, HELD, max_batch_size=8, max_queue_delay_us=HELD_DELAY_US)
     return repo
 
 
@@ -326,6 +330,17 @@ class Load:
         return f"connection: front end/pid {on}; outcomes {counts}; first details {first}"
 
 
+async def hold(connection: Connection) -> tuple[str, str]:
+    """A v2 call on `HELD` over `connection`: (code, details) once it ends."""
+    stub = v2_grpc.GRPCInferenceServiceStub(connection.channel)
+    request = infer(HELD, datatype="UINT8", shape=(1, *PIXELS.shape), raw=PIXELS.tobytes())
+    try:
+        await stub.ModelInfer(request, timeout=CALL_TIMEOUT)
+    except grpc.aio.AioRpcError as error:
+        return error.code().name, error.details() or ""
+    return "OK", ""
+
+
 @contextlib.asynccontextmanager
 async def closing(connections: list[Connection]) -> AsyncIterator[list[Connection]]:
     try:
@@ -348,6 +363,9 @@ async def test_frontend_sigkill_fails_only_its_calls_and_is_replaced(
             await load.until_each(3)
             victim = cluster.frontends()[0]
             survivors = {i: p.pid for i, p in cluster.frontends().items() if i != 0}
+            # one call certainly in flight on the victim: queued in the engine at the kill
+            held = asyncio.ensure_future(hold(next(c for c in connections if c.index == 0)))
+            await until_gauges(cluster.server, HELD, depth=1)
             victim.kill()
             fresh = await cluster.replaced(0, victim.pid)
             replaced_at = time.monotonic()
@@ -355,14 +373,15 @@ async def test_frontend_sigkill_fails_only_its_calls_and_is_replaced(
             await load.until_each(3, since=replaced_at)
         finally:
             await load.finish()
+        held_code, held_details = await asyncio.wait_for(held, CALL_TIMEOUT)
 
         on_victim = {c.number for c in connections if c.pid == victim.pid}
         failed = [o for o in load.outcomes if o.code != "OK"]
         report = load.report()
+        assert held_code == "UNAVAILABLE", f"the held call: {held_code} {held_details}"
         assert {o.code for o in failed} <= {"UNAVAILABLE"}, report
         assert {o.connection for o in failed} <= on_victim, report
         assert all(o.started < replaced_at for o in failed), report
-        assert failed, f"no call was in flight on the killed front end: {report}"
         assert cluster.engine.is_running()
         assert {i: p.pid for i, p in cluster.frontends().items() if i != 0} == survivors
 
