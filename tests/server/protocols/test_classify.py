@@ -1,11 +1,13 @@
-"""resnet_serve.v1.Classifier end to end, on one real server shared by the module."""
+"""resnet_serve.v1.Classifier end to end, on one real server shared by the module (and one
+of its own for the test of calls that end in the queue)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,6 +29,8 @@ from tests.fixtures.messages import (
     uint8_tensor,
 )
 from tests.fixtures.servers import InProcessServer
+from tests.reliability.load import until_gauges
+from tests.reliability.repos import derive
 
 CODE = grpc.StatusCode
 
@@ -175,46 +179,61 @@ async def test_concurrent_requests_are_batched(model_server: InProcessServer) ->
     assert singles < batches, "the batch-size histogram shows batches larger than 1"
 
 
+# a batch window no call outlasts: a call queued alone waits there until it ends
+HELD_DELAY_US = 600_000_000
+HELD_BATCH = 8
+EXPIRES_AFTER = 3.0  # long enough for any busy host to queue the call first
+
+
 async def test_expired_and_cancelled_requests_are_not_computed(
-    model_server: InProcessServer,
+    model_repo: Path, tmp_path: Path, inprocess_factory: Callable[..., InProcessServer]
 ) -> None:
-    before = computed_images(model_server)
-    big = [float_tensor(random_chw(i)) for i in range(64)]
-    async with grpc.aio.insecure_channel(
-        model_server.address, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
+    """A call whose deadline passes in the queue and one whose caller cancels it there are
+    counted by those codes, and dropped before compute: the full batch queued behind them
+    runs alone. resnet18 waits `HELD_DELAY_US` for a batch here, so each call is
+    certainly queued when it ends, however quick or busy the host."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    derive(repo, model_repo / "resnet18", max_batch_size=HELD_BATCH,
+           max_queue_delay_us=HELD_DELAY_US)  # fmt: skip
+    server = inprocess_factory(repo)
+    one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(99))])
+    full = pb.ClassifyRequest(
+        model="resnet18", images=[float_tensor(random_chw(i)) for i in range(HELD_BATCH)]
+    )
+    async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
-        # four full batches keep the model busy past both calls below, on a quick host too
-        busy = [
-            stub.Classify(pb.ClassifyRequest(model="resnet18", images=big), timeout=300)
-            for _ in range(2)
-        ]
-        await _until_queued(model_server, 32)  # one batch running, full batches waiting
-        one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(99))])
+        expiring = stub.Classify(one, timeout=EXPIRES_AFTER)
+        await until_gauges(server, "resnet18", depth=1)
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.Classify(one, timeout=0.3)
+            await expiring
         assert error.value.code() is CODE.DEADLINE_EXCEEDED
+        await _until_counted(server, "DEADLINE_EXCEEDED")
+
         cancelled = stub.Classify(one, timeout=300)
-        await asyncio.sleep(0.3)
+        await until_gauges(server, "resnet18", inflight=1)
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        for call in busy:
-            assert len((await call).results) == 64
-    after = model_server.metrics()
-    assert computed_images(model_server) - before == 2 * 64
-    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
-        assert sample(after, "resnet_serve_requests_total", model="resnet18", version="1",
-                      code=code) >= 1  # fmt: skip
+        await _until_counted(server, "CANCELLED")
+
+        assert len((await stub.Classify(full, timeout=300)).results) == HELD_BATCH
+    assert computed_images(server) == HELD_BATCH  # the two ahead of it were never run
+    text = server.metrics()
+    counts = {code: sample(text, "resnet_serve_requests_total", model="resnet18", version="1",
+                           code=code) for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}
+    assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1, "OK": 1}
 
 
-async def _until_queued(server: InProcessServer, images: int) -> None:
+async def _until_counted(server: InProcessServer, code: str) -> None:
+    """Until resnet18 has counted one call ended with `code`."""
     for _ in range(600):
         text = await asyncio.to_thread(server.metrics)
-        if sample(text, "resnet_serve_queue_depth", model="resnet18", version="1") >= images:
+        if sample(text, "resnet_serve_requests_total", model="resnet18", version="1",
+                  code=code) >= 1:  # fmt: skip
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"resnet18 never had {images} images queued")
+    raise AssertionError(f"resnet18 never counted a call ended {code}")
 
 
 def test_metrics_has_every_family(
