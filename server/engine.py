@@ -26,11 +26,15 @@ front end → engine
     shared-memory regions (`server.shared_memory`)
     ``("families", id)``: every process's metric families (v2 statistics)
     ``("collected", id, families)``: the answer to ``collect``
+    ``("synced", id)``: the answer to ``sync``
 engine → front end
     ``("settings", Settings)``, then ``("registry", snapshot, loaded)`` at each change
     (each version's row ends with its cell on the board, or None)
     ``("regions", snapshot)``: the shared-memory regions, at start and at each change
-    (before the ``answer`` to the ``shared_memory`` that made it)
+    ``("sync", id)``: answered ``synced`` once every message before it is applied; the
+    ``answer`` to a ``control`` or ``shared_memory`` waits for every front end's (or its
+    end, or `SYNC_TIMEOUT`), so a change made through one front end is in force on all
+    of them when its call returns
     ``("done", key, dtype, shape)``: outputs written at the request's offset
     ``("done", key, array)``: outputs too large for the slot, carried in the message
     ``("failed", key, exception)``, ``("cancelled", key)``
@@ -85,6 +89,8 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 60.0
 # How long /metrics waits for a front end's families.
 COLLECT_TIMEOUT = 2.0
+# How long a change's answer waits for a front end that does not say it has applied it.
+SYNC_TIMEOUT = 2.0
 # A dead front end is started again after RESTART_DELAY. One that ends on its own (not by
 # SIGKILL, which comes from outside: the OOM killer, an operator) within STABLE_AFTER
 # seconds of starting is a failed start: the next wait doubles, up to RESTART_DELAY_MAX.
@@ -152,6 +158,7 @@ class Link:
         self.hello = asyncio.Event()
         self.gone = asyncio.Event()
         self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
+        self.syncing: dict[int, asyncio.Future[None]] = {}
         self.last: list[Metric] = []  # its families as last collected
         self.started = 0.0  # time.monotonic() when its process started
 
@@ -186,6 +193,10 @@ class Link:
                 future = self.collecting.pop(message[1], None)
                 if future is not None and not future.done():
                     future.set_result(message[2])
+            elif kind == "synced":
+                future = self.syncing.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(None)
             elif kind == "control":
                 self.engine.spawn(self._control(*message[1:]))
             elif kind == "families":
@@ -272,21 +283,44 @@ class Link:
             error: BaseException | None = _portable(exc)
         else:
             error = None
-        self.engine.broadcast_now()  # the registry the answer speaks of, before the answer
+        self.engine.broadcast_now()  # the registry the answer speaks of
+        await self.engine.synced()  # in force on every front end before the answer
         self.channel.send(("answer", ident, None, error))
 
     def _shared_memory(self, ident: int, op: str, *args: Any) -> None:
-        """A registration on the engine's table; every front end's mirror has the new table
-        before the answer."""
+        """A registration on the engine's table, applied here in message order; answered
+        once every front end's mirror has the new table."""
         assert self.channel is not None
         try:
             self.engine.shared_memory.apply(op, *args)
         except Exception as exc:
-            error: BaseException | None = _portable(exc)
-        else:
-            error = None
-            self.engine.broadcast_regions()
-        self.channel.send(("answer", ident, None, error))
+            self.channel.send(("answer", ident, None, _portable(exc)))
+            return
+        self.engine.broadcast_regions()
+        self.engine.spawn(self._answer_synced(ident))
+
+    async def _answer_synced(self, ident: int) -> None:
+        await self.engine.synced()
+        if self.channel is not None and not self.channel.closed:
+            self.channel.send(("answer", ident, None, None))
+
+    async def synced(self) -> None:
+        """Until the front end has applied every message sent to it before now (it answers
+        ``sync`` in order); at once when it is gone or not attached yet (it applies them
+        before it serves), after `SYNC_TIMEOUT` when it does not answer."""
+        if self.channel is None or self.channel.closed or not self.hello.is_set():
+            return
+        ident = next(self.engine.ids)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.syncing[ident] = future
+        self.channel.send(("sync", ident))
+        try:
+            await asyncio.wait_for(future, SYNC_TIMEOUT)
+        except TimeoutError:
+            log.warning("front end %d did not confirm a change within %.0f s; answering "
+                        "without it", self.index, SYNC_TIMEOUT)  # fmt: skip
+        finally:
+            self.syncing.pop(ident, None)
 
     async def _families(self, ident: int) -> None:
         assert self.channel is not None
@@ -316,6 +350,9 @@ class Link:
         for future in self.collecting.values():
             if not future.done():
                 future.set_result([])
+        for future in self.syncing.values():
+            if not future.done():
+                future.set_result(None)
         if self.segment:
             shm.unlink(self.segment)  # if it died before it could
         self.buffer = None  # unmapped once the last batch reading it lets go
@@ -451,6 +488,10 @@ class Engine:
         for link in self.links:
             if link.channel is not None and not link.channel.closed:
                 link.channel.send(message)
+
+    async def synced(self) -> None:
+        """Until every live front end has applied what was sent to it before now."""
+        await asyncio.gather(*(link.synced() for link in self.links))
 
     def broadcast_regions(self) -> None:
         message = ("regions", self.shared_memory.snapshot())

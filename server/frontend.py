@@ -14,7 +14,8 @@ would (`server.app.start`), except that:
   board shows it (`server.shm.Board`), is refused before it is decoded or sent;
 - model control (v2 load and unload) is asked of the engine (`EngineManager`), and so are
   system shared-memory registrations: its table of regions is a mirror of the engine's
-  (`server.shared_memory`), replaced at each change before the engine answers;
+  (`server.shared_memory`), replaced at each change: the engine answers the call that
+  made a change once every front end has applied it (``sync``, `server.engine`);
 - it serves no /metrics: the engine asks each front end for its families and shows one
   view of all processes.
 
@@ -165,6 +166,9 @@ class EngineLink:
                 self.shared_memory.replace(message[1])
             elif kind == "collect":
                 self._collect(message[1])
+            elif kind == "sync":  # every message before it is applied
+                assert self.channel is not None
+                self.channel.send(("synced", message[1]))
             elif kind == "forget":  # the engine unloaded the version: its series go here too
                 if self.metrics is not None:
                     self.metrics.forget(message[1], message[2])

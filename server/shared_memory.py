@@ -25,8 +25,9 @@ What the server trusts of it, and what not (docs/security.md):
 
 One table per server: in one process it is local; with front ends (`server.engine`) the
 engine owns it, a front end's `register`/`unregister` go to the engine (`forward`), which
-applies them (`apply`) and sends every front end the new table (`replace`) before it
-answers, so a region registered through one connection is known on every other. Each
+applies them (`apply`), sends every front end the new table (`replace`) and answers once
+each has applied it, so a region registered (or unregistered) through one connection is
+in force on every other when the call returns. Each
 process opens the files itself when it reads or writes.
 """
 

@@ -16,6 +16,8 @@ together with the front end that served its connection.
   segment name of the engine is left in /dev/shm, the engine maps exactly one segment
   per live front end, and its shared memory (``RssShmem``) and RSS are back near their
   baseline (`SHMEM_SLACK`, `RSS_SLACK` say how near and why).
+- A shared-memory registration through one front end waits for the other's ``sync``:
+  not answered while that front end is stopped (SIGSTOP), answered once it runs again.
 - SIGKILL of the engine: every front end's health is NOT_SERVING (or its connection
   refused) within `ENGINE_GONE_BOUND`, every front end exits non-zero, no process of the
   server remains, and the calls under way end OK or UNAVAILABLE, none hangs. The front
@@ -55,6 +57,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
+from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from bench import null_model, serving
@@ -400,6 +403,41 @@ async def test_frontend_sigkill_fails_only_its_calls_and_is_replaced(
             finally:
                 await again.finish()
             assert {o.code for o in again.outcomes} == {"OK"}, again.report()
+
+
+# a change through one front end is in force on every one when its call returns
+
+
+async def test_a_registration_returns_once_every_front_end_has_it(
+    start: Callable[[], Cluster],
+) -> None:
+    """A system shared-memory registration through one front end is answered only once the
+    other front end has the new table: while that one is stopped (SIGSTOP) the call
+    waits; when it runs again the call returns."""
+    cluster = start()
+    key = f"/resnet-serve-test-{secrets.token_hex(8)}"
+    (SHM / key[1:]).write_bytes(bytes(64))
+    try:
+        async with closing([await connect(cluster, 0)]) as (connection,):
+            other = next(p for i, p in cluster.frontends().items() if i != connection.index)
+            stub = v2_grpc.GRPCInferenceServiceStub(connection.channel)
+            request = v2.SystemSharedMemoryRegisterRequest(name="r", key=key, byte_size=64)
+            other.suspend()
+            try:
+                call = asyncio.ensure_future(
+                    stub.SystemSharedMemoryRegister(request, timeout=CALL_TIMEOUT)
+                )
+                await asyncio.sleep(0.3)  # far below the engine's SYNC_TIMEOUT (2 s)
+                assert not call.done(), "answered while a front end had not the new table"
+            finally:
+                other.resume()
+            await call
+            status = await stub.SystemSharedMemoryStatus(
+                v2.SystemSharedMemoryStatusRequest(), timeout=CALL_TIMEOUT
+            )
+            assert list(status.regions) == ["r"]
+    finally:
+        (SHM / key[1:]).unlink()
 
 
 # 2. many front ends killed under load: shared memory and RSS back near the baseline
