@@ -301,8 +301,8 @@ class Link:
 
     async def _answer_synced(self, ident: int) -> None:
         await self.engine.synced()
-        if self.channel is not None and not self.channel.closed:
-            self.channel.send(("answer", ident, None, None))
+        assert self.channel is not None
+        self.channel.send(("answer", ident, None, None))  # dropped if the front end is gone
 
     async def synced(self) -> None:
         """Until the front end has applied every message sent to it before now (it answers
