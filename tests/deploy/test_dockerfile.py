@@ -157,7 +157,8 @@ def test_gpu_runtime_cuda_wheels_match_the_onnxruntime_gpu_build(
     try:
         installed = importlib.metadata.version("onnxruntime-gpu")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("onnxruntime-gpu is not installed here (not Linux x86_64)")
+        pytest.skip("onnxruntime-gpu is not installed here (`make venv` installs the CPU build; "
+                    "`make gpu-check` builds a venv with it)")
     from onnxruntime.capi import build_and_package_info as info
 
     assert installed == ort_version, (
