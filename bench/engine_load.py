@@ -356,9 +356,9 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _feeder_main(argv: list[str]) -> int:
-    """``python -m bench.engine_load feed C SECONDS OUT FD INDEX BOARD`` (the engine adds the
-    last three, as for a front end; the board is not read)."""
-    _, concurrency, seconds, out, fd, _index, _board = argv
+    """``python -m bench.engine_load feed C SECONDS OUT FD INDEX BOARD TALLY`` (the engine
+    adds the last four, as for a front end; neither the board nor the tally is read)."""
+    _, concurrency, seconds, out, fd, _index, _board, _tally = argv
     asyncio.run(feed(int(fd), int(concurrency), float(seconds), Path(out)))
     return 0
 

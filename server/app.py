@@ -42,7 +42,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
-from server import reflection_pool, threads, tls, tracing
+from server import reflection_pool, shm, threads, tls, tracing
 from server.auth import TokenCheck, load_tokens
 from server.config import Settings, available_cores, cgroup_cpu_limit
 from server.context import ServingContext
@@ -92,6 +92,9 @@ class Core:
     # The system shared-memory regions: this process's own table (one process, the engine),
     # or in a front end the mirror of the engine's.
     shared_memory: SharedMemory | None = None
+    # A front end's row of the engine's tally (`server.shm.Tally`), so that the call and
+    # body limits hold over every front end; None in one process.
+    tally: shm.Tally | None = None
 
 
 def serving_core(settings: Settings) -> Core:
@@ -132,15 +135,16 @@ async def start(settings: Settings, core: Core | None = None, *, frontend: bool 
     metrics = core.metrics
     tokens, credentials, ssl_context = _security(settings)
     exporter = None if frontend else serve_metrics(settings, metrics)
-    preprocessor = Preprocessor(settings)
+    preprocessor = Preprocessor(settings, _held(core, "decodes"))
     try:  # from here on, one way out on failure
         ctx = ServingContext(
             settings, core.registry, preprocessor, metrics, core.health, core.manager,
             core.draining, core.shared_memory or SharedMemory.of(settings),
         )  # fmt: skip
-        calls = Calls(settings.max_concurrent_calls)
+        calls = Calls(settings.max_concurrent_calls, _held(core, "calls"))
         auth = TokenCheck(tokens, metrics) if tokens else None  # one check for gRPC and HTTP
-        admission = Admission(core.draining, calls, auth)  # one rule for gRPC and HTTP
+        # one rule for gRPC and HTTP
+        admission = Admission(core.draining, calls, auth, _held(core, "bodies"))
         server, names = _grpc_server(settings, ctx, admission, reuse_port=frontend)
         port = _bind_grpc(server, settings, credentials)
         rest, http_port = await _bind_http(settings, ctx, admission, ssl_context, frontend)
@@ -214,6 +218,11 @@ def _bind_grpc(
         return server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot bind the gRPC port {address}: {exc}") from exc
+
+
+def _held(core: Core, column: str) -> shm.Held:
+    """What this process holds of `column`, counted over every front end in a front end."""
+    return shm.Held(core.tally.share(column) if core.tally is not None else None)
 
 
 async def _bind_http(

@@ -11,7 +11,11 @@ number for all front ends and a replaced front end finds its port free.
 Per front end (`Link`): a Unix socket pair (`server.ipc.Channel`, messages batched per
 wake-up) and the front end's shared-memory segment (`server.shm`). Every front end also
 maps the engine's `server.shm.Board` read-only (its descriptor is the front end's third
-argument), where each batcher's queued images are in sight. The messages:
+argument), where each batcher's queued images are in sight, and its row of the engine's
+`server.shm.Tally` (the fourth), where it counts the calls it answers, the HTTP bodies
+it reads and the images it has waiting for decoding, so that ``max_concurrent_calls``,
+``http_max_body_reads`` and ``max_decode_backlog`` hold over every front end. The
+messages:
 
 front end → engine
     ``("hello", segment name, size)``: once; the engine maps the segment
@@ -45,7 +49,8 @@ engine → front end
 A request is answered exactly once, and only then may the front end reuse its slot.
 A front end that dies (its socket closes) has its requests cancelled (dropped before
 compute; a batch already running finishes on the mapping, which outlives the front
-end), its segment's name removed if it was still there, and is started again unless
+end), its segment's name removed if it was still there, its tally row cleared, and is
+started again unless
 the server is draining: after 1 s, or longer after failed starts (`restart_delay`).
 SIGTERM or SIGINT: every front end drains (they answer what they accepted, the engine
 computing it), then the engine stops; exit 0.
@@ -166,11 +171,11 @@ class Link:
         self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
-            board = self.engine.board.fd
+            board, tally = self.engine.board.fd, self.engine.tally.fd
             self.process = subprocess.Popen(
                 [sys.executable, "-P", *self.program, str(theirs.fileno()), str(self.index),
-                 str(board)],
-                pass_fds=(theirs.fileno(), board),
+                 str(board), str(tally)],
+                pass_fds=(theirs.fileno(), board, tally),
                 env=frontend_environment(),
             )
         self.channel = await ipc.Channel.open(ours, self.on_messages, self.on_closed)
@@ -356,6 +361,7 @@ class Link:
         if self.segment:
             shm.unlink(self.segment)  # if it died before it could
         self.buffer = None  # unmapped once the last batch reading it lets go
+        self.engine.tally.clear(self.index)  # what it held went with it
         self.gone.set()
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
@@ -442,6 +448,7 @@ class Engine:
         self.frontend_settings = settings
         self.links = [Link(self, i) for i in range(frontends)]
         self.board = shm.Board()  # every batcher's queue, for the front ends to see
+        self.tally = shm.Tally(frontends)  # what each front end holds, for server-wide limits
         self.ids = itertools.count()
         self.draining = False
         self._tasks: set[asyncio.Future[Any]] = set()

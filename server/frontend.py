@@ -1,11 +1,11 @@
 """A front-end process: every protocol, admission, validation and preprocessing of
 `server.app`, with the models computed by the engine (`server.engine`).
 
-Started by the engine as ``python -m server.frontend <socket fd> <index> <board fd>`` and named
-``rs-frontend-<index>``. It gets its settings and the engine's registry over the socket
-(`server.ipc`), creates its shared-memory segment (`server.shm`), and then serves the
-gRPC and HTTP ports, which every front end shares (SO_REUSEPORT), exactly as one process
-would (`server.app.start`), except that:
+Started by the engine as ``python -m server.frontend <socket fd> <index> <board fd>
+<tally fd>`` and named ``rs-frontend-<index>``. It gets its settings and the engine's
+registry over the socket (`server.ipc`), creates its shared-memory segment
+(`server.shm`), and then serves the gRPC and HTTP ports, which every front end shares
+(SO_REUSEPORT), exactly as one process would (`server.app.start`), except that:
 
 - its registry is a mirror of the engine's, replaced at each change the engine sends;
   a READY version's scheduler is `EngineScheduler`: the request's tensor is written
@@ -17,7 +17,10 @@ would (`server.app.start`), except that:
   (`server.shared_memory`), replaced at each change: the engine answers the call that
   made a change once every front end has applied it (``sync``, `server.engine`);
 - it serves no /metrics: the engine asks each front end for its families and shows one
-  view of all processes.
+  view of all processes;
+- it counts the calls it answers, the HTTP bodies it reads and the images waiting for its
+  decode workers in its row of the engine's `server.shm.Tally`, and refuses one more when
+  all front ends together are at the limit.
 
 A call whose caller goes away sends ``cancel``: the engine drops the request before
 compute. If the engine goes away, every request waiting for it fails with UNAVAILABLE,
@@ -344,7 +347,7 @@ class Mirror:
         task.add_done_callback(self._publishing.discard)
 
 
-async def serve(sock: socket.socket, index: int, board: int) -> int:
+async def serve(sock: socket.socket, index: int, board: int, tally: int) -> int:
     link = EngineLink()
     link.board = shm.Board(board)
     link.channel = await ipc.Channel.open(sock, link.on_messages, link.on_closed, FLUSH_HOLD)
@@ -369,7 +372,7 @@ async def serve(sock: socket.socket, index: int, board: int) -> int:
     if link.snapshot is not None:
         link.mirror.apply(*link.snapshot)
     core = app.Core(metrics, registry, draining, health, EngineManager(settings, link),
-                    link.shared_memory)  # fmt: skip
+                    link.shared_memory, shm.Tally(fd=tally, row=index))  # fmt: skip
     running = await app.start(settings, core, frontend=True)
     log.info("front end %d (pid %d) serving", index, os.getpid())
     signalled = app.on_signals(settings.grace_period)
@@ -389,11 +392,11 @@ async def serve(sock: socket.socket, index: int, board: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    fd, index, board = int(args[0]), int(args[1]), int(args[2])
+    fd, index, board, tally = (int(arg) for arg in args[:4])
     threads.name_process(f"rs-frontend-{index}")
     sock = socket.socket(fileno=fd)
     try:
-        return asyncio.run(serve(sock, index, board))
+        return asyncio.run(serve(sock, index, board, tally))
     finally:
         tracing.shutdown()  # the spans still buffered are exported
 

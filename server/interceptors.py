@@ -32,6 +32,7 @@ from server.auth import TokenCheck
 from server.drain import Drain
 from server.errors import Draining, QueueFull, Unauthenticated, to_status, to_trailers
 from server.handlers import behavior, is_probe, replace_behavior
+from server.shm import Held
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,34 @@ async def abort_with(context: grpc.aio.ServicerContext, method: str, exc: Except
 
 class Calls:
     """Calls being answered, gRPC and HTTP (probes and refusals excluded), at most `limit`
-    at once."""
+    at once in the whole server (`Held`: with front ends, over all of them)."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, held: Held | None = None) -> None:
         self.limit = limit
-        self.active = 0
+        self._held = held or Held()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def active(self) -> int:
+        """This process's calls being answered."""
+        return self._held.count
 
     async def idle(self) -> None:
         await self._idle.wait()
 
     def enter(self) -> None:
-        if self.limit is not None and self.active >= self.limit:
+        if self.limit is not None and (held := self._held.total()) >= self.limit:
             raise QueueFull(
-                f"the server is answering {self.active} calls, its limit "
+                f"the server is answering {held} calls, its limit "
                 f"(max_concurrent_calls {self.limit}); retry later or on another instance"
             )
-        self.active += 1
+        self._held.add(1)
         self._idle.clear()
 
     def exit(self) -> None:
-        self.active -= 1
-        if self.active == 0:
+        self._held.add(-1)
+        if self._held.count == 0:
             self._idle.set()
 
 
@@ -78,12 +84,17 @@ class Admission:
     draining (UNAVAILABLE, with a pushback), without an accepted token when tokens are
     set (UNAUTHENTICATED, counted and logged rate-limited by `TokenCheck.refused`), and
     beyond the concurrent-call limit (RESOURCE_EXHAUSTED); else counted in `Calls`
-    until `done`. Probes never come here."""
+    until `done`. Probes never come here. `bodies`: the HTTP request bodies being read,
+    which the HTTP port's gate counts before a call is admitted (`http_max_body_reads`)."""
 
-    def __init__(self, draining: Drain, calls: Calls, tokens: TokenCheck | None = None) -> None:
+    def __init__(
+        self, draining: Drain, calls: Calls, tokens: TokenCheck | None = None,
+        bodies: Held | None = None,
+    ) -> None:  # fmt: skip
         self.draining = draining
         self.calls = calls
         self.tokens = tokens
+        self.bodies = bodies or Held()
 
     def admit(self, method: str, metadata: Callable[[], Sequence[tuple[str, Any]] | None]) -> None:
         """Count the call in, or raise why it is refused. `metadata` is called only when

@@ -2,7 +2,8 @@
 
 Decoding runs in a thread pool (`Preprocessor`): Pillow releases the GIL in
 decode and resize, and threads avoid copying every result between processes.
-The pool's backlog is bounded (``max_decode_backlog`` images, server-wide):
+The pool's backlog is bounded (``max_decode_backlog`` images, server-wide: with front
+ends, over all of them, `server.shm.Held`):
 each call takes its place in the backlog as it is made, before anything is
 awaited, and past the bound an image is refused at once with `QueueFull`
 (RESOURCE_EXHAUSTED), so an overload of encoded images cannot pile up
@@ -38,15 +39,17 @@ from server.repository import (
     prepare_encoded,
     prepare_pixels,
 )
+from server.shm import Held
 
 
 class Preprocessor:
     """Runs decoding and transforms on a pool of worker threads, with a bounded backlog."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, backlog: Held | None = None) -> None:
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self.max_backlog = settings.max_decode_backlog
-        self.backlog = 0  # images waiting for or in a worker (touched only on the event loop)
+        # images waiting for or in a worker (touched only on the event loop)
+        self._backlog = backlog or Held()
         ceiling = Image.MAX_IMAGE_PIXELS
         if ceiling is not None and self.limits.max_image_pixels > ceiling:
             Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels  # keep Pillow's above ours
@@ -78,20 +81,25 @@ class Preprocessor:
     ) -> asyncio.Future[np.ndarray]:
         """`function` on a worker, its place in the backlog taken now (`QueueFull` when
         there is none) and given back when its future is done or cancelled."""
-        if self.backlog >= self.max_backlog:
+        if (backlog := self._backlog.total()) >= self.max_backlog:
             raise QueueFull(
-                f"{self.backlog} images are waiting to be decoded (at most {self.max_backlog}); "
+                f"{backlog} images are waiting to be decoded (at most {self.max_backlog}); "
                 f"retry later"
             )
         future = asyncio.get_running_loop().run_in_executor(
             self._pool, _image_errors, function, *args
         )
-        self.backlog += 1
+        self._backlog.add(1)
         future.add_done_callback(self._release)
         return future
 
+    @property
+    def backlog(self) -> int:
+        """This process's images waiting for or in a worker."""
+        return self._backlog.count
+
     def _release(self, _: asyncio.Future[np.ndarray]) -> None:
-        self.backlog -= 1
+        self._backlog.add(-1)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -21,6 +21,12 @@ queued, written by the engine as the queue changes and read by a front end befor
 decodes or sends a call (`server.frontend.EngineScheduler.check_room`). It is a memfd,
 which has no name at all: each front end gets its descriptor when it starts and maps it
 read-only, and the memory goes back to the system with the last process holding it.
+
+A limit given server-wide (``max_concurrent_calls``, ``http_max_body_reads``,
+``max_decode_backlog``) holds over every front end through the `Tally`, one more memfd: a
+row per front end, where it writes how many calls it is answering, bodies it is reading
+and images it has waiting for or in a decode worker, and whose columns it sums before it
+takes one more (`Held`).
 """
 
 from __future__ import annotations
@@ -183,3 +189,81 @@ class Board:
             self.cells[index] = 0
             self._free.append(index)
         return gone
+
+
+class Tally:
+    """What each front end holds at once, one int64 row per front end in a memfd, so that
+    a limit given server-wide holds over all of them: a front end writes only its own
+    row's cells (`Share.set`) and sums a column over every row (`Share.total`) before it
+    takes one more. Two front ends taking the last unit at the same instant may both
+    pass, so a limit can be passed by at most one unit per other front end, for as long
+    as those calls last.
+
+    ``Tally(rows)`` is the engine's: it creates the memory, and `clear`s the row of a
+    front end that died (whatever it held went with it). ``Tally(fd=fd, row=row)`` is front
+    end `row`'s: the same memory, read-write."""
+
+    COLUMNS = ("calls", "bodies", "decodes")
+
+    def __init__(self, rows: int = 0, fd: int | None = None, row: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("resnet-serve-tally", os.MFD_CLOEXEC)
+            os.ftruncate(fd, max(rows, 1) * len(self.COLUMNS) * 8)
+        size = os.fstat(fd).st_size
+        self.fd, self.rows, self.row = fd, size // (len(self.COLUMNS) * 8), row
+        self._memory = mmap.mmap(fd, size)
+        self.cells = memoryview(self._memory).cast("q")
+
+    def share(self, column: str) -> Share:
+        """This front end's cell of `column`, zeroed (a replaced front end starts with
+        nothing), and the column."""
+        assert self.row is not None, "the engine's tally has no row of its own"
+        start = self.COLUMNS.index(column) * self.rows
+        share = Share(self.cells, start, start + self.rows, start + self.row)
+        share.set(0)
+        return share
+
+    def clear(self, row: int) -> None:
+        """Front end `row` is gone: it holds nothing."""
+        for column in range(len(self.COLUMNS)):
+            self.cells[column * self.rows + row] = 0
+
+    def total(self, column: str) -> int:
+        start = self.COLUMNS.index(column) * self.rows
+        return sum(self.cells[start : start + self.rows])
+
+
+class Share:
+    """One front end's cell of a `Tally` column, and the column's total over every front
+    end (aligned 8-byte loads and stores: never torn)."""
+
+    __slots__ = ("_cell", "_cells", "_end", "_start")
+
+    def __init__(self, cells: memoryview, start: int, end: int, cell: int) -> None:
+        self._cells, self._start, self._end, self._cell = cells, start, end, cell
+
+    def total(self) -> int:
+        return sum(self._cells[self._start : self._end])
+
+    def set(self, value: int) -> None:
+        self._cells[self._cell] = value
+
+
+class Held:
+    """How many of something this process holds at once (`count`), and how many the server
+    holds (`total`): with front ends, every front end's, through `share` (this front end's
+    cell of a `Tally` column), so that a limit given server-wide holds over all of them."""
+
+    __slots__ = ("_share", "count")
+
+    def __init__(self, share: Share | None = None) -> None:
+        self.count = 0
+        self._share = share
+
+    def total(self) -> int:
+        return self.count if self._share is None else self._share.total()
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if self._share is not None:
+            self._share.set(self.count)

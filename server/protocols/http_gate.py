@@ -44,7 +44,7 @@ class Gate:
     def __init__(self, settings: Settings, admission: Admission) -> None:
         self._settings = settings
         self._admission = admission
-        self._reading = 0  # bodies being read (http_max_body_reads)
+        self._reading = admission.bodies  # bodies being read (http_max_body_reads)
         self.client_faults = RateLimitedLog(
             log, "HTTP request(s) malformed, too slow, too large or left by the client",
             "; each answered 4xx or closed",
@@ -152,13 +152,13 @@ class Gate:
         if not request.body_exists:
             return b""
         decoder = Decoder.of(request.headers.getall("Content-Encoding", []))
-        if self._reading >= settings.http_max_body_reads:
+        if (reading := self._reading.total()) >= settings.http_max_body_reads:
             raise QueueFull(
-                f"the server is reading {self._reading} request bodies, its limit "
+                f"the server is reading {reading} request bodies, its limit "
                 f"(http_max_body_reads {settings.http_max_body_reads}); retry later or on "
                 "another instance"
             )
-        self._reading += 1
+        self._reading.add(1)
         try:
             async with asyncio.timeout(settings.http_body_timeout):
                 return await read_body(request.content, decoder, limit)
@@ -170,7 +170,7 @@ class Gate:
         except (ConnectionError, RequestPayloadError, HttpProcessingError) as exc:
             raise BodyRefused(400, f"the body could not be read: {brief(exc)}") from None
         finally:
-            self._reading -= 1
+            self._reading.add(-1)
 
 
 def _is_probe(request: web.Request) -> bool:

@@ -15,7 +15,6 @@ UNAVAILABLE, and the client's next call, on a new connection, succeeds.
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,38 +22,15 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2 as pb
 from resnet_serve_client.proto.resnet_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from tests.fixtures.servers import InProcessServer
 from tests.reliability import images
 from tests.reliability.repos import derive
-from tests.reliability.wire import CALL_TIMEOUT, classify
+from tests.reliability.wire import CALL_TIMEOUT, OpenStream, classify
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MODEL = "cifar"
-
-
-class OpenStream:
-    """A ClassifyStream kept open: one message answered, then held until `close()`."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._requests: queue.Queue[pb.ClassifyRequest | None] = queue.Queue()
-        stub = pb_grpc.ClassifierStub(channel)
-        self._responses = stub.ClassifyStream(iter(self._requests.get, None),
-                                              timeout=CALL_TIMEOUT)  # fmt: skip
-        self.send()  # once answered, the server is answering it: the call is counted
-
-    def send(self) -> None:
-        """One more message, answered."""
-        self._requests.put(classify(MODEL, images.one_pixel()))
-        answer = next(self._responses)
-        assert answer.WhichOneof("result") == "response", answer
-
-    def close(self) -> None:
-        """Half-close and read to the end (the stream's error, if it ended with one)."""
-        self._requests.put(None)
-        assert list(self._responses) == []
 
 
 def _connection(server: InProcessServer, *options: tuple[str, int]) -> grpc.Channel:
@@ -79,7 +55,7 @@ IDLE = 6.0  # seconds the stream stays quiet: six pings, the default policy allo
 
 def _idle_stream_survives(server: InProcessServer) -> None:
     with _connection(server, *PINGING) as channel:
-        stream = OpenStream(channel)
+        stream = OpenStream(channel, classify(MODEL, images.one_pixel()))
         time.sleep(IDLE)
         stream.send()
         stream.close()
@@ -109,7 +85,7 @@ def test_old_connections_are_closed_and_clients_reconnect(
     server = inprocess_factory(cifar_repo, "--max-connection-age", "1",
                                "--max-connection-age-grace", "1")  # fmt: skip
     with _connection(server) as channel:
-        stream = OpenStream(channel)
+        stream = OpenStream(channel, classify(MODEL, images.one_pixel()))
         time.sleep(5)  # past age + grace (each +-10% jitter)
         with pytest.raises(grpc.RpcError) as ended:
             stream.send()
@@ -138,7 +114,8 @@ def test_calls_beyond_the_limit_are_refused_and_probes_still_answer(
     server = inprocess_factory(model_repo, "--max-concurrent-calls", "2")
     with server.channel() as channel:
         stub = pb_grpc.ClassifierStub(channel)
-        first, second = OpenStream(channel), OpenStream(channel)
+        pixel = classify(MODEL, images.one_pixel())
+        first, second = OpenStream(channel, pixel), OpenStream(channel, pixel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.Classify(classify(MODEL, images.one_pixel()), timeout=CALL_TIMEOUT)
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -161,7 +138,7 @@ def test_streams_per_connection_wait_on_the_client(
     server = inprocess_factory(model_repo, "--max-streams-per-connection", "1")
     request = classify(MODEL, images.one_pixel())
     with _connection(server) as busy, _connection(server) as other:
-        stream = OpenStream(busy)
+        stream = OpenStream(busy, classify(MODEL, images.one_pixel()))
         with pytest.raises(grpc.RpcError) as waited:  # no stream free on this connection
             pb_grpc.ClassifierStub(busy).Classify(request, timeout=2)
         assert waited.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED

@@ -3,11 +3,13 @@
 ``classify(...)`` builds a ``resnet_serve.v1`` ClassifyRequest, ``infer(...)``
 an Open Inference Protocol v2 ModelInferRequest (tritonclient's own messages,
 so the v2 cases also prove wire compatibility). ``call(channel, request)``
-sends either and returns ``(code, details, answer)``.
+sends either and returns ``(code, details, answer)``. `OpenStream` holds a
+ClassifyStream open: a call the server counts for as long as it lasts.
 """
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +23,29 @@ from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 Request = pb.ClassifyRequest | v2.ModelInferRequest
 CALL_TIMEOUT = 60.0
+
+
+class OpenStream:
+    """A ClassifyStream kept open: `request` answered once, then held until `close()`."""
+
+    def __init__(self, channel: grpc.Channel, request: pb.ClassifyRequest) -> None:
+        self._request = request
+        self._requests: queue.Queue[pb.ClassifyRequest | None] = queue.Queue()
+        stub = pb_grpc.ClassifierStub(channel)
+        self._responses = stub.ClassifyStream(iter(self._requests.get, None),
+                                              timeout=CALL_TIMEOUT)  # fmt: skip
+        self.send()  # once answered, the server is answering it: the call is counted
+
+    def send(self) -> None:
+        """One more message, answered."""
+        self._requests.put(self._request)
+        answer = next(self._responses)
+        assert answer.WhichOneof("result") == "response", answer
+
+    def close(self) -> None:
+        """Half-close and read to the end (the stream's error, if it ended with one)."""
+        self._requests.put(None)
+        assert list(self._responses) == []
 
 
 def classify(model: str, *images: bytes | pb.Image, **fields: Any) -> pb.ClassifyRequest:

@@ -18,6 +18,8 @@ one of them, so that each front end answers some of them:
   version's series leave /metrics as they do in one process;
 - a call expired or cancelled in a front end while queued is dropped by the engine
   before compute (its own server: resnet18, one front end);
+- the concurrent-call and HTTP body limits are the server's, over both front ends (its
+  own server, a stream or a stalled body held on each front end);
 - TLS with a bearer token; process names (``rs-engine``, ``rs-frontend-<i>``);
   ``RESNET_SERVE_FRONTENDS``; bad counts refused at start (exit 2).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import ssl
 import subprocess
 import time
@@ -46,6 +49,7 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from grpc_health.v1 import health_pb2
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from resnet_serve_client import TLS, ChannelOptions, Client, Unauthenticated
@@ -60,6 +64,7 @@ from server.config import Settings
 from tests.fixtures.messages import encoded, float_tensor, random_chw
 from tests.fixtures.messages import sample as scraped
 from tests.reliability.repos import derive
+from tests.reliability.wire import OpenStream
 from tests.security.certs import PKI, make_pki
 from tests.shared_data import PHOTOS
 
@@ -497,57 +502,55 @@ def comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-BUSY = 4  # calls of 64 images that keep the model busy
+HELD_BATCH = 8  # the held model's batch: it waits for this many images
+HELD_DELAY_US = 600_000_000  # ... for at most 600 s
+EXPIRES_AFTER = 3.0  # long enough for any busy host to queue the call first
+
+
+def until_metric(server: serving.Server, name: str, value: float, **labels: str) -> None:
+    """Until /metrics shows `name` (of resnet18 version 1, and `labels`) at least `value`."""
+    until = time.monotonic() + 60
+    while scraped(server.metrics(), name, model="resnet18", version="1", **labels) < value:
+        assert time.monotonic() < until, f"{name} {labels} never {value}:\n{server.log()}"
+        time.sleep(0.05)
 
 
 def test_calls_expired_or_cancelled_in_a_frontend_are_dropped_by_the_engine(
     model_repo: Path, tmp_path: Path, started: Callable[..., serving.Server]
 ) -> None:
-    """A call whose deadline passes, and one its caller cancels, while queued behind a
-    busy model: the engine drops both before compute (only the busy calls' images and a
-    last call's, queued after them, are run), and the front end counts them
-    DEADLINE_EXCEEDED and CANCELLED."""
+    """A call whose deadline passes, and one its caller cancels, while queued in the
+    engine: the engine drops both before compute (the full batch queued after them runs
+    alone), and the front end counts them DEADLINE_EXCEEDED and CANCELLED. resnet18 waits
+    `HELD_DELAY_US` for a batch here, so each call is certainly queued when it ends,
+    however quick or busy the host."""
     repo = tmp_path / "repo"
-    derive(repo, model_repo / "resnet18", max_batch_size=32, max_queue_size=BUSY * 64 + 32)
-    # the busy calls' float tensors (38.5 MB each) in flight at once in the front end's slots
-    server = started(repo, ["--frontends", "1", "--device", "cpu", "--instances", "1",
-                            "--frontend-shm-bytes", str(BUSY * 64 << 20)])  # fmt: skip
-    runs = ("resnet_serve_batch_size_sum", {"model": "resnet18", "version": "1"})
-    before = scraped(server.metrics(), runs[0], **runs[1])
-    big = pb.ClassifyRequest(model="resnet18",
-                             images=[float_tensor(random_chw(i)) for i in range(64)])  # fmt: skip
+    derive(repo, model_repo / "resnet18", max_batch_size=HELD_BATCH,
+           max_queue_delay_us=HELD_DELAY_US)  # fmt: skip
+    server = started(repo, ["--frontends", "1", "--device", "cpu"])
     one = pb.ClassifyRequest(model="resnet18", images=[float_tensor(random_chw(99))])
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    with grpc.insecure_channel(server.address, options=options) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        # 2 × BUSY full batches (one runs, the rest wait) keep the model busy past both
-        # calls below, on a quick host too
-        busy = [stub.Classify.future(big, timeout=300) for _ in range(BUSY)]
-        queued = time.monotonic() + 120
-        # every busy image queued or taken by a batch: the front end has passed all of them
-        # to the engine, so the calls below reach it at once (a deadline of 0.3 s that
-        # passed while it still read the busy calls would never reach the handler)
-        while (scraped(text := server.metrics(), "resnet_serve_queue_depth", **runs[1])
-               + scraped(text, runs[0], **runs[1]) - before) < BUSY * 64:  # fmt: skip
-            assert time.monotonic() < queued and not any(b.done() for b in busy), server.log()
-            time.sleep(0.05)
-        with pytest.raises(grpc.RpcError) as expired:
-            stub.Classify(one, timeout=0.3)
-        assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        cancelled = stub.Classify.future(one, timeout=300)
-        time.sleep(0.3)
-        assert cancelled.cancel()
-        for call in busy:
-            assert len(call.result().results) == 64
-        # queued after both: answered once whatever was queued before it has run
-        assert len(stub.Classify(one, timeout=300).results) == 1
-    after = server.metrics()
-    assert scraped(after, runs[0], **runs[1]) - before == BUSY * 64 + 1, (
-        "a dropped call was computed"
+    full = pb.ClassifyRequest(
+        model="resnet18", images=[float_tensor(random_chw(i)) for i in range(HELD_BATCH)]
     )
-    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
-        assert scraped(after, "resnet_serve_requests_total", model="resnet18", version="1",
-                      code=code) == 1, (code, after)  # fmt: skip
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        expiring = stub.Classify.future(one, timeout=EXPIRES_AFTER)
+        until_metric(server, "resnet_serve_queue_depth", 1)  # in the engine's queue
+        with pytest.raises(grpc.RpcError) as expired:
+            expiring.result()
+        assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        until_metric(server, "resnet_serve_requests_total", 1, code="DEADLINE_EXCEEDED")
+        cancelled = stub.Classify.future(one, timeout=300)
+        until_metric(server, "resnet_serve_inflight_requests", 1)  # its front end has it
+        assert cancelled.cancel()
+        until_metric(server, "resnet_serve_requests_total", 1, code="CANCELLED")
+        assert len(stub.Classify(full, timeout=300).results) == HELD_BATCH
+    after = server.metrics()
+    computed = scraped(after, "resnet_serve_batch_size_sum", model="resnet18", version="1")
+    assert computed == HELD_BATCH, "a dropped call was computed"
+    counts = {code: scraped(after, "resnet_serve_requests_total", model="resnet18",
+                            version="1", code=code)
+              for code in ("DEADLINE_EXCEEDED", "CANCELLED", "OK")}  # fmt: skip
+    assert counts == {"DEADLINE_EXCEEDED": 1, "CANCELLED": 1, "OK": 1}
 
 
 HELD = 3.0  # seconds a lone batch waits for a fuller one in the test below
@@ -590,6 +593,117 @@ def test_a_frontend_refuses_a_call_past_the_engines_queue_before_decoding_it(
         assert len(held.result().results) == 16
         assert len(stub.Classify(photo, timeout=60).results) == 1
     assert scraped(server.metrics(), decodes, **labels) == before + 1
+
+
+LIMIT = 2  # --max-concurrent-calls and --http-max-body-reads of the limits' server
+REFUSED_CALL = (f"the server is answering {LIMIT} calls, its limit (max_concurrent_calls "
+                f"{LIMIT}); retry later or on another instance")  # fmt: skip
+REFUSED_BODY = (f"the server is reading {LIMIT} request bodies, its limit (http_max_body_reads "
+                f"{LIMIT}); retry later or on another instance")  # fmt: skip
+
+
+def holder(server: serving.Server, port: int, client_port: int) -> int | None:
+    """The front end holding our connection from `client_port` to `port`, once accepted."""
+    for pid in frontend_pids(server):
+        for c in psutil.Process(pid).net_connections("tcp"):
+            if c.laddr.port == port and c.raddr and c.raddr.port == client_port:
+                return pid
+    return None
+
+
+@contextlib.contextmanager
+def on_each_frontend(server: serving.Server) -> Iterator[list[grpc.Channel]]:
+    """A connected channel held by each front end: channels are opened until every front end
+    holds one, and the others closed."""
+    port = grpc_port(server)
+    mine: dict[int, grpc.Channel] = {}
+    others: list[grpc.Channel] = []
+    try:
+        while len(mine) < len(frontend_pids(server)):
+            before = held(server, port)
+            channel = grpc.insecure_channel(server.address, OWN_CONNECTION)
+            grpc.channel_ready_future(channel).result(timeout=60)
+            after = held(server, port)
+            (pid,) = [pid for pid, count in after.items() if count > before.get(pid, 0)]
+            if pid in mine:
+                others.append(channel)
+            else:
+                mine[pid] = channel
+            assert len(mine) + len(others) < MOST_CHANNELS, f"held: {after}"
+        yield list(mine.values())
+    finally:
+        for channel in [*mine.values(), *others]:
+            channel.close()
+
+
+def stalled_bodies(server: serving.Server) -> list[socket.socket]:
+    """A connection to the HTTP port on each front end, its request's body stopped after
+    its first byte (opened until every front end holds one; the others closed)."""
+    assert server.http_url is not None
+    port = int(server.http_url.rpartition(":")[2])
+    head = ("POST /v2/models/cifar/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")  # fmt: skip
+    mine: dict[int, socket.socket] = {}
+    while len(mine) < len(frontend_pids(server)):
+        assert len(mine) < MOST_CHANNELS
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.sendall(head.encode())
+        until = time.monotonic() + 30
+        while (pid := holder(server, port, sock.getsockname()[1])) is None:
+            assert time.monotonic() < until, "no front end accepted the connection"
+            time.sleep(0.01)
+        if pid in mine:
+            sock.close()
+        else:
+            mine[pid] = sock
+    return list(mine.values())
+
+
+def test_call_and_body_limits_hold_over_every_frontend(
+    repo: Path, started: Callable[..., serving.Server]
+) -> None:
+    """``--max-concurrent-calls`` and ``--http-max-body-reads`` are the server's, not each
+    front end's: with a stream held on each of two front ends, a call through either is
+    refused RESOURCE_EXHAUSTED with the server-wide count; with a body stalled on each,
+    another request is answered 503 with the same. Each answers again once they end."""
+    server = started(repo, ["--frontends", "2", "--device", "cpu",
+                            "--max-concurrent-calls", str(LIMIT),
+                            "--http-max-body-reads", str(LIMIT)])  # fmt: skip
+    pixel = pb.ClassifyRequest(model="cifar", images=[float_tensor(random_chw(0, 32))])
+    with on_each_frontend(server) as channels:
+        streams = [OpenStream(channel, pixel) for channel in channels]  # one call on each
+        for channel in channels:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.ClassifierStub(channel).Classify(pixel, timeout=60)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == REFUSED_CALL
+        assert server.health() == health_pb2.HealthCheckResponse.SERVING  # probes answer
+        streams[0].close()
+        until = time.monotonic() + 30
+        while True:  # the closed stream is no longer counted once the server has seen it end
+            try:
+                pb_grpc.ClassifierStub(channels[1]).Classify(pixel, timeout=60)
+                break
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                assert time.monotonic() < until, "still refused after a stream ended"
+                time.sleep(0.05)
+        streams[1].close()
+    body = http_infer_body(images(1, seed=5))
+    bodies = stalled_bodies(server)  # one on each front end
+    try:
+        until = time.monotonic() + 30
+        while (answer := http(server, "/v2/models/cifar/infer", body))[0] != 503:
+            assert time.monotonic() < until, f"never refused: {answer}"
+            time.sleep(0.05)  # until both front ends are reading theirs
+        assert json.loads(answer[1]) == {"error": REFUSED_BODY}
+    finally:
+        for sock in bodies:
+            sock.close()
+    until = time.monotonic() + 30
+    while (answer := http(server, "/v2/models/cifar/infer", body))[0] != 200:
+        assert time.monotonic() < until, f"still refused: {answer}"
+        time.sleep(0.05)
 
 
 def test_process_names(split: serving.Server) -> None:

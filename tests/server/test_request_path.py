@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server import shm
 from server.config import Settings
 from server.errors import InvalidInput, QueueFull
 from server.metrics import Metrics
@@ -149,6 +150,38 @@ async def test_a_full_decode_backlog_refuses_the_call_in_the_step_that_admitted_
     finally:
         release.set()
         preprocessor.close()
+
+
+async def test_the_decode_backlog_holds_over_front_ends_sharing_a_tally(tmp_path: Path) -> None:
+    """Two front ends' preprocessors, each with its row of one tally: the backlog bound is
+    the server's, so an image one of them holds leaves the other one place fewer, and its
+    refusal counts both; a place given back is free for either."""
+    settings = Settings(repo=tmp_path, decode_workers=1, max_decode_backlog=2,
+                        max_images_per_request=2)  # fmt: skip
+    engine = shm.Tally(2)
+    rows = [shm.Tally(fd=engine.fd, row=row).share("decodes") for row in (0, 1)]
+    first, second = (Preprocessor(settings, shm.Held(share)) for share in rows)
+    release = threading.Event()
+
+    def decode() -> np.ndarray:
+        release.wait(10)
+        return np.zeros((3, 2, 2), np.float32)
+
+    try:
+        held = [first.read(decode), second.read(decode)]  # one place taken on each
+        assert (first.backlog, second.backlog, engine.total("decodes")) == (1, 1, 2)
+        for preprocessor in (first, second):
+            with pytest.raises(QueueFull, match=r"^2 images are waiting to be decoded \(at most 2"):
+                preprocessor.read(decode)
+        release.set()
+        await asyncio.gather(*held)
+        await asyncio.sleep(0)  # the done callbacks give the places back
+        assert engine.total("decodes") == 0
+        assert (await second.read(decode)).shape == (3, 2, 2)
+    finally:
+        release.set()
+        first.close()
+        second.close()
 
 
 async def test_a_full_model_queue_refuses_images_before_they_are_decoded(tmp_path: Path) -> None:

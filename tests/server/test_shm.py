@@ -11,6 +11,9 @@
 - `Board`: a cell per owner, the same on every call, released and zeroed when its owner
   is gone, none past `BOARD_CELLS`; another process given its descriptor reads what the
   engine writes, cannot write, and finds no name for it anywhere.
+- `Tally`: each front end's share writes its own cell and totals its column over every
+  front end, another process's share through the descriptor alone included; a share
+  starts at zero, and the engine's `clear` zeroes a dead front end's row.
 """
 
 from __future__ import annotations
@@ -259,3 +262,45 @@ def test_board_is_read_by_another_process_through_its_descriptor_alone() -> None
     board.cells[3] = 41
     assert reader.stdout.readline().strip() == "41"
     assert reader.wait(timeout=30) == 0
+
+
+def test_tally_shares_total_their_column_over_every_front_end() -> None:
+    engine = shm.Tally(3)
+    assert engine.rows == 3 and os.readlink(f"/proc/self/fd/{engine.fd}").startswith("/memfd:")
+    rows = [shm.Tally(fd=engine.fd, row=row) for row in range(3)]
+    calls = [tally.share("calls") for tally in rows]
+    bodies = [tally.share("bodies") for tally in rows]
+    calls[0].set(2)
+    calls[2].set(5)
+    bodies[1].set(7)
+    assert [share.total() for share in calls] == [7, 7, 7]  # every front end sees the sum
+    assert [share.total() for share in bodies] == [7, 7, 7]
+    assert (engine.total("calls"), engine.total("bodies")) == (7, 7)
+    engine.clear(2)  # front end 2 died: what it held went with it
+    assert (engine.total("calls"), engine.total("bodies")) == (2, 7)
+    engine.clear(1)
+    assert (engine.total("calls"), engine.total("bodies")) == (2, 0)
+    calls[0].set(4)
+    assert rows[0].share("calls").total() == 0  # a replaced front end starts with nothing
+
+
+SHARER = """
+import sys
+from server import shm
+share = shm.Tally(fd=int(sys.argv[1]), row=1).share("calls")
+share.set(3)
+print(share.total(), flush=True)
+"""
+
+
+def test_tally_is_shared_with_another_process_through_its_descriptor_alone() -> None:
+    engine = shm.Tally(2)
+    mine = shm.Tally(fd=engine.fd, row=0).share("calls")
+    mine.set(4)
+    sharer = subprocess.run(
+        [sys.executable, "-c", SHARER, str(engine.fd)], pass_fds=(engine.fd,),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sharer.returncode == 0, sharer.stderr
+    assert sharer.stdout.strip() == "7"  # its 3 and our 4
+    assert mine.total() == 7 and engine.total("calls") == 7
