@@ -16,6 +16,8 @@ together with the front end that served its connection.
   segment name of the engine is left in /dev/shm, the engine maps exactly one segment
   per live front end, and its shared memory (``RssShmem``) and RSS are back near their
   baseline (`SHMEM_SLACK`, `RSS_SLACK` say how near and why).
+- A call held on a front end is counted in its row of the engine's tally (the
+  server-wide limits); killed, its row is cleared before a front end replaces it.
 - A shared-memory registration through one front end waits for the other's ``sync``:
   not answered while that front end is stopped (SIGSTOP), answered once it runs again.
 - SIGKILL of the engine: every front end's health is NOT_SERVING (or its connection
@@ -61,6 +63,7 @@ from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from bench import null_model, serving
+from server.shm import Tally
 from tests.reliability.load import until_gauges, until_idle
 from tests.reliability.repos import derive
 from tests.reliability.wire import classify, infer, uint8_image
@@ -403,6 +406,49 @@ async def test_frontend_sigkill_fails_only_its_calls_and_is_replaced(
             finally:
                 await again.finish()
             assert {o.code for o in again.outcomes} == {"OK"}, again.report()
+
+
+# a killed front end's share of the server-wide limits goes with it
+
+
+def tally(cluster: Cluster) -> np.ndarray:
+    """The engine's tally (`server.shm.Tally`: a row per front end, a column per limit),
+    read through the engine's descriptor in /proc."""
+    for fd in Path(f"/proc/{cluster.engine.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(fd).startswith("/memfd:resnet-serve-tally"):
+                return np.frombuffer(fd.read_bytes(), "<i8").reshape(-1, FRONTENDS)
+    raise AssertionError("the engine holds no tally")
+
+
+async def test_a_killed_front_end_holds_nothing_of_the_server_wide_limits(
+    start: Callable[[], Cluster],
+) -> None:
+    """A call held on front end 0 is counted in its row of the tally; once it is killed,
+    the engine clears that row before anything replaces the front end (which would start
+    its row at zero itself): the limits count only the calls of live front ends."""
+    cluster = start()
+    async with closing(await spread(cluster, per_frontend=1)) as connections:
+        held = asyncio.ensure_future(hold(next(c for c in connections if c.index == 0)))
+        await until_gauges(cluster.server, HELD, depth=1)
+        calls = Tally.COLUMNS.index("calls")
+        assert tally(cluster)[calls].tolist() == [1, 0]
+        victim = cluster.frontends()[0]
+        victim.kill()
+
+        def replacement() -> psutil.Process | None:
+            fresh = cluster.frontends().get(0)
+            return fresh if fresh is not None and fresh.pid != victim.pid else None
+
+        deadline = time.monotonic() + SETTLE_WITHIN
+        while tally(cluster)[calls][0] != 0:
+            assert replacement() is None, "replaced before its row was cleared"
+            assert time.monotonic() < deadline, tally(cluster)
+            await asyncio.sleep(0.01)
+        assert replacement() is None, "replaced before its row was seen cleared"
+        assert (await asyncio.wait_for(held, CALL_TIMEOUT))[0] == "UNAVAILABLE"
+        await cluster.replaced(0, victim.pid)
+        assert not tally(cluster).any()
 
 
 # a change through one front end is in force on every one when its call returns
