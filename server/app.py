@@ -92,8 +92,8 @@ class Core:
     # The system shared-memory regions: this process's own table (one process, the engine),
     # or in a front end the mirror of the engine's.
     shared_memory: SharedMemory | None = None
-    # A front end's row of the engine's tally (`server.shm.Tally`), so that the call and
-    # body limits hold over every front end; None in one process.
+    # A front end's row of the engine's tally (`server.shm.Tally`), so that the call, body
+    # and decode-backlog limits hold over every front end; None in one process.
     tally: shm.Tally | None = None
 
 

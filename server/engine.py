@@ -50,8 +50,8 @@ A request is answered exactly once, and only then may the front end reuse its sl
 A front end that dies (its socket closes) has its requests cancelled (dropped before
 compute; a batch already running finishes on the mapping, which outlives the front
 end), its segment's name removed if it was still there, its tally row cleared, and is
-started again unless
-the server is draining: after 1 s, or longer after failed starts (`restart_delay`).
+started again unless the server is draining: after 1 s, or longer after failed starts
+(`restart_delay`).
 SIGTERM or SIGINT: every front end drains (they answer what they accepted, the engine
 computing it), then the engine stops; exit 0.
 """
