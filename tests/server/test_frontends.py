@@ -644,8 +644,9 @@ def stalled_bodies(server: serving.Server) -> list[socket.socket]:
     head = ("POST /v2/models/cifar/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")  # fmt: skip
     mine: dict[int, socket.socket] = {}
-    while len(mine) < len(frontend_pids(server)):
-        assert len(mine) < MOST_CHANNELS
+    for _ in range(MOST_CHANNELS):
+        if len(mine) == len(frontend_pids(server)):
+            return list(mine.values())
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         sock.sendall(head.encode())
         until = time.monotonic() + 30
@@ -656,7 +657,9 @@ def stalled_bodies(server: serving.Server) -> list[socket.socket]:
             sock.close()
         else:
             mine[pid] = sock
-    return list(mine.values())
+    for sock in mine.values():
+        sock.close()
+    raise AssertionError(f"{MOST_CHANNELS} connections did not reach every front end")
 
 
 def test_call_and_body_limits_hold_over_every_frontend(
