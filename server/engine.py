@@ -162,8 +162,8 @@ class Link:
         self.requests: dict[int, Request] = {}
         self.hello = asyncio.Event()
         self.gone = asyncio.Event()
-        self.collecting: dict[int, asyncio.Future[list[Metric]]] = {}
-        self.syncing: dict[int, asyncio.Future[None]] = {}
+        # id -> the future of a `collect` or `sync` asked of it, until it answers
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.last: list[Metric] = []  # its families as last collected
         self.started = 0.0  # time.monotonic() when its process started
 
@@ -194,14 +194,10 @@ class Link:
                 request = self.requests.get(message[1])
                 if request is not None:
                     request.cancel()
-            elif kind == "collected":
-                future = self.collecting.pop(message[1], None)
+            elif kind in ("collected", "synced"):  # ("collected", id, families)
+                future = self.waiting.pop(message[1], None)
                 if future is not None and not future.done():
-                    future.set_result(message[2])
-            elif kind == "synced":
-                future = self.syncing.pop(message[1], None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+                    future.set_result(message[2] if kind == "collected" else None)
             elif kind == "control":
                 self.engine.spawn(self._control(*message[1:]))
             elif kind == "families":
@@ -313,19 +309,13 @@ class Link:
         """Until the front end has applied every message sent to it before now (it answers
         ``sync`` in order); at once when it is gone or not attached yet (it applies them
         before it serves), after `SYNC_TIMEOUT` when it does not answer."""
-        if self.channel is None or self.channel.closed or not self.hello.is_set():
+        if not self._attached():
             return
-        ident = next(self.engine.ids)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.syncing[ident] = future
-        self.channel.send(("sync", ident))
         try:
-            await asyncio.wait_for(future, SYNC_TIMEOUT)
+            await self._round_trip("sync", SYNC_TIMEOUT)
         except TimeoutError:
             log.warning("front end %d did not confirm a change within %.0f s; answering "
                         "without it", self.index, SYNC_TIMEOUT)  # fmt: skip
-        finally:
-            self.syncing.pop(ident, None)
 
     async def _families(self, ident: int) -> None:
         assert self.channel is not None
@@ -334,30 +324,35 @@ class Link:
     async def collect(self) -> list[Metric]:
         """The front end's metric families; the last it gave when it does not answer in time
         (so that a counter never goes backwards because a front end was busy)."""
-        if self.channel is None or self.channel.closed or not self.hello.is_set():
-            return self.last
-        ident = next(self.engine.ids)
-        future = asyncio.get_running_loop().create_future()
-        self.collecting[ident] = future
-        self.channel.send(("collect", ident))
-        try:
-            self.last = await asyncio.wait_for(future, COLLECT_TIMEOUT) or self.last
-        except TimeoutError:
-            pass
-        finally:
-            self.collecting.pop(ident, None)
+        if self._attached():
+            with contextlib.suppress(TimeoutError):
+                self.last = await self._round_trip("collect", COLLECT_TIMEOUT) or self.last
         return self.last
+
+    def _attached(self) -> bool:
+        """The front end is there and has its segment mapped (it serves, or is about to)."""
+        return self.channel is not None and not self.channel.closed and self.hello.is_set()
+
+    async def _round_trip(self, kind: str, timeout: float) -> Any:
+        """Send ``(kind, id)`` and wait for the front end's answer with that id: its value,
+        None if the front end goes first; TimeoutError after `timeout`."""
+        assert self.channel is not None
+        ident = next(self.engine.ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting[ident] = future
+        self.channel.send((kind, ident))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self.waiting.pop(ident, None)
 
     def on_closed(self) -> None:
         """The front end is gone: drop its requests, forget its segment."""
         for request in list(self.requests.values()):
             request.cancel()
-        for future in self.collecting.values():
+        for future in self.waiting.values():
             if not future.done():
-                future.set_result([])
-        for future in self.syncing.values():
-            if not future.done():
-                future.set_result(None)
+                future.set_result(None)  # `collect` keeps its last families, `synced` is done
         if self.segment:
             shm.unlink(self.segment)  # if it died before it could
         self.buffer = None  # unmapped once the last batch reading it lets go
